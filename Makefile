@@ -1,0 +1,27 @@
+# The two commands of the README:
+#   make run    start a demo server (demo domain and user, high ports on 127.0.0.1)
+#   make test   install everything the tests need (Debian packages, Python packages), run them
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test system-deps lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/postvern demo
+
+system-deps:
+	tools/install-system-deps
+
+test: system-deps $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools

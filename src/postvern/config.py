@@ -1,0 +1,305 @@
+"""One typed settings object, read from ``postvern.toml`` with ``POSTVERN_*`` overrides.
+
+Every listener, limit, resolver and external service is a setting with a default that
+works on one machine with nothing but Python. Environment overrides use the form
+``POSTVERN_<SECTION>__<KEY>`` (for example ``POSTVERN_LISTEN__IMAP=127.0.0.1:1143``), so a
+container or a test can change one value without rewriting the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "postvern.toml"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or names an invalid value."""
+
+
+def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) into its parts."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ConfigError(f"{value!r}: expected host:port")
+        host, port = value, str(default_port)
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{value!r}: port is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{value!r}: port out of range")
+    return host, number
+
+
+@dataclass
+class Listen:
+    """Listener addresses, each ``"host:port"`` or absent (not listening)."""
+
+    smtp: str | None = None
+    submission: str | None = None
+    submissions: str | None = None
+    imap: str | None = None
+    imaps: str | None = None
+    pop3: str | None = None
+    pop3s: str | None = None
+    https: str | None = None
+
+
+@dataclass
+class TLS:
+    cert: str = "tls/cert.pem"
+    key: str = "tls/key.pem"
+    # Outbound hops validate against the system CA store unless a bundle is given (tests).
+    ca_bundle: str | None = None
+
+
+@dataclass
+class DNS:
+    # Empty means the system resolver (/etc/resolv.conf).
+    nameservers: list[str] = field(default_factory=list)
+    timeout: float = 5.0
+    cache_size: int = 4096
+
+
+@dataclass
+class KDF:
+    """Argon2id parameters for new key slots (RFC 9106 §4, second recommended option)."""
+
+    time_cost: int = 3
+    memory_kib: int = 65536
+    parallelism: int = 4
+
+
+@dataclass
+class Limits:
+    smtp_line: int = 4096  # RFC 5321 §4.5.3.1.4 asks for ≥ 512 for commands, 1000 for text
+    message_size: int = 50 * 1024 * 1024
+    recipients: int = 100
+    smtp_errors: int = 10
+    connections: int = 500
+    connections_per_ip: int = 20
+    smtp_idle_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: server timeout ≥ 5 minutes
+    smtp_session_timeout: float = 1800.0
+    imap_line: int = 65536
+    imap_literal: int = 50 * 1024 * 1024
+    imap_literal_unauth: int = 4096
+    imap_idle_timeout: float = 1800.0  # RFC 9051 §5.4: autologout ≥ 30 minutes
+    imap_sessions_per_user: int = 50
+    search_depth: int = 32
+    pop3_idle_timeout: float = 600.0  # RFC 1939 §3: autologout ≥ 10 minutes
+    auth_failure_delay: float = 1.0
+    default_quota: int = 0  # bytes; 0 means unlimited
+
+
+@dataclass
+class Abuse:
+    redis_url: str | None = None
+    allowlist: list[str] = field(default_factory=list)
+    dnsbl: list[str] = field(default_factory=list)
+    greylisting: bool = False
+    connections_per_ip_per_minute: int = 60
+    messages_per_ip_per_hour: int = 1000
+    recipients_per_ip_per_hour: int = 5000
+    messages_per_sender_per_day: int = 2000
+    submissions_per_user_per_day: int = 1000
+    auth_failures_per_ip: int = 10
+    auth_failures_per_account: int = 20
+    unknown_rcpt_per_ip: int = 20
+    ban_seconds: int = 600
+    ban_max_seconds: int = 7 * 86400
+
+
+@dataclass
+class Filters:
+    clamd: str | None = None  # "unix:/path" or "host:port"; None disables scanning
+    clamd_timeout: float = 30.0
+    on_scanner_failure: str = "tempfail"  # or "accept"
+    spam_junk_score: float = 5.0
+    spam_reject_score: float = 15.0
+    url_blocklist: str | None = None
+    attachment_policy: str = "reject"  # or "quarantine"
+
+
+@dataclass
+class MTA:
+    port: int = 25  # tests run several instances on one machine and change it
+    max_queue_days: float = 5.0
+    retry_base: float = 300.0
+    concurrency_per_domain: int = 4
+    connect_timeout: float = 30.0
+
+
+@dataclass
+class Log:
+    level: str = "info"
+    anonymise: bool = True
+    retention_days: int = 7
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    hostname: str = "localhost"
+    primary_domain: str = "localhost"
+    listen: Listen = field(default_factory=Listen)
+    tls: TLS = field(default_factory=TLS)
+    dns: DNS = field(default_factory=DNS)
+    kdf: KDF = field(default_factory=KDF)
+    limits: Limits = field(default_factory=Limits)
+    abuse: Abuse = field(default_factory=Abuse)
+    filters: Filters = field(default_factory=Filters)
+    mta: MTA = field(default_factory=MTA)
+    log: Log = field(default_factory=Log)
+
+    def path(self, relative: str | os.PathLike[str]) -> Path:
+        """Resolve a path from the config relative to the data directory."""
+        p = Path(relative)
+        return p if p.is_absolute() else self.data_dir / p
+
+    @property
+    def nameservers(self) -> list[tuple[str, int]]:
+        return [parse_hostport(s, default_port=53) for s in self.dns.nameservers]
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Settings) if dataclasses.is_dataclass(f.type)}
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """Check a TOML (or environment string) value against the field's annotation."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, inner[0], value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list")
+        return [_coerce(name, args[0], v) for v in value]
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number")
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string")
+        return value
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"[{where}] unknown setting: {sorted(unknown)[0]}")
+    return cls(**{k: _coerce(f"{where}.{k}", hints[k], v) for k, v in table.items()})
+
+
+def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, dict[str, str] | str]:
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith("POSTVERN_") or key in ("POSTVERN_DATA", "POSTVERN_SERVER_KEY"):
+            continue
+        rest = key[len("POSTVERN_") :].lower()
+        section, sep, name = rest.partition("__")
+        if sep:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[section] = value
+    return out
+
+
+def load(data_dir: Path, environ: typing.Mapping[str, str] | None = None) -> Settings:
+    """Read ``postvern.toml`` from ``data_dir`` and apply ``POSTVERN_*`` overrides."""
+    environ = os.environ if environ is None else environ
+    path = data_dir / CONFIG_NAME
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (run `postvern init` first)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for section, value in _env_overrides(environ).items():
+        if isinstance(value, dict):
+            raw.setdefault(section, {}).update(value)
+        else:
+            raw[section] = value
+    return from_mapping(data_dir, raw)
+
+
+def from_mapping(data_dir: Path, raw: dict[str, Any]) -> Settings:
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            kind = typing.get_type_hints(Settings)[key]
+            kwargs[key] = _build(kind, value, key)
+        elif key in ("hostname", "primary_domain"):
+            kwargs[key] = _coerce(key, str, value)
+        else:
+            raise ConfigError(f"unknown setting: {key}")
+    settings = Settings(data_dir=data_dir, **kwargs)
+    for name in dataclasses.fields(Listen):
+        addr = getattr(settings.listen, name.name)
+        if addr is not None:
+            parse_hostport(addr)
+    for ns in settings.dns.nameservers:
+        parse_hostport(ns, default_port=53)
+    return settings
+
+
+def render(settings: Settings) -> str:
+    """Write settings back as TOML (used by ``postvern init``)."""
+    lines = [
+        "# Postvern configuration. Every setting has a default; see README.md.",
+        f'hostname = "{settings.hostname}"',
+        f'primary_domain = "{settings.primary_domain}"',
+        "",
+    ]
+    for section in _SECTIONS:
+        obj = getattr(settings, section)
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value is None:
+                lines.append(f"# {f.name} =")
+            elif isinstance(value, bool):
+                lines.append(f"{f.name} = {'true' if value else 'false'}")
+            elif isinstance(value, (int, float)):
+                lines.append(f"{f.name} = {value}")
+            elif isinstance(value, list):
+                lines.append(f"{f.name} = [{', '.join(_toml_str(v) for v in value)}]")
+            else:
+                lines.append(f"{f.name} = {_toml_str(str(value))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

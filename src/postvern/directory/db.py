@@ -1,0 +1,469 @@
+"""The directory database: who exists, where their mail goes, and the slots that hold their keys.
+
+It is encrypted with a key derived from the server key, because it holds secrets (wrapped
+mailbox keys, later TOTP seeds and DKIM private keys). It never holds a mailbox key or a
+plaintext password. Methods are synchronous and thread-safe; the server calls them from a
+worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import apsw
+
+from postvern.crypto.keyslots import KDFParams, WrappedKey
+from postvern.directory.addresses import (
+    AddressError,
+    base_localpart,
+    normalise_address,
+    normalise_domain,
+    split_address,
+)
+from postvern.encdb import open_encrypted
+
+DB_NAME = "directory.sqlite"
+# An alias pointing at an alias pointing at … is followed this deep, then refused: a loop
+# or a chain this long is a configuration mistake, not a mail route.
+MAX_ALIAS_DEPTH = 10
+MAX_ALIAS_TARGETS = 1000
+
+
+class DirectoryError(Exception):
+    """An administrative request that cannot be carried out (message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    localpart: str
+    domain: str
+    quota: int
+    spool_public: bytes = field(repr=False)
+    created: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.localpart}@{self.domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySlot:
+    id: int
+    user_id: str
+    kind: str  # "password" | "app" | "recovery"
+    label: str | None
+    wrapped: WrappedKey
+    created: int
+    last_used: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    localpart: str  # "" is the catch-all of the domain
+    domain: str
+    targets: tuple[str, ...]
+
+    @property
+    def address(self) -> str:
+        return f"{self.localpart}@{self.domain}" if self.localpart else f"@{self.domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Where a recipient's mail goes: local mailboxes and outside addresses."""
+
+    users: tuple[User, ...]
+    external: tuple[str, ...]
+
+
+def _v1(conn: apsw.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE domains(
+            name TEXT PRIMARY KEY,
+            created INTEGER NOT NULL
+        );
+        CREATE TABLE users(
+            id TEXT PRIMARY KEY,
+            localpart TEXT NOT NULL,
+            domain TEXT NOT NULL REFERENCES domains(name),
+            quota INTEGER NOT NULL DEFAULT 0,
+            spool_public BLOB NOT NULL,
+            created INTEGER NOT NULL,
+            UNIQUE(localpart, domain)
+        );
+        CREATE TABLE keyslots(
+            id INTEGER PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL CHECK(kind IN ('password', 'app', 'recovery')),
+            label TEXT,
+            tag BLOB,
+            salt BLOB NOT NULL,
+            nonce BLOB NOT NULL,
+            ciphertext BLOB NOT NULL,
+            params TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            last_used INTEGER
+        );
+        CREATE INDEX keyslots_user ON keyslots(user_id, kind);
+        CREATE UNIQUE INDEX keyslots_tag ON keyslots(tag) WHERE tag IS NOT NULL;
+        CREATE TABLE aliases(
+            localpart TEXT NOT NULL,
+            domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+            targets TEXT NOT NULL,
+            PRIMARY KEY(localpart, domain)
+        );
+        """
+    )
+
+
+MIGRATIONS = [_v1]
+
+
+class Directory:
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._conn = conn
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, data_dir: Path, key: bytes, *, create: bool = False) -> Directory:
+        return cls(open_encrypted(data_dir / DB_NAME, key, MIGRATIONS, create=create))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[apsw.Connection]:
+        with self._lock, self._conn:
+            yield self._conn
+
+    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # -- domains -----------------------------------------------------------------------
+
+    def add_domain(self, name: str) -> str:
+        name = normalise_domain(name)
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM domains WHERE name=?", (name,)).fetchall():
+                raise DirectoryError(f"domain {name} already exists")
+            c.execute("INSERT INTO domains VALUES(?, ?)", (name, int(time.time())))
+        return name
+
+    def domains(self) -> list[str]:
+        return [str(r[0]) for r in self._rows("SELECT name FROM domains ORDER BY name")]
+
+    def has_domain(self, name: str) -> bool:
+        try:
+            name = normalise_domain(name)
+        except AddressError:
+            return False
+        return bool(self._rows("SELECT 1 FROM domains WHERE name=?", (name,)))
+
+    def remove_domain(self, name: str) -> None:
+        name = normalise_domain(name)
+        with self._tx() as c:
+            if not c.execute("SELECT 1 FROM domains WHERE name=?", (name,)).fetchall():
+                raise DirectoryError(f"no such domain: {name}")
+            users = c.execute("SELECT count(*) FROM users WHERE domain=?", (name,)).fetchall()
+            if users[0][0]:
+                raise DirectoryError(f"domain {name} still has {users[0][0]} user(s)")
+            c.execute("DELETE FROM domains WHERE name=?", (name,))
+
+    # -- users -------------------------------------------------------------------------
+
+    _USER_COLS = "id, localpart, domain, quota, spool_public, created"
+
+    @staticmethod
+    def _user(row: tuple[object, ...]) -> User:
+        return User(
+            id=str(row[0]),
+            localpart=str(row[1]),
+            domain=str(row[2]),
+            quota=int(row[3]),  # type: ignore[call-overload]
+            spool_public=bytes(row[4]),  # type: ignore[arg-type]
+            created=int(row[5]),  # type: ignore[call-overload]
+        )
+
+    def new_user_id(self) -> str:
+        # Random, not sequential: a mailbox file name should reveal neither order nor count.
+        return secrets.token_hex(16)
+
+    def insert_user(
+        self,
+        user_id: str,
+        address: str,
+        quota: int,
+        spool_public: bytes,
+        slots: list[tuple[str, str | None, bytes | None, WrappedKey]],
+    ) -> User:
+        """Create the user and its key slots in one transaction."""
+        local, domain = split_address(address)
+        now = int(time.time())
+        with self._tx() as c:
+            if not c.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchall():
+                raise DirectoryError(f"domain {domain} is not configured (postvern domain add)")
+            if self._exists(c, local, domain):
+                raise DirectoryError(f"{local}@{domain} already exists")
+            c.execute(
+                "INSERT INTO users VALUES(?, ?, ?, ?, ?, ?)",
+                (user_id, local, domain, quota, spool_public, now),
+            )
+            for kind, label, tag, wrapped in slots:
+                self._insert_slot(c, user_id, kind, label, tag, wrapped)
+        return User(user_id, local, domain, quota, spool_public, now)
+
+    @staticmethod
+    def _exists(c: apsw.Connection, local: str, domain: str) -> bool:
+        return bool(
+            c.execute(
+                "SELECT 1 FROM users WHERE localpart=? AND domain=? "
+                "UNION ALL SELECT 1 FROM aliases WHERE localpart=? AND domain=?",
+                (local, domain, local, domain),
+            ).fetchall()
+        )
+
+    def user(self, address: str) -> User | None:
+        try:
+            local, domain = split_address(address)
+        except AddressError:
+            return None
+        rows = self._rows(
+            f"SELECT {self._USER_COLS} FROM users WHERE localpart=? AND domain=?", (local, domain)
+        )
+        return self._user(rows[0]) if rows else None
+
+    def user_by_id(self, user_id: str) -> User | None:
+        rows = self._rows(f"SELECT {self._USER_COLS} FROM users WHERE id=?", (user_id,))
+        return self._user(rows[0]) if rows else None
+
+    def users(self, domain: str | None = None) -> list[User]:
+        if domain is None:
+            rows = self._rows(f"SELECT {self._USER_COLS} FROM users ORDER BY domain, localpart")
+        else:
+            rows = self._rows(
+                f"SELECT {self._USER_COLS} FROM users WHERE domain=? ORDER BY localpart",
+                (normalise_domain(domain),),
+            )
+        return [self._user(r) for r in rows]
+
+    def set_quota(self, user_id: str, quota: int) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE users SET quota=? WHERE id=?", (quota, user_id))
+
+    def delete_user(self, user_id: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM users WHERE id=?", (user_id,))
+
+    # -- key slots ---------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_slot(
+        c: apsw.Connection,
+        user_id: str,
+        kind: str,
+        label: str | None,
+        tag: bytes | None,
+        w: WrappedKey,
+    ) -> int:
+        c.execute(
+            "INSERT INTO keyslots(user_id, kind, label, tag, salt, nonce, ciphertext, params,"
+            " created) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                user_id,
+                kind,
+                label,
+                tag,
+                w.salt,
+                w.nonce,
+                w.ciphertext,
+                w.params.to_json(),
+                int(time.time()),
+            ),
+        )
+        return int(c.last_insert_rowid())
+
+    def add_slot(
+        self, user_id: str, kind: str, label: str | None, tag: bytes | None, w: WrappedKey
+    ) -> int:
+        with self._tx() as c:
+            return self._insert_slot(c, user_id, kind, label, tag, w)
+
+    def replace_slots(
+        self, user_id: str, kind: str, label: str | None, tag: bytes | None, w: WrappedKey
+    ) -> None:
+        """Swap every slot of ``kind`` for a new one, atomically (passwd, recover)."""
+        with self._tx() as c:
+            c.execute("DELETE FROM keyslots WHERE user_id=? AND kind=?", (user_id, kind))
+            self._insert_slot(c, user_id, kind, label, tag, w)
+
+    _SLOT_COLS = "id, user_id, kind, label, salt, nonce, ciphertext, params, created, last_used"
+
+    @staticmethod
+    def _slot(row: tuple[object, ...]) -> KeySlot:
+        return KeySlot(
+            id=int(row[0]),  # type: ignore[call-overload]
+            user_id=str(row[1]),
+            kind=str(row[2]),
+            label=None if row[3] is None else str(row[3]),
+            wrapped=WrappedKey(
+                bytes(row[4]),  # type: ignore[arg-type]
+                bytes(row[5]),  # type: ignore[arg-type]
+                bytes(row[6]),  # type: ignore[arg-type]
+                KDFParams.from_json(str(row[7])),
+            ),
+            created=int(row[8]),  # type: ignore[call-overload]
+            last_used=None if row[9] is None else int(row[9]),  # type: ignore[call-overload]
+        )
+
+    def slots(self, user_id: str, kind: str | None = None) -> list[KeySlot]:
+        if kind is None:
+            rows = self._rows(
+                f"SELECT {self._SLOT_COLS} FROM keyslots WHERE user_id=? ORDER BY id", (user_id,)
+            )
+        else:
+            rows = self._rows(
+                f"SELECT {self._SLOT_COLS} FROM keyslots WHERE user_id=? AND kind=? ORDER BY id",
+                (user_id, kind),
+            )
+        return [self._slot(r) for r in rows]
+
+    def slot_by_tag(self, user_id: str, kind: str, tag: bytes) -> KeySlot | None:
+        rows = self._rows(
+            f"SELECT {self._SLOT_COLS} FROM keyslots WHERE user_id=? AND kind=? AND tag=?",
+            (user_id, kind, tag),
+        )
+        return self._slot(rows[0]) if rows else None
+
+    def touch_slot(self, slot_id: int) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE keyslots SET last_used=? WHERE id=?", (int(time.time()), slot_id))
+
+    def delete_slot(self, user_id: str, kind: str, label: str) -> bool:
+        with self._tx() as c:
+            c.execute(
+                "DELETE FROM keyslots WHERE user_id=? AND kind=? AND label=?",
+                (user_id, kind, label),
+            )
+            return bool(c.changes())
+
+    # -- aliases -----------------------------------------------------------------------
+
+    def add_alias(self, address: str, targets: list[str]) -> Alias:
+        """``address`` is ``name@domain`` or ``@domain`` (catch-all)."""
+        local, domain = self._alias_key(address)
+        if not targets or len(targets) > MAX_ALIAS_TARGETS:
+            raise DirectoryError(f"an alias needs 1 to {MAX_ALIAS_TARGETS} targets")
+        clean = tuple(dict.fromkeys(normalise_address(t) for t in targets))
+        with self._tx() as c:
+            if not c.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchall():
+                raise DirectoryError(f"domain {domain} is not configured")
+            if self._exists(c, local, domain):
+                raise DirectoryError(f"{local or ''}@{domain} is already a user or an alias")
+            c.execute("INSERT INTO aliases VALUES(?, ?, ?)", (local, domain, json.dumps(clean)))
+        return Alias(local, domain, clean)
+
+    @staticmethod
+    def _alias_key(address: str) -> tuple[str, str]:
+        address = address.strip()
+        if address.startswith("@"):
+            return "", normalise_domain(address[1:])
+        return split_address(address)
+
+    def aliases(self) -> list[Alias]:
+        rows = self._rows("SELECT localpart, domain, targets FROM aliases ORDER BY domain, 1")
+        return [Alias(str(r[0]), str(r[1]), tuple(json.loads(str(r[2])))) for r in rows]
+
+    def remove_alias(self, address: str) -> None:
+        local, domain = self._alias_key(address)
+        with self._tx() as c:
+            c.execute("DELETE FROM aliases WHERE localpart=? AND domain=?", (local, domain))
+            if not c.changes():
+                raise DirectoryError(f"no such alias: {address}")
+
+    def _alias_targets(self, local: str, domain: str) -> tuple[str, ...] | None:
+        rows = self._rows(
+            "SELECT targets FROM aliases WHERE localpart=? AND domain=?", (local, domain)
+        )
+        return tuple(json.loads(str(rows[0][0]))) if rows else None
+
+    # -- routing -----------------------------------------------------------------------
+
+    def resolve(self, address: str) -> Resolution | None:
+        """Where mail for ``address`` goes; None if it is not one of ours (unknown user).
+
+        Order, as Postfix's virtual maps: exact user or alias, then the same without
+        ``+tag``, then the domain's catch-all. Aliases expand recursively.
+        """
+        try:
+            local, domain = split_address(address)
+        except AddressError:
+            return None
+        if not self.has_domain(domain):
+            return None
+        users: dict[str, User] = {}
+        external: dict[str, None] = {}
+        if not self._expand(local, domain, users, external, depth=0, seen=set()):
+            return None
+        return Resolution(tuple(users.values()), tuple(external))
+
+    def _expand(
+        self,
+        local: str,
+        domain: str,
+        users: dict[str, User],
+        external: dict[str, None],
+        depth: int,
+        seen: set[str],
+    ) -> bool:
+        if depth > MAX_ALIAS_DEPTH:
+            raise DirectoryError(f"alias chain deeper than {MAX_ALIAS_DEPTH} at {local}@{domain}")
+        for candidate in dict.fromkeys((local, base_localpart(local), "")):
+            key = f"{candidate}@{domain}"
+            if key in seen:
+                return True  # a loop back to an address already being expanded adds nothing
+            if candidate:
+                rows = self._rows(
+                    f"SELECT {self._USER_COLS} FROM users WHERE localpart=? AND domain=?",
+                    (candidate, domain),
+                )
+                if rows:
+                    user = self._user(rows[0])
+                    users.setdefault(user.id, user)
+                    return True
+            targets = self._alias_targets(candidate, domain)
+            if targets is not None:
+                seen.add(key)
+                for target in targets:
+                    t_local, t_domain = split_address(target)
+                    if self.has_domain(t_domain):
+                        self._expand(t_local, t_domain, users, external, depth + 1, seen)
+                    else:
+                        external.setdefault(target, None)
+                return True
+        return False
+
+    def may_send_as(self, user: User, address: str) -> bool:
+        """The user's own address (with any +tag), or an alias that lists the user."""
+        try:
+            local, domain = split_address(address)
+        except AddressError:
+            return False
+        if domain == user.domain and base_localpart(local) == user.localpart:
+            return True
+        for candidate in dict.fromkeys((local, base_localpart(local))):
+            targets = self._alias_targets(candidate, domain)
+            if targets is not None:
+                return user.address in targets
+        return False
+

@@ -1,0 +1,77 @@
+"""Encrypted SQLite files: SQLite3 Multiple Ciphers with ChaCha20-Poly1305, keyed by raw keys.
+
+Every database Postvern writes (each mailbox, the directory, the queue) goes through here, so
+the cipher, the durability pragmas and the migration rule live in one place. Keys are full
+entropy, so they are given raw (``PRAGMA key="raw:<hex>"``): the cipher's own password KDF
+would cost ~25 ms per open for nothing (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import apsw
+
+KEY_BYTES = 32
+BUSY_TIMEOUT_MS = 10_000
+
+Migration = Callable[[apsw.Connection], None]
+
+
+class WrongKey(Exception):
+    """The file exists but does not open with this key (or is not a database)."""
+
+
+class SchemaTooNew(Exception):
+    """The file was written by a newer Postvern; refusing to guess its layout."""
+
+
+def open_encrypted(
+    path: Path,
+    key: bytes,
+    migrations: Sequence[Migration],
+    *,
+    create: bool = False,
+) -> apsw.Connection:
+    """Open (or create) ``path`` with ``key`` and bring its schema up to date.
+
+    ``migrations[i]`` moves the schema from version i to i+1 (``PRAGMA user_version``); each
+    runs in its own transaction, so a crash mid-upgrade leaves a consistent older version.
+    """
+    if len(key) != KEY_BYTES:
+        raise ValueError("database key must be 32 bytes")
+    flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
+    if not create and not path.exists():
+        raise FileNotFoundError(path)
+    conn = apsw.Connection(str(path), flags=flags)
+    try:
+        conn.setbusytimeout(BUSY_TIMEOUT_MS)
+        conn.execute("PRAGMA cipher='chacha20'")
+        conn.execute(f"PRAGMA key='raw:{key.hex()}'")
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        except (apsw.NotADBError, apsw.CorruptError):
+            raise WrongKey(f"{path.name}: wrong key or not a Postvern database") from None
+        # WAL pages are encrypted like the main file. synchronous=FULL makes every commit
+        # durable (fsync of the WAL) — "250 means fsynced". Temporary tables and sort
+        # spills stay in memory so no plaintext temp file is ever written.
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute("PRAGMA foreign_keys=ON")
+        _migrate(conn, migrations, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: apsw.Connection, migrations: Sequence[Migration], path: Path) -> None:
+    version = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    if version > len(migrations):
+        raise SchemaTooNew(f"{path.name}: schema version {version} is newer than this Postvern")
+    for number in range(version, len(migrations)):
+        with conn:
+            migrations[number](conn)
+            conn.execute(f"PRAGMA user_version={number + 1}")

@@ -1,0 +1,1 @@
+"""MIME parsing: the structure IMAP describes, section extraction, text for search."""

@@ -1,0 +1,894 @@
+"""One user's mailbox: an encrypted SQLite file holding folders, messages and the user's secrets.
+
+This is the API the protocols share (IMAP, POP3, delivery): append, fetch, flags with
+UNCHANGEDSINCE, copy, move, expunge, full-text search, quota, and a change feed. It is
+synchronous and serialised by a lock; the asyncio side runs it in worker threads
+(:mod:`postvern.store.service`). Every mutation runs in one transaction, takes one new
+MODSEQ (RFC 7162 §3.1: one mod-sequence may cover all messages changed together), and
+notifies listeners only after commit, so a session never hears of a change that a crash
+could still undo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import apsw
+
+from postvern import mime
+from postvern.encdb import open_encrypted
+from postvern.mime.model import body_to_json, envelope_to_json
+from postvern.store import faults
+from postvern.store.schema import MIGRATIONS
+
+INBOX = "INBOX"
+DELIMITER = "/"
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+_SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
+DEFAULT_FOLDERS = (
+    (INBOX, None),
+    ("Drafts", "\\Drafts"),
+    ("Sent", "\\Sent"),
+    ("Archive", "\\Archive"),
+    ("Junk", "\\Junk"),
+    ("Trash", "\\Trash"),
+)
+SPECIAL_USES = frozenset(
+    {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
+)
+# Folder names: bounded so that LIST output and path handling stay sane. Dovecot caps a name
+# at 255 bytes per level and 1024 in all; we do the same. Wildcards are refused because a
+# name containing them could never be listed unambiguously (RFC 9051 §6.3.9).
+MAX_FOLDER_NAME = 1024
+MAX_FOLDER_LEVEL = 255
+MAX_FOLDER_DEPTH = 32
+MAX_KEYWORDS_PER_MESSAGE = 64
+MAX_KEYWORD_LENGTH = 128
+# Text fed to the full-text index per message: enough for any real mail body; bounded so a
+# 50 MB attachment-free text part does not bloat the index.
+FTS_BODY_CHARS = 1_000_000
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f*%]")
+_KEYWORD = re.compile(r"^[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~\x80-\uffff]+$")
+
+
+class StoreError(Exception):
+    """Base of every refusal by the store; the message is safe to show a user."""
+
+
+class NoSuchFolder(StoreError):
+    pass
+
+
+class FolderExists(StoreError):
+    pass
+
+
+class BadFolderName(StoreError):
+    pass
+
+
+class FolderInUse(StoreError):
+    """The request would break an invariant (delete INBOX, delete a folder with children)."""
+
+
+class OverQuota(StoreError):
+    pass
+
+
+class BadFlag(StoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Folder:
+    id: int
+    name: str
+    special_use: str | None
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    subscribed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FolderStatus:
+    messages: int
+    unseen: int
+    deleted: int
+    size: int
+    uidnext: int
+    uidvalidity: int
+    highestmodseq: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    uid: int
+    modseq: int
+    flags: tuple[str, ...]
+    internaldate: datetime.datetime
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class CachedStructure:
+    """The JSON caches of one message (parse with postvern.mime.model)."""
+
+    uid: int
+    envelope: str
+    structure: str
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One committed mutation, as the change feed reports it.
+
+    ``kind`` is ``append``, ``expunge``, ``flags`` (uids in ``folder_id``) or ``folders``
+    (the folder list changed). ``origin`` is the opaque token of whoever caused it, so a
+    session can tell its own changes from others'.
+    """
+
+    kind: str
+    folder_id: int
+    uids: tuple[int, ...]
+    modseq: int
+    origin: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    changed: tuple[MessageInfo, ...]
+    modified: tuple[int, ...]  # refused by UNCHANGEDSINCE (RFC 7162 §3.1.3)
+
+
+Listener = Callable[[Change], None]
+
+
+def normalise_folder_name(name: str) -> str:
+    """Validate a folder name and give INBOX its one canonical spelling."""
+    if not name or len(name.encode()) > MAX_FOLDER_NAME:
+        raise BadFolderName("folder name must be 1 to 1024 bytes")
+    if _BAD_NAME.search(name):
+        raise BadFolderName("folder name contains a control character or a wildcard")
+    parts = name.split(DELIMITER)
+    if any(not p or len(p.encode()) > MAX_FOLDER_LEVEL for p in parts):
+        raise BadFolderName("folder name has an empty or over-long level")
+    if len(parts) > MAX_FOLDER_DEPTH:
+        raise BadFolderName("folder hierarchy too deep")
+    if parts[0].upper() == INBOX:
+        parts[0] = INBOX
+    return DELIMITER.join(parts)
+
+
+def normalise_flags(flags: Iterable[str]) -> tuple[str, ...]:
+    """System flags in canonical case, keywords as given; case-insensitive duplicates removed."""
+    out: dict[str, str] = {}
+    for flag in flags:
+        low = flag.lower()
+        if low.startswith("\\"):
+            if low == "\\recent":
+                continue  # session-only in RFC 3501, gone in RFC 9051: never stored
+            canonical = _SYSTEM_BY_LOWER.get(low)
+            if canonical is None:
+                raise BadFlag(f"unknown system flag {flag}")
+            out[low] = canonical
+        else:
+            if len(flag) > MAX_KEYWORD_LENGTH or not _KEYWORD.match(flag):
+                raise BadFlag("invalid keyword")
+            out.setdefault(low, flag)
+    if len(out) > MAX_KEYWORDS_PER_MESSAGE + len(SYSTEM_FLAGS):
+        raise BadFlag("too many keywords on one message")
+    return tuple(sorted(out.values(), key=str.lower))
+
+
+def _flags_from_text(text: str) -> tuple[str, ...]:
+    return tuple(text.split(" ")) if text else ()
+
+
+def _to_datetime(epoch: int, tzoffset: int) -> datetime.datetime:
+    tz = datetime.timezone(datetime.timedelta(minutes=tzoffset))
+    return datetime.datetime.fromtimestamp(epoch, tz)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).astimezone()
+
+
+class Mailbox:
+    """An open, unlocked mailbox. Obtain with :meth:`open` or :meth:`create`."""
+
+    def __init__(self, conn: apsw.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._lock = threading.RLock()
+        self._listeners: list[Listener] = []
+        self._pending: list[Change] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, key: bytes) -> Mailbox:
+        return cls(open_encrypted(path, key, MIGRATIONS), path)
+
+    @classmethod
+    def create(cls, path: Path, key: bytes, spool_private: bytes) -> Mailbox:
+        """Create a new mailbox file with the default folders and the user's spool key."""
+        if path.exists():
+            raise StoreError(f"{path.name} already exists")
+        box = cls(open_encrypted(path, key, MIGRATIONS, create=True), path)
+        with box._tx():
+            box._set_meta("spool_private", spool_private)
+            box._set_meta("modseq", 1)
+            box._set_meta("usage", 0)
+            for name, use in DEFAULT_FOLDERS:
+                box._insert_folder(name, use)
+        return box
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Mailbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[apsw.Connection]:
+        """One transaction; listeners hear about its changes only after it commits."""
+        with self._lock:
+            self._pending = []
+            try:
+                with self._conn:
+                    yield self._conn
+            except BaseException:
+                self._pending = []
+                raise
+            changes, self._pending = self._pending, []
+        for change in changes:
+            for listener in list(self._listeners):
+                listener(change)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Hear every committed change; returns the function that unsubscribes."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def cancel() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return cancel
+
+    def _q(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        return self._conn.execute(sql, args).fetchall()
+
+    def _meta(self, key: str) -> object:
+        rows = self._q("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    def _set_meta(self, key: str, value: object) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
+
+    def _next_modseq(self) -> int:
+        value = int(self._meta("modseq") or 1) + 1  # type: ignore[call-overload]
+        self._set_meta("modseq", value)
+        return value
+
+    def _add_usage(self, delta: int) -> None:
+        self._set_meta("usage", int(self._meta("usage") or 0) + delta)  # type: ignore[call-overload]
+
+    def _emit(self, kind: str, folder_id: int, uids: Iterable[int], modseq: int, origin: object):
+        self._pending.append(Change(kind, folder_id, tuple(uids), modseq, origin))
+
+    # -- user secrets kept inside the mailbox ------------------------------------------
+
+    def spool_private_key(self) -> bytes:
+        with self._lock:
+            return bytes(self._meta("spool_private"))  # type: ignore[arg-type]
+
+    def get_blob(self, key: str) -> bytes | None:
+        """Per-user data other packages keep here (the filter's user model)."""
+        with self._lock:
+            value = self._meta(f"blob:{key}")
+        return None if value is None else bytes(value)  # type: ignore[arg-type]
+
+    def set_blob(self, key: str, value: bytes) -> None:
+        with self._tx():
+            self._set_meta(f"blob:{key}", value)
+
+    # -- folders -----------------------------------------------------------------------
+
+    _FOLDER_COLS = "id, name, special_use, uidvalidity, uidnext, highestmodseq, subscribed"
+
+    @staticmethod
+    def _folder(row: tuple[object, ...]) -> Folder:
+        return Folder(
+            int(row[0]),  # type: ignore[call-overload]
+            str(row[1]),
+            None if row[2] is None else str(row[2]),
+            int(row[3]),  # type: ignore[call-overload]
+            int(row[4]),  # type: ignore[call-overload]
+            int(row[5]),  # type: ignore[call-overload]
+            bool(row[6]),
+        )
+
+    def _new_uidvalidity(self) -> int:
+        # Strictly increasing across deletes and recreations of the same name (RFC 9051
+        # §2.3.1.1): seconds since the epoch, bumped past the last one handed out.
+        last = int(self._meta("uidvalidity") or 0)  # type: ignore[call-overload]
+        value = max(int(time.time()), last + 1) & 0xFFFFFFFF
+        self._set_meta("uidvalidity", value)
+        return value
+
+    def _insert_folder(self, name: str, special_use: str | None) -> Folder:
+        uidvalidity = self._new_uidvalidity()
+        self._conn.execute(
+            "INSERT INTO folders(name, special_use, uidvalidity, created) VALUES(?, ?, ?, ?)",
+            (name, special_use, uidvalidity, int(time.time())),
+        )
+        folder_id = int(self._conn.last_insert_rowid())
+        self._emit("folders", folder_id, (), 0, None)
+        return Folder(folder_id, name, special_use, uidvalidity, 1, 1, True)
+
+    def folders(self) -> list[Folder]:
+        with self._lock:
+            rows = self._q(f"SELECT {self._FOLDER_COLS} FROM folders ORDER BY name")
+        return [self._folder(r) for r in rows]
+
+    def folder(self, name: str) -> Folder:
+        try:
+            name = normalise_folder_name(name)
+        except BadFolderName:
+            raise NoSuchFolder(f"no folder named {name!r}") from None
+        with self._lock:
+            rows = self._q(f"SELECT {self._FOLDER_COLS} FROM folders WHERE name=?", (name,))
+        if not rows:
+            raise NoSuchFolder(f"no folder named {name!r}")
+        return self._folder(rows[0])
+
+    def folder_by_id(self, folder_id: int) -> Folder:
+        with self._lock:
+            rows = self._q(f"SELECT {self._FOLDER_COLS} FROM folders WHERE id=?", (folder_id,))
+        if not rows:
+            raise NoSuchFolder("folder no longer exists")
+        return self._folder(rows[0])
+
+    def folder_by_use(self, special_use: str) -> Folder | None:
+        with self._lock:
+            rows = self._q(
+                f"SELECT {self._FOLDER_COLS} FROM folders WHERE special_use=? ORDER BY id",
+                (special_use,),
+            )
+        return self._folder(rows[0]) if rows else None
+
+    def create_folder(self, name: str, special_use: str | None = None) -> Folder:
+        """Create ``name`` and any missing parents (RFC 9051 §6.3.4)."""
+        name = normalise_folder_name(name)
+        if special_use is not None and special_use not in SPECIAL_USES:
+            raise StoreError(f"unsupported special use {special_use}")
+        with self._tx():
+            if self._q("SELECT 1 FROM folders WHERE name=?", (name,)):
+                raise FolderExists(f"folder {name!r} already exists")
+            parts = name.split(DELIMITER)
+            for depth in range(1, len(parts)):
+                parent = DELIMITER.join(parts[:depth])
+                if not self._q("SELECT 1 FROM folders WHERE name=?", (parent,)):
+                    self._insert_folder(parent, None)
+            return self._insert_folder(name, special_use)
+
+    def delete_folder(self, name: str) -> None:
+        folder = self.folder(name)
+        if folder.name == INBOX:
+            raise FolderInUse("INBOX cannot be deleted")
+        with self._tx():
+            if self._q("SELECT 1 FROM folders WHERE name LIKE ? ESCAPE '\\' LIMIT 1",
+                       (_like_prefix(folder.name + DELIMITER),)):
+                raise FolderInUse(f"folder {folder.name!r} has subfolders; delete them first")
+            uids = [int(r[0]) for r in self._q(  # type: ignore[call-overload]
+                "SELECT uid FROM messages WHERE folder_id=?", (folder.id,))]
+            self._remove_messages(folder.id, uids)
+            self._conn.execute("DELETE FROM expunged WHERE folder_id=?", (folder.id,))
+            self._conn.execute("DELETE FROM folders WHERE id=?", (folder.id,))
+            self._emit("folders", folder.id, (), 0, None)
+
+    def rename_folder(self, old: str, new: str) -> None:
+        """Rename a folder and its children; renaming INBOX moves its messages (§6.3.6)."""
+        source = self.folder(old)
+        new = normalise_folder_name(new)
+        if source.name == INBOX:
+            self._rename_inbox(source, new)
+            return
+        with self._tx():
+            if self._q("SELECT 1 FROM folders WHERE name=?", (new,)):
+                raise FolderExists(f"folder {new!r} already exists")
+            if new.startswith(source.name + DELIMITER):
+                raise BadFolderName("cannot move a folder into itself")
+            parts = new.split(DELIMITER)
+            for depth in range(1, len(parts)):
+                parent = DELIMITER.join(parts[:depth])
+                if not self._q("SELECT 1 FROM folders WHERE name=?", (parent,)):
+                    self._insert_folder(parent, None)
+            rows = self._q(
+                "SELECT id, name FROM folders WHERE name=? OR name LIKE ? ESCAPE '\\'",
+                (source.name, _like_prefix(source.name + DELIMITER)),
+            )
+            for folder_id, name in rows:
+                renamed = new + str(name)[len(source.name) :]
+                # A renamed folder is a new folder to clients: its UIDs must not be trusted
+                # against a cache of the old name (RFC 9051 §6.3.6), so UIDVALIDITY changes.
+                self._conn.execute(
+                    "UPDATE folders SET name=?, uidvalidity=? WHERE id=?",
+                    (renamed, self._new_uidvalidity(), folder_id),
+                )
+            self._emit("folders", source.id, (), 0, None)
+
+    def _rename_inbox(self, inbox: Folder, new: str) -> None:
+        target = self.create_folder(new)
+        uids = [m.uid for m in self.messages(inbox.id)]
+        if uids:
+            self.move(inbox.id, uids, target.id)
+
+    def subscribe_folder(self, name: str, subscribed: bool) -> None:
+        folder = self.folder(name)
+        with self._tx():
+            self._conn.execute(
+                "UPDATE folders SET subscribed=? WHERE id=?", (int(subscribed), folder.id)
+            )
+            self._emit("folders", folder.id, (), 0, None)
+
+    def status(self, folder_id: int) -> FolderStatus:
+        with self._lock:
+            folder = self.folder_by_id(folder_id)
+            row = self._q(
+                "SELECT count(*), total(size), count(*) - total(seen), total(deleted) "
+                "FROM messages WHERE folder_id=?",
+                (folder_id,),
+            )[0]
+        return FolderStatus(
+            messages=int(row[0]),  # type: ignore[call-overload]
+            size=int(row[1]),  # type: ignore[call-overload]
+            unseen=int(row[2]),  # type: ignore[call-overload]
+            deleted=int(row[3]),  # type: ignore[call-overload]
+            uidnext=folder.uidnext,
+            uidvalidity=folder.uidvalidity,
+            highestmodseq=folder.highestmodseq,
+        )
+
+    # -- reading messages --------------------------------------------------------------
+
+    def uids(self, folder_id: int) -> list[int]:
+        """Every UID in the folder, ascending: a session's sequence-number map."""
+        with self._lock:
+            rows = self._q(
+                "SELECT uid FROM messages WHERE folder_id=? ORDER BY uid", (folder_id,)
+            )
+        return [int(r[0]) for r in rows]  # type: ignore[call-overload]
+
+    _INFO_COLS = "uid, modseq, flags, internaldate, tzoffset, size"
+
+    @staticmethod
+    def _info(row: tuple[object, ...]) -> MessageInfo:
+        return MessageInfo(
+            int(row[0]),  # type: ignore[call-overload]
+            int(row[1]),  # type: ignore[call-overload]
+            _flags_from_text(str(row[2])),
+            _to_datetime(int(row[3]), int(row[4])),  # type: ignore[call-overload]
+            int(row[5]),  # type: ignore[call-overload]
+        )
+
+    def messages(self, folder_id: int, uids: Iterable[int] | None = None) -> list[MessageInfo]:
+        """Metadata of the given UIDs (all when None), in UID order; absent UIDs are skipped."""
+        with self._lock:
+            if uids is None:
+                rows = self._q(
+                    f"SELECT {self._INFO_COLS} FROM messages WHERE folder_id=? ORDER BY uid",
+                    (folder_id,),
+                )
+            else:
+                rows = self._select_uids(self._INFO_COLS, folder_id, uids)
+        return [self._info(r) for r in rows]
+
+    def _select_uids(
+        self, cols: str, folder_id: int, uids: Iterable[int], join: str = ""
+    ) -> list[tuple[object, ...]]:
+        wanted = sorted(set(uids))
+        if not wanted:
+            return []
+        # A JSON array parameter keeps any number of UIDs to one statement (no 999-variable
+        # limit) and lets SQLite walk the primary key.
+        return self._q(
+            f"SELECT {cols} FROM messages m {join} WHERE m.folder_id=? AND m.uid IN "
+            "(SELECT value FROM json_each(?)) ORDER BY m.uid",
+            (folder_id, _json_ints(wanted)),
+        )
+
+    def changed_since(self, folder_id: int, modseq: int) -> list[MessageInfo]:
+        """Messages whose MODSEQ is above ``modseq`` (CONDSTORE CHANGEDSINCE)."""
+        with self._lock:
+            rows = self._q(
+                f"SELECT {self._INFO_COLS} FROM messages WHERE folder_id=? AND modseq>? "
+                "ORDER BY uid",
+                (folder_id, modseq),
+            )
+        return [self._info(r) for r in rows]
+
+    def vanished_since(self, folder_id: int, modseq: int) -> list[int]:
+        """UIDs expunged after ``modseq`` (QRESYNC VANISHED (EARLIER))."""
+        with self._lock:
+            rows = self._q(
+                "SELECT uid FROM expunged WHERE folder_id=? AND modseq>? ORDER BY uid",
+                (folder_id, modseq),
+            )
+        return [int(r[0]) for r in rows]  # type: ignore[call-overload]
+
+    def structures(self, folder_id: int, uids: Iterable[int]) -> list[CachedStructure]:
+        with self._lock:
+            rows = self._select_uids(
+                "m.uid, b.envelope, b.structure", folder_id, uids, "JOIN bodies b ON b.id=m.body_id"
+            )
+        return [CachedStructure(int(r[0]), str(r[1]), str(r[2])) for r in rows]  # type: ignore[call-overload]
+
+    def raw(self, folder_id: int, uid: int) -> bytes:
+        with self._lock:
+            rows = self._q(
+                "SELECT b.raw FROM messages m JOIN bodies b ON b.id=m.body_id "
+                "WHERE m.folder_id=? AND m.uid=?",
+                (folder_id, uid),
+            )
+        if not rows:
+            raise StoreError("no such message")
+        return bytes(rows[0][0])  # type: ignore[arg-type]
+
+    def search_text(self, folder_id: int, field: str, text: str) -> set[int]:
+        """UIDs whose indexed text contains every word of ``text`` (a phrase, prefix-matched).
+
+        ``field`` is ``text`` (headers and body), ``body`` or ``headers``. Matching is by
+        words (FTS5, Unicode-aware, diacritics folded) as Dovecot's and Stalwart's full-text
+        search do, not by raw substrings of the encoded message.
+        """
+        query = _fts_phrase(text)
+        if query is None:
+            with self._lock:
+                return set(self.uids(folder_id))
+        column = {"text": "{headers body}", "body": "body", "headers": "headers"}[field]
+        with self._lock:
+            rows = self._q(
+                "SELECT m.uid FROM fts JOIN messages m ON m.body_id = fts.rowid "
+                "WHERE fts MATCH ? AND m.folder_id=?",
+                (f"{column} : {query}", folder_id),
+            )
+        return {int(r[0]) for r in rows}  # type: ignore[call-overload]
+
+    def usage(self) -> int:
+        with self._lock:
+            return int(self._meta("usage") or 0)  # type: ignore[call-overload]
+
+    # -- writing messages --------------------------------------------------------------
+
+    def append(
+        self,
+        folder_id: int,
+        raw: bytes,
+        flags: Iterable[str] = (),
+        internaldate: datetime.datetime | None = None,
+        *,
+        quota: int = 0,
+        origin: object = None,
+    ) -> tuple[int, int]:
+        """Store one message; returns (uid, uidvalidity). Parses it once, here."""
+        (uid,), uidvalidity = self.append_many(
+            folder_id, [(raw, flags, internaldate)], quota=quota, origin=origin
+        )
+        return uid, uidvalidity
+
+    def append_many(
+        self,
+        folder_id: int,
+        items: Sequence[tuple[bytes, Iterable[str], datetime.datetime | None]],
+        *,
+        quota: int = 0,
+        origin: object = None,
+        spool_ids: Sequence[str] | None = None,
+    ) -> tuple[list[int], int]:
+        """Store several messages in one transaction (MULTIAPPEND, spool import)."""
+        prepared = [
+            (_prepare_body(raw), normalise_flags(flags), internaldate or _now())
+            for raw, flags, internaldate in items
+        ]
+        with self._tx():
+            folder = self.folder_by_id(folder_id)
+            added = sum(len(p[0].raw) for p in prepared)
+            self._check_quota(added, quota)
+            modseq = self._next_modseq()
+            uids: list[int] = []
+            for index, (body, flags, when) in enumerate(prepared):
+                if spool_ids is not None:
+                    if self._q("SELECT 1 FROM spool_imported WHERE id=?", (spool_ids[index],)):
+                        continue  # imported before a crash; the file outlived the commit
+                    self._conn.execute(
+                        "INSERT INTO spool_imported VALUES(?, ?)",
+                        (spool_ids[index], int(time.time())),
+                    )
+                body_id = self._insert_body(body)
+                uid = folder.uidnext + len(uids)
+                self._insert_message(folder_id, uid, body_id, modseq, flags, when, body.size)
+                uids.append(uid)
+            if uids:
+                self._conn.execute(
+                    "UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?",
+                    (folder.uidnext + len(uids), modseq, folder_id),
+                )
+                self._add_usage(sum(p[0].size for p in prepared[: len(uids)]))
+                self._emit("append", folder_id, uids, modseq, origin)
+            faults.point("store.append.before-commit")
+        return uids, folder.uidvalidity
+
+    def _check_quota(self, added: int, quota: int) -> None:
+        if quota and self.usage() + added > quota:
+            raise OverQuota("mailbox is over its storage quota")
+
+    def _insert_body(self, body: _PreparedBody) -> int:
+        self._conn.execute(
+            "INSERT INTO bodies(raw, size, envelope, structure, refs) VALUES(?, ?, ?, ?, 1)",
+            (body.raw, body.size, body.envelope, body.structure),
+        )
+        body_id = int(self._conn.last_insert_rowid())
+        self._conn.execute(
+            "INSERT INTO fts(rowid, headers, body) VALUES(?, ?, ?)",
+            (body_id, body.headers_text, body.body_text),
+        )
+        return body_id
+
+    def _insert_message(
+        self,
+        folder_id: int,
+        uid: int,
+        body_id: int,
+        modseq: int,
+        flags: tuple[str, ...],
+        when: datetime.datetime,
+        size: int,
+    ) -> None:
+        offset = when.utcoffset()
+        tzoffset = int(offset.total_seconds() // 60) if offset is not None else 0
+        self._conn.execute(
+            "INSERT INTO messages(folder_id, uid, body_id, modseq, flags, internaldate, tzoffset,"
+            " size) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+            (folder_id, uid, body_id, modseq, " ".join(flags), int(when.timestamp()), tzoffset,
+             size),
+        )
+
+    def store_flags(
+        self,
+        folder_id: int,
+        uids: Iterable[int],
+        operation: str,
+        flags: Iterable[str],
+        *,
+        unchangedsince: int | None = None,
+        origin: object = None,
+    ) -> StoreResult:
+        """``operation`` is ``add``, ``remove`` or ``replace`` (STORE +FLAGS/-FLAGS/FLAGS).
+
+        Messages whose flags end up unchanged keep their MODSEQ. With ``unchangedsince``,
+        a message modified after that MODSEQ is left alone and reported in ``modified``.
+        """
+        given = normalise_flags(flags)
+        lowered = {f.lower() for f in given}
+        changed: list[MessageInfo] = []
+        modified: list[int] = []
+        with self._tx():
+            current = [self._info(r) for r in self._select_uids(self._INFO_COLS, folder_id, uids)]
+            modseq = 0
+            for info in current:
+                if unchangedsince is not None and info.modseq > unchangedsince:
+                    modified.append(info.uid)
+                    continue
+                if operation == "add":
+                    new = normalise_flags(info.flags + given)
+                elif operation == "remove":
+                    new = tuple(f for f in info.flags if f.lower() not in lowered)
+                elif operation == "replace":
+                    new = given
+                else:
+                    raise ValueError(operation)
+                if new == info.flags:
+                    continue
+                if not modseq:
+                    modseq = self._next_modseq()
+                self._conn.execute(
+                    "UPDATE messages SET flags=?, modseq=? WHERE folder_id=? AND uid=?",
+                    (" ".join(new), modseq, folder_id, info.uid),
+                )
+                changed.append(
+                    MessageInfo(info.uid, modseq, new, info.internaldate, info.size)
+                )
+            if changed:
+                self._conn.execute(
+                    "UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, folder_id)
+                )
+                self._emit("flags", folder_id, [c.uid for c in changed], modseq, origin)
+        return StoreResult(tuple(changed), tuple(modified))
+
+    def copy(
+        self,
+        source_id: int,
+        uids: Iterable[int],
+        target_id: int,
+        *,
+        quota: int = 0,
+        origin: object = None,
+    ) -> tuple[list[tuple[int, int]], int]:
+        """Copy messages (sharing their bodies); returns ([(src uid, new uid)], uidvalidity)."""
+        with self._tx():
+            pairs, uidvalidity = self._copy(source_id, uids, target_id, quota, origin)
+        return pairs, uidvalidity
+
+    def _copy(
+        self, source_id: int, uids: Iterable[int], target_id: int, quota: int, origin: object
+    ) -> tuple[list[tuple[int, int]], int]:
+        target = self.folder_by_id(target_id)
+        rows = self._select_uids(
+            "uid, body_id, flags, internaldate, tzoffset, size", source_id, uids
+        )
+        if not rows:
+            return [], target.uidvalidity
+        self._check_quota(sum(int(r[5]) for r in rows), quota)  # type: ignore[call-overload]
+        modseq = self._next_modseq()
+        pairs = []
+        for offset, (uid, body_id, flags, idate, tz, size) in enumerate(rows):
+            new_uid = target.uidnext + offset
+            self._conn.execute(
+                "INSERT INTO messages(folder_id, uid, body_id, modseq, flags, internaldate,"
+                " tzoffset, size) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                (target_id, new_uid, body_id, modseq, flags, idate, tz, size),
+            )
+            self._conn.execute("UPDATE bodies SET refs=refs+1 WHERE id=?", (body_id,))
+            pairs.append((int(uid), new_uid))  # type: ignore[call-overload]
+        self._conn.execute(
+            "UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?",
+            (target.uidnext + len(rows), modseq, target_id),
+        )
+        self._add_usage(sum(int(r[5]) for r in rows))  # type: ignore[call-overload]
+        self._emit("append", target_id, [p[1] for p in pairs], modseq, origin)
+        return pairs, target.uidvalidity
+
+    def move(
+        self,
+        source_id: int,
+        uids: Iterable[int],
+        target_id: int,
+        *,
+        origin: object = None,
+    ) -> tuple[list[tuple[int, int]], int]:
+        """Copy then expunge from the source, atomically (RFC 6851)."""
+        if source_id == target_id:
+            raise StoreError("source and target folders are the same")
+        with self._tx():
+            # Usage is unchanged: _copy adds the sizes that _expunge takes away again.
+            pairs, uidvalidity = self._copy(source_id, uids, target_id, 0, origin)
+            self._expunge(source_id, [p[0] for p in pairs], origin, only_deleted=False)
+        return pairs, uidvalidity
+
+    def expunge(
+        self, folder_id: int, uids: Iterable[int] | None = None, *, origin: object = None
+    ) -> list[int]:
+        """Remove messages flagged \\Deleted (only among ``uids`` if given: UID EXPUNGE)."""
+        with self._tx():
+            return self._expunge(folder_id, uids, origin, only_deleted=True)
+
+    def _expunge(
+        self, folder_id: int, uids: Iterable[int] | None, origin: object, *, only_deleted: bool
+    ) -> list[int]:
+        if uids is None:
+            rows = self._q(
+                "SELECT uid FROM messages WHERE folder_id=? AND deleted ORDER BY uid",
+                (folder_id,),
+            )
+        else:
+            cols = "uid, deleted"
+            rows = [
+                (r[0],)
+                for r in self._select_uids(cols, folder_id, uids)
+                if r[1] or not only_deleted
+            ]
+        gone = [int(r[0]) for r in rows]  # type: ignore[call-overload]
+        if not gone:
+            return []
+        modseq = self._next_modseq()
+        self._remove_messages(folder_id, gone)
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO expunged VALUES(?, ?, ?)",
+            [(folder_id, uid, modseq) for uid in gone],
+        )
+        self._conn.execute(
+            "UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, folder_id)
+        )
+        self._emit("expunge", folder_id, gone, modseq, origin)
+        return gone
+
+    def _remove_messages(self, folder_id: int, uids: list[int]) -> None:
+        if not uids:
+            return
+        rows = self._select_uids("body_id, size", folder_id, uids)
+        self._conn.execute(
+            "DELETE FROM messages WHERE folder_id=? AND uid IN (SELECT value FROM json_each(?))",
+            (folder_id, _json_ints(uids)),
+        )
+        for body_id, _size in rows:
+            self._conn.execute("UPDATE bodies SET refs=refs-1 WHERE id=?", (body_id,))
+        orphans = self._q(
+            "SELECT id FROM bodies WHERE refs<=0 AND id IN (SELECT value FROM json_each(?))",
+            (_json_ints(int(r[0]) for r in rows),),  # type: ignore[call-overload]
+        )
+        for (body_id,) in orphans:
+            self._conn.execute("DELETE FROM fts WHERE rowid=?", (body_id,))
+            self._conn.execute("DELETE FROM bodies WHERE id=?", (body_id,))
+        self._add_usage(-sum(int(r[1]) for r in rows))  # type: ignore[call-overload]
+
+    # -- the sealed spool's import bookkeeping -----------------------------------------
+
+    def imported_spool_ids(self) -> set[str]:
+        with self._lock:
+            return {str(r[0]) for r in self._q("SELECT id FROM spool_imported")}
+
+    def forget_spool_ids(self, ids: Iterable[str]) -> None:
+        """Drop import records whose files are gone for good (keeps the table small)."""
+        with self._tx():
+            self._conn.executemany("DELETE FROM spool_imported WHERE id=?", [(i,) for i in ids])
+
+
+@dataclass(frozen=True, slots=True)
+class _PreparedBody:
+    raw: bytes
+    size: int
+    envelope: str
+    structure: str
+    headers_text: str
+    body_text: str
+
+
+def _prepare_body(raw: bytes) -> _PreparedBody:
+    """Everything computed once per message, before the transaction takes the lock."""
+    envelope, body = mime.describe(raw)
+    return _PreparedBody(
+        raw=raw,
+        size=len(raw),
+        envelope=envelope_to_json(envelope),
+        structure=body_to_json(body),
+        headers_text=mime.headers_text(raw),
+        body_text=mime.body_text(raw, body, FTS_BODY_CHARS),
+    )
+
+
+def _json_ints(values: Iterable[int]) -> str:
+    return "[" + ",".join(str(int(v)) for v in values) + "]"
+
+
+def _like_prefix(prefix: str) -> str:
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _fts_phrase(text: str) -> str | None:
+    """An FTS5 phrase of the words in ``text``, the last one as a prefix; None if no words."""
+    words = _WORD.findall(text)
+    if not words:
+        return None
+    return '"' + " ".join(words) + '"*'
+

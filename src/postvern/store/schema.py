@@ -1,0 +1,76 @@
+"""The mailbox database schema and its numbered migrations (run on open, one transaction each).
+
+Folders are rows. A message row points at a body row, so COPY shares the raw bytes instead of
+duplicating them; a body is removed with its last reference. The parsed ENVELOPE and
+BODYSTRUCTURE are cached beside the raw message, computed once at insert. Expunges are logged
+with their MODSEQ so QRESYNC can answer VANISHED (RFC 7162 §3.2.10). The full-text index is a
+contentless FTS5 table in the same encrypted file.
+"""
+
+from __future__ import annotations
+
+import apsw
+
+
+def _v1(conn: apsw.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE meta(
+            key TEXT PRIMARY KEY,
+            value
+        );
+        CREATE TABLE folders(
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            special_use TEXT,
+            uidvalidity INTEGER NOT NULL,
+            uidnext INTEGER NOT NULL DEFAULT 1,
+            highestmodseq INTEGER NOT NULL DEFAULT 1,
+            subscribed INTEGER NOT NULL DEFAULT 1,
+            created INTEGER NOT NULL
+        );
+        CREATE TABLE bodies(
+            id INTEGER PRIMARY KEY,
+            raw BLOB NOT NULL,
+            size INTEGER NOT NULL,
+            envelope TEXT NOT NULL,
+            structure TEXT NOT NULL,
+            refs INTEGER NOT NULL
+        );
+        CREATE TABLE messages(
+            folder_id INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+            uid INTEGER NOT NULL,
+            body_id INTEGER NOT NULL REFERENCES bodies(id),
+            modseq INTEGER NOT NULL,
+            flags TEXT NOT NULL DEFAULT '',
+            internaldate INTEGER NOT NULL,
+            tzoffset INTEGER NOT NULL DEFAULT 0,
+            size INTEGER NOT NULL,
+            seen INTEGER GENERATED ALWAYS AS (instr(' ' || flags || ' ', ' \\Seen ') > 0) VIRTUAL,
+            deleted INTEGER GENERATED ALWAYS AS
+                (instr(' ' || flags || ' ', ' \\Deleted ') > 0) VIRTUAL,
+            PRIMARY KEY(folder_id, uid)
+        ) WITHOUT ROWID;
+        CREATE INDEX messages_modseq ON messages(folder_id, modseq);
+        CREATE INDEX messages_body ON messages(body_id);
+        CREATE TABLE expunged(
+            folder_id INTEGER NOT NULL,
+            uid INTEGER NOT NULL,
+            modseq INTEGER NOT NULL,
+            PRIMARY KEY(folder_id, uid)
+        ) WITHOUT ROWID;
+        CREATE INDEX expunged_modseq ON expunged(folder_id, modseq);
+        CREATE VIRTUAL TABLE fts USING fts5(
+            headers, body,
+            content='', contentless_delete=1,
+            tokenize='unicode61 remove_diacritics 2'
+        );
+        CREATE TABLE spool_imported(
+            id TEXT PRIMARY KEY,
+            imported INTEGER NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS = [_v1]

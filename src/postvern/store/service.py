@@ -1,0 +1,172 @@
+"""The asyncio side of the store: which mailboxes are unlocked, delivery, and the change feed.
+
+A mailbox is unlocked while at least one session holds it; the mailbox key lives in memory
+only that long. Delivery goes straight into an unlocked mailbox (and its IDLE sessions hear
+it) or into the sealed spool otherwise. A per-user lock orders "deliver to spool" against
+"unlock and import", so nothing can slip into the spool after an import has looked at it
+while the mailbox is open.
+
+Every call into SQLite or the spool runs in a worker thread; the event loop only awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from postvern.directory.accounts import Accounts
+from postvern.directory.db import User
+from postvern.store.mailbox import INBOX, Change, Mailbox
+from postvern.store.spool import Spool, SpoolItem, import_spool
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A session that stops reading its change feed (a stuck client) must not make the server
+# queue changes without end: past this many it is told to resynchronise instead.
+CHANGE_QUEUE_LIMIT = 10_000
+
+
+class ChangeFeed:
+    """One session's subscription: committed changes, delivered on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.queue: asyncio.Queue[Change] = asyncio.Queue()
+        self.overflowed = False
+        self.cancel: Callable[[], None] = lambda: None
+
+    def _from_thread(self, change: Change) -> None:
+        self._loop.call_soon_threadsafe(self._put, change)
+
+    def _put(self, change: Change) -> None:
+        if self.queue.qsize() >= CHANGE_QUEUE_LIMIT:
+            self.overflowed = True
+            return
+        self.queue.put_nowait(change)
+
+    def drain(self) -> list[Change]:
+        out = []
+        while not self.queue.empty():
+            out.append(self.queue.get_nowait())
+        return out
+
+
+class MailboxHandle:
+    """A session's hold on an unlocked mailbox. Release it exactly once."""
+
+    def __init__(self, registry: MailboxRegistry, user: User, box: Mailbox) -> None:
+        self.registry = registry
+        self.user = user
+        self.box = box
+        self.released = False
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in a worker thread (``fn`` is usually a Mailbox method)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.registry.executor, functools.partial(fn, *args, **kwargs)
+        )
+
+    def feed(self) -> ChangeFeed:
+        feed = ChangeFeed(asyncio.get_running_loop())
+        feed.cancel = self.box.subscribe(feed._from_thread)
+        return feed
+
+    async def release(self) -> None:
+        if not self.released:
+            self.released = True
+            await self.registry._release(self.user.id)
+
+
+class _Open:
+    __slots__ = ("box", "refs")
+
+    def __init__(self, box: Mailbox) -> None:
+        self.box = box
+        self.refs = 0
+
+
+class MailboxRegistry:
+    def __init__(self, accounts: Accounts, executor: ThreadPoolExecutor | None = None) -> None:
+        self.accounts = accounts
+        self.spool: Spool = accounts.spool
+        self.executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
+        self._open: dict[str, _Open] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, user_id: str) -> asyncio.Lock:
+        lock = self._locks.get(user_id)
+        if lock is None:
+            lock = self._locks[user_id] = asyncio.Lock()
+        return lock
+
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(fn, *args)
+        )
+
+    def is_unlocked(self, user_id: str) -> bool:
+        return user_id in self._open
+
+    async def unlock(self, user: User, mailbox_key: bytes) -> MailboxHandle:
+        """Open (or share) the mailbox and import its spool; the caller holds a reference."""
+        async with self._lock(user.id):
+            entry = self._open.get(user.id)
+            if entry is None:
+                path = self.accounts.mailbox_path(user)
+                box = await self._thread(Mailbox.open, path, mailbox_key)
+                entry = self._open[user.id] = _Open(box)
+                try:
+                    count = await self._thread(import_spool, box, self.spool, user.id)
+                except BaseException:
+                    # Keep the mailbox open only if someone holds it; a failed import is
+                    # retried at the next unlock, with nothing lost in between.
+                    if entry.refs == 0:
+                        del self._open[user.id]
+                        await self._thread(box.close)
+                    raise
+                if count:
+                    log.info("imported %d spooled message(s) at unlock", count)
+            entry.refs += 1
+            return MailboxHandle(self, user, entry.box)
+
+    async def _release(self, user_id: str) -> None:
+        async with self._lock(user_id):
+            entry = self._open.get(user_id)
+            if entry is None:
+                return
+            entry.refs -= 1
+            if entry.refs <= 0:
+                del self._open[user_id]
+                await self._thread(entry.box.close)
+
+    async def deliver(self, user: User, item: SpoolItem) -> str:
+        """Store one message durably for ``user``; returns "mailbox" or "spool".
+
+        When this returns, the message is on disk and fsynced (a committed WAL frame with
+        synchronous=FULL, or a renamed and fsynced spool file).
+        """
+        async with self._lock(user.id):
+            entry = self._open.get(user.id)
+            if entry is not None:
+                await self._thread(_append_item, entry.box, item)
+                return "mailbox"
+            await self._thread(self.spool.deposit, user.id, user.spool_public, item)
+            return "spool"
+
+    async def close(self) -> None:
+        for user_id in list(self._open):
+            entry = self._open.pop(user_id)
+            await self._thread(entry.box.close)
+        self.executor.shutdown(wait=True)
+
+
+def _append_item(box: Mailbox, item: SpoolItem) -> None:
+    folder = box.folder_by_use(item.special_use) if item.special_use else None
+    folder_id = folder.id if folder is not None else box.folder(INBOX).id
+    box.append(folder_id, item.raw, item.flags, item.internaldate)
