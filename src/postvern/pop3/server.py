@@ -1,0 +1,82 @@
+"""The POP3 listeners: port 110 style (STLS) and pop3s (implicit TLS, RFC 8314 §3.3).
+
+Each accepted connection becomes a :class:`~postvern.pop3.session.POP3Session` task. A
+connection over the listener's caps is told so in one line and closed before any session
+state exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+
+from postvern.config import Limits
+from postvern.login import LoginService
+from postvern.pop3.protocol import BUSY
+from postvern.pop3.session import TLS_HANDSHAKE_TIMEOUT, Channel, POP3Session
+
+
+class ConnectionCaps:
+    """Open connections of one listener, in all and per client address."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self._open = 0
+        self._by_ip: collections.Counter[str] = collections.Counter()
+
+    def admit(self, ip: str) -> bool:
+        if self._open >= self.total or self._by_ip[ip] >= self.per_ip:
+            return False
+        self._open += 1
+        self._by_ip[ip] += 1
+        return True
+
+    def leave(self, ip: str) -> None:
+        self._open -= 1
+        self._by_ip[ip] -= 1
+        if self._by_ip[ip] <= 0:
+            del self._by_ip[ip]
+
+
+async def start_pop3_server(
+    host: str,
+    port: int,
+    *,
+    login: LoginService,
+    ssl_context: ssl.SSLContext,
+    implicit_tls: bool,
+    limits: Limits,
+) -> asyncio.Server:
+    """Listen on ``host:port``; with ``implicit_tls`` TLS starts at connect, else by STLS."""
+    loop = asyncio.get_running_loop()
+    caps = ConnectionCaps(limits.connections, limits.connections_per_ip)
+    sessions: set[asyncio.Task[None]] = set()
+
+    def opened(channel: Channel) -> None:
+        ip = channel.peer_ip
+        if not caps.admit(ip):
+            channel.write(BUSY)
+            channel.close()
+            return
+        session = POP3Session(
+            channel, login=login, limits=limits, ssl_context=ssl_context, tls_active=implicit_tls
+        )
+        task = loop.create_task(session.run())
+        sessions.add(task)  # a strong reference, or the task could be collected mid-session
+
+        def ended(task: asyncio.Task[None]) -> None:
+            sessions.discard(task)
+            caps.leave(ip)
+
+        task.add_done_callback(ended)
+
+    return await loop.create_server(
+        lambda: Channel(opened),
+        host,
+        port,
+        ssl=ssl_context if implicit_tls else None,
+        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+        reuse_address=True,
+    )

@@ -1,0 +1,332 @@
+"""One POP3 connection on asyncio: the core of :mod:`.protocol` wired to login and the store.
+
+The maildrop is INBOX, fixed at login as a snapshot of its UIDs and sizes. DELE only marks;
+at QUIT the session expunges exactly those UIDs in one transaction, so a message an IMAP
+client flagged \\Deleted stays for that client to expunge, and a dropped connection deletes
+nothing. As in Dovecot's default (``pop3_no_flag_updates = no``), a message sent in full by
+RETR becomes \\Seen when the session ends, with or without QUIT; TOP marks nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+from collections.abc import Callable
+
+from postvern.config import Limits
+from postvern.login import LoginRefused, LoginService
+from postvern.pop3.protocol import (
+    Answered,
+    Authenticate,
+    Closed,
+    MaildropEntry,
+    NeedData,
+    POP3Connection,
+    ResponseCode,
+    Retrieve,
+    StartTLS,
+    Update,
+)
+from postvern.store.mailbox import INBOX, Mailbox, StoreError
+from postvern.store.service import MailboxHandle
+
+log = logging.getLogger(__name__)
+
+# Bytes read from the socket but not yet handed to the core. Past this we stop reading, so a
+# client that pipelines faster than we answer is held back by TCP rather than by our memory.
+READ_HIGH_WATER = 64 * 1024
+# A TLS handshake (implicit or after STLS) that has not finished by then never will; without
+# a bound, half-open handshakes would hold connection slots for ever.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+SEEN = "\\Seen"
+
+
+def unique_id(uidvalidity: int, uid: int) -> str:
+    """The UIDL of a message: Dovecot's default ``%08Xu%08Xv``.
+
+    It is the message's IMAP identity (UID and UIDVALIDITY), so it is stable across sessions
+    and a client moving between POP3 and IMAP sees one message, not two.
+    """
+    return f"{uid:08X}{uidvalidity:08X}"
+
+
+class Channel(asyncio.Protocol):
+    """One connection's bytes, with flow control both ways and no buffer the session cannot see.
+
+    asyncio's StreamReader keeps bytes it has read in a buffer that survives a TLS upgrade,
+    so plaintext pipelined after STLS would be read back as if it came through TLS. Here the
+    session drops such bytes itself (:meth:`discard_input`) before the handshake starts.
+    """
+
+    def __init__(self, on_open: Callable[[Channel], None]) -> None:
+        self._on_open = on_open
+        self.transport: asyncio.Transport | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._reading_paused = False
+        self._eof = False
+        self.lost = False
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    @property
+    def peer_ip(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) else "unknown"
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._on_open(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._queued += len(data)
+        if self._queued >= READ_HIGH_WATER and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._readable.set()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._readable.set()
+        # Keep the write side open to answer what came before the half-close; TLS
+        # transports close on EOF whatever we return (and warn if we ask otherwise).
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self.lost = True
+        self._readable.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- what the session uses ---------------------------------------------------------
+
+    async def read(self) -> bytes:
+        """The next chunk from the client; ``b""`` once it has closed."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._chunks.popleft()
+        self._queued -= len(data)
+        self._resume_if_drained()
+        return data
+
+    def discard_input(self) -> None:
+        self._chunks.clear()
+        self._queued = 0
+        self._resume_if_drained()
+
+    def _resume_if_drained(self) -> None:
+        if self._reading_paused and self._queued < READ_HIGH_WATER and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        upgraded = await loop.start_tls(
+            self.transport,
+            self,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+        )
+        if upgraded is None:
+            raise ConnectionError("connection closed during the TLS handshake")
+        self.transport = upgraded
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class POP3Session:
+    """Runs one connection from greeting to close; :meth:`run` never raises."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        login: LoginService,
+        limits: Limits,
+        ssl_context: ssl.SSLContext,
+        tls_active: bool,
+    ) -> None:
+        self.channel = channel
+        self.login = login
+        self.limits = limits
+        self.ssl_context = ssl_context
+        self.peer_ip = channel.peer_ip
+        self.conn = POP3Connection(tls_active=tls_active, tls_available=not tls_active)
+        self.handle: MailboxHandle | None = None
+        self._folder_id = 0
+        self._seen_committed = False
+
+    async def run(self) -> None:
+        reason = "error"
+        try:
+            reason = await self._converse()
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            reason = f"connection failed ({type(e).__name__})"
+        except Exception:
+            log.exception("pop3 session failed")
+        finally:
+            await self._finish()
+            log.info("pop3 session closed: %s", reason)
+
+    async def _converse(self) -> str:
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, NeedData):
+                if not await self._flush():
+                    return "client stopped reading"
+                await self._read()
+                continue
+            if isinstance(event, Closed):
+                await self._flush()
+                return event.reason
+            await self._handle(event)
+            if not await self._flush():
+                return "client stopped reading"
+
+    async def _read(self) -> None:
+        try:
+            async with asyncio.timeout(self.limits.pop3_idle_timeout):
+                data = await self.channel.read()
+        except TimeoutError:
+            self.conn.idle_timeout()
+            return
+        self.conn.receive_data(data)
+
+    async def _flush(self) -> bool:
+        """Send what the core has queued; False if the client is gone or stopped reading."""
+        data = self.conn.data_to_send()
+        if data:
+            self.channel.write(data)
+        try:
+            async with asyncio.timeout(self.limits.pop3_idle_timeout):
+                await self.channel.drain()
+        except TimeoutError:
+            return False
+        return not self.channel.lost
+
+    async def _handle(self, event: Answered | Authenticate | StartTLS | Retrieve | Update) -> None:
+        if isinstance(event, Authenticate):
+            await self._authenticate(event)
+        elif isinstance(event, StartTLS):
+            await self._start_tls()
+        elif isinstance(event, Retrieve):
+            await self._retrieve(event)
+        elif isinstance(event, Update):
+            await self._update(event)
+
+    async def _authenticate(self, event: Authenticate) -> None:
+        try:
+            logged_in = await self.login.login(event.username, event.password, self.peer_ip, "pop3")
+        except LoginRefused as e:
+            code = ResponseCode.AUTH if e.reason == "failed" else ResponseCode.LOGIN_DELAY
+            self.conn.refuse_login(code)
+            return
+        except Exception:
+            log.exception("pop3 login failed unexpectedly")
+            self.conn.refuse_login(ResponseCode.SYS_TEMP)
+            return
+        self.handle = logged_in.mailbox
+        try:
+            self._folder_id, maildrop = await self.handle.run(_snapshot, self.handle.box)
+        except Exception:
+            log.exception("pop3 could not read the maildrop")
+            handle, self.handle = self.handle, None
+            await handle.release()
+            self.conn.refuse_login(ResponseCode.SYS_TEMP)
+            return
+        self.conn.accept_login(maildrop)
+
+    async def _start_tls(self) -> None:
+        if not await self._flush():
+            raise ConnectionError("client went away before the TLS handshake")
+        # Synchronously before the handshake starts: nothing can arrive in between.
+        self.channel.discard_input()
+        await self.channel.start_tls(self.ssl_context)
+        self.conn.tls_started()
+
+    async def _retrieve(self, event: Retrieve) -> None:
+        assert self.handle is not None
+        try:
+            # Reading and framing (line endings, byte-stuffing) both run in the worker
+            # thread: a 50 MB message must not hold up the event loop. The core is not
+            # touched by anyone else meanwhile, since this task is waiting on it.
+            await self.handle.run(self._load_message, self.handle.box, event)
+        except Exception:
+            log.exception("pop3 could not read a message")
+            self.conn.message_missing(ResponseCode.SYS_TEMP)
+
+    def _load_message(self, box: Mailbox, event: Retrieve) -> None:
+        try:
+            raw = box.raw(self._folder_id, event.uid)
+        except StoreError:
+            self.conn.message_missing()  # expunged by another session since login
+            return
+        self.conn.send_message(raw)
+
+    async def _update(self, event: Update) -> None:
+        assert self.handle is not None
+        try:
+            await self.handle.run(self._commit, self.handle.box, event.deleted, event.seen)
+            ok = True
+        except Exception:
+            log.exception("pop3 could not commit deletions")
+            ok = False
+        self._seen_committed = True
+        self.conn.update_finished(ok)
+
+    def _commit(self, box: Mailbox, deleted: tuple[int, ...], seen: tuple[int, ...]) -> None:
+        if seen:
+            box.store_flags(self._folder_id, seen, "add", [SEEN], origin=self)
+        if deleted:
+            # Exactly these UIDs, in one transaction, whatever their flags (Dovecot's
+            # pop3_delete_type = expunge): other \Deleted messages belong to whoever flagged
+            # them, and no IMAP client can see a half-done deletion.
+            box.remove(self._folder_id, deleted, origin=self)
+
+    async def _finish(self) -> None:
+        handle, self.handle = self.handle, None
+        try:
+            if handle is not None and not self._seen_committed and self.conn.retrieved_uids:
+                await handle.run(self._commit, handle.box, (), self.conn.retrieved_uids)
+        except Exception:
+            log.exception("pop3 could not mark retrieved messages seen")
+        finally:
+            self.channel.close()
+            if handle is not None:
+                await handle.release()
+
+
+def _snapshot(box: Mailbox) -> tuple[int, list[MaildropEntry]]:
+    """INBOX's UIDs and sizes at login: the maildrop for the whole session (RFC 1939 §4)."""
+    inbox = box.folder(INBOX)
+    return inbox.id, [
+        MaildropEntry(m.uid, m.size, unique_id(inbox.uidvalidity, m.uid))
+        for m in box.messages(inbox.id)
+    ]
