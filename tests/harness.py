@@ -7,8 +7,14 @@ set through the config file exactly as an operator would.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +22,10 @@ from postvern import config
 from postvern.app import App
 from postvern.cli import init_data_dir
 from postvern.login import LoginService
+from postvern.server import READY_LINE
+from postvern.store.mailbox import Mailbox
 from postvern.store.service import MailboxRegistry
+from postvern.store.spool import import_spool
 
 DOMAIN = "example.test"
 PASSWORDS = {
@@ -66,7 +75,13 @@ def make_data_dir(
     domain: str = DOMAIN,
     passwords: dict[str, str] | None = None,
     listeners: tuple[str, ...] = (
-        "smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s",
+        "smtp",
+        "submission",
+        "submissions",
+        "imap",
+        "imaps",
+        "pop3",
+        "pop3s",
     ),
     hostname: str = "mx.example.test",
 ) -> DataDir:
@@ -111,3 +126,80 @@ def services(data: DataDir) -> Services:
     registry = MailboxRegistry(app.accounts)
     login = LoginService(app.accounts, registry, failure_delay=0.05)
     return Services(app, registry, login)
+
+
+class ServerProcess:
+    """``postvern serve`` as a real subprocess; waits for the ready line, stops with SIGTERM."""
+
+    def __init__(self, data: DataDir, env: dict[str, str] | None = None) -> None:
+        self.data = data
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVERN_")}
+        env.update(self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "postvern.cli", "--data", str(self.data.path), "serve"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                text = line.decode(errors="replace").rstrip()
+                self.output.append(text)
+                if text == READY_LINE:
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server did not start:\n" + "\n".join(self.output[-30:]))
+        return self
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as a crash or power cut would leave things."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def mailbox_messages(data: DataDir, address: str, folder: str = "INBOX") -> list[bytes]:
+    """Log in (importing the spool) and return the raw messages of one folder."""
+    app = data.app()
+    try:
+        unlocked = app.accounts.authenticate(address, data.passwords[address])
+        with Mailbox.open(app.accounts.mailbox_path(unlocked.user), unlocked.mailbox_key) as box:
+            import_spool(box, app.accounts.spool, unlocked.user.id)
+            f = box.folder(folder)
+            return [box.raw(f.id, uid) for uid in box.uids(f.id)]
+    finally:
+        app.close()

@@ -30,7 +30,8 @@ DEFAULT_DATA = "postvern-data"
 DEMO_DATA = "demo-data"
 DEMO_DOMAIN = "postvern.test"
 DEMO_USER = f"demo@{DEMO_DOMAIN}"
-DEMO_PASSWORD = "postvern-demo-password"  # printed on every start; the demo is not for real mail
+# Printed on every start and in the README: the demo is for trying clients, not for real mail.
+DEMO_PASSWORD = "postvern-demo-password"  # noqa: S105
 
 STANDARD_PORTS = {
     "smtp": "0.0.0.0:25",
@@ -369,12 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+def _group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
     p = sub.add_parser(name, help=help)
     return p.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
 
 
-def _domain_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _domain_commands(sub: argparse._SubParsersAction) -> None:
     g = _group(sub, "domain", "manage mail domains")
     p = g.add_parser("add", help="add a domain")
     p.add_argument("domain")
@@ -394,7 +395,7 @@ def _stdin_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _user_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _user_commands(sub: argparse._SubParsersAction) -> None:
     g = _group(sub, "user", "manage users")
     p = g.add_parser("add", help="create a user; prints the recovery key once")
     p.add_argument("address")
@@ -419,7 +420,7 @@ def _user_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.set_defaults(func=cmd_user_remove)
 
 
-def _alias_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _alias_commands(sub: argparse._SubParsersAction) -> None:
     g = _group(sub, "alias", "manage aliases (name@domain, or @domain as catch-all)")
     p = g.add_parser("add", help="add an alias to local users and/or outside addresses")
     p.add_argument("address")
@@ -432,7 +433,7 @@ def _alias_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=cmd_alias_remove)
 
 
-def _app_password_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _app_password_commands(sub: argparse._SubParsersAction) -> None:
     g = _group(sub, "app-password", "manage app passwords for mail clients")
     p = g.add_parser("add", help="create an app password (asks for the account password)")
     p.add_argument("address")

@@ -71,6 +71,13 @@ class DNS:
 
 
 @dataclass
+class EmailAuth:
+    # ARC sealers (forwarders, mailing lists) whose recorded DMARC pass we accept when DMARC
+    # fails only because of their forwarding (RFC 7489 §6.7, RFC 8617 §7.2).
+    arc_trusted_domains: list[str] = field(default_factory=list)
+
+
+@dataclass
 class KDF:
     """Argon2id parameters for new key slots (RFC 9106 §4, second recommended option)."""
 
@@ -153,6 +160,7 @@ class Settings:
     listen: Listen = field(default_factory=Listen)
     tls: TLS = field(default_factory=TLS)
     dns: DNS = field(default_factory=DNS)
+    emailauth: EmailAuth = field(default_factory=EmailAuth)
     kdf: KDF = field(default_factory=KDF)
     limits: Limits = field(default_factory=Limits)
     abuse: Abuse = field(default_factory=Abuse)
@@ -170,7 +178,14 @@ class Settings:
         return [parse_hostport(s, default_port=53) for s in self.dns.nameservers]
 
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(Settings) if dataclasses.is_dataclass(f.type)}
+_SECTIONS: dict[str, type] = {
+    name: typing.cast(type, kind)
+    for name, kind in typing.get_type_hints(Settings).items()
+    if dataclasses.is_dataclass(kind)
+}
+
+
+_TOP_LEVEL = ("hostname", "primary_domain")
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:
@@ -223,13 +238,15 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
 def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, dict[str, str] | str]:
     out: dict[str, Any] = {}
     for key, value in environ.items():
-        if not key.startswith("POSTVERN_") or key in ("POSTVERN_DATA", "POSTVERN_SERVER_KEY"):
+        if not key.startswith("POSTVERN_"):
             continue
         rest = key[len("POSTVERN_") :].lower()
         section, sep, name = rest.partition("__")
-        if sep:
+        # Other POSTVERN_* variables (POSTVERN_DATA, POSTVERN_SERVER_KEY, test hooks) are
+        # not settings; only names of sections and top-level settings are read here.
+        if sep and section in _SECTIONS:
             out.setdefault(section, {})[name] = value
-        else:
+        elif not sep and section in _TOP_LEVEL:
             out[section] = value
     return out
 
@@ -258,9 +275,8 @@ def from_mapping(data_dir: Path, raw: dict[str, Any]) -> Settings:
         if key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"[{key}] must be a table")
-            kind = typing.get_type_hints(Settings)[key]
-            kwargs[key] = _build(kind, value, key)
-        elif key in ("hostname", "primary_domain"):
+            kwargs[key] = _build(_SECTIONS[key], value, key)
+        elif key in _TOP_LEVEL:
             kwargs[key] = _coerce(key, str, value)
         else:
             raise ConfigError(f"unknown setting: {key}")

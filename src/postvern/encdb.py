@@ -68,7 +68,8 @@ def open_encrypted(
 
 
 def _migrate(conn: apsw.Connection, migrations: Sequence[Migration], path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    row: tuple[int] = conn.execute("PRAGMA user_version").fetchall()[0]
+    version = row[0]
     if version > len(migrations):
         raise SchemaTooNew(f"{path.name}: schema version {version} is newer than this Postvern")
     for number in range(version, len(migrations)):

@@ -197,8 +197,11 @@ class Accounts:
         recovery = keyslots.generate_secret(RECOVERY_GROUPS)
         recovery_bytes = keyslots.normalise_generated(recovery)
         self.directory.replace_slots(
-            user.id, "password", None, None, self._wrap(user.id, "password", mk,
-                                                        new_password.encode())
+            user.id,
+            "password",
+            None,
+            None,
+            self._wrap(user.id, "password", mk, new_password.encode()),
         )
         self.directory.replace_slots(
             user.id,

@@ -12,10 +12,11 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import apsw
 
@@ -125,7 +126,13 @@ def _v1(conn: apsw.Connection) -> None:
     )
 
 
-MIGRATIONS = [_v1]
+def _v2(conn: apsw.Connection) -> None:
+    # What the user's mail took when the mailbox was last locked: lets the MX enforce the
+    # quota at RCPT time without being able to open the mailbox.
+    conn.execute("ALTER TABLE users ADD COLUMN usage_hint INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS = [_v1, _v2]
 
 
 class Directory:
@@ -146,7 +153,7 @@ class Directory:
         with self._lock, self._conn:
             yield self._conn
 
-    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
@@ -185,14 +192,14 @@ class Directory:
     _USER_COLS = "id, localpart, domain, quota, spool_public, created"
 
     @staticmethod
-    def _user(row: tuple[object, ...]) -> User:
+    def _user(row: tuple[Any, ...]) -> User:
         return User(
             id=str(row[0]),
             localpart=str(row[1]),
             domain=str(row[2]),
-            quota=int(row[3]),  # type: ignore[call-overload]
-            spool_public=bytes(row[4]),  # type: ignore[arg-type]
-            created=int(row[5]),  # type: ignore[call-overload]
+            quota=int(row[3]),
+            spool_public=bytes(row[4]),
+            created=int(row[5]),
         )
 
     def new_user_id(self) -> str:
@@ -205,7 +212,7 @@ class Directory:
         address: str,
         quota: int,
         spool_public: bytes,
-        slots: list[tuple[str, str | None, bytes | None, WrappedKey]],
+        slots: Sequence[tuple[str, str | None, bytes | None, WrappedKey]],
     ) -> User:
         """Create the user and its key slots in one transaction."""
         local, domain = split_address(address)
@@ -216,7 +223,8 @@ class Directory:
             if self._exists(c, local, domain):
                 raise DirectoryError(f"{local}@{domain} already exists")
             c.execute(
-                "INSERT INTO users VALUES(?, ?, ?, ?, ?, ?)",
+                "INSERT INTO users(id, localpart, domain, quota, spool_public, created)"
+                " VALUES(?, ?, ?, ?, ?, ?)",
                 (user_id, local, domain, quota, spool_public, now),
             )
             for kind, label, tag, wrapped in slots:
@@ -260,6 +268,14 @@ class Directory:
     def set_quota(self, user_id: str, quota: int) -> None:
         with self._tx() as c:
             c.execute("UPDATE users SET quota=? WHERE id=?", (quota, user_id))
+
+    def usage_hint(self, user_id: str) -> int:
+        rows = self._rows("SELECT usage_hint FROM users WHERE id=?", (user_id,))
+        return int(rows[0][0]) if rows else 0
+
+    def set_usage_hint(self, user_id: str, usage: int) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE users SET usage_hint=? WHERE id=?", (usage, user_id))
 
     def delete_user(self, user_id: str) -> None:
         with self._tx() as c:
@@ -310,20 +326,20 @@ class Directory:
     _SLOT_COLS = "id, user_id, kind, label, salt, nonce, ciphertext, params, created, last_used"
 
     @staticmethod
-    def _slot(row: tuple[object, ...]) -> KeySlot:
+    def _slot(row: tuple[Any, ...]) -> KeySlot:
         return KeySlot(
-            id=int(row[0]),  # type: ignore[call-overload]
+            id=int(row[0]),
             user_id=str(row[1]),
             kind=str(row[2]),
             label=None if row[3] is None else str(row[3]),
             wrapped=WrappedKey(
-                bytes(row[4]),  # type: ignore[arg-type]
-                bytes(row[5]),  # type: ignore[arg-type]
-                bytes(row[6]),  # type: ignore[arg-type]
+                bytes(row[4]),
+                bytes(row[5]),
+                bytes(row[6]),
                 KDFParams.from_json(str(row[7])),
             ),
-            created=int(row[8]),  # type: ignore[call-overload]
-            last_used=None if row[9] is None else int(row[9]),  # type: ignore[call-overload]
+            created=int(row[8]),
+            last_used=None if row[9] is None else int(row[9]),
         )
 
     def slots(self, user_id: str, kind: str | None = None) -> list[KeySlot]:
@@ -466,4 +482,3 @@ class Directory:
             if targets is not None:
                 return user.address in targets
         return False
-

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import apsw
 
@@ -271,10 +272,10 @@ class Mailbox:
 
         return cancel
 
-    def _q(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    def _q(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         return self._conn.execute(sql, args).fetchall()
 
-    def _meta(self, key: str) -> object:
+    def _meta(self, key: str) -> Any:
         rows = self._q("SELECT value FROM meta WHERE key=?", (key,))
         return rows[0][0] if rows else None
 
@@ -282,12 +283,12 @@ class Mailbox:
         self._conn.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
 
     def _next_modseq(self) -> int:
-        value = int(self._meta("modseq") or 1) + 1  # type: ignore[call-overload]
+        value = int(self._meta("modseq") or 1) + 1
         self._set_meta("modseq", value)
         return value
 
     def _add_usage(self, delta: int) -> None:
-        self._set_meta("usage", int(self._meta("usage") or 0) + delta)  # type: ignore[call-overload]
+        self._set_meta("usage", int(self._meta("usage") or 0) + delta)
 
     def _emit(self, kind: str, folder_id: int, uids: Iterable[int], modseq: int, origin: object):
         self._pending.append(Change(kind, folder_id, tuple(uids), modseq, origin))
@@ -296,13 +297,13 @@ class Mailbox:
 
     def spool_private_key(self) -> bytes:
         with self._lock:
-            return bytes(self._meta("spool_private"))  # type: ignore[arg-type]
+            return bytes(self._meta("spool_private"))
 
     def get_blob(self, key: str) -> bytes | None:
         """Per-user data other packages keep here (the filter's user model)."""
         with self._lock:
             value = self._meta(f"blob:{key}")
-        return None if value is None else bytes(value)  # type: ignore[arg-type]
+        return None if value is None else bytes(value)
 
     def set_blob(self, key: str, value: bytes) -> None:
         with self._tx():
@@ -313,21 +314,21 @@ class Mailbox:
     _FOLDER_COLS = "id, name, special_use, uidvalidity, uidnext, highestmodseq, subscribed"
 
     @staticmethod
-    def _folder(row: tuple[object, ...]) -> Folder:
+    def _folder(row: tuple[Any, ...]) -> Folder:
         return Folder(
-            int(row[0]),  # type: ignore[call-overload]
+            int(row[0]),
             str(row[1]),
             None if row[2] is None else str(row[2]),
-            int(row[3]),  # type: ignore[call-overload]
-            int(row[4]),  # type: ignore[call-overload]
-            int(row[5]),  # type: ignore[call-overload]
+            int(row[3]),
+            int(row[4]),
+            int(row[5]),
             bool(row[6]),
         )
 
     def _new_uidvalidity(self) -> int:
         # Strictly increasing across deletes and recreations of the same name (RFC 9051
         # §2.3.1.1): seconds since the epoch, bumped past the last one handed out.
-        last = int(self._meta("uidvalidity") or 0)  # type: ignore[call-overload]
+        last = int(self._meta("uidvalidity") or 0)
         value = max(int(time.time()), last + 1) & 0xFFFFFFFF
         self._set_meta("uidvalidity", value)
         return value
@@ -393,11 +394,17 @@ class Mailbox:
         if folder.name == INBOX:
             raise FolderInUse("INBOX cannot be deleted")
         with self._tx():
-            if self._q("SELECT 1 FROM folders WHERE name LIKE ? ESCAPE '\\' LIMIT 1",
-                       (_like_prefix(folder.name + DELIMITER),)):
+            if self._q(
+                "SELECT 1 FROM folders WHERE name LIKE ? ESCAPE '\\' LIMIT 1",
+                (_like_prefix(folder.name + DELIMITER),),
+            ):
                 raise FolderInUse(f"folder {folder.name!r} has subfolders; delete them first")
-            uids = [int(r[0]) for r in self._q(  # type: ignore[call-overload]
-                "SELECT uid FROM messages WHERE folder_id=?", (folder.id,))]
+            uids = [
+                int(r[0])
+                for r in self._q(
+                    "SELECT uid FROM messages WHERE folder_id=?", (folder.id,)
+                )
+            ]
             self._remove_messages(folder.id, uids)
             self._conn.execute("DELETE FROM expunged WHERE folder_id=?", (folder.id,))
             self._conn.execute("DELETE FROM folders WHERE id=?", (folder.id,))
@@ -457,10 +464,10 @@ class Mailbox:
                 (folder_id,),
             )[0]
         return FolderStatus(
-            messages=int(row[0]),  # type: ignore[call-overload]
-            size=int(row[1]),  # type: ignore[call-overload]
-            unseen=int(row[2]),  # type: ignore[call-overload]
-            deleted=int(row[3]),  # type: ignore[call-overload]
+            messages=int(row[0]),
+            size=int(row[1]),
+            unseen=int(row[2]),
+            deleted=int(row[3]),
             uidnext=folder.uidnext,
             uidvalidity=folder.uidvalidity,
             highestmodseq=folder.highestmodseq,
@@ -471,21 +478,19 @@ class Mailbox:
     def uids(self, folder_id: int) -> list[int]:
         """Every UID in the folder, ascending: a session's sequence-number map."""
         with self._lock:
-            rows = self._q(
-                "SELECT uid FROM messages WHERE folder_id=? ORDER BY uid", (folder_id,)
-            )
-        return [int(r[0]) for r in rows]  # type: ignore[call-overload]
+            rows = self._q("SELECT uid FROM messages WHERE folder_id=? ORDER BY uid", (folder_id,))
+        return [int(r[0]) for r in rows]
 
     _INFO_COLS = "uid, modseq, flags, internaldate, tzoffset, size"
 
     @staticmethod
-    def _info(row: tuple[object, ...]) -> MessageInfo:
+    def _info(row: tuple[Any, ...]) -> MessageInfo:
         return MessageInfo(
-            int(row[0]),  # type: ignore[call-overload]
-            int(row[1]),  # type: ignore[call-overload]
+            int(row[0]),
+            int(row[1]),
             _flags_from_text(str(row[2])),
-            _to_datetime(int(row[3]), int(row[4])),  # type: ignore[call-overload]
-            int(row[5]),  # type: ignore[call-overload]
+            _to_datetime(int(row[3]), int(row[4])),
+            int(row[5]),
         )
 
     def messages(self, folder_id: int, uids: Iterable[int] | None = None) -> list[MessageInfo]:
@@ -502,7 +507,7 @@ class Mailbox:
 
     def _select_uids(
         self, cols: str, folder_id: int, uids: Iterable[int], join: str = ""
-    ) -> list[tuple[object, ...]]:
+    ) -> list[tuple[Any, ...]]:
         wanted = sorted(set(uids))
         if not wanted:
             return []
@@ -531,14 +536,14 @@ class Mailbox:
                 "SELECT uid FROM expunged WHERE folder_id=? AND modseq>? ORDER BY uid",
                 (folder_id, modseq),
             )
-        return [int(r[0]) for r in rows]  # type: ignore[call-overload]
+        return [int(r[0]) for r in rows]
 
     def structures(self, folder_id: int, uids: Iterable[int]) -> list[CachedStructure]:
         with self._lock:
             rows = self._select_uids(
                 "m.uid, b.envelope, b.structure", folder_id, uids, "JOIN bodies b ON b.id=m.body_id"
             )
-        return [CachedStructure(int(r[0]), str(r[1]), str(r[2])) for r in rows]  # type: ignore[call-overload]
+        return [CachedStructure(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     def raw(self, folder_id: int, uid: int) -> bytes:
         with self._lock:
@@ -549,7 +554,7 @@ class Mailbox:
             )
         if not rows:
             raise StoreError("no such message")
-        return bytes(rows[0][0])  # type: ignore[arg-type]
+        return bytes(rows[0][0])
 
     def search_text(self, folder_id: int, field: str, text: str) -> set[int]:
         """UIDs whose indexed text contains every word of ``text`` (a phrase, prefix-matched).
@@ -569,11 +574,11 @@ class Mailbox:
                 "WHERE fts MATCH ? AND m.folder_id=?",
                 (f"{column} : {query}", folder_id),
             )
-        return {int(r[0]) for r in rows}  # type: ignore[call-overload]
+        return {int(r[0]) for r in rows}
 
     def usage(self) -> int:
         with self._lock:
-            return int(self._meta("usage") or 0)  # type: ignore[call-overload]
+            return int(self._meta("usage") or 0)
 
     # -- writing messages --------------------------------------------------------------
 
@@ -666,8 +671,16 @@ class Mailbox:
         self._conn.execute(
             "INSERT INTO messages(folder_id, uid, body_id, modseq, flags, internaldate, tzoffset,"
             " size) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
-            (folder_id, uid, body_id, modseq, " ".join(flags), int(when.timestamp()), tzoffset,
-             size),
+            (
+                folder_id,
+                uid,
+                body_id,
+                modseq,
+                " ".join(flags),
+                int(when.timestamp()),
+                tzoffset,
+                size,
+            ),
         )
 
     def store_flags(
@@ -712,9 +725,7 @@ class Mailbox:
                     "UPDATE messages SET flags=?, modseq=? WHERE folder_id=? AND uid=?",
                     (" ".join(new), modseq, folder_id, info.uid),
                 )
-                changed.append(
-                    MessageInfo(info.uid, modseq, new, info.internaldate, info.size)
-                )
+                changed.append(MessageInfo(info.uid, modseq, new, info.internaldate, info.size))
             if changed:
                 self._conn.execute(
                     "UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, folder_id)
@@ -745,7 +756,7 @@ class Mailbox:
         )
         if not rows:
             return [], target.uidvalidity
-        self._check_quota(sum(int(r[5]) for r in rows), quota)  # type: ignore[call-overload]
+        self._check_quota(sum(int(r[5]) for r in rows), quota)
         modseq = self._next_modseq()
         pairs = []
         for offset, (uid, body_id, flags, idate, tz, size) in enumerate(rows):
@@ -756,12 +767,12 @@ class Mailbox:
                 (target_id, new_uid, body_id, modseq, flags, idate, tz, size),
             )
             self._conn.execute("UPDATE bodies SET refs=refs+1 WHERE id=?", (body_id,))
-            pairs.append((int(uid), new_uid))  # type: ignore[call-overload]
+            pairs.append((int(uid), new_uid))
         self._conn.execute(
             "UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?",
             (target.uidnext + len(rows), modseq, target_id),
         )
-        self._add_usage(sum(int(r[5]) for r in rows))  # type: ignore[call-overload]
+        self._add_usage(sum(int(r[5]) for r in rows))
         self._emit("append", target_id, [p[1] for p in pairs], modseq, origin)
         return pairs, target.uidvalidity
 
@@ -789,6 +800,11 @@ class Mailbox:
         with self._tx():
             return self._expunge(folder_id, uids, origin, only_deleted=True)
 
+    def remove(self, folder_id: int, uids: Iterable[int], *, origin: object = None) -> list[int]:
+        """Expunge the given messages whatever their flags (a withdrawn delivery, POP3 DELE)."""
+        with self._tx():
+            return self._expunge(folder_id, uids, origin, only_deleted=False)
+
     def _expunge(
         self, folder_id: int, uids: Iterable[int] | None, origin: object, *, only_deleted: bool
     ) -> list[int]:
@@ -804,7 +820,7 @@ class Mailbox:
                 for r in self._select_uids(cols, folder_id, uids)
                 if r[1] or not only_deleted
             ]
-        gone = [int(r[0]) for r in rows]  # type: ignore[call-overload]
+        gone = [int(r[0]) for r in rows]
         if not gone:
             return []
         modseq = self._next_modseq()
@@ -813,9 +829,7 @@ class Mailbox:
             "INSERT OR REPLACE INTO expunged VALUES(?, ?, ?)",
             [(folder_id, uid, modseq) for uid in gone],
         )
-        self._conn.execute(
-            "UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, folder_id)
-        )
+        self._conn.execute("UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, folder_id))
         self._emit("expunge", folder_id, gone, modseq, origin)
         return gone
 
@@ -831,12 +845,12 @@ class Mailbox:
             self._conn.execute("UPDATE bodies SET refs=refs-1 WHERE id=?", (body_id,))
         orphans = self._q(
             "SELECT id FROM bodies WHERE refs<=0 AND id IN (SELECT value FROM json_each(?))",
-            (_json_ints(int(r[0]) for r in rows),),  # type: ignore[call-overload]
+            (_json_ints(int(r[0]) for r in rows),),
         )
         for (body_id,) in orphans:
             self._conn.execute("DELETE FROM fts WHERE rowid=?", (body_id,))
             self._conn.execute("DELETE FROM bodies WHERE id=?", (body_id,))
-        self._add_usage(-sum(int(r[1]) for r in rows))  # type: ignore[call-overload]
+        self._add_usage(-sum(int(r[1]) for r in rows))
 
     # -- the sealed spool's import bookkeeping -----------------------------------------
 
@@ -891,4 +905,3 @@ def _fts_phrase(text: str) -> str | None:
     if not words:
         return None
     return '"' + " ".join(words) + '"*'
-

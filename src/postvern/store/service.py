@@ -143,21 +143,44 @@ class MailboxRegistry:
             entry.refs -= 1
             if entry.refs <= 0:
                 del self._open[user_id]
-                await self._thread(entry.box.close)
+                await self._thread(self._lock_mailbox, user_id, entry.box)
+
+    def _lock_mailbox(self, user_id: str, box: Mailbox) -> None:
+        try:
+            self.accounts.directory.set_usage_hint(user_id, box.usage())
+        finally:
+            box.close()
 
     async def deliver(self, user: User, item: SpoolItem) -> str:
-        """Store one message durably for ``user``; returns "mailbox" or "spool".
+        """Store one message durably for ``user``; returns "mailbox" or "spool"."""
+        receipt = await self.deliver_undoable(user, item)
+        await receipt.close()
+        return receipt.where
 
-        When this returns, the message is on disk and fsynced (a committed WAL frame with
-        synchronous=FULL, or a renamed and fsynced spool file).
+    async def deliver_undoable(self, user: User, item: SpoolItem) -> Receipt:
+        """Store one message durably, keeping the means to withdraw it.
+
+        When this returns the message is on disk and fsynced (a committed WAL frame with
+        synchronous=FULL, or a renamed and fsynced spool file). The receipt pins an open
+        mailbox until it is closed, so a withdrawal never finds the mailbox locked.
         """
         async with self._lock(user.id):
             entry = self._open.get(user.id)
             if entry is not None:
-                await self._thread(_append_item, entry.box, item)
-                return "mailbox"
-            await self._thread(self.spool.deposit, user.id, user.spool_public, item)
-            return "spool"
+                folder_id, uid = await self._thread(_append_item, entry.box, item)
+                entry.refs += 1
+                return Receipt(self, user, "mailbox", (folder_id, uid), entry.box)
+            spool_id = await self._thread(self.spool.deposit, user.id, user.spool_public, item)
+            return Receipt(self, user, "spool", spool_id, None)
+
+    async def usage_estimate(self, user: User) -> int:
+        """Bytes the user's mail takes: exact when unlocked, else the last known figure plus
+        the sealed spool (the server cannot look inside a locked mailbox)."""
+        entry = self._open.get(user.id)
+        if entry is not None:
+            return await self._thread(entry.box.usage)
+        hint = await self._thread(self.accounts.directory.usage_hint, user.id)
+        return hint + await self._thread(self.spool.size, user.id)
 
     async def close(self) -> None:
         for user_id in list(self._open):
@@ -166,7 +189,43 @@ class MailboxRegistry:
         self.executor.shutdown(wait=True)
 
 
-def _append_item(box: Mailbox, item: SpoolItem) -> None:
+def _append_item(box: Mailbox, item: SpoolItem) -> tuple[int, int]:
     folder = box.folder_by_use(item.special_use) if item.special_use else None
     folder_id = folder.id if folder is not None else box.folder(INBOX).id
-    box.append(folder_id, item.raw, item.flags, item.internaldate)
+    uid, _ = box.append(folder_id, item.raw, item.flags, item.internaldate)
+    return folder_id, uid
+
+
+class Receipt:
+    """A stored copy that can still be withdrawn (the pipeline's all-or-nothing delivery)."""
+
+    def __init__(
+        self,
+        registry: MailboxRegistry,
+        user: User,
+        where: str,
+        token: object,
+        box: Mailbox | None,
+    ) -> None:
+        self.registry = registry
+        self.user = user
+        self.where = where
+        self._token = token
+        self._box = box
+        self._closed = False
+
+    async def withdraw(self) -> None:
+        if self.where == "mailbox":
+            assert self._box is not None
+            assert isinstance(self._token, tuple)
+            folder_id, uid = self._token
+            await self.registry._thread(self._box.remove, folder_id, [uid])
+        else:
+            await self.registry._thread(self.registry.spool.withdraw, self.user.id, self._token)
+        await self.close()
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._box is not None:
+                await self.registry._release(self.user.id)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from postvern.crypto.seal import Opener, SealError, Sealer
+from postvern.crypto.seal import Opener, Sealer, SealError
 from postvern.store import faults
 from postvern.store.mailbox import INBOX, Mailbox
 
@@ -136,6 +136,19 @@ class Spool:
             os.unlink(self.user_dir(user_id) / (spool_id + SUFFIX))
         except FileNotFoundError:
             pass
+
+    def withdraw(self, user_id: str, spool_id: str) -> None:
+        """Take back a deposit durably (the delivery it belonged to failed as a whole)."""
+        self.remove(user_id, spool_id)
+        _fsync_dir(self.user_dir(user_id))
+
+    def size(self, user_id: str) -> int:
+        """Bytes waiting in the spool (sealed sizes, close to the messages' own)."""
+        directory = self.user_dir(user_id)
+        try:
+            return sum(e.stat().st_size for e in os.scandir(directory) if e.name.endswith(SUFFIX))
+        except FileNotFoundError:
+            return 0
 
     def quarantine(self, user_id: str, spool_id: str) -> None:
         """Set aside a file that does not open, so it neither blocks import nor is lost."""

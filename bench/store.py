@@ -1,0 +1,171 @@
+"""Store benchmark: the encrypted mailbox against the same schema on plain SQLite.
+
+Prints, in one run:
+  * append and fetch rates for N messages of ~10 KB, encrypted vs plain (the ratio is the
+    figure; the goal is ≥ 0.85× of plain);
+  * cold unlock time with the default Argon2id parameters (64 MiB; goal ≤ 200 ms);
+  * sealed-spool throughput: seal only, seal + durable write, and import (goal ≥ 2,000/s/core
+    for 10 KB).
+
+Usage: python bench/store.py [--messages 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import apsw
+
+from postvern.crypto import keyslots, seal
+from postvern.crypto.serverkey import ServerKey
+from postvern.directory.accounts import Accounts
+from postvern.directory.db import Directory
+from postvern.store.mailbox import Mailbox
+from postvern.store.schema import MIGRATIONS
+from postvern.store.spool import Spool, SpoolItem, import_spool
+
+WORDS = (
+    "meeting report budget quarterly team project deadline review invoice schedule "
+    "update proposal contract client delivery travel lunch office holiday notes draft "
+    "agenda summary request approval feedback release version server account customer"
+).split()
+
+
+def make_message(rng: random.Random, i: int, size: int = 10_000) -> bytes:
+    words = []
+    length = 0
+    while length < size:
+        w = rng.choice(WORDS)
+        words.append(w)
+        length += len(w) + 1
+    body = "\r\n".join(" ".join(words[j : j + 12]) for j in range(0, len(words), 12))
+    head = (
+        f"From: Sender {i} <sender{i}@example.org>\r\nTo: user@example.test\r\n"
+        f"Subject: {rng.choice(WORDS)} {rng.choice(WORDS)} #{i}\r\n"
+        f"Message-ID: <{i}.{rng.random()}@example.org>\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\n"
+    )
+    return head.encode() + body.encode()
+
+
+def plain_mailbox(path: Path, private: bytes) -> Mailbox:
+    """The same schema and pragmas as the encrypted store, without the cipher."""
+    conn = apsw.Connection(str(path))
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    conn.execute("PRAGMA foreign_keys=ON")
+    for number, migration in enumerate(MIGRATIONS):
+        with conn:
+            migration(conn)
+            conn.execute(f"PRAGMA user_version={number + 1}")
+    box = Mailbox(conn, path)
+    with box._tx():
+        box._set_meta("spool_private", private)
+        box._set_meta("modseq", 1)
+        box._set_meta("usage", 0)
+        box._insert_folder("INBOX", None)
+    return box
+
+
+def run_store(box: Mailbox, messages: list[bytes]) -> tuple[float, float]:
+    inbox = box.folder("INBOX").id
+    start = time.perf_counter()
+    for raw in messages:
+        box.append(inbox, raw)
+    append_rate = len(messages) / (time.perf_counter() - start)
+    uids = box.uids(inbox)
+    start = time.perf_counter()
+    for uid in uids:
+        box.raw(inbox, uid)
+    box.structures(inbox, uids)
+    fetch_rate = len(uids) / (time.perf_counter() - start)
+    return append_rate, fetch_rate
+
+
+def bench_store(messages: list[bytes], tmp: Path) -> None:
+    private, _ = seal.generate_keypair()
+    enc = Mailbox.create(tmp / "enc.sqlite", keyslots.new_mailbox_key(), private)
+    plain = plain_mailbox(tmp / "plain.sqlite", private)
+    enc_rates = run_store(enc, messages)
+    plain_rates = run_store(plain, messages)
+    enc.close()
+    plain.close()
+    print(f"store: {len(messages)} messages of ~{len(messages[0]) // 1000} KB")
+    for name, e, p in (
+        ("append", enc_rates[0], plain_rates[0]),
+        ("fetch", enc_rates[1], plain_rates[1]),
+    ):
+        ratio = e / p
+        print(
+            f"  {name:<7} encrypted {e:9.0f}/s   plain {p:9.0f}/s   ratio {ratio:.2f}×"
+            " (goal ≥ 0.85×)"
+        )
+
+
+def bench_unlock(tmp: Path) -> None:
+    data = tmp / "unlock"
+    data.mkdir()
+    key = ServerKey.generate()
+    directory = Directory.open(data, key.derive("directory database"), create=True)
+    directory.add_domain("example.test")
+    accounts = Accounts(data, directory, key, keyslots.KDFParams())
+    accounts.create_user("u@example.test", "benchmark-password")
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        unlocked = accounts.authenticate("u@example.test", "benchmark-password")
+        Mailbox.open(accounts.mailbox_path(unlocked.user), unlocked.mailbox_key).close()
+        times.append(time.perf_counter() - start)
+    p = keyslots.KDFParams()
+    print(
+        f"cold unlock (Argon2id t={p.time_cost} m={p.memory_kib // 1024} MiB p={p.parallelism},"
+        f" open mailbox): median {statistics.median(times) * 1000:.0f} ms (goal ≤ 200 ms)"
+    )
+    directory.close()
+
+
+def bench_spool(messages: list[bytes], tmp: Path) -> None:
+    private, public = seal.generate_keypair()
+    sealer = seal.Sealer(public)
+    sample = messages[:2000]
+    start = time.perf_counter()
+    for raw in sample:
+        sealer.seal(raw, b"info")
+    seal_only = len(sample) / (time.perf_counter() - start)
+    spool = Spool(tmp / "spooldata")
+    start = time.perf_counter()
+    for raw in sample:
+        spool.deposit("u1", public, SpoolItem(raw))
+    durable = len(sample) / (time.perf_counter() - start)
+    box = Mailbox.create(tmp / "spoolbox.sqlite", keyslots.new_mailbox_key(), private)
+    start = time.perf_counter()
+    count = import_spool(box, spool, "u1")
+    imported = count / (time.perf_counter() - start)
+    box.close()
+    print(f"spool, {len(sample)} messages (one core):")
+    print(f"  seal (HPKE ML-KEM-768+X25519, ChaCha20-Poly1305)  {seal_only:9.0f}/s")
+    print(f"  seal + durable write (fsync file and directory)  {durable:9.0f}/s   (goal ≥ 2000/s)")
+    print(f"  import into the mailbox (open, parse, commit)      {imported:9.0f}/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=10_000)
+    args = parser.parse_args()
+    rng = random.Random(1)
+    messages = [make_message(rng, i) for i in range(args.messages)]
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        bench_store(messages, tmp)
+        bench_unlock(tmp)
+        bench_spool(messages, tmp)
+
+
+if __name__ == "__main__":
+    main()

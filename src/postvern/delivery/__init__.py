@@ -1,0 +1,1 @@
+"""The inbound pipeline: recipients, checks, filters, verdict, and durable delivery."""

@@ -1,0 +1,218 @@
+"""The inbound pipeline: from an accepted DATA to durable copies in every recipient's mailbox.
+
+    RCPT ─► resolve (aliases, +tag, catch-all) ─► quota
+    DATA ─► emailauth (SPF, DKIM, DMARC, ARC) ─► filters (virus, spam, phishing)
+         ─► verdict: reject 5xx · tempfail 4xx · Junk · INBOX
+         ─► trace headers ─► each local mailbox (direct or sealed spool) ─► forwards ─► 250
+
+The SMTP layer answers with the reply this returns. 250 is returned only when every copy is
+fsynced; if any copy fails, the copies already made are withdrawn and the answer is 451, so
+the sender retries and nothing is delivered twice or half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from postvern import emailauth
+from postvern.delivery import headers
+from postvern.directory.db import Directory, DirectoryError, Resolution, User
+from postvern.dns import Resolver
+from postvern.emailauth import AuthVerdict
+from postvern.smtp.replies import Reply
+from postvern.store.service import MailboxRegistry, Receipt
+from postvern.store.spool import SpoolItem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+RCPT_OK = Reply(250, "2.1.5", "recipient OK")
+NOT_OURS = Reply(550, "5.7.1", "relaying denied: we do not accept mail for that domain")
+UNKNOWN_USER = Reply(550, "5.1.1", "no such user here")
+TEMP_LOOKUP = Reply(451, "4.3.0", "temporary failure looking up the recipient, try again")
+MAILBOX_FULL = Reply(452, "4.2.2", "mailbox full, try again later")
+STORE_FAILED = Reply(451, "4.3.0", "temporary failure storing the message, try again")
+NO_FORWARDING = Reply(451, "4.3.0", "forwarding is not available right now, try again")
+
+
+@dataclass
+class Recipient:
+    address: str
+    users: tuple[User, ...]
+    external: tuple[str, ...]
+
+
+@dataclass
+class Transaction:
+    """What the SMTP session knows when it hands over a message."""
+
+    client_ip: str
+    helo: str
+    mail_from: str
+    client_name: str | None = None
+    protocol: str = "ESMTP"  # the Received "with" keyword (RFC 3848)
+    tls: str | None = None
+    authenticated: str | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+    queue_id: str = field(default_factory=headers.new_queue_id)
+
+
+@dataclass
+class FilterVerdict:
+    action: str  # inbox | junk | reject | tempfail
+    header: bytes  # X-Postvern-Spam field, CRLF-terminated (may be empty)
+    reason: str
+
+
+class ContentFilter(Protocol):
+    async def check(
+        self, raw: bytes, txn: Transaction, auth: AuthVerdict | None
+    ) -> FilterVerdict: ...
+
+
+class Forwarder(Protocol):
+    async def forward(
+        self, raw: bytes, txn: Transaction, targets: Sequence[str], auth: AuthVerdict | None
+    ) -> None:
+        """Queue ``raw`` durably for the outside addresses; raise on failure."""
+        ...
+
+
+class InboundPipeline:
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        directory: Directory,
+        registry: MailboxRegistry,
+        resolver: Resolver | None = None,
+        arc_trusted_domains: frozenset[str] = frozenset(),
+        content_filter: ContentFilter | None = None,
+        forwarder: Forwarder | None = None,
+    ) -> None:
+        self.hostname = hostname
+        self.directory = directory
+        self.registry = registry
+        self.resolver = resolver
+        self.arc_trusted_domains = arc_trusted_domains
+        self.content_filter = content_filter
+        self.forwarder = forwarder
+
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
+
+    # -- RCPT --------------------------------------------------------------------------
+
+    async def is_local_domain(self, domain: str) -> bool:
+        return bool(await self._thread(self.directory.has_domain, domain))
+
+    async def check_recipient(self, address: str) -> tuple[Reply, Recipient | None]:
+        """Decide RCPT TO: unknown users are refused now, not bounced later (no backscatter)."""
+        domain = address.rpartition("@")[2]
+        try:
+            if not await self.is_local_domain(domain):
+                return NOT_OURS, None
+            resolution: Resolution | None = await self._thread(self.directory.resolve, address)
+        except DirectoryError:
+            log.warning("alias resolution failed (loop or too deep)")
+            return TEMP_LOOKUP, None
+        if resolution is None:
+            return UNKNOWN_USER, None
+        if resolution.external and self.forwarder is None:
+            return NO_FORWARDING, None
+        for user in resolution.users:
+            if await self._over_quota(user):
+                return MAILBOX_FULL, None
+        return RCPT_OK, Recipient(address, resolution.users, resolution.external)
+
+    async def _over_quota(self, user: User) -> bool:
+        if not user.quota:
+            return False
+        usage = await self.registry.usage_estimate(user)
+        return usage >= user.quota
+
+    # -- DATA --------------------------------------------------------------------------
+
+    async def deliver(self, txn: Transaction, raw: bytes) -> Reply:
+        auth: AuthVerdict | None = None
+        if self.resolver is not None and txn.authenticated is None:
+            auth = await emailauth.authenticate(
+                raw,
+                client_ip=txn.client_ip,
+                helo=txn.helo,
+                mail_from=txn.mail_from,
+                resolver=self.resolver,
+                authserv_id=self.hostname,
+                arc_trusted_domains=self.arc_trusted_domains,
+            )
+            if auth.policy == "reject":
+                return Reply(550, "5.7.1", auth.reason)
+            if auth.policy == "tempfail":
+                return Reply(451, "4.7.0", auth.reason)
+            # Our Authentication-Results first; any incoming one claiming our name removed.
+            raw = auth.apply(raw)
+        verdict: FilterVerdict | None = None
+        if self.content_filter is not None:
+            verdict = await self.content_filter.check(raw, txn, auth)
+            if verdict.action == "reject":
+                return Reply(554, "5.7.1", verdict.reason)
+            if verdict.action == "tempfail":
+                return Reply(451, "4.7.0", verdict.reason)
+        junk = (verdict is not None and verdict.action == "junk") or (
+            auth is not None and auth.policy == "quarantine"
+        )
+        added = verdict.header if verdict else b""
+        return await self._store_all(txn, added + raw, junk, auth)
+
+    async def _store_all(
+        self, txn: Transaction, message: bytes, junk: bool, auth: AuthVerdict | None
+    ) -> Reply:
+        done: list[Receipt] = []
+        seen: set[str] = set()
+        external: dict[str, None] = {}
+        try:
+            for rcpt in txn.recipients:
+                for target in rcpt.external:
+                    external.setdefault(target, None)
+                for user in rcpt.users:
+                    if user.id in seen:
+                        continue  # one copy per mailbox, however many of its names were used
+                    seen.add(user.id)
+                    copy = self._trace(txn, rcpt.address) + message
+                    item = SpoolItem(copy, "\\Junk" if junk else None)
+                    done.append(await self.registry.deliver_undoable(user, item))
+            if external:
+                assert self.forwarder is not None
+                await self.forwarder.forward(message, txn, list(external), auth)
+        except Exception:
+            log.exception("delivery failed; withdrawing %d stored copies", len(done))
+            for receipt in done:
+                try:
+                    await receipt.withdraw()
+                except Exception:
+                    log.exception("could not withdraw a copy")
+            return STORE_FAILED
+        for receipt in done:
+            await receipt.close()
+        return Reply(250, "2.0.0", f"OK queued as {txn.queue_id}")
+
+    def _trace(self, txn: Transaction, recipient: str) -> bytes:
+        return (
+            headers.return_path(txn.mail_from)
+            + headers.delivered_to(recipient)
+            + headers.received(
+                helo=txn.helo,
+                client_ip=txn.client_ip,
+                client_name=txn.client_name,
+                by=self.hostname,
+                protocol=txn.protocol,
+                queue_id=txn.queue_id,
+                recipient=recipient,
+                tls=txn.tls,
+            )
+        )

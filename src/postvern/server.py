@@ -1,0 +1,174 @@
+"""Wiring: build the shared services, open every configured listener, stop cleanly on a signal.
+
+Nothing protocol-specific lives here. Each listener kind maps to a function that starts an
+``asyncio.Server`` for it; this module owns the event loop, the order of start-up (services
+before listeners) and of shutdown (stop accepting, let sessions finish briefly, lock every
+mailbox, close the databases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from postvern import config
+from postvern.app import App
+from postvern.crypto import tls
+from postvern.delivery.pipeline import InboundPipeline
+from postvern.dns import Resolver
+from postvern.login import LoginService
+from postvern.pop3.server import start_pop3_server
+from postvern.smtp.mx import MXHandler
+from postvern.smtp.session import serve_smtp
+from postvern.store.service import MailboxRegistry
+
+log = logging.getLogger("postvern")
+
+READY_LINE = "postvern: ready"
+# On SIGTERM, sessions get this long to finish what they are doing before the loop stops.
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+class Listener(Protocol):
+    async def shutdown(self, grace: float = ...) -> None: ...
+
+
+class AsyncioListener:
+    """Adapts a plain ``asyncio.Server`` to :class:`Listener`."""
+
+    def __init__(self, server: asyncio.Server) -> None:
+        self.server = server
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        self.server.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.server.wait_closed(), grace)
+
+
+Starter = Callable[["Server", str, int], Awaitable[Listener]]
+
+
+class StartupError(Exception):
+    """A listener could not be opened (address in use, no permission)."""
+
+
+class Server:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.settings = app.settings
+        s = self.settings
+        self.tls_context = tls.server_context(s.path(s.tls.cert), s.path(s.tls.key))
+        self.registry = MailboxRegistry(app.accounts)
+        self.login = LoginService(
+            app.accounts, self.registry, failure_delay=s.limits.auth_failure_delay
+        )
+        self.resolver = Resolver.from_settings(s)
+        self.pipeline = InboundPipeline(
+            hostname=s.hostname,
+            directory=app.directory,
+            registry=self.registry,
+            resolver=self.resolver,
+            arc_trusted_domains=frozenset(s.emailauth.arc_trusted_domains),
+        )
+        self.servers: list[tuple[str, Listener]] = []
+
+    async def start(self) -> None:
+        listen = self.settings.listen
+        for name, starter in STARTERS.items():
+            address = getattr(listen, name)
+            if address is None:
+                continue
+            host, port = config.parse_hostport(address)
+            try:
+                server = await starter(self, host, port)
+            except OSError as e:
+                await self.stop()
+                raise StartupError(f"cannot listen for {name} on {address}: {e.strerror}") from None
+            self.servers.append((name, server))
+            log.info("listening for %s on %s", name, address)
+
+    async def stop(self) -> None:
+        await asyncio.gather(
+            *(server.shutdown(SHUTDOWN_GRACE_SECONDS) for _, server in self.servers),
+            return_exceptions=True,
+        )
+        self.servers.clear()
+        await self.registry.close()
+
+
+async def _start_mx(server: Server, host: str, port: int) -> Listener:
+    s = server.settings
+    return await serve_smtp(
+        host,
+        port,
+        lambda: MXHandler(server.pipeline, s.primary_domain),
+        hostname=s.hostname,
+        ssl_context=server.tls_context,
+        limits=s.limits,
+    )
+
+
+def _start_pop3(implicit_tls: bool) -> Starter:
+    async def start(server: Server, host: str, port: int) -> Listener:
+        return AsyncioListener(
+            await start_pop3_server(
+                host,
+                port,
+                login=server.login,
+                ssl_context=server.tls_context,
+                implicit_tls=implicit_tls,
+                limits=server.settings.limits,
+            )
+        )
+
+    return start
+
+
+STARTERS: dict[str, Starter] = {
+    "smtp": _start_mx,
+    "pop3": _start_pop3(implicit_tls=False),
+    "pop3s": _start_pop3(implicit_tls=True),
+}
+
+
+def _configure_logging(settings: config.Settings) -> None:
+    logging.basicConfig(
+        level=getattr(logging, settings.log.level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve(app: App, banner: Callable[[config.Settings], str] | None) -> int:
+    server = Server(app)
+    try:
+        await server.start()
+    except StartupError as e:
+        print(f"postvern: {e}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if banner is not None:
+        print(banner(app.settings), flush=True)
+    print(READY_LINE, flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+    return 0
+
+
+def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) -> int:
+    app = App.open(data_dir)
+    _configure_logging(app.settings)
+    try:
+        return asyncio.run(_serve(app, banner))
+    finally:
+        app.close()

@@ -1,0 +1,71 @@
+"""The MX listener's policy: mail from the world to our domains, never relayed onwards.
+
+The handler is the seam between the SMTP session and the inbound pipeline: it refuses
+recipients outside our domains (no open relay) and unknown users at RCPT time (so nothing is
+bounced later to a forged sender), and hands the accepted message and its envelope to
+:class:`~postvern.delivery.pipeline.InboundPipeline`, whose reply it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from postvern.delivery.pipeline import InboundPipeline, Recipient, Transaction
+from postvern.smtp import replies
+from postvern.smtp.address import Address
+from postvern.smtp.commands import MailParams, RcptParams
+from postvern.smtp.replies import Reply
+from postvern.smtp.session import BaseHandler, SessionState
+
+log = logging.getLogger(__name__)
+
+
+class MXHandler(BaseHandler):
+    """One per connection. No AUTH here: users submit on 465/587."""
+
+    auth_mechanisms = ()
+
+    def __init__(self, pipeline: InboundPipeline, primary_domain: str) -> None:
+        self.pipeline = pipeline
+        self.primary_domain = primary_domain
+        self._recipients: list[Recipient] = []
+
+    async def on_mail(
+        self, state: SessionState, sender: Address | None, params: MailParams
+    ) -> Reply:
+        self._recipients = []
+        return replies.sender_ok()
+
+    async def on_rcpt(self, state: SessionState, recipient: Address, params: RcptParams) -> Reply:
+        if recipient.is_postmaster:
+            # RFC 5321 §4.5.1: the bare <Postmaster> must be accepted.
+            address = f"postmaster@{self.primary_domain}"
+        elif recipient.domain.startswith("["):
+            return Reply(550, "5.7.1", "address literals are not accepted here")
+        else:
+            address = f"{recipient.local_part}@{recipient.domain_lower}"
+        reply, resolved = await self.pipeline.check_recipient(address)
+        if resolved is not None:
+            self._recipients.append(resolved)
+        return reply
+
+    async def on_message(self, state: SessionState, message: bytes) -> Reply:
+        sender = state.sender
+        txn = Transaction(
+            client_ip=state.peer_ip,
+            helo=state.helo or "",
+            mail_from=str(sender) if sender is not None else "",
+            protocol=state.received_protocol,
+            tls=f"{state.tls.version} {state.tls.cipher}" if state.tls else None,
+            recipients=list(self._recipients),
+        )
+        self._recipients = []
+        reply = await self.pipeline.deliver(txn, message)
+        log.info(
+            "message %s from %s: %d %s",
+            txn.queue_id,
+            state.peer_ip,
+            reply.code,
+            reply.status,
+        )
+        return reply

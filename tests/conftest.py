@@ -1,0 +1,18 @@
+"""Fixtures shared by every test module."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import DataDir, make_data_dir
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> DataDir:
+    """A fresh data directory (postvern init) with users alice and bob on example.test."""
+    return make_data_dir(tmp_path / "data")
