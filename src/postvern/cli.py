@@ -24,6 +24,9 @@ from postvern.crypto.tls import TLSConfigError, make_self_signed
 from postvern.directory.accounts import AuthFailed
 from postvern.directory.addresses import AddressError
 from postvern.directory.db import Directory, DirectoryError
+from postvern.emailauth import signing
+from postvern.ops import dnsrecords
+from postvern.web import mtasts
 from postvern.encdb import SchemaTooNew, WrongKey
 
 DEFAULT_DATA = "postvern-data"
@@ -121,7 +124,7 @@ def init_data_dir(data: Path, hostname: str, domain: str, ports: dict[str, str])
     make_self_signed(hostname, settings.path(settings.tls.cert), settings.path(settings.tls.key))
     directory = Directory.open(data, key.derive("directory database"), create=True)
     try:
-        directory.add_domain(domain)
+        signing.new_key_pair(directory, directory.add_domain(domain))
     finally:
         directory.close()
 
@@ -139,7 +142,10 @@ def with_app(fn: Callable[[App, argparse.Namespace], int]) -> Callable[[argparse
 
 @with_app
 def cmd_domain_add(app: App, args: argparse.Namespace) -> int:
-    print(f"added domain {app.directory.add_domain(args.domain)}")
+    domain = app.directory.add_domain(args.domain)
+    keys = signing.new_key_pair(app.directory, domain)
+    print(f"added domain {domain} with DKIM selectors {', '.join(k.selector for k in keys)}")
+    print(f"publish its DNS records: postvern dns {domain}")
     return 0
 
 
@@ -154,6 +160,43 @@ def cmd_domain_list(app: App, args: argparse.Namespace) -> int:
 def cmd_domain_remove(app: App, args: argparse.Namespace) -> int:
     app.directory.remove_domain(args.domain)
     print(f"removed domain {args.domain}")
+    return 0
+
+
+@with_app
+def cmd_dkim_list(app: App, args: argparse.Namespace) -> int:
+    for key in app.directory.dkim_keys(args.domain):
+        state = "signing" if key.active else "retired"
+        print(f"{key.selector}\t{key.algorithm}\t{state}\tcreated {_date(key.created)}")
+    return 0
+
+
+@with_app
+def cmd_dkim_rotate(app: App, args: argparse.Namespace) -> int:
+    if not app.directory.has_domain(args.domain):
+        raise CLIError(f"no such domain: {args.domain}")
+    keys = signing.new_key_pair(app.directory, args.domain)
+    print(f"new selectors {', '.join(k.selector for k in keys)} now sign for {args.domain}")
+    print("Publish them (postvern dns), keep the old ones published for a few days, then")
+    print("remove them with `postvern dkim remove DOMAIN SELECTOR`.")
+    return 0
+
+
+@with_app
+def cmd_dkim_remove(app: App, args: argparse.Namespace) -> int:
+    app.directory.remove_dkim_key(args.domain, args.selector)
+    print(f"removed selector {args.selector} of {args.domain}")
+    return 0
+
+
+@with_app
+def cmd_dns(app: App, args: argparse.Namespace) -> int:
+    if not app.directory.has_domain(args.domain):
+        raise CLIError(f"no such domain: {args.domain}")
+    keys = app.directory.dkim_keys(args.domain)
+    s = app.settings
+    policy = mtasts.policy_text([s.hostname], s.mta.sts_mode)
+    print(dnsrecords.records(args.domain.lower(), s.hostname, keys, mtasts.policy_id(policy)), end="")
     return 0
 
 
@@ -367,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     _user_commands(sub)
     _alias_commands(sub)
     _app_password_commands(sub)
+    _dkim_commands(sub)
+    p = sub.add_parser("dns", help="print every DNS record a domain needs")
+    p.add_argument("domain")
+    p.set_defaults(func=cmd_dns)
     return parser
 
 
@@ -447,6 +494,20 @@ def _app_password_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("address")
     p.add_argument("label")
     p.set_defaults(func=cmd_app_password_revoke)
+
+
+def _dkim_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    g = _group(sub, "dkim", "manage DKIM signing keys")
+    p = g.add_parser("list", help="list a domain's selectors")
+    p.add_argument("domain")
+    p.set_defaults(func=cmd_dkim_list)
+    p = g.add_parser("rotate", help="add a new Ed25519 + RSA pair; old selectors stay published")
+    p.add_argument("domain")
+    p.set_defaults(func=cmd_dkim_rotate)
+    p = g.add_parser("remove", help="remove a retired selector")
+    p.add_argument("domain")
+    p.add_argument("selector")
+    p.set_defaults(func=cmd_dkim_remove)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -143,6 +143,9 @@ class MTA:
     retry_base: float = 300.0
     concurrency_per_domain: int = 4
     connect_timeout: float = 30.0
+    # The MTA-STS policy served for our domains. "testing" until the certificate is one that
+    # senders can validate; then "enforce" (RFC 8461 §5).
+    sts_mode: str = "testing"
 
 
 @dataclass

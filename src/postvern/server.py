@@ -24,7 +24,9 @@ from postvern.delivery.pipeline import InboundPipeline
 from postvern.dns import Resolver
 from postvern.login import LoginService
 from postvern.pop3.server import start_pop3_server
+from postvern.emailauth.signing import Signer
 from postvern.smtp.mx import MXHandler
+from postvern.smtp.submission import OutboundQueue, SubmissionHandler
 from postvern.smtp.session import serve_smtp
 from postvern.store.service import MailboxRegistry
 
@@ -76,6 +78,8 @@ class Server:
             resolver=self.resolver,
             arc_trusted_domains=frozenset(s.emailauth.arc_trusted_domains),
         )
+        self.signer = Signer(app.directory)
+        self.queue: OutboundQueue | None = None
         self.servers: list[tuple[str, Listener]] = []
 
     async def start(self) -> None:
@@ -114,6 +118,29 @@ async def _start_mx(server: Server, host: str, port: int) -> Listener:
     )
 
 
+def _start_submission(implicit_tls: bool) -> Starter:
+    async def start(server: Server, host: str, port: int) -> Listener:
+        s = server.settings
+        return await serve_smtp(
+            host,
+            port,
+            lambda: SubmissionHandler(
+                login=server.login,
+                directory=server.app.directory,
+                pipeline=server.pipeline,
+                signer=server.signer,
+                queue=server.queue,
+                hostname=s.hostname,
+            ),
+            hostname=s.hostname,
+            ssl_context=server.tls_context,
+            implicit_tls=implicit_tls,
+            limits=s.limits,
+        )
+
+    return start
+
+
 def _start_pop3(implicit_tls: bool) -> Starter:
     async def start(server: Server, host: str, port: int) -> Listener:
         return AsyncioListener(
@@ -132,6 +159,8 @@ def _start_pop3(implicit_tls: bool) -> Starter:
 
 STARTERS: dict[str, Starter] = {
     "smtp": _start_mx,
+    "submission": _start_submission(implicit_tls=False),
+    "submissions": _start_submission(implicit_tls=True),
     "pop3": _start_pop3(implicit_tls=False),
     "pop3s": _start_pop3(implicit_tls=True),
 }

@@ -18,7 +18,7 @@ def new_queue_id() -> str:
 def received(
     *,
     helo: str,
-    client_ip: str,
+    client_ip: str | None,
     client_name: str | None,
     by: str,
     protocol: str,
@@ -31,8 +31,12 @@ def received(
     The TLS version and cipher are shown the way Postfix shows them, so a reader (and a
     filter) can tell which hops were encrypted.
     """
-    origin = f"[{client_ip}]" if client_name is None else f"{client_name} [{client_ip}]"
-    lines = [f"Received: from {_clean(helo) or 'unknown'} ({origin})"]
+    if client_ip is None:
+        # Submission: the user's own address stays private, as privacy-first providers do.
+        lines = [f"Received: from {_clean(helo) or 'unknown'}"]
+    else:
+        origin = f"[{client_ip}]" if client_name is None else f"{client_name} [{client_ip}]"
+        lines = [f"Received: from {_clean(helo) or 'unknown'} ({origin})"]
     if tls:
         version, _, cipher = tls.partition(" ")
         lines.append(f"\t(using {version} with cipher {cipher})" if cipher else f"\t(using {tls})")

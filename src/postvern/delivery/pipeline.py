@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -51,7 +51,7 @@ class Recipient:
 class Transaction:
     """What the SMTP session knows when it hands over a message."""
 
-    client_ip: str
+    client_ip: str | None  # None keeps it out of Received (submission)
     helo: str
     mail_from: str
     client_name: str | None = None
@@ -73,6 +73,9 @@ class ContentFilter(Protocol):
     async def check(
         self, raw: bytes, txn: Transaction, auth: AuthVerdict | None
     ) -> FilterVerdict: ...
+
+
+RemoteSender = Callable[[bytes, list[str]], Awaitable[None]]
 
 
 class Forwarder(Protocol):
@@ -166,19 +169,34 @@ class InboundPipeline:
         junk = (verdict is not None and verdict.action == "junk") or (
             auth is not None and auth.policy == "quarantine"
         )
-        added = verdict.header if verdict else b""
-        return await self._store_all(txn, added + raw, junk, auth)
+        message = (verdict.header if verdict else b"") + raw
+        external = list(dict.fromkeys(t for r in txn.recipients for t in r.external))
+        forwarder = self.forwarder
 
-    async def _store_all(
-        self, txn: Transaction, message: bytes, junk: bool, auth: AuthVerdict | None
+        async def forward(msg: bytes, targets: list[str]) -> None:
+            assert forwarder is not None
+            await forwarder.forward(msg, txn, targets, auth)
+
+        return await self.store(txn, message, junk=junk, remote=external, send_remote=forward)
+
+    async def store(
+        self,
+        txn: Transaction,
+        message: bytes,
+        *,
+        junk: bool = False,
+        remote: Sequence[str] = (),
+        send_remote: RemoteSender | None = None,
     ) -> Reply:
+        """Every local copy, then the remote hand-off, all or nothing.
+
+        Local copies come first because they can be withdrawn; the remote hand-off (the
+        durable outbound queue) comes last, so if it fails nothing stays behind.
+        """
         done: list[Receipt] = []
         seen: set[str] = set()
-        external: dict[str, None] = {}
         try:
             for rcpt in txn.recipients:
-                for target in rcpt.external:
-                    external.setdefault(target, None)
                 for user in rcpt.users:
                     if user.id in seen:
                         continue  # one copy per mailbox, however many of its names were used
@@ -186,9 +204,9 @@ class InboundPipeline:
                     copy = self._trace(txn, rcpt.address) + message
                     item = SpoolItem(copy, "\\Junk" if junk else None)
                     done.append(await self.registry.deliver_undoable(user, item))
-            if external:
-                assert self.forwarder is not None
-                await self.forwarder.forward(message, txn, list(external), auth)
+            if remote:
+                assert send_remote is not None
+                await send_remote(message, list(remote))
         except Exception:
             log.exception("delivery failed; withdrawing %d stored copies", len(done))
             for receipt in done:

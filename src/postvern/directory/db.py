@@ -78,6 +78,16 @@ class Alias:
 
 
 @dataclass(frozen=True, slots=True)
+class DKIMKey:
+    domain: str
+    selector: str
+    algorithm: str
+    private_key: bytes = field(repr=False)
+    created: int = 0
+    active: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Resolution:
     """Where a recipient's mail goes: local mailboxes and outside addresses."""
 
@@ -132,7 +142,24 @@ def _v2(conn: apsw.Connection) -> None:
     conn.execute("ALTER TABLE users ADD COLUMN usage_hint INTEGER NOT NULL DEFAULT 0")
 
 
-MIGRATIONS = [_v1, _v2]
+def _v3(conn: apsw.Connection) -> None:
+    # DKIM signing keys: private keys are secrets, which is why this database is encrypted.
+    conn.execute(
+        """
+        CREATE TABLE dkim_keys(
+            domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+            selector TEXT NOT NULL,
+            algorithm TEXT NOT NULL CHECK(algorithm IN ('rsa-sha256', 'ed25519-sha256')),
+            private_key BLOB NOT NULL,
+            created INTEGER NOT NULL,
+            active INTEGER NOT NULL DEFAULT 1,
+            PRIMARY KEY(domain, selector)
+        );
+        """
+    )
+
+
+MIGRATIONS = [_v1, _v2, _v3]
 
 
 class Directory:
@@ -372,6 +399,47 @@ class Directory:
                 (user_id, kind, label),
             )
             return bool(c.changes())
+
+    # -- DKIM keys ---------------------------------------------------------------------
+
+    def add_dkim_key(self, key: DKIMKey, *, retire_others: bool) -> None:
+        """Store a signing key; with ``retire_others`` older keys of that algorithm stop
+        signing but stay listed (and published) until removed."""
+        with self._tx() as c:
+            if retire_others:
+                c.execute(
+                    "UPDATE dkim_keys SET active=0 WHERE domain=? AND algorithm=?",
+                    (key.domain, key.algorithm),
+                )
+            c.execute(
+                "INSERT INTO dkim_keys VALUES(?, ?, ?, ?, ?, 1)",
+                (key.domain, key.selector, key.algorithm, key.private_key, key.created),
+            )
+
+    def dkim_keys(self, domain: str, *, active_only: bool = False) -> list[DKIMKey]:
+        rows = self._rows(
+            "SELECT domain, selector, algorithm, private_key, created, active FROM dkim_keys"
+            " WHERE domain=?" + (" AND active" if active_only else "") + " ORDER BY created, 2",
+            (normalise_domain(domain),),
+        )
+        return [DKIMKey(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5])) for r in rows]
+
+    def remove_dkim_key(self, domain: str, selector: str) -> None:
+        with self._tx() as c:
+            active = c.execute(
+                "SELECT active FROM dkim_keys WHERE domain=? AND selector=?",
+                (normalise_domain(domain), selector),
+            ).fetchall()
+            if active and active[0][0]:
+                raise DirectoryError(
+                    f"selector {selector} still signs; rotate first (postvern dkim rotate)"
+                )
+            c.execute(
+                "DELETE FROM dkim_keys WHERE domain=? AND selector=?",
+                (normalise_domain(domain), selector),
+            )
+            if not c.changes():
+                raise DirectoryError(f"no DKIM selector {selector} for {domain}")
 
     # -- aliases -----------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Operations: the DNS records a domain needs, backups, log hygiene, health checks."""

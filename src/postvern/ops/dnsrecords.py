@@ -1,0 +1,48 @@
+"""Every DNS record a mail domain needs, ready to paste into a zone file.
+
+MX, SPF, both DKIM selectors per key (RFC 8463 dual signing), DMARC, MTA-STS (RFC 8461) and
+TLS-RPT (RFC 8460), SRV records for client autodiscovery (RFC 6186, RFC 8314) and the
+autoconfig host. Long TXT values are split into 255-octet strings (RFC 7208 §3.3).
+"""
+
+from __future__ import annotations
+
+from postvern.directory.db import DKIMKey
+from postvern.emailauth import dkim
+
+TXT_CHUNK = 255
+
+
+def _txt(value: str) -> str:
+    chunks = [value[i : i + TXT_CHUNK] for i in range(0, len(value), TXT_CHUNK)]
+    return " ".join(f'"{c}"' for c in chunks)
+
+
+def records(domain: str, hostname: str, keys: list[DKIMKey], sts_policy_id: str) -> str:
+    d, h = f"{domain}.", f"{hostname}."
+    lines = [
+        f"; DNS records for {domain} (mail server {hostname})",
+        f"{d}\tIN MX 10 {h}",
+        f'{d}\tIN TXT "v=spf1 mx -all"',
+    ]
+    for key in keys:
+        note = "" if key.active else "   ; retired: keep until mail signed with it has aged out"
+        lines.append(
+            f"{key.selector}._domainkey.{d}\tIN TXT {_txt(dkim.key_record(key.private_key))}{note}"
+        )
+    lines += [
+        # Start at quarantine with strict alignment; move to p=reject once reports are clean.
+        f'_dmarc.{d}\tIN TXT "v=DMARC1; p=quarantine; adkim=s; aspf=s; rua=mailto:postmaster@{domain}"',
+        f'_mta-sts.{d}\tIN TXT "v=STSv1; id={sts_policy_id}"',
+        f"mta-sts.{d}\tIN CNAME {h}",
+        f'_smtp._tls.{d}\tIN TXT "v=TLSRPTv1; rua=mailto:postmaster@{domain}"',
+        f"_submissions._tcp.{d}\tIN SRV 0 1 465 {h}",
+        f"_submission._tcp.{d}\tIN SRV 0 1 587 {h}",
+        f"_imaps._tcp.{d}\tIN SRV 0 1 993 {h}",
+        f"_imap._tcp.{d}\tIN SRV 0 1 143 {h}",
+        f"_pop3s._tcp.{d}\tIN SRV 0 1 995 {h}",
+        f"autoconfig.{d}\tIN CNAME {h}",
+        f"; and for {hostname}: A/AAAA records, and a PTR record for each of its addresses"
+        f" naming {hostname}",
+    ]
+    return "\n".join(lines) + "\n"

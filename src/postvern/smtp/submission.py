@@ -1,0 +1,188 @@
+"""The submission listeners' policy (465 implicit TLS, 587 STARTTLS; RFC 6409, RFC 8314).
+
+Users send mail here after AUTH (only over TLS). The envelope sender and every From address
+must be the user's own or an alias that lists them. Messages get a Date and Message-ID if
+the client left them out (RFC 6409 §8), are DKIM-signed with both of the From domain's keys,
+then local recipients are delivered through the inbound pipeline and remote ones go to the
+durable outbound queue — all before 250.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from typing import Protocol
+
+from postvern import mime
+from postvern.delivery import headers
+from postvern.delivery.pipeline import InboundPipeline, Recipient, Transaction
+from postvern.directory.db import Directory, User
+from postvern.directory.addresses import AddressError, normalise_address
+from postvern.emailauth.signing import Signer
+from postvern.login import LoginRefused, LoginService
+from postvern.smtp import replies
+from postvern.smtp.address import Address
+from postvern.smtp.commands import MailParams, RcptParams
+from postvern.smtp.replies import Reply
+from postvern.smtp.session import BaseHandler, SessionState
+
+log = logging.getLogger(__name__)
+
+# Received "from" name for submitted mail: the client's own name and address are left out
+# of what we send on, as privacy-first providers do (a reserved .invalid name, RFC 2606).
+SUBMISSION_HELO = "submission.invalid"
+MAX_FROM_ADDRESSES = 10
+
+
+class OutboundQueue(Protocol):
+    async def enqueue(self, mail_from: str, recipients: list[str], message: bytes) -> str:
+        """Durably queue ``message``; returns the queue id once it is committed."""
+        ...
+
+
+class SubmissionHandler(BaseHandler):
+    auth_mechanisms = ("PLAIN", "LOGIN")
+    auth_requires_tls = True
+
+    def __init__(
+        self,
+        *,
+        login: LoginService,
+        directory: Directory,
+        pipeline: InboundPipeline,
+        signer: Signer,
+        queue: OutboundQueue | None,
+        hostname: str,
+    ) -> None:
+        self.login = login
+        self.directory = directory
+        self.pipeline = pipeline
+        self.signer = signer
+        self.queue = queue
+        self.hostname = hostname
+        self.user: User | None = None
+        self._local: list[Recipient] = []
+        self._remote: list[str] = []
+
+    async def _thread(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await self.pipeline._thread(fn, *args)
+
+    async def on_auth(
+        self, state: SessionState, mechanism: str, authzid: str, authcid: str, password: str
+    ) -> Reply:
+        if authzid and authzid.lower() != authcid.lower():
+            # No proxy authorisation: a user may only act as themselves (RFC 4616 §2).
+            return Reply(535, "5.7.8", "authorization identity must match the user")
+        try:
+            unlocked = await self.login.verify(authcid, password, state.peer_ip, "smtp")
+        except LoginRefused as e:
+            if e.reason == "banned":
+                return Reply(421, "4.7.0", str(e))
+            return replies.auth_failed()
+        self.user = unlocked.user
+        state.user = unlocked.user.address
+        return replies.auth_succeeded()
+
+    async def on_mail(
+        self, state: SessionState, sender: Address | None, params: MailParams
+    ) -> Reply:
+        self._local, self._remote = [], []
+        if self.user is None:
+            return replies.auth_required()
+        if sender is None:
+            return Reply(550, "5.7.1", "a null sender cannot be submitted")
+        if not await self._owns(str(sender)):
+            return Reply(550, "5.7.1", f"you may not send as <{sender}>")
+        return replies.sender_ok()
+
+    async def _owns(self, address: str) -> bool:
+        assert self.user is not None
+        return bool(await self._thread(self.directory.may_send_as, self.user, address))
+
+    async def on_rcpt(self, state: SessionState, recipient: Address, params: RcptParams) -> Reply:
+        if self.user is None:
+            return replies.auth_required()
+        try:
+            address = normalise_address(f"{recipient.local_part}@{recipient.domain}")
+        except AddressError:
+            return replies.bad_recipient_syntax()
+        if await self.pipeline.is_local_domain(address.rpartition("@")[2]):
+            reply, resolved = await self.pipeline.check_recipient(address)
+            if resolved is not None:
+                self._local.append(resolved)
+            return reply
+        if self.queue is None:
+            return Reply(451, "4.3.0", "outbound delivery is not available right now")
+        self._remote.append(address)
+        return replies.recipient_ok()
+
+    async def on_message(self, state: SessionState, message: bytes) -> Reply:
+        assert self.user is not None
+        refusal = await self._check_from(message)
+        if refusal is not None:
+            return refusal
+        message = _complete_headers(message, self.hostname)
+        from_domain = _from_domain(message) or self.user.domain
+        signed = await self.signer.sign_async(message, from_domain)
+        txn = Transaction(
+            client_ip=None,
+            helo=SUBMISSION_HELO,
+            mail_from=str(state.sender),
+            protocol=state.received_protocol,
+            tls=f"{state.tls.version} {state.tls.cipher}" if state.tls else None,
+            authenticated=self.user.address,
+            recipients=self._local,
+        )
+        queue = self.queue
+
+        async def send_remote(msg: bytes, targets: list[str]) -> None:
+            assert queue is not None
+            trace = headers.received(
+                helo=SUBMISSION_HELO,
+                client_ip=None,
+                client_name=None,
+                by=self.hostname,
+                protocol=txn.protocol,
+                queue_id=txn.queue_id,
+                recipient=None,
+                tls=txn.tls,
+            )
+            await queue.enqueue(txn.mail_from, targets, trace + msg)
+
+        reply = await self.pipeline.store(
+            txn, signed, remote=self._remote, send_remote=send_remote
+        )
+        log.info("submission %s: %d local, %d remote: %d", txn.queue_id, len(self._local),
+                 len(self._remote), reply.code)
+        self._local, self._remote = [], []
+        return reply
+
+    async def _check_from(self, message: bytes) -> Reply | None:
+        values = mime.header_values(message, "From")
+        if len(values) != 1:
+            return Reply(550, "5.6.0", "the message needs exactly one From header field")
+        addresses = [a for _, a in email.utils.getaddresses(values) if a]
+        if not addresses or len(addresses) > MAX_FROM_ADDRESSES:
+            return Reply(550, "5.6.0", "the From header field names no usable address")
+        for address in addresses:
+            if not await self._owns(address):
+                return Reply(550, "5.7.1", f"you may not send with From: {address}")
+        return None
+
+
+def _from_domain(message: bytes) -> str | None:
+    values = mime.header_values(message, "From")
+    for _, address in email.utils.getaddresses(values):
+        if "@" in address:
+            return address.rpartition("@")[2].lower()
+    return None
+
+
+def _complete_headers(message: bytes, hostname: str) -> bytes:
+    """Add Date and Message-ID when the client left them out (RFC 6409 §8.3, §8.4)."""
+    added = b""
+    if not mime.header_values(message, "Date"):
+        added += f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode()
+    if not mime.header_values(message, "Message-ID"):
+        added += f"Message-ID: {email.utils.make_msgid(domain=hostname)}\r\n".encode()
+    return added + message

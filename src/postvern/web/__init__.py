@@ -1,0 +1,1 @@
+"""HTTPS: the MTA-STS policy, client autoconfiguration, and the account portal."""
