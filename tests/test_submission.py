@@ -40,7 +40,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, dns: DNSTestServer) -> Iter
         app.directory.add_alias("team@example.test", [ALICE])
         data.passwords["app"] = app.accounts.add_app_password(ALICE, data.passwords[ALICE], "t")
         for key in app.directory.dkim_keys("example.test"):
-            dns.add(f"{key.selector}._domainkey.example.test", "TXT", dkim.key_record(key.private_key))
+            dns.add(
+                f"{key.selector}._domainkey.example.test", "TXT", dkim.key_record(key.private_key)
+            )
     finally:
         app.close()
     with ServerProcess(data):
@@ -95,8 +97,14 @@ def test_submit_locally_signed_and_private(server: DataDir, dns: DNSTestServer) 
 
 
 def test_app_password_and_alias_sender(server: DataDir) -> None:
-    submit(server, ALICE, server.passwords["app"], "team@example.test", [BOB],
-           msg("Team <team@example.test>", "as team"))
+    submit(
+        server,
+        ALICE,
+        server.passwords["app"],
+        "team@example.test",
+        [BOB],
+        msg("Team <team@example.test>", "as team"),
+    )
     assert any(b"Subject: as team" in m for m in mailbox_messages(server, BOB))
 
 

@@ -196,7 +196,9 @@ def cmd_dns(app: App, args: argparse.Namespace) -> int:
     keys = app.directory.dkim_keys(args.domain)
     s = app.settings
     policy = mtasts.policy_text([s.hostname], s.mta.sts_mode)
-    print(dnsrecords.records(args.domain.lower(), s.hostname, keys, mtasts.policy_id(policy)), end="")
+    print(
+        dnsrecords.records(args.domain.lower(), s.hostname, keys, mtasts.policy_id(policy)), end=""
+    )
     return 0
 
 

@@ -20,14 +20,14 @@ from typing import Protocol
 from postvern import config
 from postvern.app import App
 from postvern.crypto import tls
-from postvern.delivery.pipeline import InboundPipeline
+from postvern.delivery.pipeline import InboundPipeline, OutboundQueue
 from postvern.dns import Resolver
+from postvern.emailauth.signing import Signer
 from postvern.login import LoginService
 from postvern.pop3.server import start_pop3_server
-from postvern.emailauth.signing import Signer
 from postvern.smtp.mx import MXHandler
-from postvern.smtp.submission import OutboundQueue, SubmissionHandler
 from postvern.smtp.session import serve_smtp
+from postvern.smtp.submission import SubmissionHandler
 from postvern.store.service import MailboxRegistry
 
 log = logging.getLogger("postvern")

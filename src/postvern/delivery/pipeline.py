@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from postvern import emailauth
 from postvern.delivery import headers
+from postvern.delivery.srs import SRS, ForgedSRS, is_srs
 from postvern.directory.db import Directory, DirectoryError, Resolution, User
 from postvern.dns import Resolver
 from postvern.emailauth import AuthVerdict
@@ -75,6 +76,12 @@ class ContentFilter(Protocol):
     ) -> FilterVerdict: ...
 
 
+class OutboundQueue(Protocol):
+    async def enqueue(self, mail_from: str, recipients: list[str], message: bytes) -> str:
+        """Durably queue ``message``; returns the queue id once it is committed."""
+        ...
+
+
 RemoteSender = Callable[[bytes, list[str]], Awaitable[None]]
 
 
@@ -97,6 +104,7 @@ class InboundPipeline:
         arc_trusted_domains: frozenset[str] = frozenset(),
         content_filter: ContentFilter | None = None,
         forwarder: Forwarder | None = None,
+        srs: SRS | None = None,
     ) -> None:
         self.hostname = hostname
         self.directory = directory
@@ -105,6 +113,7 @@ class InboundPipeline:
         self.arc_trusted_domains = arc_trusted_domains
         self.content_filter = content_filter
         self.forwarder = forwarder
+        self.srs = srs
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
@@ -120,6 +129,8 @@ class InboundPipeline:
         try:
             if not await self.is_local_domain(domain):
                 return NOT_OURS, None
+            if is_srs(address):
+                return await self._srs_recipient(address)
             resolution: Resolution | None = await self._thread(self.directory.resolve, address)
         except DirectoryError:
             log.warning("alias resolution failed (loop or too deep)")
@@ -132,6 +143,21 @@ class InboundPipeline:
             if await self._over_quota(user):
                 return MAILBOX_FULL, None
         return RCPT_OK, Recipient(address, resolution.users, resolution.external)
+
+    async def _srs_recipient(self, address: str) -> tuple[Reply, Recipient | None]:
+        """A bounce to an address we rewrote when forwarding goes back to the original sender."""
+        if self.srs is None or self.forwarder is None:
+            return UNKNOWN_USER, None
+        try:
+            original = self.srs.reverse(address)
+        except ForgedSRS:
+            return Reply(550, "5.1.1", "invalid or expired SRS address"), None
+        resolution = await self._thread(self.directory.resolve, original)
+        if resolution is not None:
+            return RCPT_OK, Recipient(address, resolution.users, resolution.external)
+        if await self.is_local_domain(original.rpartition("@")[2]):
+            return UNKNOWN_USER, None
+        return RCPT_OK, Recipient(address, (), (original,))
 
     async def _over_quota(self, user: User) -> bool:
         if not user.quota:

@@ -32,7 +32,8 @@ def records(domain: str, hostname: str, keys: list[DKIMKey], sts_policy_id: str)
         )
     lines += [
         # Start at quarantine with strict alignment; move to p=reject once reports are clean.
-        f'_dmarc.{d}\tIN TXT "v=DMARC1; p=quarantine; adkim=s; aspf=s; rua=mailto:postmaster@{domain}"',
+        f'_dmarc.{d}\tIN TXT "v=DMARC1; p=quarantine; adkim=s; aspf=s;'
+        f' rua=mailto:postmaster@{domain}"',
         f'_mta-sts.{d}\tIN TXT "v=STSv1; id={sts_policy_id}"',
         f"mta-sts.{d}\tIN CNAME {h}",
         f'_smtp._tls.{d}\tIN TXT "v=TLSRPTv1; rua=mailto:postmaster@{domain}"',

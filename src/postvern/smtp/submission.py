@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import email.utils
 import logging
-from typing import Protocol
 
 from postvern import mime
 from postvern.delivery import headers
-from postvern.delivery.pipeline import InboundPipeline, Recipient, Transaction
-from postvern.directory.db import Directory, User
+from postvern.delivery.pipeline import InboundPipeline, OutboundQueue, Recipient, Transaction
 from postvern.directory.addresses import AddressError, normalise_address
+from postvern.directory.db import Directory, User
 from postvern.emailauth.signing import Signer
 from postvern.login import LoginRefused, LoginService
 from postvern.smtp import replies
@@ -32,12 +31,6 @@ log = logging.getLogger(__name__)
 # of what we send on, as privacy-first providers do (a reserved .invalid name, RFC 2606).
 SUBMISSION_HELO = "submission.invalid"
 MAX_FROM_ADDRESSES = 10
-
-
-class OutboundQueue(Protocol):
-    async def enqueue(self, mail_from: str, recipients: list[str], message: bytes) -> str:
-        """Durably queue ``message``; returns the queue id once it is committed."""
-        ...
 
 
 class SubmissionHandler(BaseHandler):
@@ -149,11 +142,14 @@ class SubmissionHandler(BaseHandler):
             )
             await queue.enqueue(txn.mail_from, targets, trace + msg)
 
-        reply = await self.pipeline.store(
-            txn, signed, remote=self._remote, send_remote=send_remote
+        reply = await self.pipeline.store(txn, signed, remote=self._remote, send_remote=send_remote)
+        log.info(
+            "submission %s: %d local, %d remote: %d",
+            txn.queue_id,
+            len(self._local),
+            len(self._remote),
+            reply.code,
         )
-        log.info("submission %s: %d local, %d remote: %d", txn.queue_id, len(self._local),
-                 len(self._remote), reply.code)
         self._local, self._remote = [], []
         return reply
 
