@@ -24,9 +24,7 @@ class App:
         settings = config.load(data_dir)
         server_key = ServerKey.load(data_dir)
         directory = Directory.open(data_dir, server_key.derive("directory database"))
-        kdf = KDFParams(
-            settings.kdf.time_cost, settings.kdf.memory_kib, settings.kdf.parallelism
-        )
+        kdf = KDFParams(settings.kdf.time_cost, settings.kdf.memory_kib, settings.kdf.parallelism)
         return cls(settings, server_key, directory, Accounts(data_dir, directory, server_key, kdf))
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from postvern.directory.db import DKIMKey, Directory
+from postvern.directory.db import Directory, DKIMKey
 from postvern.emailauth import arc, dkim
 
 ALGORITHMS = ("ed25519-sha256", "rsa-sha256")
