@@ -29,6 +29,7 @@ from postvern.smtp.mx import MXHandler
 from postvern.smtp.session import serve_smtp
 from postvern.smtp.submission import SubmissionHandler
 from postvern.store.service import MailboxRegistry
+from postvern.web.server import start_web_server
 
 log = logging.getLogger("postvern")
 
@@ -157,12 +158,23 @@ def _start_pop3(implicit_tls: bool) -> Starter:
     return start
 
 
+async def _start_web(server: Server, host: str, port: int) -> Listener:
+    return await start_web_server(
+        host,
+        port,
+        settings=server.settings,
+        directory_check=server.pipeline.is_local_domain,
+        ssl_context=server.tls_context,
+    )
+
+
 STARTERS: dict[str, Starter] = {
     "smtp": _start_mx,
     "submission": _start_submission(implicit_tls=False),
     "submissions": _start_submission(implicit_tls=True),
     "pop3": _start_pop3(implicit_tls=False),
     "pop3s": _start_pop3(implicit_tls=True),
+    "https": _start_web,
 }
 
 
