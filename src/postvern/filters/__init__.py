@@ -1,0 +1,340 @@
+"""The content filter of the inbound pipeline: one verdict, with reasons, per message.
+
+:func:`scan` reads a message once (:mod:`.content`), scores it with the shipped spam model
+and the user's own learning (:mod:`.spam`), applies the phishing rules (:mod:`.phishing`),
+inspects attachments (:mod:`.attachments`) and asks clamd about viruses (:mod:`.clamd`),
+then sums everything into a :class:`~.verdict.Verdict`. CPU work runs in a thread; the
+virus scan runs beside it on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from postvern.filters.attachments import Finding, MacroChecker, inspect_attachments
+from postvern.filters.blocklist import Blocklist
+from postvern.filters.clamd import MAX_STREAM_BYTES, ClamdClient, ClamdError
+from postvern.filters.content import Content, read_content
+from postvern.filters.extract import extract
+from postvern.filters.features import spam_features
+from postvern.filters.macros import check_macros
+from postvern.filters.phishing import PhishingContext, check_phishing
+from postvern.filters.sender import SenderIdentity, identity_from_message
+from postvern.filters.spam import UserModel, UserModelError, shipped_model
+from postvern.filters.verdict import Action, Hit, Verdict
+
+if TYPE_CHECKING:
+    from postvern.config import Settings
+    from postvern.emailauth import AuthVerdict
+
+__all__ = [
+    "AuthSummary",
+    "FilterSettings",
+    "ScanContext",
+    "SenderIdentity",
+    "UserModel",
+    "UserModelError",
+    "Verdict",
+    "analyse",
+    "identity_from_message",
+    "scan",
+]
+
+log = logging.getLogger(__name__)
+
+# Authentication failures, in points. DMARC fail is the domain owner saying "not us";
+# SPF and DKIM alone fail for forwarded mail too, so they weigh less.
+AUTH_POINTS = {
+    "AUTH_DMARC_FAIL": 3.0,
+    "AUTH_SPF_FAIL": 1.5,
+    "AUTH_SPF_SOFTFAIL": 0.5,
+    "AUTH_DKIM_FAIL": 1.0,
+}
+DANGEROUS_ATTACHMENT_POINTS = 10.0
+SUSPICIOUS_ATTACHMENT_POINTS = 2.5
+# Reasons listed in the verdict: the strongest ones; the header must stay readable.
+MAX_REASONS = 12
+# Hits weaker than this are counted but not named.
+MIN_REASON_POINTS = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class FilterSettings:
+    """The filter part of the configuration (``[filters]`` in postvern.toml)."""
+
+    junk_score: float = 5.0
+    reject_score: float = 15.0
+    clamd: str | None = None  # "unix:/path" or "host:port"; None: no virus scanning
+    clamd_timeout: float = 30.0
+    # Match clamd's StreamMaxLength; a larger message is scanned part by part.
+    clamd_max_stream: int = MAX_STREAM_BYTES
+    attachment_policy: Literal["reject", "quarantine"] = "reject"
+    url_blocklist: str | None = None  # path of the blocklist file
+    on_scanner_failure: Literal["tempfail", "accept"] = "tempfail"
+
+    @classmethod
+    def from_config(cls, settings: Settings) -> FilterSettings:
+        f = settings.filters
+        blocklist = str(settings.path(f.url_blocklist)) if f.url_blocklist else None
+        return cls(
+            junk_score=f.spam_junk_score,
+            reject_score=f.spam_reject_score,
+            clamd=f.clamd,
+            clamd_timeout=f.clamd_timeout,
+            attachment_policy="quarantine" if f.attachment_policy == "quarantine" else "reject",
+            url_blocklist=blocklist,
+            on_scanner_failure="accept" if f.on_scanner_failure == "accept" else "tempfail",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSummary:
+    """Results of SPF, DKIM and DMARC (RFC 8601 result words: pass, fail, softfail, none...)."""
+
+    spf: str = "none"
+    dkim: str = "none"  # the best result over all signatures
+    dmarc: str = "none"
+    dkim_domains: tuple[str, ...] = ()  # d= of the signatures that verified
+    spf_domain: str = ""  # the MAIL FROM (or HELO) domain, when SPF passed
+
+    @classmethod
+    def from_verdict(cls, auth: AuthVerdict) -> AuthSummary:
+        """The summary of postvern.emailauth's verdict."""
+        passed = [r.domain for r in auth.dkim if str(r.status) == "pass" and r.domain]
+        dkim = "pass" if passed else _best((str(r.status) for r in auth.dkim), "none")
+        spf = str(auth.spf.status)
+        spf_domain = auth.spf.domain if spf == "pass" else ""
+        if not spf_domain and spf in ("none", "neutral") and str(auth.spf_helo.status) == "pass":
+            spf_domain = auth.spf_helo.domain  # a null sender: the HELO identity vouches
+        return cls(
+            spf=spf,
+            dkim=dkim,
+            dmarc=str(auth.dmarc.status),
+            dkim_domains=tuple(dict.fromkeys(d.lower() for d in passed)),
+            spf_domain=spf_domain.lower(),
+        )
+
+
+def _best(statuses: Iterable[str], default: str) -> str:
+    """The most telling DKIM result when none passed (RFC 8601 §2.7.1 words)."""
+    seen = set(statuses)
+    for status in ("fail", "permerror", "temperror", "neutral", "policy"):
+        if status in seen:
+            return status
+    return default
+
+
+@dataclass(slots=True)
+class ScanContext:
+    """What the pipeline knows about a message besides its bytes."""
+
+    recipient_domains: tuple[str, ...] = ()
+    user_model: UserModel | None = None  # the recipient's, when their mailbox is open
+    auth: AuthSummary = field(default_factory=AuthSummary)
+    client_ip: str = ""
+    settings: FilterSettings = field(default_factory=FilterSettings)
+    # Tests and tools may replace the olevba child process (None: skip macro analysis).
+    macro_checker: MacroChecker | None = check_macros
+
+
+@dataclass(slots=True)
+class Analysis:
+    """Everything the CPU-bound part found, before the virus scan's answer is known."""
+
+    hits: list[Hit] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    spam_probability: float | None = None
+
+
+async def scan(raw: bytes, ctx: ScanContext) -> Verdict:
+    """Scan one message. Never raises: failures become ``tempfail`` (or are accepted,
+    with a reason, when ``on_scanner_failure = "accept"``)."""
+    (analysis, analysis_error), (virus, scan_error) = await asyncio.gather(
+        asyncio.to_thread(_analyse_guarded, raw, ctx), _virus_scan(raw, ctx.settings)
+    )
+    return decide(analysis, ctx.settings, virus=virus, error=scan_error or analysis_error)
+
+
+def _analyse_guarded(raw: bytes, ctx: ScanContext) -> tuple[Analysis, str | None]:
+    try:
+        return analyse(raw, ctx), None
+    except Exception as exc:  # a filter bug must not pass mail unexamined
+        log.exception("content filter failed: %s", type(exc).__name__)
+        return Analysis(), "content filter failed"
+
+
+async def _virus_scan(raw: bytes, settings: FilterSettings) -> tuple[str | None, str | None]:
+    if not settings.clamd:
+        return None, None
+    try:
+        client = ClamdClient(
+            settings.clamd, timeout=settings.clamd_timeout, max_stream=settings.clamd_max_stream
+        )
+        if len(raw) <= client.max_stream:
+            return (await client.scan(raw)).virus, None
+        # Larger than clamd takes in one stream: scan each decoded part on its own (a
+        # part that alone is too large still fails with ClamdTooLarge).
+        message = await asyncio.to_thread(extract, raw)
+        parts = [message.text.encode(), message.html.encode()]
+        for data in [*parts, *(a.data for a in message.attachments)]:
+            result = await client.scan(data)
+            if result.virus:
+                return result.virus, None
+        return None, None
+    except ClamdError as exc:
+        log.warning("virus scan failed: %s", type(exc).__name__)
+        return None, str(exc)
+    except Exception as exc:  # an unexpected failure is still a failed scan, not a pass
+        log.exception("virus scan failed: %s", type(exc).__name__)
+        return None, "virus scan failed"
+
+
+def analyse(raw: bytes, ctx: ScanContext) -> Analysis:
+    """The CPU-bound checks (blocking: call it in a thread). Never needs the network."""
+    content = read_content(raw)
+    sender = sender_identity(content, ctx)
+    analysis = Analysis()
+    analysis.hits += _spam_hits(content, ctx, sender, analysis)
+    phishing_ctx = PhishingContext(
+        recipient_domains=ctx.recipient_domains,
+        verified_domains=ctx.auth.dkim_domains if ctx.auth.dkim == "pass" else (),
+        blocklist=shared_blocklist(ctx.settings.url_blocklist),
+    )
+    analysis.hits += check_phishing(content, phishing_ctx)
+    analysis.hits += _auth_hits(ctx.auth)
+    analysis.findings = inspect_attachments(content.message.attachments, ctx.macro_checker)
+    analysis.hits += _attachment_hits(analysis.findings)
+    return analysis
+
+
+def sender_identity(content: Content, ctx: ScanContext) -> SenderIdentity:
+    """Who sent the message, as far as the authentication results show."""
+    auth = ctx.auth
+    return SenderIdentity(
+        from_addr=content.message.from_addr,
+        from_verified=auth.dmarc == "pass",
+        dkim_domains=auth.dkim_domains if auth.dkim == "pass" else (),
+        spf_domain=auth.spf_domain if auth.spf == "pass" else "",
+        ip=ctx.client_ip,
+    )
+
+
+def _spam_hits(
+    content: Content, ctx: ScanContext, sender: SenderIdentity, analysis: Analysis
+) -> list[Hit]:
+    model = shipped_model()
+    features = spam_features(content)
+    base = model.score(features)
+    hits = [Hit("SPAM_MODEL", base.points, f"spam probability {base.probability:.0%}")]
+    analysis.spam_probability = base.probability
+    if ctx.user_model is None:
+        return hits
+    evidence = ctx.user_model.evidence(content, sender)
+    if evidence.token_logit:
+        personal = model.score(features, extra_logit=evidence.token_logit)
+        analysis.spam_probability = personal.probability
+        delta = personal.points - base.points
+        hits.append(Hit("USER_LEARNED", delta, f"your marks: {personal.probability:.0%}"))
+    if evidence.reputation_points:
+        points = evidence.reputation_points
+        hits.append(Hit("SENDER_REPUTATION", points, evidence.reputation_reason))
+    return hits
+
+
+def _auth_hits(auth: AuthSummary) -> list[Hit]:
+    hits = []
+    if auth.dmarc == "fail":
+        hits.append(Hit("AUTH_DMARC_FAIL", AUTH_POINTS["AUTH_DMARC_FAIL"], "DMARC failed"))
+    if auth.spf == "fail":
+        hits.append(Hit("AUTH_SPF_FAIL", AUTH_POINTS["AUTH_SPF_FAIL"], "SPF failed"))
+    elif auth.spf == "softfail":
+        hits.append(Hit("AUTH_SPF_SOFTFAIL", AUTH_POINTS["AUTH_SPF_SOFTFAIL"], "SPF softfail"))
+    if auth.dkim == "fail":
+        hits.append(Hit("AUTH_DKIM_FAIL", AUTH_POINTS["AUTH_DKIM_FAIL"], "DKIM failed"))
+    return hits
+
+
+def _attachment_hits(findings: list[Finding]) -> list[Hit]:
+    hits = []
+    dangerous = [f for f in findings if f.dangerous]
+    suspicious = [f for f in findings if not f.dangerous]
+    if dangerous:
+        hits.append(Hit("DANGEROUS_ATTACHMENT", DANGEROUS_ATTACHMENT_POINTS, str(dangerous[0])))
+    if suspicious:
+        hits.append(Hit("SUSPICIOUS_ATTACHMENT", SUSPICIOUS_ATTACHMENT_POINTS, str(suspicious[0])))
+    return hits
+
+
+def decide(
+    analysis: Analysis,
+    settings: FilterSettings,
+    *,
+    virus: str | None = None,
+    error: str | None = None,
+) -> Verdict:
+    """Sum the hits and choose the action (virus, scanner failure, attachments, score)."""
+    hits = list(analysis.hits)
+    if error and settings.on_scanner_failure == "accept":
+        hits.append(Hit("SCAN_INCOMPLETE", 0.0, error))
+    if virus:
+        hits.append(Hit("VIRUS", 100.0, virus))
+    # The action follows the exact sum; the verdict shows it rounded.
+    total = sum(h.points for h in hits)
+    dangerous = [str(f) for f in analysis.findings if f.dangerous]
+    action = _action(total, settings, virus=virus, error=error, dangerous=bool(dangerous))
+    named = sorted(
+        (h for h in hits if abs(h.points) >= MIN_REASON_POINTS or h.code == "SCAN_INCOMPLETE"),
+        key=lambda h: -abs(h.points),
+    )
+    reasons = [str(h) for h in named[:MAX_REASONS]]
+    if error and action == "tempfail":
+        reasons.insert(0, "SCAN_FAILED " + error)
+    return Verdict(
+        score=round(total, 2),
+        action=action,
+        reasons=reasons,
+        virus=virus,
+        spam_probability=analysis.spam_probability,
+        hits=hits,
+        dangerous=dangerous,
+        scanner_error=error,
+        junk_threshold=settings.junk_score,
+    )
+
+
+def _action(
+    score: float, settings: FilterSettings, *, virus: str | None, error: str | None,
+    dangerous: bool,
+) -> Action:  # fmt: skip
+    if virus:
+        return "reject"
+    if error and settings.on_scanner_failure != "accept":
+        return "tempfail"
+    if dangerous and settings.attachment_policy == "reject":
+        return "reject"
+    if score >= settings.reject_score:
+        return "reject"
+    if dangerous or score >= settings.junk_score:
+        return "junk"
+    return "inbox"
+
+
+_blocklists: dict[str, Blocklist] = {}
+_blocklists_lock = threading.Lock()
+
+
+def shared_blocklist(path: str | None) -> Blocklist | None:
+    """One :class:`Blocklist` per path for the process, so its file is parsed once per
+    change rather than once per message."""
+    if not path:
+        return None
+    with _blocklists_lock:
+        blocklist = _blocklists.get(path)
+        if blocklist is None:
+            blocklist = _blocklists[path] = Blocklist(path)
+        return blocklist

@@ -1,0 +1,323 @@
+"""Phishing rules: what a message claims to be against where it really leads.
+
+Phishing borrows a trusted name (a brand, the recipient's own organisation) and sends the
+reader somewhere else. The rules here compare the two: look-alike domains (confusable
+skeletons, Unicode TR39), brands named in a display name or a host they do not own, link
+text naming one site while the link opens another, URL tricks, blocklisted hosts, and
+credential forms in the body or in HTML attachments. Each rule yields a :class:`Hit`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from postvern.filters.blocklist import Blocklist
+from postvern.filters.confusables import is_mixed_script, skeleton
+from postvern.filters.content import Content
+from postvern.filters.extract import Attachment
+from postvern.filters.htmlscan import HtmlDoc, scan_html
+from postvern.filters.urls import (
+    Url,
+    link_mismatches,
+    parse_url,
+    registrable_domain,
+    shown_domain,
+    to_ascii_host,
+    to_unicode_host,
+)
+from postvern.filters.verdict import Hit
+
+BRANDS_RESOURCE = "brands.json"
+
+# Points on the SpamAssassin-like scale (5 = junk). A look-alike domain or a credential
+# form sent as a file is phishing on its own; the softer signals need company.
+POINTS = {
+    "PHISH_HOMOGRAPH": 6.0,  # a domain confusable with a brand's
+    "PHISH_OWN_DOMAIN_LOOKALIKE": 6.0,  # ... or with the recipient's own domain
+    "PHISH_IDN_MIXED_SCRIPT": 1.5,  # Latin mixed with another script in one label
+    "PHISH_BRAND_IN_HOST": 2.5,  # "paypal.com.secure-login.example"
+    "PHISH_FROM_BRAND_SPOOF": 4.0,  # "PayPal Support" <x@elsewhere.example>
+    "PHISH_FROM_NAME_ADDRESS": 2.5,  # display name is another address than From
+    "PHISH_LINK_BRAND_MISMATCH": 4.0,  # link text shows a brand domain, opens another
+    "PHISH_LINK_MISMATCH": 2.0,  # link text shows one domain, opens another
+    "PHISH_URL_USERINFO": 3.0,  # "https://paypal.com@evil.example/"
+    "PHISH_URL_IP_HOST": 1.5,  # a link to a bare IP address
+    "URL_BLOCKLISTED": 10.0,
+    "PHISH_BODY_PASSWORD_FORM": 3.0,  # a password field in the message itself
+    "PHISH_HTML_ATTACHMENT_FORM": 6.0,  # an HTML file with a credential form
+    "PHISH_HTML_ATTACHMENT_REDIRECT": 3.5,  # an HTML file that scripts a redirect
+}
+
+# Hosts examined per message for look-alikes (each costs a skeleton, cached).
+MAX_HOSTS = 200
+# HTML attachments larger than this are not scanned for forms (a login page is small).
+MAX_HTML_ATTACHMENT_BYTES = 2 * 1024 * 1024
+# Brand names shorter than this are too likely to occur inside unrelated host names.
+MIN_BRAND_LABEL_IN_HOST = 4
+
+# Words that turn a common-word brand ("Apple", "Chase") into a claim to be the company.
+_SERVICE_WORDS = frozenset(
+    "support service services team security account accounts billing id online bank "
+    "banking alert alerts notification notifications customer help helpdesk noreply "
+    "no-reply verification verify admin center centre care store pay wallet".split()
+)
+_HTML_SUFFIXES = (".htm", ".html", ".xhtml", ".shtml", ".hta", ".svg", ".mht", ".mhtml")
+_SCRIPT_REDIRECT = re.compile(
+    r"(?i)(?:window|document|top|self)\s*\.\s*location(?:\s*\.\s*(?:href|replace|assign))?"
+    r"\s*[=(]|\batob\s*\(|\bunescape\s*\(|\beval\s*\(|fromCharCode"
+)
+_NAME_WORDS = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*")
+_ADDRESS_IN_NAME = re.compile(r"[\w.+-]+@((?:[\w-]+\.)+[\w-]{2,})")
+
+
+@dataclass(frozen=True, slots=True)
+class Brand:
+    name: str
+    domains: frozenset[str]  # registrable domains
+    labels: frozenset[str]  # their first labels ("paypal"), official under any suffix
+    names: tuple[tuple[str, ...], ...]  # the name and aliases, as skeleton word tuples
+    generic: bool
+
+
+class Brands:
+    """The shipped brand list, indexed by skeleton for look-alike search."""
+
+    def __init__(self, brands: Iterable[Brand]) -> None:
+        self.brands = list(brands)
+        self.by_domain_skeleton: dict[str, Brand] = {}
+        self.by_label_skeleton: dict[str, tuple[Brand, str]] = {}
+        self.by_label: dict[str, Brand] = {}
+        for brand in self.brands:
+            for domain in brand.domains:
+                self.by_domain_skeleton.setdefault(skeleton(domain), brand)
+            for label in brand.labels:
+                self.by_label.setdefault(label, brand)
+                self.by_label_skeleton.setdefault(skeleton(label), (brand, label))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Brands:
+        document = json.loads(data)
+        brands = []
+        for entry in document["brands"]:
+            domains = frozenset(registrable_domain(d.lower()) for d in entry["domains"])
+            labels = frozenset(d.split(".")[0] for d in domains)
+            names = tuple(
+                tuple(skeleton(w) for w in _NAME_WORDS.findall(n.lower()))
+                for n in [entry["name"], *entry.get("aliases", [])]
+            )
+            brands.append(Brand(entry["name"], domains, labels, names, bool(entry["generic"])))
+        return cls(brands)
+
+    def owner(self, domain: str) -> Brand | None:
+        """The brand that owns a registrable *domain* (a listed one or a country variant)."""
+        label = domain.split(".")[0]
+        brand = self.by_label.get(label)
+        if brand is not None:
+            return brand
+        for candidate in self.brands:
+            if domain in candidate.domains:
+                return candidate
+        return None
+
+    def is_official(self, brand: Brand, domain: str) -> bool:
+        return domain in brand.domains or domain.split(".")[0] in brand.labels
+
+
+@functools.cache
+def default_brands() -> Brands:
+    data = importlib.resources.files("postvern.filters").joinpath(BRANDS_RESOURCE).read_bytes()
+    return Brands.from_json(data)
+
+
+@dataclass(frozen=True, slots=True)
+class PhishingContext:
+    recipient_domains: tuple[str, ...] = ()
+    verified_domains: tuple[str, ...] = ()  # DKIM d= / DMARC-aligned domains that passed
+    blocklist: Blocklist | None = None
+    brands: Brands | None = None
+
+
+def check_phishing(content: Content, ctx: PhishingContext) -> list[Hit]:
+    """Every phishing rule that matches *content*, strongest hit per rule."""
+    brands = ctx.brands or default_brands()
+    attachment_docs = [doc for doc in map(_html_attachment, content.message.attachments) if doc]
+    urls = list(content.urls)
+    for doc in attachment_docs:
+        urls.extend(u for u in map(parse_url, doc.urls) if u is not None)
+    hits: list[Hit] = []
+    hits += _lookalikes(content, urls, brands, ctx)
+    hits += _sender_claims(content, brands, ctx)
+    hits += _link_claims(content, brands)
+    hits += _url_tricks(urls)
+    if ctx.blocklist is not None:
+        hits += _blocklisted(urls, content, ctx.blocklist)
+    hits += _forms(content.html, attachment_docs)
+    return _strongest_per_rule(hits)
+
+
+def _hit(code: str, detail: str) -> Hit:
+    return Hit(code, POINTS[code], detail)
+
+
+def _lookalikes(
+    content: Content, urls: list[Url], brands: Brands, ctx: PhishingContext
+) -> list[Hit]:
+    hosts = {u.host for u in urls if not u.is_ip}
+    msg = content.message
+    for addr in (msg.from_addr, msg.reply_to_addr):
+        if addr:
+            hosts.add(to_ascii_host(addr.rpartition("@")[2]))
+    hosts.update(filter(None, (shown_domain(link.text) for link in content.html.links)))
+    own = {registrable_domain(to_ascii_host(d.lower().rstrip("."))) for d in ctx.recipient_domains}
+    own_skeletons = {skeleton(to_unicode_host(d)): d for d in own}
+    hits = []
+    for host in sorted(hosts)[:MAX_HOSTS]:
+        domain = registrable_domain(host)
+        if domain in own:
+            continue
+        shown = to_unicode_host(domain)
+        sk = skeleton(shown)
+        if sk in own_skeletons:
+            hits.append(
+                _hit("PHISH_OWN_DOMAIN_LOOKALIKE", f"{domain} imitates {own_skeletons[sk]}")
+            )
+            continue
+        hits += _brand_lookalike(host, domain, shown, sk, brands)
+    return hits
+
+
+def _brand_lookalike(host: str, domain: str, shown: str, sk: str, brands: Brands) -> list[Hit]:
+    owner = brands.owner(domain)
+    if owner is not None:
+        return []
+    label = shown.split(".")[0]
+    brand = brands.by_domain_skeleton.get(sk)
+    if brand is not None:
+        return [_hit("PHISH_HOMOGRAPH", f"{domain} imitates {brand.name}")]
+    match = brands.by_label_skeleton.get(skeleton(label))
+    if match is not None and label != match[1]:
+        return [_hit("PHISH_HOMOGRAPH", f"{domain} imitates {match[0].name}")]
+    hits = []
+    if not shown.isascii() and is_mixed_script(label):
+        hits.append(_hit("PHISH_IDN_MIXED_SCRIPT", f"{domain} mixes scripts"))
+    for part in re.split(r"[.-]", host):
+        brand = brands.by_label.get(part)
+        if brand and not brand.generic and len(part) >= MIN_BRAND_LABEL_IN_HOST:
+            hits.append(_hit("PHISH_BRAND_IN_HOST", f"{host} names {brand.name}"))
+            break
+    return hits
+
+
+def _sender_claims(content: Content, brands: Brands, ctx: PhishingContext) -> list[Hit]:
+    msg = content.message
+    if not msg.from_name or not msg.from_addr:
+        return []
+    hits = []
+    from_domain = registrable_domain(to_ascii_host(msg.from_domain))
+    verified = {registrable_domain(d.lower().rstrip(".")) for d in ctx.verified_domains}
+    m = _ADDRESS_IN_NAME.search(msg.from_name)
+    if m and registrable_domain(to_ascii_host(m.group(1).lower())) != from_domain:
+        hits.append(_hit("PHISH_FROM_NAME_ADDRESS", f"name shows {m.group(1).lower()}"))
+    words = [skeleton(w) for w in _NAME_WORDS.findall(msg.from_name.lower())]
+    plain = set(_NAME_WORDS.findall(msg.from_name.lower()))
+    for brand in brands.brands:
+        if not any(_contains(words, name) for name in brand.names):
+            continue
+        if brand.generic and not plain & _SERVICE_WORDS:
+            continue  # "Chase Miller" is a person; "Chase Online Banking" claims the bank
+        if brands.is_official(brand, from_domain) or any(
+            brands.is_official(brand, d) for d in verified
+        ):
+            continue
+        hits.append(_hit("PHISH_FROM_BRAND_SPOOF", f"'{brand.name}' sent from {from_domain}"))
+        break
+    return hits
+
+
+def _contains(words: list[str], name: tuple[str, ...]) -> bool:
+    n = len(name)
+    return n > 0 and any(tuple(words[i : i + n]) == name for i in range(len(words) - n + 1))
+
+
+def _link_claims(content: Content, brands: Brands) -> list[Hit]:
+    hits = []
+    for mismatch in link_mismatches(content.html.links):
+        brand = brands.owner(mismatch.shown)
+        if brand is not None and not brands.is_official(brand, mismatch.actual):
+            detail = f"link shows {mismatch.shown} ({brand.name}) but opens {mismatch.actual}"
+            hits.append(_hit("PHISH_LINK_BRAND_MISMATCH", detail))
+        elif brand is None:
+            detail = f"link shows {mismatch.shown} but opens {mismatch.actual}"
+            hits.append(_hit("PHISH_LINK_MISMATCH", detail))
+    return hits
+
+
+def _url_tricks(urls: list[Url]) -> list[Hit]:
+    hits = []
+    for url in urls:
+        if url.has_userinfo:
+            hits.append(_hit("PHISH_URL_USERINFO", f"link to {url.host} hides it after '@'"))
+        if url.is_ip:
+            hits.append(_hit("PHISH_URL_IP_HOST", f"link to address {url.host}"))
+    return hits
+
+
+def _blocklisted(urls: list[Url], content: Content, blocklist: Blocklist) -> list[Hit]:
+    hits = []
+    for url in urls:
+        entry = blocklist.match(url)
+        if entry:
+            hits.append(_hit("URL_BLOCKLISTED", f"{url.host} is listed ({entry})"))
+            break
+    domains = {content.message.from_domain, content.message.reply_to_addr.rpartition("@")[2]}
+    for domain in filter(None, domains):
+        entry = blocklist.match_host(domain)
+        if entry:
+            hits.append(_hit("URL_BLOCKLISTED", f"sender domain {domain} is listed"))
+    return hits
+
+
+def _forms(body: HtmlDoc, attachments: list[HtmlDoc]) -> list[Hit]:
+    hits = []
+    if body.password_inputs:
+        hits.append(_hit("PHISH_BODY_PASSWORD_FORM", "the message asks for a password"))
+    for doc in attachments:
+        offsite = [f.action for f in doc.forms if parse_url(f.action) is not None]
+        if doc.password_inputs or offsite:
+            what = "a password field" if doc.password_inputs else "a form posting elsewhere"
+            hits.append(_hit("PHISH_HTML_ATTACHMENT_FORM", f"HTML attachment has {what}"))
+        if _SCRIPT_REDIRECT.search(doc.script_text) or _meta_refresh_offsite(doc):
+            hits.append(_hit("PHISH_HTML_ATTACHMENT_REDIRECT", "HTML attachment redirects"))
+    return hits
+
+
+def _meta_refresh_offsite(doc: HtmlDoc) -> bool:
+    # A meta refresh URL is recorded among doc.urls; a lone HTML file that navigates away
+    # on open is a redirector whatever else it shows.
+    return bool(doc.urls) and not doc.text.strip() and any(parse_url(u) for u in doc.urls)
+
+
+def _html_attachment(att: Attachment) -> HtmlDoc | None:
+    name = att.filename.lower()
+    head = att.data[:512].lstrip().lower()
+    looks_html = head.startswith((b"<!doctype html", b"<html", b"<head", b"<form", b"<script"))
+    if not (att.content_type in ("text/html", "image/svg+xml") or name.endswith(_HTML_SUFFIXES)
+            or looks_html):  # fmt: skip
+        return None
+    if len(att.data) > MAX_HTML_ATTACHMENT_BYTES:
+        return None
+    text = att.data.decode("utf-8", "replace")
+    return scan_html(text)
+
+
+def _strongest_per_rule(hits: list[Hit]) -> list[Hit]:
+    best: dict[str, Hit] = {}
+    for hit in hits:
+        if hit.code not in best:
+            best[hit.code] = hit
+    return list(best.values())

