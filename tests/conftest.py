@@ -9,7 +9,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from clamd import clamd_fixture
+from dnsserver import dns_server
 from harness import DataDir, make_data_dir
+
+# Shared fixtures defined in helper modules: a real clamd, a loopback DNS server.
+__all__ = ["clamd_fixture", "data_dir", "dns_server"]
 
 
 @pytest.fixture

@@ -192,14 +192,14 @@ class ServerProcess:
         self.stop()
 
 
-def mailbox_messages(data: DataDir, address: str, folder: str = "INBOX") -> list[bytes]:
-    """Log in (importing the spool) and return the raw messages of one folder."""
+def mailbox_messages(data: DataDir, address: str, folder: str | None = "INBOX") -> list[bytes]:
+    """Log in (importing the spool) and return the raw messages of one folder (None: all)."""
     app = data.app()
     try:
         unlocked = app.accounts.authenticate(address, data.passwords[address])
         with Mailbox.open(app.accounts.mailbox_path(unlocked.user), unlocked.mailbox_key) as box:
             import_spool(box, app.accounts.spool, unlocked.user.id)
-            f = box.folder(folder)
-            return [box.raw(f.id, uid) for uid in box.uids(f.id)]
+            folders = box.folders() if folder is None else [box.folder(folder)]
+            return [box.raw(f.id, uid) for f in folders for uid in box.uids(f.id)]
     finally:
         app.close()

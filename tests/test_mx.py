@@ -91,11 +91,11 @@ def send(data: DataDir, sender: str, rcpts: list[str], raw: bytes) -> dict:
         return s.sendmail(sender, rcpts, raw)
 
 
-def find(data: DataDir, address: str, subject: str, folder: str = "INBOX") -> bytes:
+def find(data: DataDir, address: str, subject: str, folder: str | None = None) -> bytes:
     for raw in mailbox_messages(data, address, folder):
         if f"Subject: {subject}\r\n".encode() in raw:
             return raw
-    raise AssertionError(f"{subject!r} not in {address}'s {folder}")
+    raise AssertionError(f"{subject!r} not in {address}'s {folder or 'mailbox'}")
 
 
 def auth_results(raw: bytes) -> str:

@@ -20,6 +20,7 @@ from typing import Protocol
 from postvern import config
 from postvern.app import App
 from postvern.crypto import tls
+from postvern.delivery.filtering import FilterStage
 from postvern.delivery.pipeline import InboundPipeline, OutboundQueue
 from postvern.dns import Resolver
 from postvern.emailauth.signing import Signer
@@ -78,6 +79,7 @@ class Server:
             registry=self.registry,
             resolver=self.resolver,
             arc_trusted_domains=frozenset(s.emailauth.arc_trusted_domains),
+            content_filter=FilterStage(s),
         )
         self.signer = Signer(app.directory)
         self.queue: OutboundQueue | None = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import email.utils
 import secrets
 
+from postvern.emailauth.headers import parse_header_block, remove_fields
+
 
 def new_queue_id() -> str:
     """A short random id naming this transaction in Received and in the logs."""
@@ -59,3 +61,8 @@ def _clean(value: str | None) -> str:
     if not value:
         return ""
     return "".join(c for c in value if c.isprintable() and c not in "\r\n")[:255]
+
+
+def without_fields(raw: bytes, name: str) -> bytes:
+    """The message minus every header field called ``name``; all else byte for byte."""
+    return remove_fields(raw, parse_header_block(raw).get_all(name))

@@ -24,6 +24,7 @@ from postvern.delivery.srs import SRS, ForgedSRS, is_srs
 from postvern.directory.db import Directory, DirectoryError, Resolution, User
 from postvern.dns import Resolver
 from postvern.emailauth import AuthVerdict
+from postvern.filters.verdict import HEADER_NAME as VERDICT_HEADER
 from postvern.smtp.replies import Reply
 from postvern.store.service import MailboxRegistry, Receipt
 from postvern.store.spool import SpoolItem
@@ -187,9 +188,10 @@ class InboundPipeline:
             raw = auth.apply(raw)
         verdict: FilterVerdict | None = None
         if self.content_filter is not None:
+            raw = headers.without_fields(raw, VERDICT_HEADER)  # only our verdict counts
             verdict = await self.content_filter.check(raw, txn, auth)
             if verdict.action == "reject":
-                return Reply(554, "5.7.1", verdict.reason)
+                return Reply(554, "5.7.1", verdict.reason)  # RFC 5321 §4.2.3: refused
             if verdict.action == "tempfail":
                 return Reply(451, "4.7.0", verdict.reason)
         junk = (verdict is not None and verdict.action == "junk") or (

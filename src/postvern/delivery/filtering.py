@@ -1,0 +1,41 @@
+"""The filter stage of the inbound pipeline: postvern.filters behind the pipeline's interface.
+
+At SMTP time the recipient's mailbox is usually locked, so the MX scores with the shipped
+model, the phishing and attachment rules, clamd and the authentication results; the
+per-user model re-files the message when the spool is imported at the next unlock. Any
+``X-Postvern-Spam`` field a sender put in the message is removed before ours is added, so
+a user only ever sees our verdict.
+"""
+
+from __future__ import annotations
+
+from postvern import filters
+from postvern.config import Settings
+from postvern.delivery.pipeline import FilterVerdict, Transaction
+from postvern.emailauth import AuthVerdict
+
+
+class FilterStage:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = filters.FilterSettings.from_config(settings)
+
+    async def check(self, raw: bytes, txn: Transaction, auth: AuthVerdict | None) -> FilterVerdict:
+        ctx = filters.ScanContext(
+            recipient_domains=tuple(
+                dict.fromkeys(r.address.rpartition("@")[2].lower() for r in txn.recipients)
+            ),
+            auth=filters.AuthSummary.from_verdict(auth) if auth else filters.AuthSummary(),
+            client_ip=txn.client_ip or "",
+            settings=self.settings,
+        )
+        verdict = await filters.scan(raw, ctx)
+        reason = "; ".join(verdict.reasons[:3]) or verdict.action
+        if verdict.action == "tempfail":
+            reason = "message could not be scanned, try again later"
+        elif verdict.virus:
+            reason = f"message contains a virus ({verdict.virus})"
+        elif verdict.dangerous:
+            reason = "message contains a dangerous attachment"
+        elif verdict.action == "reject":
+            reason = f"message refused as spam ({reason})"
+        return FilterVerdict(verdict.action, verdict.header_line(), reason)
