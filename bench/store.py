@@ -145,7 +145,7 @@ def bench_spool(messages: list[bytes], tmp: Path) -> None:
     durable = len(sample) / (time.perf_counter() - start)
     box = Mailbox.create(tmp / "spoolbox.sqlite", keyslots.new_mailbox_key(), private)
     start = time.perf_counter()
-    count = import_spool(box, spool, "u1")
+    count = len(import_spool(box, spool, "u1"))
     imported = count / (time.perf_counter() - start)
     box.close()
     print(f"spool, {len(sample)} messages (one core):")

@@ -24,7 +24,7 @@ from postvern.store.spool import import_spool
 app = App.open(Path(sys.argv[1]))
 unlocked = app.accounts.authenticate(sys.argv[2], sys.argv[3])
 box = Mailbox.open(app.accounts.mailbox_path(unlocked.user), unlocked.mailbox_key)
-print(import_spool(box, app.accounts.spool, unlocked.user.id))
+print(len(import_spool(box, app.accounts.spool, unlocked.user.id)))
 """
 
 CRASH_POINTS = [

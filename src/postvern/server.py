@@ -24,6 +24,7 @@ from postvern.delivery.filtering import FilterStage
 from postvern.delivery.pipeline import InboundPipeline, OutboundQueue
 from postvern.dns import Resolver
 from postvern.emailauth.signing import Signer
+from postvern.filters.learning import JunkLearner
 from postvern.login import LoginService
 from postvern.pop3.server import start_pop3_server
 from postvern.smtp.mx import MXHandler
@@ -68,7 +69,11 @@ class Server:
         self.settings = app.settings
         s = self.settings
         self.tls_context = tls.server_context(s.path(s.tls.cert), s.path(s.tls.key))
-        self.registry = MailboxRegistry(app.accounts)
+        junk_score = s.filters.spam_junk_score
+        self.registry = MailboxRegistry(
+            app.accounts,
+            hook_factory=lambda box: JunkLearner(box, s.hostname, junk_score),
+        )
         self.login = LoginService(
             app.accounts, self.registry, failure_delay=s.limits.auth_failure_delay
         )

@@ -141,6 +141,7 @@ class Change:
     uids: tuple[int, ...]
     modseq: int
     origin: object = None
+    source: int | None = None  # for appends made by COPY or MOVE: the folder copied from
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,8 +291,16 @@ class Mailbox:
     def _add_usage(self, delta: int) -> None:
         self._set_meta("usage", int(self._meta("usage") or 0) + delta)
 
-    def _emit(self, kind: str, folder_id: int, uids: Iterable[int], modseq: int, origin: object):
-        self._pending.append(Change(kind, folder_id, tuple(uids), modseq, origin))
+    def _emit(
+        self,
+        kind: str,
+        folder_id: int,
+        uids: Iterable[int],
+        modseq: int,
+        origin: object,
+        source: int | None = None,
+    ) -> None:
+        self._pending.append(Change(kind, folder_id, tuple(uids), modseq, origin, source))
 
     # -- user secrets kept inside the mailbox ------------------------------------------
 
@@ -401,9 +410,7 @@ class Mailbox:
                 raise FolderInUse(f"folder {folder.name!r} has subfolders; delete them first")
             uids = [
                 int(r[0])
-                for r in self._q(
-                    "SELECT uid FROM messages WHERE folder_id=?", (folder.id,)
-                )
+                for r in self._q("SELECT uid FROM messages WHERE folder_id=?", (folder.id,))
             ]
             self._remove_messages(folder.id, uids)
             self._conn.execute("DELETE FROM expunged WHERE folder_id=?", (folder.id,))
@@ -773,7 +780,7 @@ class Mailbox:
             (target.uidnext + len(rows), modseq, target_id),
         )
         self._add_usage(sum(int(r[5]) for r in rows))
-        self._emit("append", target_id, [p[1] for p in pairs], modseq, origin)
+        self._emit("append", target_id, [p[1] for p in pairs], modseq, origin, source_id)
         return pairs, target.uidvalidity
 
     def move(

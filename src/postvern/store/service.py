@@ -16,7 +16,7 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from postvern.directory.accounts import Accounts
 from postvern.directory.db import User
@@ -83,17 +83,35 @@ class MailboxHandle:
             await self.registry._release(self.user.id)
 
 
+class MailboxHook(Protocol):
+    """Something that works on a mailbox while it is open (the junk learner, #6)."""
+
+    def on_change(self, change: Change) -> None: ...
+
+    def refile(self, items: list[tuple[int, int]]) -> int: ...
+
+
+HookFactory = Callable[[Mailbox], MailboxHook]
+
+
 class _Open:
-    __slots__ = ("box", "refs")
+    __slots__ = ("box", "cancel_hook", "refs")
 
     def __init__(self, box: Mailbox) -> None:
         self.box = box
         self.refs = 0
+        self.cancel_hook: Callable[[], None] = lambda: None
 
 
 class MailboxRegistry:
-    def __init__(self, accounts: Accounts, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(
+        self,
+        accounts: Accounts,
+        executor: ThreadPoolExecutor | None = None,
+        hook_factory: HookFactory | None = None,
+    ) -> None:
         self.accounts = accounts
+        self.hook_factory = hook_factory
         self.spool: Spool = accounts.spool
         self.executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
         self._open: dict[str, _Open] = {}
@@ -121,19 +139,32 @@ class MailboxRegistry:
                 path = self.accounts.mailbox_path(user)
                 box = await self._thread(Mailbox.open, path, mailbox_key)
                 entry = self._open[user.id] = _Open(box)
+                hook = self.hook_factory(box) if self.hook_factory else None
+                if hook is not None:
+                    entry.cancel_hook = box.subscribe(hook.on_change)
                 try:
-                    count = await self._thread(import_spool, box, self.spool, user.id)
+                    imported = await self._thread(import_spool, box, self.spool, user.id)
                 except BaseException:
-                    # Keep the mailbox open only if someone holds it; a failed import is
-                    # retried at the next unlock, with nothing lost in between.
-                    if entry.refs == 0:
-                        del self._open[user.id]
-                        await self._thread(box.close)
+                    # A failed import is retried at the next unlock, with nothing lost.
+                    del self._open[user.id]
+                    entry.cancel_hook()
+                    await self._thread(box.close)
                     raise
-                if count:
-                    log.info("imported %d spooled message(s) at unlock", count)
+                if imported:
+                    log.info("imported %d spooled message(s) at unlock", len(imported))
+                    if hook is not None:
+                        await self._refile(hook, imported)
             entry.refs += 1
             return MailboxHandle(self, user, entry.box)
+
+    async def _refile(self, hook: MailboxHook, imported: list[tuple[int, int]]) -> None:
+        try:
+            moved = await self._thread(hook.refile, imported)
+        except Exception:
+            log.exception("re-filing imported mail failed; it stays where the MX put it")
+            return
+        if moved:
+            log.info("re-filed %d imported message(s) by the user's own filter", moved)
 
     async def _release(self, user_id: str) -> None:
         async with self._lock(user_id):
@@ -143,6 +174,7 @@ class MailboxRegistry:
             entry.refs -= 1
             if entry.refs <= 0:
                 del self._open[user_id]
+                entry.cancel_hook()
                 await self._thread(self._lock_mailbox, user_id, entry.box)
 
     def _lock_mailbox(self, user_id: str, box: Mailbox) -> None:

@@ -193,8 +193,8 @@ def _batches(spool: Spool, user_id: str, ids: list[str]) -> Iterator[list[tuple[
         yield batch
 
 
-def import_spool(box: Mailbox, spool: Spool, user_id: str) -> int:
-    """Move every sealed item into the mailbox, exactly once. Returns how many arrived.
+def import_spool(box: Mailbox, spool: Spool, user_id: str) -> list[tuple[int, int]]:
+    """Move every sealed item into the mailbox, exactly once; returns their (folder, uid).
 
     Mail already accepted with 250 is imported even past the quota: refusing it here would
     lose it. The quota is enforced at RCPT time.
@@ -202,11 +202,11 @@ def import_spool(box: Mailbox, spool: Spool, user_id: str) -> int:
     spool.clean_temp(user_id)
     ids = spool.pending(user_id)
     if not ids:
-        return 0
+        return []
     opener = Opener(box.spool_private_key())
     info = _info(user_id)
     already = box.imported_spool_ids()
-    imported = 0
+    imported: list[tuple[int, int]] = []
     for batch in _batches(spool, user_id, ids):
         by_folder: dict[int, list[tuple[str, SpoolItem]]] = {}
         done: list[str] = []
@@ -229,7 +229,7 @@ def import_spool(box: Mailbox, spool: Spool, user_id: str) -> int:
                 [(item.raw, item.flags, item.internaldate) for _, item in entries],
                 spool_ids=[spool_id for spool_id, _ in entries],
             )
-            imported += len(uids)
+            imported += [(folder_id, uid) for uid in uids]
             done += [spool_id for spool_id, _ in entries]
             faults.point("spool.after-commit")
         for spool_id in done:
