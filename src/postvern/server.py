@@ -25,6 +25,7 @@ from postvern.delivery.pipeline import InboundPipeline, OutboundQueue
 from postvern.dns import Resolver
 from postvern.emailauth.signing import Signer
 from postvern.filters.learning import JunkLearner
+from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
 from postvern.pop3.server import start_pop3_server
 from postvern.smtp.mx import MXHandler
@@ -149,6 +150,25 @@ def _start_submission(implicit_tls: bool) -> Starter:
     return start
 
 
+def _start_imap(implicit_tls: bool) -> Starter:
+    async def start(server: Server, host: str, port: int) -> Listener:
+        s = server.settings
+        return AsyncioListener(
+            await start_imap_server(
+                host,
+                port,
+                login=server.login,
+                registry=server.registry,
+                ssl_context=server.tls_context,
+                implicit_tls=implicit_tls,
+                limits=s.limits,
+                hostname=s.hostname,
+            )
+        )
+
+    return start
+
+
 def _start_pop3(implicit_tls: bool) -> Starter:
     async def start(server: Server, host: str, port: int) -> Listener:
         return AsyncioListener(
@@ -179,6 +199,8 @@ STARTERS: dict[str, Starter] = {
     "smtp": _start_mx,
     "submission": _start_submission(implicit_tls=False),
     "submissions": _start_submission(implicit_tls=True),
+    "imap": _start_imap(implicit_tls=False),
+    "imaps": _start_imap(implicit_tls=True),
     "pop3": _start_pop3(implicit_tls=False),
     "pop3s": _start_pop3(implicit_tls=True),
     "https": _start_web,
