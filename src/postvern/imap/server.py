@@ -15,8 +15,7 @@ import weakref
 from postvern.config import Limits
 from postvern.imap.session import ImapSession, SessionCounter
 from postvern.login import LoginService
-from postvern.pop3.server import ConnectionCaps
-from postvern.pop3.session import TLS_HANDSHAKE_TIMEOUT, Channel
+from postvern.net import TLS_HANDSHAKE_TIMEOUT, Channel, ConnectionCaps
 from postvern.store.service import MailboxRegistry
 
 # RFC 9051 §7.1.5: a BYE may be sent instead of the greeting when the server refuses.

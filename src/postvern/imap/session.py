@@ -36,7 +36,7 @@ from postvern.imap.protocol import (
 )
 from postvern.imap.serialize import Code, Completion, Condition, ResponseCode, Status
 from postvern.login import LoginRefused, LoginService
-from postvern.pop3.session import Channel
+from postvern.net import Channel
 from postvern.store.mailbox import Change
 from postvern.store.service import MailboxHandle
 

@@ -8,36 +8,13 @@ state exists.
 from __future__ import annotations
 
 import asyncio
-import collections
 import ssl
 
 from postvern.config import Limits
 from postvern.login import LoginService
+from postvern.net import TLS_HANDSHAKE_TIMEOUT, Channel, ConnectionCaps
 from postvern.pop3.protocol import BUSY
-from postvern.pop3.session import TLS_HANDSHAKE_TIMEOUT, Channel, POP3Session
-
-
-class ConnectionCaps:
-    """Open connections of one listener, in all and per client address."""
-
-    def __init__(self, total: int, per_ip: int) -> None:
-        self.total = total
-        self.per_ip = per_ip
-        self._open = 0
-        self._by_ip: collections.Counter[str] = collections.Counter()
-
-    def admit(self, ip: str) -> bool:
-        if self._open >= self.total or self._by_ip[ip] >= self.per_ip:
-            return False
-        self._open += 1
-        self._by_ip[ip] += 1
-        return True
-
-    def leave(self, ip: str) -> None:
-        self._open -= 1
-        self._by_ip[ip] -= 1
-        if self._by_ip[ip] <= 0:
-            del self._by_ip[ip]
+from postvern.pop3.session import POP3Session
 
 
 async def start_pop3_server(

@@ -10,13 +10,12 @@ RETR becomes \\Seen when the session ends, with or without QUIT; TOP marks nothi
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import ssl
-from collections.abc import Callable
 
 from postvern.config import Limits
 from postvern.login import LoginRefused, LoginService
+from postvern.net import Channel
 from postvern.pop3.protocol import (
     Answered,
     Authenticate,
@@ -34,12 +33,6 @@ from postvern.store.service import MailboxHandle
 
 log = logging.getLogger(__name__)
 
-# Bytes read from the socket but not yet handed to the core. Past this we stop reading, so a
-# client that pipelines faster than we answer is held back by TCP rather than by our memory.
-READ_HIGH_WATER = 64 * 1024
-# A TLS handshake (implicit or after STLS) that has not finished by then never will; without
-# a bound, half-open handshakes would hold connection slots for ever.
-TLS_HANDSHAKE_TIMEOUT = 30.0
 SEEN = "\\Seen"
 
 
@@ -50,115 +43,6 @@ def unique_id(uidvalidity: int, uid: int) -> str:
     and a client moving between POP3 and IMAP sees one message, not two.
     """
     return f"{uid:08X}{uidvalidity:08X}"
-
-
-class Channel(asyncio.Protocol):
-    """One connection's bytes, with flow control both ways and no buffer the session cannot see.
-
-    asyncio's StreamReader keeps bytes it has read in a buffer that survives a TLS upgrade,
-    so plaintext pipelined after STLS would be read back as if it came through TLS. Here the
-    session drops such bytes itself (:meth:`discard_input`) before the handshake starts.
-    """
-
-    def __init__(self, on_open: Callable[[Channel], None]) -> None:
-        self._on_open = on_open
-        self.transport: asyncio.Transport | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._queued = 0
-        self._reading_paused = False
-        self._eof = False
-        self.lost = False
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    @property
-    def peer_ip(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return str(peer[0]) if isinstance(peer, tuple) else "unknown"
-
-    # -- asyncio.Protocol --------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self._on_open(self)
-
-    def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._queued += len(data)
-        if self._queued >= READ_HIGH_WATER and not self._reading_paused and self.transport:
-            self._reading_paused = True
-            self.transport.pause_reading()
-        self._readable.set()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._readable.set()
-        # Keep the write side open to answer what came before the half-close; TLS
-        # transports close on EOF whatever we return (and warn if we ask otherwise).
-        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        self.lost = True
-        self._readable.set()
-        self._writable.set()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    # -- what the session uses ---------------------------------------------------------
-
-    async def read(self) -> bytes:
-        """The next chunk from the client; ``b""`` once it has closed."""
-        while not self._chunks:
-            if self._eof:
-                return b""
-            self._readable.clear()
-            await self._readable.wait()
-        data = self._chunks.popleft()
-        self._queued -= len(data)
-        self._resume_if_drained()
-        return data
-
-    def discard_input(self) -> None:
-        self._chunks.clear()
-        self._queued = 0
-        self._resume_if_drained()
-
-    def _resume_if_drained(self) -> None:
-        if self._reading_paused and self._queued < READ_HIGH_WATER and self.transport:
-            self._reading_paused = False
-            self.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.lost:
-            self.transport.write(data)
-
-    async def drain(self) -> None:
-        await self._writable.wait()
-
-    async def start_tls(self, context: ssl.SSLContext) -> None:
-        assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        upgraded = await loop.start_tls(
-            self.transport,
-            self,
-            context,
-            server_side=True,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
-        )
-        if upgraded is None:
-            raise ConnectionError("connection closed during the TLS handshake")
-        self.transport = upgraded
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 class POP3Session:

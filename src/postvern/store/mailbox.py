@@ -555,7 +555,7 @@ class Mailbox:
     def raw(self, folder_id: int, uid: int) -> bytes:
         with self._lock:
             rows = self._q(
-                "SELECT b.raw FROM messages m JOIN bodies b ON b.id=m.body_id "
+                "SELECT r.raw FROM messages m JOIN raws r ON r.body_id=m.body_id "
                 "WHERE m.folder_id=? AND m.uid=?",
                 (folder_id, uid),
             )
@@ -653,10 +653,11 @@ class Mailbox:
 
     def _insert_body(self, body: _PreparedBody) -> int:
         self._conn.execute(
-            "INSERT INTO bodies(raw, size, envelope, structure, refs) VALUES(?, ?, ?, ?, 1)",
-            (body.raw, body.size, body.envelope, body.structure),
+            "INSERT INTO bodies(size, envelope, structure, refs) VALUES(?, ?, ?, 1)",
+            (body.size, body.envelope, body.structure),
         )
         body_id = int(self._conn.last_insert_rowid())
+        self._conn.execute("INSERT INTO raws VALUES(?, ?)", (body_id, body.raw))
         self._conn.execute(
             "INSERT INTO fts(rowid, headers, body) VALUES(?, ?, ?)",
             (body_id, body.headers_text, body.body_text),

@@ -2,7 +2,8 @@
 
 Folders are rows. A message row points at a body row, so COPY shares the raw bytes instead of
 duplicating them; a body is removed with its last reference. The parsed ENVELOPE and
-BODYSTRUCTURE are cached beside the raw message, computed once at insert. Expunges are logged
+BODYSTRUCTURE are cached in the body row, computed once at insert; the raw bytes sit in a
+table of their own, so a folder-wide FETCH ENVELOPE never pages through message bodies. Expunges are logged
 with their MODSEQ so QRESYNC can answer VANISHED (RFC 7162 §3.2.10). The full-text index is a
 contentless FTS5 table in the same encrypted file.
 """
@@ -31,11 +32,14 @@ def _v1(conn: apsw.Connection) -> None:
         );
         CREATE TABLE bodies(
             id INTEGER PRIMARY KEY,
-            raw BLOB NOT NULL,
             size INTEGER NOT NULL,
             envelope TEXT NOT NULL,
             structure TEXT NOT NULL,
             refs INTEGER NOT NULL
+        );
+        CREATE TABLE raws(
+            body_id INTEGER PRIMARY KEY REFERENCES bodies(id) ON DELETE CASCADE,
+            raw BLOB NOT NULL
         );
         CREATE TABLE messages(
             folder_id INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
