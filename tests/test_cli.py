@@ -73,6 +73,14 @@ def test_init_creates_layout_and_refuses_overwrite(initialised: Path) -> None:
         ["app-password", "add"],
         ["app-password", "list"],
         ["app-password", "revoke"],
+        ["dkim", "list"],
+        ["dkim", "rotate"],
+        ["dkim", "remove"],
+        ["dns"],
+        ["queue", "list"],
+        ["queue", "show"],
+        ["queue", "retry"],
+        ["queue", "delete"],
     ],
 )
 def test_every_command_has_help(tmp_path: Path, command: list[str]) -> None:

@@ -25,9 +25,11 @@ from postvern.directory.accounts import AuthFailed
 from postvern.directory.addresses import AddressError
 from postvern.directory.db import Directory, DirectoryError
 from postvern.emailauth import signing
+from postvern.encdb import SchemaTooNew, WrongKey
+from postvern.mta import QUEUE_FILE, EntryNotFound, QueueError, QueueStore
+from postvern.mta import admin as mta_admin
 from postvern.ops import dnsrecords
 from postvern.web import mtasts
-from postvern.encdb import SchemaTooNew, WrongKey
 
 DEFAULT_DATA = "postvern-data"
 DEMO_DATA = "demo-data"
@@ -67,6 +69,8 @@ EXPECTED = (
     WrongKey,
     SchemaTooNew,
     BadSlot,
+    EntryNotFound,
+    QueueError,
     FileNotFoundError,
     PermissionError,
 )
@@ -199,6 +203,41 @@ def cmd_dns(app: App, args: argparse.Namespace) -> int:
     print(
         dnsrecords.records(args.domain.lower(), s.hostname, keys, mtasts.policy_id(policy)), end=""
     )
+    return 0
+
+
+def _queue_store(app: App) -> QueueStore:
+    s = app.settings
+    return QueueStore.open(s.path(QUEUE_FILE), app.server_key.derive("queue"))
+
+
+@with_app
+def cmd_queue_list(app: App, args: argparse.Namespace) -> int:
+    with _queue_store(app) as store:
+        print(mta_admin.format_list(mta_admin.list_entries(store)), end="")
+    return 0
+
+
+@with_app
+def cmd_queue_show(app: App, args: argparse.Namespace) -> int:
+    with _queue_store(app) as store:
+        print(mta_admin.format_detail(mta_admin.show_entry(store, args.id)), end="")
+    return 0
+
+
+@with_app
+def cmd_queue_retry(app: App, args: argparse.Namespace) -> int:
+    with _queue_store(app) as store:
+        count = mta_admin.retry_entries(store, args.id)
+    print(f"{count} entr{'y' if count == 1 else 'ies'} scheduled for delivery now")
+    return 0
+
+
+@with_app
+def cmd_queue_delete(app: App, args: argparse.Namespace) -> int:
+    with _queue_store(app) as store:
+        mta_admin.delete_entry(store, args.id)
+    print(f"deleted {args.id}")
     return 0
 
 
@@ -413,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     _alias_commands(sub)
     _app_password_commands(sub)
     _dkim_commands(sub)
+    _queue_commands(sub)
     p = sub.add_parser("dns", help="print every DNS record a domain needs")
     p.add_argument("domain")
     p.set_defaults(func=cmd_dns)
@@ -512,6 +552,21 @@ def _dkim_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.set_defaults(func=cmd_dkim_remove)
 
 
+def _queue_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    g = _group(sub, "queue", "inspect and manage the outbound queue")
+    p = g.add_parser("list", help="list queued messages (no message text)")
+    p.set_defaults(func=cmd_queue_list)
+    p = g.add_parser("show", help="show one entry and its headers")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_queue_show)
+    p = g.add_parser("retry", help="retry one entry, or all, now")
+    p.add_argument("id", nargs="?")
+    p.set_defaults(func=cmd_queue_retry)
+    p = g.add_parser("delete", help="delete an entry without delivering it")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_queue_delete)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -524,6 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"postvern: {e}", file=sys.stderr)
     except AuthFailed:
         print("postvern: wrong address or password", file=sys.stderr)
+    except EntryNotFound:
+        print(f"postvern: no queue entry {getattr(args, 'id', '')}", file=sys.stderr)
     except EXPECTED as e:
         print(f"postvern: {e}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -146,6 +146,10 @@ class MTA:
     # The MTA-STS policy served for our domains. "testing" until the certificate is one that
     # senders can validate; then "enforce" (RFC 8461 §5).
     sts_mode: str = "testing"
+    # For running several instances on one machine (tests, a lab): accept MX records that
+    # point at loopback, and fetch MTA-STS policies from another port than 443.
+    allow_loopback_mx: bool = False
+    sts_policy_port: int = 443
 
 
 @dataclass

@@ -21,12 +21,15 @@ from postvern import config
 from postvern.app import App
 from postvern.crypto import tls
 from postvern.delivery.filtering import FilterStage
-from postvern.delivery.pipeline import InboundPipeline, OutboundQueue
+from postvern.delivery.forward import AliasForwarder
+from postvern.delivery.pipeline import InboundPipeline, Transaction
+from postvern.delivery.srs import SRS
 from postvern.dns import Resolver
 from postvern.emailauth.signing import Signer
 from postvern.filters.learning import JunkLearner
 from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
+from postvern.mta import QUEUE_FILE, OutboundMTA, Queue
 from postvern.pop3.server import start_pop3_server
 from postvern.smtp.mx import MXHandler
 from postvern.smtp.session import serve_smtp
@@ -88,10 +91,13 @@ class Server:
             content_filter=FilterStage(s),
         )
         self.signer = Signer(app.directory)
-        self.queue: OutboundQueue | None = None
+        self.srs = SRS(app.server_key.derive("srs"))
+        self.queue: Queue | None = None
+        self.mta: OutboundMTA | None = None
         self.servers: list[tuple[str, Listener]] = []
 
     async def start(self) -> None:
+        await self._start_outbound()
         listen = self.settings.listen
         for name, starter in STARTERS.items():
             address = getattr(listen, name)
@@ -106,12 +112,55 @@ class Server:
             self.servers.append((name, server))
             log.info("listening for %s on %s", name, address)
 
+    async def _start_outbound(self) -> None:
+        """The queue, the MTA that empties it, and the forwarding that fills it."""
+        s = self.settings
+        self.queue = await Queue.open(s.path(QUEUE_FILE), self.app.server_key.derive("queue"))
+        self.pipeline.srs = self.srs
+        self.pipeline.forwarder = AliasForwarder(
+            srs=self.srs, signer=self.signer, queue=self.queue, authserv_id=s.hostname
+        )
+        self.mta = OutboundMTA(
+            s,
+            self.queue,
+            self.resolver,
+            bounce=self._bounce,
+            policy_port=s.mta.sts_policy_port,
+            allow_loopback_mx=s.mta.allow_loopback_mx,
+        )
+        await self.mta.start()
+
+    async def _bounce(self, message: bytes, address: str) -> None:
+        """A delivery status notification: local senders get it in their INBOX."""
+        assert self.queue is not None
+        if not await self.pipeline.is_local_domain(address.rpartition("@")[2]):
+            await self.queue.enqueue("", [address], message)
+            return
+        reply, recipient = await self.pipeline.check_recipient(address)
+        if recipient is None:
+            log.warning("a bounce for a local address nobody has any more was dropped")
+            return
+        txn = Transaction(
+            client_ip=None,
+            helo=self.settings.hostname,
+            mail_from="",
+            protocol="ESMTP",
+            recipients=[recipient],
+        )
+        reply = await self.pipeline.store(txn, message)
+        if not reply.is_positive:
+            raise RuntimeError("local delivery of a bounce failed; it will be retried")
+
     async def stop(self) -> None:
         await asyncio.gather(
             *(server.shutdown(SHUTDOWN_GRACE_SECONDS) for _, server in self.servers),
             return_exceptions=True,
         )
         self.servers.clear()
+        if self.mta is not None:
+            await self.mta.stop()
+        if self.queue is not None:
+            await self.queue.close()
         await self.registry.close()
 
 
