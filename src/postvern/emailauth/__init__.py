@@ -80,7 +80,7 @@ async def authenticate(
         results.spf_resinfo(spf_mailfrom),
         results.spf_resinfo(spf_helo),
         *(results.dkim_resinfo(r) for r in dkim_results),
-        results.dmarc_resinfo(dmarc_result),
+        results.dmarc_resinfo(dmarc_result, _override(dmarc_result, policy, reason)),
         results.arc_resinfo(arc_result, client_ip),
     ]
     return AuthVerdict(
@@ -94,6 +94,14 @@ async def authenticate(
         reason=reason,
         authserv_id=authserv_id,
     )
+
+
+def _override(result: DMARCResult, policy: str, reason: str) -> str | None:
+    """The local-policy reason when a DMARC failure was accepted anyway (trusted ARC)."""
+    failed = result.status is dmarc.Status.FAIL and result.disposition is not dmarc.Policy.NONE
+    if failed and policy == ACCEPT:
+        return reason.rpartition("accepted: ")[2] or reason
+    return None
 
 
 def decide(result: DMARCResult, chain: ARCResult, arc_trusted_domains: Set[str]) -> tuple[str, str]:

@@ -110,14 +110,22 @@ def dkim_resinfo(result: dkim.Result) -> str:
     return _resinfo("dkim", result.status, result.reason, properties)
 
 
-def dmarc_resinfo(result: dmarc.Result) -> str:
-    """RFC 7489 §11.2: header.from; the policy and disposition go in the comment."""
+def dmarc_resinfo(result: dmarc.Result, override: str | None = None) -> str:
+    """RFC 7489 §11.2: header.from; the policy and disposition go in the comment.
+
+    ``override`` names a local policy that set the requested disposition aside (RFC 7489
+    §7.2.1 "PolicyOverride": here, a trusted ARC chain), so the reader sees why a failing
+    message was delivered anyway.
+    """
     note = result.reason
     if result.record is not None:
         policy = f"p={result.record.policy or 'none'}"
         if result.record.subdomain_policy:
             policy += f" sp={result.record.subdomain_policy}"
-        note = f"{policy} dis={result.disposition}; {note}"
+        disposition = "none" if override else str(result.disposition)
+        note = f"{policy} dis={disposition}; {note}"
+        if override:
+            note += f"; policy override: {override}"
     from_domain = domain_value(result.from_domain) if result.from_domain else ""
     return _resinfo("dmarc", result.status, note, [("header.from", from_domain)])
 
