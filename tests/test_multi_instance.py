@@ -229,7 +229,7 @@ def submit(world: World, subject: str, to: str = BOB) -> None:
 
 def field(raw: bytes, name: str) -> str:
     msg = email.message_from_bytes(raw)
-    return " ".join(str(v) for v in msg.get_all(name, []))
+    return " ".join(" ".join(str(v).split()) for v in msg.get_all(name, []))
 
 
 def test_a_to_b_passes_spf_dkim_dmarc_and_mail_dkim_agrees(world: World) -> None:
