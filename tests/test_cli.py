@@ -81,6 +81,9 @@ def test_init_creates_layout_and_refuses_overwrite(initialised: Path) -> None:
         ["queue", "show"],
         ["queue", "retry"],
         ["queue", "delete"],
+        ["ban", "list"],
+        ["ban", "add"],
+        ["ban", "remove"],
     ],
 )
 def test_every_command_has_help(tmp_path: Path, command: list[str]) -> None:

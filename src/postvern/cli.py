@@ -9,14 +9,17 @@ in the process list.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import getpass
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from postvern import config
+from postvern.abuse import Abuse, BanError, parse_duration, utc_text
+from postvern.abuse import admin as abuse_admin
 from postvern.app import App
 from postvern.crypto.keyslots import BadSlot
 from postvern.crypto.serverkey import KEY_FILE, ServerKey, ServerKeyError
@@ -71,6 +74,7 @@ EXPECTED = (
     BadSlot,
     EntryNotFound,
     QueueError,
+    BanError,
     FileNotFoundError,
     PermissionError,
 )
@@ -239,6 +243,54 @@ def cmd_queue_delete(app: App, args: argparse.Namespace) -> int:
         mta_admin.delete_entry(store, args.id)
     print(f"deleted {args.id}")
     return 0
+
+
+def _abuse_command(app: App, action: Callable[[Abuse], Awaitable[int]]) -> int:
+    async def run() -> int:
+        key = app.server_key.derive("abuse")
+        async with abuse_admin.opened(app.settings, app.settings.data_dir, key) as abuse:
+            return await action(abuse)
+
+    return asyncio.run(run())
+
+
+@with_app
+def cmd_ban_list(app: App, args: argparse.Namespace) -> int:
+    async def action(abuse: Abuse) -> int:
+        bans = abuse.bans(include_expired=args.all)
+        if not bans:
+            print("No bans.")
+        for line in abuse_admin.ban_table(bans):
+            print(line)
+        return 0
+
+    return _abuse_command(app, action)
+
+
+@with_app
+def cmd_ban_add(app: App, args: argparse.Namespace) -> int:
+    try:
+        seconds = parse_duration(args.duration)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+    async def action(abuse: Abuse) -> int:
+        ban = await abuse.ban(args.address, seconds, args.reason)
+        print(f"banned {ban.network} until {utc_text(ban.until)}")
+        return 0
+
+    return _abuse_command(app, action)
+
+
+@with_app
+def cmd_ban_remove(app: App, args: argparse.Namespace) -> int:
+    async def action(abuse: Abuse) -> int:
+        if await abuse.unban(args.address) is None:
+            raise CLIError(f"{args.address} is not banned")
+        print(f"unbanned {args.address}")
+        return 0
+
+    return _abuse_command(app, action)
 
 
 def _quota(text: str | None) -> int:
@@ -453,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     _app_password_commands(sub)
     _dkim_commands(sub)
     _queue_commands(sub)
+    _ban_commands(sub)
     p = sub.add_parser("dns", help="print every DNS record a domain needs")
     p.add_argument("domain")
     p.set_defaults(func=cmd_dns)
@@ -565,6 +618,21 @@ def _queue_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = g.add_parser("delete", help="delete an entry without delivering it")
     p.add_argument("id")
     p.set_defaults(func=cmd_queue_delete)
+
+
+def _ban_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    g = _group(sub, "ban", "list, add and remove bans of client addresses")
+    p = g.add_parser("list", help="list active bans")
+    p.add_argument("--all", action="store_true", help="include expired bans")
+    p.set_defaults(func=cmd_ban_list)
+    p = g.add_parser("add", help="ban an address or network (CIDR)")
+    p.add_argument("address")
+    p.add_argument("--duration", default="1d", help="e.g. 30m, 12h, 7d (default 1d)")
+    p.add_argument("--reason", default="banned by the administrator")
+    p.set_defaults(func=cmd_ban_add)
+    p = g.add_parser("remove", help="lift a ban")
+    p.add_argument("address")
+    p.set_defaults(func=cmd_ban_remove)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

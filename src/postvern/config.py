@@ -123,6 +123,12 @@ class Abuse:
     unknown_rcpt_per_ip: int = 20
     ban_seconds: int = 600
     ban_max_seconds: int = 7 * 86400
+    dnsbl_timeout: float = 2.0
+    # RFC 6647 §2.1 practice: retry accepted after 5 minutes, within a day; a triplet that
+    # passed is remembered for 36 days (a month of weekly mail, with slack).
+    greylist_delay: float = 300.0
+    greylist_window: float = 86400.0
+    greylist_pass_period: float = 36 * 86400.0
 
 
 @dataclass

@@ -42,8 +42,14 @@ class AbuseGate(Protocol):
 
     async def login_succeeded(self, ip: str, account: str, protocol: str) -> None: ...
 
+    def is_banned(self, ip: str) -> object | None:
+        """Non-None once the address is banned (a failure may just have tipped it over)."""
+
 
 class OpenGate:
+    def is_banned(self, ip: str) -> object | None:
+        return None
+
     async def login_allowed(self, ip: str, account: str) -> str | None:
         return None
 
@@ -71,6 +77,7 @@ class LoginService:
         self.accounts = accounts
         self.registry = registry
         self.gate: AbuseGate = gate or OpenGate()
+        self.kdf_runs = 0  # how often a password reached Argon2id (exported as a metric)
         self.failure_delay = failure_delay
         self._kdf_slots = asyncio.Semaphore(MAX_CONCURRENT_KDF)
 
@@ -81,13 +88,16 @@ class LoginService:
             raise LoginRefused("banned", refusal)
         try:
             async with self._kdf_slots:
+                self.kdf_runs += 1
                 unlocked = await asyncio.get_running_loop().run_in_executor(
                     self.registry.executor, self.accounts.authenticate, address, secret
                 )
         except AuthFailed:
             await self.gate.login_failed(peer_ip, address, protocol)
-            log.info("authentication failed", extra={"ip": peer_ip, "protocol": protocol})
+            log.info("authentication failed", extra={"protocol": protocol})
             await asyncio.sleep(self.failure_delay)
+            if self.gate.is_banned(peer_ip) is not None:
+                raise LoginRefused("banned", "too many failed logins; try again later") from None
             raise LoginRefused("failed", "authentication failed") from None
         await self.gate.login_succeeded(peer_ip, address, protocol)
         return unlocked

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 # Bytes read from the socket but not yet handed to the core. Past this we stop reading, so a
 # client that pipelines faster than we answer is held back by TCP rather than by our memory.
@@ -152,3 +152,63 @@ class ConnectionCaps:
         self._by_ip[ip] -= 1
         if self._by_ip[ip] <= 0:
             del self._by_ip[ip]
+
+
+# Decides at connect whether a client may go on (bans, connection rate): None to admit,
+# else a short reason the listener puts into its own protocol's refusal.
+Admission = Callable[[str], Awaitable[str | None]]
+
+
+async def serve_channels(
+    host: str,
+    port: int,
+    *,
+    run: Callable[[Channel], Awaitable[None]],
+    caps: ConnectionCaps,
+    busy: bytes,
+    refusal: Callable[[str], bytes],
+    admission: Admission | None,
+    ssl_context: ssl.SSLContext,
+    implicit_tls: bool,
+) -> asyncio.Server:
+    """Listen, cap connections, ask ``admission``, then ``run`` one session per channel.
+
+    A connection over the caps gets ``busy`` and is closed before any session state
+    exists; one refused by ``admission`` gets ``refusal(reason)`` and is closed before the
+    greeting, so a banned client never reaches a password check.
+    """
+    loop = asyncio.get_running_loop()
+    sessions: set[asyncio.Task[None]] = set()
+
+    async def serve(channel: Channel) -> None:
+        if admission is not None:
+            reason = await admission(channel.peer_ip)
+            if reason is not None:
+                channel.write(refusal(reason))
+                channel.close()
+                return
+        await run(channel)
+
+    def opened(channel: Channel) -> None:
+        ip = channel.peer_ip
+        if not caps.admit(ip):
+            channel.write(busy)
+            channel.close()
+            return
+        task = loop.create_task(serve(channel))
+        sessions.add(task)  # a strong reference, or the task could be collected mid-session
+
+        def ended(task: asyncio.Task[None]) -> None:
+            sessions.discard(task)
+            caps.leave(ip)
+
+        task.add_done_callback(ended)
+
+    return await loop.create_server(
+        lambda: Channel(opened),
+        host,
+        port,
+        ssl=ssl_context if implicit_tls else None,
+        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+        reuse_address=True,
+    )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from postvern import config
+from postvern.abuse import Abuse
 from postvern.app import App
 from postvern.crypto import tls
 from postvern.delivery.filtering import FilterStage
@@ -30,6 +31,7 @@ from postvern.filters.learning import JunkLearner
 from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
 from postvern.mta import QUEUE_FILE, OutboundMTA, Queue
+from postvern.net import Admission
 from postvern.pop3.server import start_pop3_server
 from postvern.smtp.mx import MXHandler
 from postvern.smtp.session import serve_smtp
@@ -78,10 +80,11 @@ class Server:
             app.accounts,
             hook_factory=lambda box: JunkLearner(box, s.hostname, junk_score),
         )
-        self.login = LoginService(
-            app.accounts, self.registry, failure_delay=s.limits.auth_failure_delay
-        )
         self.resolver = Resolver.from_settings(s)
+        self.abuse = Abuse(s, s.data_dir, app.server_key.derive("abuse"), self.resolver)
+        self.login = LoginService(
+            app.accounts, self.registry, self.abuse, failure_delay=s.limits.auth_failure_delay
+        )
         self.pipeline = InboundPipeline(
             hostname=s.hostname,
             directory=app.directory,
@@ -96,7 +99,25 @@ class Server:
         self.mta: OutboundMTA | None = None
         self.servers: list[tuple[str, Listener]] = []
 
+    def metrics(self) -> dict[str, float]:
+        return {
+            "postvern_kdf_runs_total": self.login.kdf_runs,
+            "postvern_mailboxes_unlocked": self.registry.unlocked_count,
+            "postvern_bans_active": len(self.abuse.bans()),
+            "postvern_outbound_in_flight": self.mta.in_flight if self.mta else 0,
+        }
+
+    def admission(self, service: str) -> Admission:
+        """The connect-time check of IMAP and POP3 listeners: bans and connection rate."""
+
+        async def admit(ip: str) -> str | None:
+            refusal = await self.abuse.on_connect(ip, service)
+            return None if refusal is None else refusal.text
+
+        return admit
+
     async def start(self) -> None:
+        await self.abuse.start()
         await self._start_outbound()
         listen = self.settings.listen
         for name, starter in STARTERS.items():
@@ -161,6 +182,7 @@ class Server:
             await self.mta.stop()
         if self.queue is not None:
             await self.queue.close()
+        await self.abuse.close()
         await self.registry.close()
 
 
@@ -169,7 +191,7 @@ async def _start_mx(server: Server, host: str, port: int) -> Listener:
     return await serve_smtp(
         host,
         port,
-        lambda: MXHandler(server.pipeline, s.primary_domain),
+        lambda: MXHandler(server.pipeline, s.primary_domain, server.abuse),
         hostname=s.hostname,
         ssl_context=server.tls_context,
         limits=s.limits,
@@ -189,6 +211,7 @@ def _start_submission(implicit_tls: bool) -> Starter:
                 signer=server.signer,
                 queue=server.queue,
                 hostname=s.hostname,
+                abuse=server.abuse,
             ),
             hostname=s.hostname,
             ssl_context=server.tls_context,
@@ -212,6 +235,7 @@ def _start_imap(implicit_tls: bool) -> Starter:
                 implicit_tls=implicit_tls,
                 limits=s.limits,
                 hostname=s.hostname,
+                admission=server.admission("imap"),
             )
         )
 
@@ -228,6 +252,7 @@ def _start_pop3(implicit_tls: bool) -> Starter:
                 ssl_context=server.tls_context,
                 implicit_tls=implicit_tls,
                 limits=server.settings.limits,
+                admission=server.admission("pop3"),
             )
         )
 
@@ -241,6 +266,7 @@ async def _start_web(server: Server, host: str, port: int) -> Listener:
         settings=server.settings,
         directory_check=server.pipeline.is_local_domain,
         ssl_context=server.tls_context,
+        metrics=server.metrics,
     )
 
 

@@ -15,7 +15,7 @@ import weakref
 from postvern.config import Limits
 from postvern.imap.session import ImapSession, SessionCounter
 from postvern.login import LoginService
-from postvern.net import TLS_HANDSHAKE_TIMEOUT, Channel, ConnectionCaps
+from postvern.net import Admission, Channel, ConnectionCaps, serve_channels
 from postvern.store.service import MailboxRegistry
 
 # RFC 9051 §7.1.5: a BYE may be sent instead of the greeting when the server refuses.
@@ -42,6 +42,7 @@ async def start_imap_server(
     limits: Limits,
     hostname: str,
     plaintext_auth: bool = False,
+    admission: Admission | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port``; with ``implicit_tls`` TLS starts at connect, else by STARTTLS.
 
@@ -51,17 +52,9 @@ async def start_imap_server(
     """
     if login.registry is not registry:
         raise ValueError("the login service must unlock mailboxes in the given registry")
-    loop = asyncio.get_running_loop()
-    caps = ConnectionCaps(limits.connections, limits.connections_per_ip)
     counter = _counter(login, limits)
-    sessions: set[asyncio.Task[None]] = set()
 
-    def opened(channel: Channel) -> None:
-        ip = channel.peer_ip
-        if not caps.admit(ip):
-            channel.write(BUSY)
-            channel.close()
-            return
+    async def run(channel: Channel) -> None:
         session = ImapSession(
             channel,
             login=login,
@@ -72,20 +65,16 @@ async def start_imap_server(
             counter=counter,
             plaintext_auth=plaintext_auth,
         )
-        task = loop.create_task(session.run())
-        sessions.add(task)  # a strong reference, or the task could be collected mid-session
+        await session.run()
 
-        def ended(task: asyncio.Task[None]) -> None:
-            sessions.discard(task)
-            caps.leave(ip)
-
-        task.add_done_callback(ended)
-
-    return await loop.create_server(
-        lambda: Channel(opened),
+    return await serve_channels(
         host,
         port,
-        ssl=ssl_context if implicit_tls else None,
-        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
-        reuse_address=True,
+        run=run,
+        caps=ConnectionCaps(limits.connections, limits.connections_per_ip),
+        busy=BUSY,
+        refusal=lambda reason: f"* BYE [UNAVAILABLE] {reason}\r\n".encode(),
+        admission=admission,
+        ssl_context=ssl_context,
+        implicit_tls=implicit_tls,
     )

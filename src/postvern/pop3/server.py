@@ -12,7 +12,7 @@ import ssl
 
 from postvern.config import Limits
 from postvern.login import LoginService
-from postvern.net import TLS_HANDSHAKE_TIMEOUT, Channel, ConnectionCaps
+from postvern.net import Admission, Channel, ConnectionCaps, serve_channels
 from postvern.pop3.protocol import BUSY
 from postvern.pop3.session import POP3Session
 
@@ -25,35 +25,24 @@ async def start_pop3_server(
     ssl_context: ssl.SSLContext,
     implicit_tls: bool,
     limits: Limits,
+    admission: Admission | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port``; with ``implicit_tls`` TLS starts at connect, else by STLS."""
-    loop = asyncio.get_running_loop()
-    caps = ConnectionCaps(limits.connections, limits.connections_per_ip)
-    sessions: set[asyncio.Task[None]] = set()
 
-    def opened(channel: Channel) -> None:
-        ip = channel.peer_ip
-        if not caps.admit(ip):
-            channel.write(BUSY)
-            channel.close()
-            return
+    async def run(channel: Channel) -> None:
         session = POP3Session(
             channel, login=login, limits=limits, ssl_context=ssl_context, tls_active=implicit_tls
         )
-        task = loop.create_task(session.run())
-        sessions.add(task)  # a strong reference, or the task could be collected mid-session
+        await session.run()
 
-        def ended(task: asyncio.Task[None]) -> None:
-            sessions.discard(task)
-            caps.leave(ip)
-
-        task.add_done_callback(ended)
-
-    return await loop.create_server(
-        lambda: Channel(opened),
+    return await serve_channels(
         host,
         port,
-        ssl=ssl_context if implicit_tls else None,
-        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
-        reuse_address=True,
+        run=run,
+        caps=ConnectionCaps(limits.connections, limits.connections_per_ip),
+        busy=BUSY,
+        refusal=lambda reason: f"-ERR [LOGIN-DELAY] {reason}\r\n".encode(),
+        admission=admission,
+        ssl_context=ssl_context,
+        implicit_tls=implicit_tls,
     )

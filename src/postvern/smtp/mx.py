@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from postvern.abuse import Abuse, Refusal
 from postvern.delivery.pipeline import InboundPipeline, Recipient, Transaction
 from postvern.smtp import replies
 from postvern.smtp.address import Address
@@ -20,20 +21,38 @@ from postvern.smtp.session import BaseHandler, SessionState
 log = logging.getLogger(__name__)
 
 
+def as_reply(refusal: Refusal | None) -> Reply | None:
+    if refusal is None:
+        return None
+    return Reply(refusal.code, refusal.enhanced_status, refusal.text)
+
+
 class MXHandler(BaseHandler):
     """One per connection. No AUTH here: users submit on 465/587."""
 
     auth_mechanisms = ()
 
-    def __init__(self, pipeline: InboundPipeline, primary_domain: str) -> None:
+    def __init__(
+        self, pipeline: InboundPipeline, primary_domain: str, abuse: Abuse | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.primary_domain = primary_domain
+        self.abuse = abuse
         self._recipients: list[Recipient] = []
+
+    async def on_connect(self, state: SessionState) -> Reply | None:
+        if self.abuse is None:
+            return None
+        return as_reply(await self.abuse.on_connect(state.peer_ip, "smtp"))
 
     async def on_mail(
         self, state: SessionState, sender: Address | None, params: MailParams
     ) -> Reply:
         self._recipients = []
+        if self.abuse is not None:
+            refusal = await self.abuse.on_mail(state.peer_ip, str(sender or ""))
+            if refusal is not None:
+                return as_reply(refusal)
         return replies.sender_ok()
 
     async def on_rcpt(self, state: SessionState, recipient: Address, params: RcptParams) -> Reply:
@@ -45,12 +64,26 @@ class MXHandler(BaseHandler):
         else:
             address = f"{recipient.local_part}@{recipient.domain_lower}"
         reply, resolved = await self.pipeline.check_recipient(address)
+        if self.abuse is not None:
+            # Counts RCPT to unknown users (enumeration) and applies rate limits and
+            # greylisting to known ones.
+            refusal = await self.abuse.on_rcpt(
+                state.peer_ip, str(state.sender or ""), address, resolved is not None
+            )
+            if refusal is not None:
+                return as_reply(refusal)
         if resolved is not None:
             self._recipients.append(resolved)
         return reply
 
     async def on_message(self, state: SessionState, message: bytes) -> Reply:
         sender = state.sender
+        if self.abuse is not None:
+            refusal = await self.abuse.on_message(
+                state.peer_ip, str(sender or ""), len(self._recipients)
+            )
+            if refusal is not None:
+                return as_reply(refusal)
         txn = Transaction(
             client_ip=state.peer_ip,
             helo=state.helo or "",

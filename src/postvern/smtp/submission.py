@@ -13,6 +13,7 @@ import email.utils
 import logging
 
 from postvern import mime
+from postvern.abuse import Abuse
 from postvern.delivery import headers
 from postvern.delivery.pipeline import InboundPipeline, OutboundQueue, Recipient, Transaction
 from postvern.directory.addresses import AddressError, normalise_address
@@ -22,6 +23,7 @@ from postvern.login import LoginRefused, LoginService
 from postvern.smtp import replies
 from postvern.smtp.address import Address
 from postvern.smtp.commands import MailParams, RcptParams
+from postvern.smtp.mx import as_reply
 from postvern.smtp.replies import Reply
 from postvern.smtp.session import BaseHandler, SessionState
 
@@ -46,7 +48,9 @@ class SubmissionHandler(BaseHandler):
         signer: Signer,
         queue: OutboundQueue | None,
         hostname: str,
+        abuse: Abuse | None = None,
     ) -> None:
+        self.abuse = abuse
         self.login = login
         self.directory = directory
         self.pipeline = pipeline
@@ -59,6 +63,11 @@ class SubmissionHandler(BaseHandler):
 
     async def _thread(self, fn, *args):  # type: ignore[no-untyped-def]
         return await self.pipeline._thread(fn, *args)
+
+    async def on_connect(self, state: SessionState) -> Reply | None:
+        if self.abuse is None:
+            return None
+        return as_reply(await self.abuse.on_connect(state.peer_ip, "submission"))
 
     async def on_auth(
         self, state: SessionState, mechanism: str, authzid: str, authcid: str, password: str
@@ -111,6 +120,10 @@ class SubmissionHandler(BaseHandler):
 
     async def on_message(self, state: SessionState, message: bytes) -> Reply:
         assert self.user is not None
+        if self.abuse is not None:
+            refusal = await self.abuse.on_submission(self.user.address)
+            if refusal is not None:
+                return as_reply(refusal) or replies.local_error()
         refusal = await self._check_from(message)
         if refusal is not None:
             return refusal

@@ -3,9 +3,9 @@
 Folders are rows. A message row points at a body row, so COPY shares the raw bytes instead of
 duplicating them; a body is removed with its last reference. The parsed ENVELOPE and
 BODYSTRUCTURE are cached in the body row, computed once at insert; the raw bytes sit in a
-table of their own, so a folder-wide FETCH ENVELOPE never pages through message bodies. Expunges are logged
-with their MODSEQ so QRESYNC can answer VANISHED (RFC 7162 §3.2.10). The full-text index is a
-contentless FTS5 table in the same encrypted file.
+table of their own, so a folder-wide FETCH ENVELOPE never pages through message bodies.
+Expunges are logged with their MODSEQ so QRESYNC can answer VANISHED (RFC 7162 §3.2.10).
+The full-text index is a contentless FTS5 table in the same encrypted file.
 """
 
 from __future__ import annotations

@@ -128,6 +128,10 @@ class MailboxRegistry:
             self.executor, functools.partial(fn, *args)
         )
 
+    @property
+    def unlocked_count(self) -> int:
+        return len(self._open)
+
     def is_unlocked(self, user_id: str) -> bool:
         return user_id in self._open
 

@@ -7,6 +7,7 @@ about other names. Every response carries the usual hardening headers.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +27,7 @@ SECURITY_HEADERS = {
 MAX_REQUEST_BYTES = 16 * 1024
 
 DomainCheck = Callable[[str], Awaitable[bool]]
+Metrics = Callable[[], dict[str, float]]
 
 
 def _domain_from_host(request: web.Request, prefix: str) -> str | None:
@@ -34,9 +36,12 @@ def _domain_from_host(request: web.Request, prefix: str) -> str | None:
 
 
 class WebApp:
-    def __init__(self, settings: Settings, is_our_domain: DomainCheck) -> None:
+    def __init__(
+        self, settings: Settings, is_our_domain: DomainCheck, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.is_our_domain = is_our_domain
+        self.metrics = metrics
 
     async def mta_sts(self, request: web.Request) -> web.Response:
         domain = _domain_from_host(request, "mta-sts.")
@@ -58,13 +63,28 @@ class WebApp:
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n", content_type="text/plain")
 
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """Counters in the Prometheus text format, for a scraper on this machine only."""
+        if self.metrics is None or not _is_loopback(request.remote):
+            raise web.HTTPNotFound()
+        lines = [f"{name} {value:g}" for name, value in sorted(self.metrics().items())]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
     def application(self) -> web.Application:
         app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_harden])
         app.router.add_get(mtasts.POLICY_PATH, self.mta_sts)
         app.router.add_get("/mail/config-v1.1.xml", self.autoconfig)
         app.router.add_get("/.well-known/autoconfig/mail/config-v1.1.xml", self.autoconfig)
         app.router.add_get("/healthz", self.health)
+        app.router.add_get("/metrics", self.prometheus)
         return app
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
 
 
 @web.middleware
@@ -94,8 +114,10 @@ async def start_web_server(
     settings: Settings,
     directory_check: DomainCheck,
     ssl_context: ssl.SSLContext,
+    metrics: Metrics | None = None,
 ) -> WebListener:
-    runner = web.AppRunner(WebApp(settings, directory_check).application(), access_log=None)
+    app = WebApp(settings, directory_check, metrics).application()
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, shutdown_timeout=5.0)
     await site.start()
