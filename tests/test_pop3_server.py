@@ -204,7 +204,7 @@ async def test_stls_then_user_pass_full_transaction(
     assert isinstance(capa, dict)
     assert {"USER", "SASL", "TOP", "UIDL", "PIPELINING", "RESP-CODES"} <= set(capa)
     assert "STLS" not in capa and capa["SASL"] == ["PLAIN"]
-    sizes = [len(raw) for raw in MESSAGES]
+    sizes = [len(to_crlf(raw)) for raw in MESSAGES]  # RFC 1939 §11: as sent, CRLF
     assert got["stat"] == (3, sum(sizes))
     assert got["list"] == [f"{n} {size}".encode() for n, size in enumerate(sizes, 1)]
     assert got["retr"] == [wire(raw) for raw in MESSAGES]

@@ -211,6 +211,6 @@ def _snapshot(box: Mailbox) -> tuple[int, list[MaildropEntry]]:
     """INBOX's UIDs and sizes at login: the maildrop for the whole session (RFC 1939 §4)."""
     inbox = box.folder(INBOX)
     return inbox.id, [
-        MaildropEntry(m.uid, m.size, unique_id(inbox.uidvalidity, m.uid))
+        MaildropEntry(m.uid, m.crlf_size, unique_id(inbox.uidvalidity, m.uid))
         for m in box.messages(inbox.id)
     ]

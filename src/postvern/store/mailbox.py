@@ -115,7 +115,8 @@ class MessageInfo:
     modseq: int
     flags: tuple[str, ...]
     internaldate: datetime.datetime
-    size: int
+    size: int  # octets as stored (RFC822.SIZE)
+    crlf_size: int  # octets with every line ending CRLF, as POP3 sends it (RFC 1939 §11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,7 +489,7 @@ class Mailbox:
             rows = self._q("SELECT uid FROM messages WHERE folder_id=? ORDER BY uid", (folder_id,))
         return [int(r[0]) for r in rows]
 
-    _INFO_COLS = "uid, modseq, flags, internaldate, tzoffset, size"
+    _INFO_COLS = "uid, modseq, flags, internaldate, tzoffset, size, crlf_size"
 
     @staticmethod
     def _info(row: tuple[Any, ...]) -> MessageInfo:
@@ -498,6 +499,7 @@ class Mailbox:
             _flags_from_text(str(row[2])),
             _to_datetime(int(row[3]), int(row[4])),
             int(row[5]),
+            int(row[6]),
         )
 
     def messages(self, folder_id: int, uids: Iterable[int] | None = None) -> list[MessageInfo]:
@@ -635,7 +637,7 @@ class Mailbox:
                     )
                 body_id = self._insert_body(body)
                 uid = folder.uidnext + len(uids)
-                self._insert_message(folder_id, uid, body_id, modseq, flags, when, body.size)
+                self._insert_message(folder_id, uid, body_id, modseq, flags, when, body)
                 uids.append(uid)
             if uids:
                 self._conn.execute(
@@ -672,13 +674,13 @@ class Mailbox:
         modseq: int,
         flags: tuple[str, ...],
         when: datetime.datetime,
-        size: int,
+        body: _PreparedBody,
     ) -> None:
         offset = when.utcoffset()
         tzoffset = int(offset.total_seconds() // 60) if offset is not None else 0
         self._conn.execute(
             "INSERT INTO messages(folder_id, uid, body_id, modseq, flags, internaldate, tzoffset,"
-            " size) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+            " size, crlf_size) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 folder_id,
                 uid,
@@ -687,7 +689,8 @@ class Mailbox:
                 " ".join(flags),
                 int(when.timestamp()),
                 tzoffset,
-                size,
+                body.size,
+                body.crlf_size,
             ),
         )
 
@@ -733,7 +736,9 @@ class Mailbox:
                     "UPDATE messages SET flags=?, modseq=? WHERE folder_id=? AND uid=?",
                     (" ".join(new), modseq, folder_id, info.uid),
                 )
-                changed.append(MessageInfo(info.uid, modseq, new, info.internaldate, info.size))
+                changed.append(
+                    MessageInfo(info.uid, modseq, new, info.internaldate, info.size, info.crlf_size)
+                )
             if changed:
                 self._conn.execute(
                     "UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, folder_id)
@@ -760,19 +765,19 @@ class Mailbox:
     ) -> tuple[list[tuple[int, int]], int]:
         target = self.folder_by_id(target_id)
         rows = self._select_uids(
-            "uid, body_id, flags, internaldate, tzoffset, size", source_id, uids
+            "uid, body_id, flags, internaldate, tzoffset, size, crlf_size", source_id, uids
         )
         if not rows:
             return [], target.uidvalidity
         self._check_quota(sum(int(r[5]) for r in rows), quota)
         modseq = self._next_modseq()
         pairs = []
-        for offset, (uid, body_id, flags, idate, tz, size) in enumerate(rows):
+        for offset, (uid, body_id, flags, idate, tz, size, crlf_size) in enumerate(rows):
             new_uid = target.uidnext + offset
             self._conn.execute(
                 "INSERT INTO messages(folder_id, uid, body_id, modseq, flags, internaldate,"
-                " tzoffset, size) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
-                (target_id, new_uid, body_id, modseq, flags, idate, tz, size),
+                " tzoffset, size, crlf_size) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (target_id, new_uid, body_id, modseq, flags, idate, tz, size, crlf_size),
             )
             self._conn.execute("UPDATE bodies SET refs=refs+1 WHERE id=?", (body_id,))
             pairs.append((int(uid), new_uid))
@@ -876,6 +881,7 @@ class Mailbox:
 class _PreparedBody:
     raw: bytes
     size: int
+    crlf_size: int
     envelope: str
     structure: str
     headers_text: str
@@ -888,6 +894,8 @@ def _prepare_body(raw: bytes) -> _PreparedBody:
     return _PreparedBody(
         raw=raw,
         size=len(raw),
+        # Bare LFs become CRLF on the POP3 wire; the size announced must match what is sent.
+        crlf_size=len(raw) + raw.count(b"\n") - raw.count(b"\r\n"),
         envelope=envelope_to_json(envelope),
         structure=body_to_json(body),
         headers_text=mime.headers_text(raw),

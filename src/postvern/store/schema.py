@@ -50,6 +50,7 @@ def _v1(conn: apsw.Connection) -> None:
             internaldate INTEGER NOT NULL,
             tzoffset INTEGER NOT NULL DEFAULT 0,
             size INTEGER NOT NULL,
+            crlf_size INTEGER NOT NULL,
             seen INTEGER GENERATED ALWAYS AS (instr(' ' || flags || ' ', ' \\Seen ') > 0) VIRTUAL,
             deleted INTEGER GENERATED ALWAYS AS
                 (instr(' ' || flags || ' ', ' \\Deleted ') > 0) VIRTUAL,
