@@ -235,3 +235,49 @@ def test_limits_on_the_real_mx(mx: DataDir) -> None:
         code, text = s.data(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 300)
         assert code == 552 and text.startswith(b"5.3.4")
         assert s.noop()[0] == 250
+
+
+def test_failed_copy_withdraws_the_others_and_answers_451(
+    tmp_path: Path, dns: DNSTestServer
+) -> None:
+    data = make_data_dir(tmp_path / "d")
+    set_config(data.path, "dns", {"nameservers": [dns.nameserver]})
+    app = data.app()
+    try:
+        app.directory.add_alias("both@example.test", [ALICE, BOB])
+    finally:
+        app.close()
+    # the second sealed deposit of this server's life fails, as a full disk would
+    with ServerProcess(data, env={"POSTVERN_FAIL_AT": "spool.deposit:2"}):
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            send(data, "x@softfail.test", ["both@example.test"], message("x@softfail.test", "half"))
+        assert e.value.smtp_code == 451 and e.value.smtp_error.startswith(b"4.3.0")
+        # the retry succeeds and delivers exactly one copy to each
+        send(data, "x@softfail.test", ["both@example.test"], message("x@softfail.test", "half"))
+    for user in (ALICE, BOB):
+        copies = [m for m in mailbox_messages(data, user, None) if b"Subject: half\r\n" in m]
+        assert len(copies) == 1, user
+
+
+def test_quota_is_enforced_at_rcpt(tmp_path: Path, dns: DNSTestServer) -> None:
+    data = make_data_dir(tmp_path / "d")
+    set_config(data.path, "dns", {"nameservers": [dns.nameserver]})
+    app = data.app()
+    try:
+        bob = app.directory.user(BOB)
+        assert bob is not None
+        app.directory.set_quota(bob.id, 20_000)
+    finally:
+        app.close()
+    with ServerProcess(data):
+        big = message("x@softfail.test", "filler", body="y" * 15_000 + "\r\n")
+        send(data, "x@softfail.test", [BOB], big)
+        send(data, "x@softfail.test", [BOB], big)  # accepted: usage was below the quota
+        host, port = data.addr("smtp")
+        with smtplib.SMTP(host, port, timeout=30) as s:
+            s.starttls(context=client_tls_context())
+            s.ehlo("client.test")
+            s.mail("x@softfail.test")
+            code, text = s.rcpt(BOB)
+            assert code == 452 and text.startswith(b"4.2.2")
+            assert s.rcpt(ALICE)[0] == 250  # others are unaffected

@@ -96,6 +96,7 @@ class Spool:
 
     def deposit(self, user_id: str, public_key: bytes, item: SpoolItem) -> str:
         """Seal and write durably; returns the spool id. Only then may SMTP answer 250."""
+        faults.fail("spool.deposit")
         sealed = MAGIC + Sealer(public_key).seal(item.encode(), _info(user_id))
         directory = self.user_dir(user_id)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
