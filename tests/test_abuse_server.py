@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dnsserver import DNSTestServer
 from harness import (
     DataDir,
     ServerProcess,
@@ -154,3 +155,100 @@ def test_bans_are_shared_through_redis(tmp_path: Path) -> None:
             assert imap_login(two, two.passwords[ALICE]) == "ok"
             assert [imap_login(one, "wrong") for _ in range(3)] == ["failed"] * 3
             wait_until(lambda: imap_login(two, two.passwords[ALICE]) == "refused")
+
+
+def smtp_session(data: DataDir) -> smtplib.SMTP:
+    host, port = data.addr("smtp")
+    s = smtplib.SMTP(host, port, timeout=10)
+    s.starttls(context=client_tls_context())
+    s.ehlo("client.test")
+    return s
+
+
+MSG = b"From: x@sender.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def test_message_and_recipient_rates_per_ip(tmp_path: Path) -> None:
+    data = server_data(tmp_path / "d", messages_per_ip_per_hour=2)
+    with ServerProcess(data), smtp_session(data) as s:
+        for _ in range(2):
+            s.mail("x@sender.test")
+            assert s.rcpt(ALICE)[0] == 250
+            assert s.data(MSG)[0] == 250
+        code, text = s.mail("x@sender.test")  # two messages this hour already
+        assert code == 451 and text.startswith(b"4.7.1")
+    data = server_data(tmp_path / "e", recipients_per_ip_per_hour=3)
+    with ServerProcess(data), smtp_session(data) as s:
+        # recipients count when the message is accepted: three in one message
+        assert (
+            s.sendmail("x@sender.test", [ALICE, "bob@example.test", "alice+x@example.test"], MSG)
+            == {}
+        )
+        s.mail("x@sender.test")
+        code, text = s.rcpt(ALICE)  # three recipients this hour already
+        assert code == 450 and text.startswith(b"4.7.1")
+
+
+def test_messages_per_sender_per_day(tmp_path: Path) -> None:
+    data = server_data(tmp_path / "d", messages_per_sender_per_day=1)
+    with ServerProcess(data), smtp_session(data) as s:
+        s.sendmail("x@sender.test", [ALICE], MSG)
+        code, text = s.mail("x@sender.test")
+        if code == 250:
+            s.rcpt(ALICE)
+            code, text = s.data(MSG)
+        assert code == 451 and text.startswith(b"4.7.1")
+        assert s.sendmail("other@sender.test", [ALICE], MSG) == {}  # another sender is fine
+
+
+def test_submissions_per_user_per_day(tmp_path: Path) -> None:
+    data = server_data(tmp_path / "d", submissions_per_user_per_day=2)
+    host, port = data.addr("submissions")
+    with ServerProcess(data):
+        with smtplib.SMTP_SSL(host, port, context=client_tls_context(), timeout=10) as s:
+            s.login(ALICE, data.passwords[ALICE])
+            msg = b"From: alice@example.test\r\nSubject: s\r\n\r\nx\r\n"
+            s.sendmail(ALICE, ["bob@example.test"], msg)
+            s.sendmail(ALICE, ["bob@example.test"], msg)
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                s.sendmail(ALICE, ["bob@example.test"], msg)
+            assert e.value.smtp_code == 451
+
+
+def test_auth_failures_per_account_lock_the_account(tmp_path: Path) -> None:
+    data = server_data(tmp_path / "d", auth_failures_per_ip=100, auth_failures_per_account=2)
+    with ServerProcess(data):
+        assert [imap_login(data, "wrong") for _ in range(2)] == ["failed"] * 2
+        hashed = metrics(data)["postvern_kdf_runs_total"]
+        # locked: even the right password is refused without being hashed
+        assert imap_login(data, data.passwords[ALICE]) == "failed"
+        assert metrics(data)["postvern_kdf_runs_total"] == hashed
+
+
+def test_dnsbl_listing_is_named_in_the_reply(tmp_path: Path) -> None:
+    with DNSTestServer() as dns:
+        # RFC 5782 §5: 127.0.0.2 is every list's test entry; the client connects from it
+        dns.add("2.0.0.127.bl.test", "A", "127.0.0.2")
+        dns.add("2.0.0.127.bl.test", "TXT", "listed for testing")
+        data = server_data(tmp_path / "d", dnsbl=["bl.test"])
+        set_config(data.path, "dns", {"nameservers": [dns.nameserver]})
+        with ServerProcess(data):
+            host, port = data.addr("smtp")
+            with pytest.raises(smtplib.SMTPConnectError) as e:
+                smtplib.SMTP(host, port, timeout=10, source_address=("127.0.0.2", 0))
+            assert e.value.smtp_code == 554 and b"bl.test" in e.value.smtp_error
+            # an address the list does not name is served as usual
+            with smtplib.SMTP(host, port, timeout=10) as s:
+                assert s.noop()[0] == 250
+
+
+def test_greylisting_defers_then_accepts(tmp_path: Path) -> None:
+    data = server_data(tmp_path / "d", greylisting=True, greylist_delay=1.0)
+    with ServerProcess(data):
+        with smtp_session(data) as s:
+            s.mail("x@sender.test")
+            code, text = s.rcpt(ALICE)
+            assert code == 451 and text.startswith(b"4.7.1")
+        time.sleep(1.5)
+        with smtp_session(data) as s:
+            assert s.sendmail("x@sender.test", [ALICE], MSG) == {}
