@@ -103,11 +103,12 @@ def test_user_a_cannot_open_user_b(data_dir: DataDir) -> None:
         )
         with Mailbox.open(app.accounts.mailbox_path(alice.user), alice.mailbox_key) as box:
             opener = seal.Opener(box.spool_private_key())
-        sealed = spool.read(bob_user.id, spool_id)
+        ((item, sealed),) = spool.read(bob_user.id, spool_id.partition("/")[0])
+        assert item == spool_id
         with pytest.raises(seal.SealError):
-            opener.open(sealed, _info(bob_user.id))
+            opener.open(sealed, _info(bob_user.id, item))
         with pytest.raises(seal.SealError):
-            opener.open(sealed, _info(alice.user.id))
+            opener.open(sealed, _info(alice.user.id, item))
     finally:
         app.close()
 

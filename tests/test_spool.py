@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 
 import pytest
 
-from harness import DataDir
+from harness import DataDir, services
 from postvern.store import faults
 from postvern.store.mailbox import Mailbox
-from postvern.store.spool import IMPORT_BATCH, Spool, SpoolItem
+from postvern.store.spool import IMPORT_BATCH, Deposit, Spool, SpoolItem
 
 ALICE = "alice@example.test"
 
@@ -118,4 +119,53 @@ def test_leftover_temp_and_tampered_files(data_dir: DataDir) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "1"
     assert not list(spool_dir.glob(".tmp-*"))
-    assert [p.name for p in (spool_dir / "unreadable").iterdir()] == [victim.name]
+    # the damaged item is set aside, sealed as it was, under its own id
+    kept = [p.name for p in (spool_dir / "unreadable").iterdir()]
+    assert kept == [victim.name.replace(".sealed", "-0.sealed")]
+
+
+def test_a_batch_shares_one_segment_and_one_item_can_be_withdrawn(data_dir: DataDir) -> None:
+    app = data_dir.app()
+    try:
+        alice = app.directory.user(ALICE)
+        bob = app.directory.user("bob@example.test")
+        assert alice is not None and bob is not None
+        spool = Spool(data_dir.path)
+        deposits = [
+            Deposit(alice.id, alice.spool_public, SpoolItem(b"Subject: a0\r\n\r\nx\r\n")),
+            Deposit(bob.id, bob.spool_public, SpoolItem(b"Subject: b0\r\n\r\nx\r\n")),
+            Deposit(alice.id, alice.spool_public, SpoolItem(b"Subject: a1\r\n\r\nx\r\n")),
+            Deposit(alice.id, alice.spool_public, SpoolItem(b"Subject: a2\r\n\r\nx\r\n")),
+        ]
+        ids = spool.deposit_batch(deposits)
+        assert len(spool.pending(alice.id)) == 1 and len(spool.pending(bob.id)) == 1
+        assert ids[0].partition("/")[0] == ids[2].partition("/")[0] == ids[3].partition("/")[0]
+        spool.withdraw(alice.id, ids[2])
+        assert spool.count(alice.id) == 2
+    finally:
+        app.close()
+    assert run_import(data_dir, None).stdout.strip() == "2"
+    assert subjects(data_dir) == ["Subject: a0", "Subject: a2"]
+
+
+def test_concurrent_deliveries_are_group_committed(data_dir: DataDir) -> None:
+    async def main() -> None:
+        s = services(data_dir)
+        try:
+            alice = s.app.directory.user(ALICE)
+            assert alice is not None
+            items = [SpoolItem(f"Subject: c{i:03d}\r\n\r\nx\r\n".encode()) for i in range(60)]
+            deliveries = [asyncio.ensure_future(s.registry.deliver(alice, i)) for i in items]
+            # a login racing the deliveries waits for those in flight, then imports them
+            await asyncio.sleep(0)
+            logged = await s.login.login(ALICE, data_dir.passwords[ALICE], "127.0.0.1", "t")
+            assert all(r in ("spool", "mailbox") for r in await asyncio.gather(*deliveries))
+            box = logged.mailbox.box
+            inbox = box.folder("INBOX")
+            assert len(box.uids(inbox.id)) == 60
+            await logged.mailbox.release()
+        finally:
+            await s.close()
+
+    asyncio.run(main())
+    assert subjects(data_dir) == [f"Subject: c{i:03d}" for i in range(60)]

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 from postvern.directory.accounts import Accounts
 from postvern.directory.db import User
 from postvern.store.mailbox import INBOX, Change, Mailbox
-from postvern.store.spool import Spool, SpoolItem, import_spool
+from postvern.store.spool import Deposit, Spool, SpoolItem, import_spool
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,50 @@ class MailboxHandle:
             await self.registry._release(self.user.id)
 
 
+class DepositBatcher:
+    """Group commit for the sealed spool.
+
+    Deposits that arrive while a batch is being written wait for the next one, so under load
+    one segment file and one pair of fsyncs serve many messages, and an idle server still
+    writes each deposit at once (there is no timer).
+    """
+
+    # Bounds the memory a batch holds and the latency its last member sees.
+    MAX_BATCH = 256
+
+    def __init__(self, spool: Spool, executor: ThreadPoolExecutor) -> None:
+        self.spool = spool
+        self.executor = executor
+        self._waiting: list[tuple[Deposit, asyncio.Future[str]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def deposit(self, deposit: Deposit) -> str:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        self._waiting.append((deposit, future))
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            batch = self._waiting[: self.MAX_BATCH]
+            del self._waiting[: self.MAX_BATCH]
+            try:
+                ids = await loop.run_in_executor(
+                    self.executor, self.spool.deposit_batch, [d for d, _ in batch]
+                )
+            except Exception as e:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (_, future), spool_id in zip(batch, ids, strict=True):
+                if not future.done():
+                    future.set_result(spool_id)
+
+
 class MailboxHook(Protocol):
     """Something that works on a mailbox while it is open (the junk learner, #6)."""
 
@@ -116,6 +160,9 @@ class MailboxRegistry:
         self.executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
         self._open: dict[str, _Open] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._batcher = DepositBatcher(self.spool, self.executor)
+        self._in_flight: dict[str, int] = {}
+        self._settled: dict[str, asyncio.Event] = {}
 
     def _lock(self, user_id: str) -> asyncio.Lock:
         lock = self._locks.get(user_id)
@@ -140,6 +187,7 @@ class MailboxRegistry:
         async with self._lock(user.id):
             entry = self._open.get(user.id)
             if entry is None:
+                await self._deposits_settled(user.id)
                 path = self.accounts.mailbox_path(user)
                 box = await self._thread(Mailbox.open, path, mailbox_key)
                 entry = self._open[user.id] = _Open(box)
@@ -206,8 +254,23 @@ class MailboxRegistry:
                 folder_id, uid = await self._thread(_append_item, entry.box, item)
                 entry.refs += 1
                 return Receipt(self, user, "mailbox", (folder_id, uid), entry.box)
-            spool_id = await self._thread(self.spool.deposit, user.id, user.spool_public, item)
-            return Receipt(self, user, "spool", spool_id, None)
+            # The deposit itself runs outside the user's lock, so that many deliveries to one
+            # user share a group commit; an unlock waits for deposits still in flight.
+            self._in_flight[user.id] = self._in_flight.get(user.id, 0) + 1
+        try:
+            spool_id = await self._batcher.deposit(Deposit(user.id, user.spool_public, item))
+        finally:
+            self._in_flight[user.id] -= 1
+            if not self._in_flight[user.id]:
+                del self._in_flight[user.id]
+                self._settled.pop(user.id, asyncio.Event()).set()
+        return Receipt(self, user, "spool", spool_id, None)
+
+    async def _deposits_settled(self, user_id: str) -> None:
+        """Wait (holding the user's lock, so no new deposit starts) for deposits in flight."""
+        while user_id in self._in_flight:
+            event = self._settled.setdefault(user_id, asyncio.Event())
+            await event.wait()
 
     async def usage_estimate(self, user: User) -> int:
         """Bytes the user's mail takes: exact when unlocked, else the last known figure plus

@@ -2,10 +2,15 @@
 
 The MX cannot open a mailbox it has no key for, so it encrypts the message to the mailbox's
 HPKE public key (:mod:`postvern.crypto.seal`) and writes it durably — temp file, fsync,
-rename, fsync of the directory — before it answers 250. The next unlock imports every file
-exactly once: the mailbox records each imported spool id in the same transaction as the
-message, and the file is unlinked only after that commit. A crash between any two steps
-leaves either the file (re-import is skipped by the record) or the committed message.
+rename, fsync of the directory — before it answers 250. Deliveries that arrive together are
+written together: one *segment* file holds several sealed items, so one pair of fsyncs makes
+them all durable (group commit, as databases do for their logs); each item is still sealed
+on its own and bound to its user, segment and place in it.
+
+The next unlock imports every item exactly once: the mailbox records each imported item id in
+the same transaction as the message, and a segment is unlinked only after all its items are
+committed. A crash between any two steps leaves either the file (re-import is skipped by the
+record) or the committed message.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +34,11 @@ log = logging.getLogger(__name__)
 
 SPOOL_DIR = "spool"
 SUFFIX = ".sealed"
-MAGIC = b"PVS1"
+MAGIC = b"PVS2"
+_RECORD = struct.Struct(">II")  # item index in the segment, sealed length
+# A sealed item is at most the largest message plus a little: anything longer in a record
+# header is damage, not data, and is not allocated.
+MAX_ITEM_BYTES = 1 << 30
 # Import in batches: one transaction per batch amortises the fsync of the commit, while a
 # bounded batch bounds the memory held for decrypted messages.
 IMPORT_BATCH = 64
@@ -72,9 +82,14 @@ class SpoolItem:
         )
 
 
-def _info(user_id: str) -> bytes:
-    # Binds a sealed file to its user: a file moved into another user's spool does not open.
-    return b"postvern spool v1 " + user_id.encode()
+def _info(user_id: str, item_id: str) -> bytes:
+    # Binds a sealed item to its user and its place: an item copied into another user's
+    # spool, or into another segment of the same user, does not open.
+    return f"postvern spool v2 {user_id} {item_id}".encode()
+
+
+def item_id(segment: str, index: int) -> str:
+    return f"{segment}/{index}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,6 +98,27 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_durably(directory: Path, name: str, data: bytes) -> None:
+    """temp file, write, fsync, rename (the directory's fsync is the caller's)."""
+    tmp = directory / f".tmp-{name}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, directory / name)
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit:
+    user_id: str
+    public_key: bytes = field(repr=False)
+    item: SpoolItem = field(repr=False)
 
 
 class Spool:
@@ -95,27 +131,53 @@ class Spool:
         return self.root / user_id
 
     def deposit(self, user_id: str, public_key: bytes, item: SpoolItem) -> str:
-        """Seal and write durably; returns the spool id. Only then may SMTP answer 250."""
+        """Seal and write one item durably; returns its id. Only then may SMTP answer 250."""
+        return self.deposit_batch([Deposit(user_id, public_key, item)])[0]
+
+    def deposit_batch(self, deposits: list[Deposit]) -> list[str]:
+        """Seal and write several items durably, one segment per user; ids in input order."""
         faults.fail("spool.deposit")
-        sealed = MAGIC + Sealer(public_key).seal(item.encode(), _info(user_id))
+        by_user: dict[str, list[int]] = {}
+        for position, deposit in enumerate(deposits):
+            by_user.setdefault(deposit.user_id, []).append(position)
+        ids = [""] * len(deposits)
+        directories: list[Path] = []
+        written: list[Path] = []
+        try:
+            for user_id, positions in by_user.items():
+                directory, path = self._write_segment(user_id, positions, deposits, ids)
+                directories.append(directory)
+                written.append(path)
+            for directory in directories:
+                _fsync_dir(directory)
+        except BaseException:
+            # All or nothing: a caller told of a failure retries every item of the batch.
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        return ids
+
+    def _write_segment(
+        self, user_id: str, positions: list[int], deposits: list[Deposit], ids: list[str]
+    ) -> tuple[Path, Path]:
+        """One user's share of a batch as one segment file; fills in ``ids``."""
         directory = self.user_dir(user_id)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Names sort by arrival, so import keeps delivery order.
-        spool_id = f"{time.time_ns():020d}-{secrets.token_hex(8)}"
-        tmp = directory / f".tmp-{spool_id}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(sealed)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, directory / (spool_id + SUFFIX))
-        _fsync_dir(directory)
-        return spool_id
+        segment = f"{time.time_ns():020d}-{secrets.token_hex(8)}"
+        records = [MAGIC]
+        for index, position in enumerate(positions):
+            deposit = deposits[position]
+            ids[position] = item_id(segment, index)
+            sealed = Sealer(deposit.public_key).seal(
+                deposit.item.encode(), _info(user_id, ids[position])
+            )
+            records += [_RECORD.pack(index, len(sealed)), sealed]
+        _write_durably(directory, segment + SUFFIX, b"".join(records))
+        return directory, directory / (segment + SUFFIX)
 
     def pending(self, user_id: str) -> list[str]:
+        """Segments waiting to be imported, oldest first."""
         directory = self.user_dir(user_id)
         try:
             names = os.listdir(directory)
@@ -124,24 +186,53 @@ class Spool:
         return sorted(n[: -len(SUFFIX)] for n in names if n.endswith(SUFFIX))
 
     def count(self, user_id: str) -> int:
-        return len(self.pending(user_id))
+        return sum(len(self.read(user_id, segment)) for segment in self.pending(user_id))
 
-    def read(self, user_id: str, spool_id: str) -> bytes:
-        data = (self.user_dir(user_id) / (spool_id + SUFFIX)).read_bytes()
+    def read(self, user_id: str, segment: str) -> list[tuple[str, bytes]]:
+        """The (item id, sealed bytes) of one segment; raises SpoolError on damage."""
+        data = (self.user_dir(user_id) / (segment + SUFFIX)).read_bytes()
         if not data.startswith(MAGIC):
-            raise SpoolError("not a sealed spool file")
-        return data[len(MAGIC) :]
+            raise SpoolError("not a sealed spool segment")
+        items = []
+        pos = len(MAGIC)
+        while pos < len(data):
+            if pos + _RECORD.size > len(data):
+                raise SpoolError("truncated spool segment")
+            index, length = _RECORD.unpack_from(data, pos)
+            pos += _RECORD.size
+            if length > MAX_ITEM_BYTES or pos + length > len(data):
+                raise SpoolError("truncated spool segment")
+            items.append((item_id(segment, index), data[pos : pos + length]))
+            pos += length
+        return items
 
-    def remove(self, user_id: str, spool_id: str) -> None:
+    def remove(self, user_id: str, segment: str) -> None:
         try:
-            os.unlink(self.user_dir(user_id) / (spool_id + SUFFIX))
+            os.unlink(self.user_dir(user_id) / (segment + SUFFIX))
         except FileNotFoundError:
             pass
 
     def withdraw(self, user_id: str, spool_id: str) -> None:
-        """Take back a deposit durably (the delivery it belonged to failed as a whole)."""
-        self.remove(user_id, spool_id)
-        _fsync_dir(self.user_dir(user_id))
+        """Take back one deposit durably (the delivery it belonged to failed as a whole).
+
+        The segment is rewritten without it (or removed when it was the last), with the same
+        durability steps as a deposit; the other items keep their ids.
+        """
+        segment, _, _ = spool_id.partition("/")
+        directory = self.user_dir(user_id)
+        try:
+            items = self.read(user_id, segment)
+        except FileNotFoundError:
+            return
+        kept = [(i, sealed) for i, sealed in items if i != spool_id]
+        if kept:
+            records = [MAGIC]
+            for i, sealed in kept:
+                records += [_RECORD.pack(int(i.rpartition("/")[2]), len(sealed)), sealed]
+            _write_durably(directory, segment + SUFFIX, b"".join(records))
+        else:
+            self.remove(user_id, segment)
+        _fsync_dir(directory)
 
     def size(self, user_id: str) -> int:
         """Bytes waiting in the spool (sealed sizes, close to the messages' own)."""
@@ -151,11 +242,15 @@ class Spool:
         except FileNotFoundError:
             return 0
 
-    def quarantine(self, user_id: str, spool_id: str) -> None:
-        """Set aside a file that does not open, so it neither blocks import nor is lost."""
+    def quarantine(self, user_id: str, name: str, data: bytes | None = None) -> None:
+        """Set aside what does not open — a damaged segment, or one item's bytes — so it
+        neither blocks import nor is lost."""
         bad = self.user_dir(user_id) / "unreadable"
         bad.mkdir(exist_ok=True, mode=0o700)
-        os.rename(self.user_dir(user_id) / (spool_id + SUFFIX), bad / (spool_id + SUFFIX))
+        if data is None:
+            os.rename(self.user_dir(user_id) / (name + SUFFIX), bad / (name + SUFFIX))
+        else:
+            _write_durably(bad, name.replace("/", "-") + SUFFIX, data)
 
     def clean_temp(self, user_id: str) -> None:
         """Remove temp files a crash left before their rename (they were never answered 250)."""
@@ -174,24 +269,29 @@ class Spool:
         directory.rmdir()
 
 
-def _batches(spool: Spool, user_id: str, ids: list[str]) -> Iterator[list[tuple[str, bytes]]]:
+def _batches(
+    spool: Spool, user_id: str, segments: list[str]
+) -> Iterator[tuple[list[str], list[tuple[str, bytes]]]]:
+    """Whole segments, grouped up to the batch bounds: (segment names, their items)."""
+    names: list[str] = []
     batch: list[tuple[str, bytes]] = []
     size = 0
-    for spool_id in ids:
+    for segment in segments:
         try:
-            data = spool.read(user_id, spool_id)
+            items = spool.read(user_id, segment)
         except FileNotFoundError:
             continue
         except SpoolError:
-            spool.quarantine(user_id, spool_id)
+            spool.quarantine(user_id, segment)
             continue
-        batch.append((spool_id, data))
-        size += len(data)
+        names.append(segment)
+        batch += items
+        size += sum(len(sealed) for _, sealed in items)
         if len(batch) >= IMPORT_BATCH or size >= IMPORT_BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+            yield names, batch
+            names, batch, size = [], [], 0
+    if names:
+        yield names, batch
 
 
 def import_spool(box: Mailbox, spool: Spool, user_id: str) -> list[tuple[int, int]]:
@@ -201,25 +301,24 @@ def import_spool(box: Mailbox, spool: Spool, user_id: str) -> list[tuple[int, in
     lose it. The quota is enforced at RCPT time.
     """
     spool.clean_temp(user_id)
-    ids = spool.pending(user_id)
-    if not ids:
+    segments = spool.pending(user_id)
+    if not segments:
         return []
     opener = Opener(box.spool_private_key())
-    info = _info(user_id)
     already = box.imported_spool_ids()
     imported: list[tuple[int, int]] = []
-    for batch in _batches(spool, user_id, ids):
+    for names, batch in _batches(spool, user_id, segments):
         by_folder: dict[int, list[tuple[str, SpoolItem]]] = {}
         done: list[str] = []
-        for spool_id, data in batch:
+        for spool_id, sealed in batch:
             if spool_id in already:
                 done.append(spool_id)  # committed before a crash: only the unlink is left
                 continue
             try:
-                item = SpoolItem.decode(opener.open(data, info))
+                item = SpoolItem.decode(opener.open(sealed, _info(user_id, spool_id)))
             except (SealError, SpoolError, ValueError, KeyError):
                 log.warning("spool item for a mailbox does not open; set aside")
-                spool.quarantine(user_id, spool_id)
+                spool.quarantine(user_id, spool_id, sealed)
                 continue
             folder = _target_folder(box, item.special_use)
             by_folder.setdefault(folder, []).append((spool_id, item))
@@ -233,8 +332,8 @@ def import_spool(box: Mailbox, spool: Spool, user_id: str) -> list[tuple[int, in
             imported += [(folder_id, uid) for uid in uids]
             done += [spool_id for spool_id, _ in entries]
             faults.point("spool.after-commit")
-        for spool_id in done:
-            spool.remove(user_id, spool_id)
+        for segment in names:
+            spool.remove(user_id, segment)
         faults.point("spool.after-unlink")
         _fsync_dir(spool.user_dir(user_id))
         faults.point("spool.after-fsync")
