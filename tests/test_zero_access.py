@@ -88,3 +88,58 @@ def test_no_marker_in_any_file(data_dir: DataDir) -> None:
         for path in data_dir.path.rglob("*"):
             if path.is_file():
                 assert secret.encode() not in path.read_bytes()
+
+
+def test_running_server_writes_no_plaintext_anywhere(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Through every listener at once: MX, submission with a queued remote recipient, IMAP."""
+    import imaplib
+    import smtplib
+
+    from dnsserver import DNSTestServer
+    from harness import ServerProcess, client_tls_context, make_data_dir, set_config
+
+    with DNSTestServer() as dns:
+        dns.add("far.test", "MX", (10, "mx.far.test"))
+        dns.add("mx.far.test", "A", "127.0.0.1")
+        data = make_data_dir(tmp_path / "data", listeners=("smtp", "submissions", "imaps"))
+        set_config(data.path, "dns", {"nameservers": [dns.nameserver]})
+        # the remote MX is unreachable (port 9): the submitted message stays in the queue
+        set_config(data.path, "mta", {"allow_loopback_mx": True, "port": 9})
+        server = ServerProcess(data).start()
+        try:
+            host, port = data.addr("smtp")
+            with smtplib.SMTP(host, port, timeout=30) as s:
+                s.starttls(context=client_tls_context())
+                s.sendmail("x@far.test", [ALICE], message(MARKERS["header"], MARKERS["spooled"]))
+            host, port = data.addr("submissions")
+            with smtplib.SMTP_SSL(host, port, context=client_tls_context(), timeout=30) as s:
+                s.login(ALICE, data.passwords[ALICE])
+                raw = f"From: {ALICE}\r\nSubject: {MARKERS['utf8']}\r\n\r\n{MARKERS['body']}\r\n"
+                s.sendmail(ALICE, ["someone@far.test", "bob@example.test"], raw.encode())
+            host, port = data.addr("imaps")
+            imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context())
+            imap.login(ALICE, data.passwords[ALICE])
+            assert imap.create(f"Work/{MARKERS['folder']}")[0] == "OK"
+            flags = f"({MARKERS['keyword']})"
+            assert imap.append("INBOX", flags, None, message("x", MARKERS["body"]))[0] == "OK"
+            imap.select("INBOX")
+            assert imap.search(None, "TEXT", MARKERS["spooled"])[1] == [b"1"]
+            hits = scan(data.path)  # while everything is open
+            imap.logout()
+        finally:
+            server.stop()
+    assert not hits, hits
+    hits = scan(data.path)
+    assert not hits, hits
+    app = data.app()
+    try:
+        from postvern.mta import QUEUE_FILE, QueueStore, admin
+
+        with QueueStore.open(app.settings.path(QUEUE_FILE), app.server_key.derive("queue")) as q:
+            queued = admin.list_entries(q)
+    finally:
+        app.close()
+    assert len(queued) == 1  # the remote copy really is in the (encrypted) queue
+    log = "\n".join(server.output)
+    for secret in [*MARKERS.values(), *data.passwords.values()]:
+        assert secret not in log
