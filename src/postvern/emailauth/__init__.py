@@ -2,8 +2,8 @@
 
 ``authenticate()`` is what the SMTP pipeline calls once a message is received: it runs the
 checks concurrently, decides what DMARC (and local policy) asks for, and returns the
-Authentication-Results field to prepend. Signing for outbound mail is ``dkim.sign`` and
-``arc.seal``.
+Authentication-Results field to prepend. DomainKeys (historic) is reported there too, for
+the reader only. Signing for outbound mail is ``dkim.sign`` and ``arc.seal``.
 """
 
 from __future__ import annotations
@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from postvern.dns import Resolver
-from postvern.emailauth import arc, dkim, dmarc, results, spf
+from postvern.emailauth import arc, dkim, dmarc, domainkeys, results, spf
 from postvern.emailauth.arc import Result as ARCResult
 from postvern.emailauth.dkim import Result as DKIMResult
 from postvern.emailauth.dmarc import Result as DMARCResult
+from postvern.emailauth.domainkeys import Result as DomainKeysResult
 from postvern.emailauth.spf import Result as SPFResult
 
-__all__ = ["AuthVerdict", "arc", "authenticate", "dkim", "dmarc", "results", "spf"]
+__all__ = [
+    "AuthVerdict", "arc", "authenticate", "dkim", "dmarc", "domainkeys", "results", "spf",
+]  # fmt: skip
 
 ACCEPT, QUARANTINE, REJECT, TEMPFAIL = "accept", "quarantine", "reject", "tempfail"
 
@@ -38,6 +41,8 @@ class AuthVerdict:
     policy: str  # "accept" | "quarantine" | "reject" | "tempfail"
     reason: str  # for the SMTP reply and the logs; names no mailbox
     authserv_id: str = ""
+    # RFC 4870 DomainKeys: reported, never part of the verdict (RFC 7489 uses DKIM only).
+    domainkeys: list[DomainKeysResult] = field(default_factory=list)
 
     def apply(self, message: bytes) -> bytes:
         """The message as delivered: our field first, forged ones claiming our id removed."""
@@ -64,12 +69,13 @@ async def authenticate(
     RFC 8617 §7.2). Empty (the default) means report only.
     ``dmarc_sample`` draws for DMARC pct= sampling; tests inject a fixed value.
     """
-    spf_mailfrom, spf_helo, dkim_results, arc_result = await asyncio.gather(
+    spf_mailfrom, spf_helo, dkim_results, dk_results, arc_result = await asyncio.gather(
         spf.verify_mailfrom(
             resolver, ip=client_ip, mail_from=mail_from, helo=helo, receiver=authserv_id
         ),
         spf.verify_helo(resolver, ip=client_ip, helo=helo, receiver=authserv_id),
         dkim.verify(message, resolver, policy=dkim_policy),
+        domainkeys.verify(message, resolver, min_rsa_bits=dkim_policy.min_rsa_bits),
         arc.validate(message, resolver),
     )
     dmarc_result = await dmarc.evaluate(
@@ -80,6 +86,7 @@ async def authenticate(
         results.spf_resinfo(spf_mailfrom),
         results.spf_resinfo(spf_helo),
         *(results.dkim_resinfo(r) for r in dkim_results),
+        *(results.domainkeys_resinfo(r) for r in dk_results),
         results.dmarc_resinfo(dmarc_result, _override(dmarc_result, policy, reason)),
         results.arc_resinfo(arc_result, client_ip),
     ]
@@ -93,6 +100,7 @@ async def authenticate(
         policy=policy,
         reason=reason,
         authserv_id=authserv_id,
+        domainkeys=dk_results,
     )
 
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from postvern.dns import DNSNameError, DNSTempError, Resolver
+from postvern.emailauth import dkim_draft00
 from postvern.emailauth.headers import parse_header_block
 
 # Signatures verified per message. Each costs a DNS query and a public-key operation, so an
@@ -84,7 +85,7 @@ class VerifyPolicy:
     # RFC 8301 §3.1: verifiers MUST NOT consider rsa-sha1 signatures valid.
     allow_rsa_sha1: bool = False
     # Signatures from the drafts before RFC 4871 (no v=, or v=0.5), which RFC 6376 §3.5
-    # makes invalid.
+    # makes invalid; draft-00 ones (no bh= either) go to the legacy dkim_draft00 module.
     allow_draft_versions: bool = False
     # RFC 4871 §3.6.1 key granularity (g=), which RFC 6376 dropped (see its Appendix C):
     # when set, the local-part of i= must match the key's g= pattern.
@@ -119,6 +120,7 @@ class _Signature:
     index: int
     tags: dict[bytes, bytes] | None
     result: Result
+    draft00: bool = False  # LEGACY: a draft-ietf-dkim-base-00 signature (no bh=)
 
     @property
     def key_name(self) -> str:
@@ -153,7 +155,8 @@ def _read_signature(index: int, value: bytes, policy: VerifyPolicy, now: float) 
     if tags[b"a"].lower() == b"rsa-sha1" and not policy.allow_rsa_sha1:
         refused = _with(result, Status.POLICY, "rsa-sha1 is not accepted (RFC 8301 §3.1)")
         return _Signature(index, None, refused)
-    return _Signature(index, tags, result)
+    draft00 = policy.allow_draft_versions and dkim_draft00.is_draft00(tags)
+    return _Signature(index, tags, result, draft00)
 
 
 def _with(result: Result, status: Status, reason: str, key_bits: int | None = None) -> Result:
@@ -242,6 +245,9 @@ def _verify_one(
     if algorithm != b"ed25519-sha256" and key_bits < policy.min_rsa_bits:
         return _with(result, Status.POLICY, f"RSA key of {key_bits} bits is too short", key_bits)
     raw_headers = [h for h in verifier.headers if h[0].lower() == b"dkim-signature"]
+    if signature.draft00:
+        header = raw_headers[signature.index]
+        return _verify_draft00(verifier, header, signature, public_key, key_bits)
     signed = [h.lower() for h in re.split(rb"\s*:\s*", tags[b"h"].strip())]
     try:
         # dkimpy canonicalises and checks the hashes; the key it "looks up" is the checked
@@ -258,6 +264,25 @@ def _verify_one(
     return _with(result, Status.PASS, "good signature", key_bits)
 
 
+def _verify_draft00(
+    verifier: dkim.DKIM,
+    header: tuple[bytes, bytes],
+    signature: _Signature,
+    key: bytes,
+    key_bits: int,
+) -> Result:
+    """LEGACY_POLICY only: a draft-00 signature, one hash over the whole message."""
+    assert signature.tags is not None
+    result = signature.result
+    try:
+        valid = dkim_draft00.verify(verifier.headers, verifier.body, header, signature.tags, key)
+    except dkim_draft00.Draft00Error as e:
+        return _with(result, Status.PERMERROR, str(e), key_bits)
+    if not valid:
+        return _with(result, Status.FAIL, "draft-00 signature did not verify", key_bits)
+    return _with(result, Status.PASS, "good draft-00 signature (legacy)", key_bits)
+
+
 def _dkim_quoted_printable(value: bytes) -> bytes:
     """RFC 6376 §2.11: =XX hex escapes, whitespace ignored."""
     value = re.sub(rb"\s+", b"", value)
@@ -269,12 +294,14 @@ def signature_problem(tags: dict[bytes, bytes], now: float, drafts: bool = False
     version = tags.get(b"v")
     if version != b"1" and not (drafts and version in _DRAFT_VERSIONS):
         return "v= is not 1"
-    for tag in (b"a", b"b", b"bh", b"d", b"h", b"s"):
+    # draft-ietf-dkim-base-00 had no body hash; only a draft-accepting policy gets this far.
+    hashed = (b"b",) if drafts and dkim_draft00.is_draft00(tags) else (b"b", b"bh")
+    for tag in (b"a", *hashed, b"d", b"h", b"s"):
         if tag not in tags:
             return f"required tag {tag.decode()}= missing"
     if tags[b"a"].lower() not in _KEY_TYPES:
         return "unknown algorithm (a=)"
-    for tag in (b"b", b"bh"):
+    for tag in hashed:
         if not re.fullmatch(rb"[A-Za-z0-9+/\s]+=*\s*=*\s*", tags[tag]):
             return f"{tag.decode()}= is not base64"
     canonicalization = tags.get(b"c", b"simple/simple").lower().split(b"/")

@@ -1,8 +1,9 @@
 """Authentication-Results (RFC 8601): how this server tells a reader what it verified.
 
-One field, named by our authserv-id, lists the SPF, DKIM, DMARC and ARC results. Fields that
-arrive claiming our authserv-id are forgeries and are removed before delivery (§5), so the
-only such field a mailbox ever holds is ours. The small RFC 8601 tokenizer here (authserv-id,
+One field, named by our authserv-id, lists the SPF, DKIM, DomainKeys, DMARC and ARC results
+(DomainKeys for the reader only: DMARC does not use it). Fields that arrive claiming our
+authserv-id are forgeries and are removed before delivery (§5), so the only such field a
+mailbox ever holds is ours. The small RFC 8601 tokenizer here (authserv-id,
 resinfo list) also lets ARC sealing copy our results verbatim.
 """
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from postvern.emailauth.headers import parse_header_block, remove_fields
 
 if TYPE_CHECKING:
-    from postvern.emailauth import arc, dkim, dmarc, spf
+    from postvern.emailauth import arc, dkim, dmarc, domainkeys, spf
 
 FIELD_NAME = "Authentication-Results"
 # RFC 5322 §2.1.1: lines SHOULD stay within 78 characters; we fold at spaces to keep to it.
@@ -108,6 +109,17 @@ def dkim_resinfo(result: dkim.Result) -> str:
         ("header.b", value(result.header_b) if result.header_b else ""),
     ]
     return _resinfo("dkim", result.status, result.reason, properties)
+
+
+def domainkeys_resinfo(result: domainkeys.Result) -> str:
+    """RFC 8601 §2.7.1: header.d, and header.sender or header.from (the address checked)."""
+    note = result.reason + ("; testing key, t=y" if result.testing else "")
+    sender = address_value(result.sender) if "@" in result.sender else ""
+    properties = [
+        ("header.d", domain_value(result.domain) if result.domain else ""),
+        (f"header.{result.sender_field or 'from'}", sender),
+    ]
+    return _resinfo("domainkeys", result.status, note, properties)
 
 
 def dmarc_resinfo(result: dmarc.Result, override: str | None = None) -> str:
