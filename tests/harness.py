@@ -27,6 +27,18 @@ from postvern.store.mailbox import Mailbox
 from postvern.store.service import MailboxRegistry
 from postvern.store.spool import import_spool
 
+
+def _corpora_root() -> Path:
+    """The shared test corpora: $POSTVERN_CORPORA, or ``shared/corpora`` beside the checkout."""
+    candidates = [Path(os.environ["POSTVERN_CORPORA"])] if "POSTVERN_CORPORA" in os.environ else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "corpora")
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError("test corpora not found: set POSTVERN_CORPORA to shared/corpora")
+
+
+CORPORA = _corpora_root()
 DOMAIN = "example.test"
 PASSWORDS = {
     f"alice@{DOMAIN}": "alice-correct-horse",

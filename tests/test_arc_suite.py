@@ -8,15 +8,15 @@ newest seal already says cv=fail, which RFC 8617 §5.2 step 2 makes a failed cha
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dnsserver import DNSTestServer
+from harness import CORPORA
 from postvern.emailauth import arc
 
-SUITE = Path("/work/shared/corpora/auth/arc_test_suite/tests")
+SUITE = CORPORA / "auth" / "arc_test_suite" / "tests"
 REQUIRED_PASS_RATE = 0.95
 
 

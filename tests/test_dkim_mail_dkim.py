@@ -10,15 +10,15 @@ checks that the default policy refuses what RFC 8301 forbids.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from dnsserver import DNSTestServer
+from harness import CORPORA
 from postvern.dns import Resolver
 from postvern.emailauth import dkim, domainkeys
 
-CORPUS = Path("/work/shared/corpora/auth/dkim_mail_dkim")
+CORPUS = CORPORA / "auth" / "dkim_mail_dkim"
 # What Mail::DKIM calls "invalid": the signature could not be checked either way.
 UNCHECKED = {"permerror", "temperror", "neutral", "policy"}
 EXPECTED_MESSAGES = 79

@@ -5,13 +5,12 @@ user can never reach another's mail whatever the name."""
 from __future__ import annotations
 
 import imaplib
-import os
 import random
 import re
 import socket
 from pathlib import Path
 
-from harness import client_tls_context
+from harness import CORPORA, client_tls_context
 from postvern.imap.fetch import fast_envelope
 from postvern.imap.structure import render_envelope
 from postvern.imap.wire import WireContext
@@ -20,13 +19,13 @@ from test_imap_session import ALICE, BOB, HOST, Env, Wire, env, in_thread, messa
 
 __all__ = ["env"]  # the fixture, shared with test_imap_session
 
-CORPORA = Path(os.environ.get("POSTVERN_CORPORA", "/work/shared/corpora")) / "mime"
+MIME_CORPUS = CORPORA / "mime"
 
 
 def corpus_messages() -> list[Path]:
     """Every message of the MIME corpora (README: all folders), without their expected-output
     and binary fixtures."""
-    root = CORPORA
+    root = MIME_CORPUS
     picked = [
         *root.glob("cpython_test_email/data/msg_*.txt"),
         *root.glob("flanker/**/*.eml"),

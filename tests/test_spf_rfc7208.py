@@ -8,16 +8,16 @@ type-SPF records to TXT unless the name has TXT data ("TXT: NONE" means no TXT a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from dnsserver import DNSTestServer
+from harness import CORPORA
 from postvern.emailauth import spf
 
-SUITE = Path("/work/shared/corpora/auth/spf_rfc7208/rfc7208-tests.yml")
+SUITE = CORPORA / "auth" / "spf_rfc7208" / "rfc7208-tests.yml"
 REQUIRED_PASS_RATE = 0.99
 # Lookups a timeout is simulated for; a TIMEOUT name answers the types it has data for.
 QUERY_TYPES = ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "SPF")

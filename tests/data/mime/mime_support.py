@@ -13,14 +13,12 @@ from pathlib import Path
 
 
 def _find_corpus() -> Path:
-    """The MIME corpus: $POSTVERN_MIME_CORPUS, else shared/ beside the checkout (as CI lays
-    it out), else the workplace's /work/shared."""
-    candidates = [
-        os.environ.get("POSTVERN_MIME_CORPUS", ""),
-        str(Path(__file__).resolve().parents[4] / "shared" / "corpora" / "mime"),
-        "/work/shared/corpora/mime",
-    ]
-    return next((Path(c) for c in candidates if c and Path(c).is_dir()), Path(candidates[-1]))
+    """The MIME corpus: $POSTVERN_MIME_CORPUS, else the shared corpora the harness finds."""
+    if os.environ.get("POSTVERN_MIME_CORPUS"):
+        return Path(os.environ["POSTVERN_MIME_CORPUS"])
+    from harness import CORPORA
+
+    return CORPORA / "mime"
 
 
 CORPUS = _find_corpus()
