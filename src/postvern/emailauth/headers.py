@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from postvern.mime.headers import header_end, iter_fields
+
 # A header block with more fields than this is not mail any MTA would send; scanning stops
 # there so a hostile message cannot make every check walk millions of lines.
 MAX_HEADER_FIELDS = 2000
 
-_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
@@ -47,32 +48,27 @@ class HeaderBlock:
 
 
 def parse_header_block(message: bytes) -> HeaderBlock:
-    """Split the header block into fields; malformed lines are noted, never raised."""
+    """Split the header block into fields; malformed lines are noted, never raised.
+
+    The scanning is :mod:`postvern.mime.headers`' (one header splitter for the whole
+    server); this adds what authentication needs: each value with its final line break,
+    a bound on the number of fields, and whether anything was not a field.
+    """
+    fields_end, body_start = header_end(message, 0, len(message))
     fields: list[Field] = []
     malformed = False
-    pos = 0
-    while pos < len(message):
-        newline = message.find(b"\n", pos)
-        line_end = len(message) if newline < 0 else newline + 1
-        content = message[pos:line_end].rstrip(b"\r\n")
-        if not content:
-            return HeaderBlock(fields, line_end, malformed)
-        if content[:1] in (b" ", b"\t"):
-            if fields:
-                last = fields[-1]
-                value = last.value + message[pos:line_end]
-                fields[-1] = Field(last.name, value, last.start, line_end)
-            else:
+    for field in iter_fields(message, 0, fields_end, junk=True):
+        if not field.name:
+            # A line that is not a field; an mbox "From " separator first is tolerated.
+            if not (field.start == 0 and message.startswith(b"From ")):
                 malformed = True
-        elif (match := _FIELD_NAME.match(content)) is not None:
-            if len(fields) >= MAX_HEADER_FIELDS:
-                return HeaderBlock(fields, len(message), True)
-            name = match.group(1).decode("ascii")
-            fields.append(Field(name, message[pos + match.end() : line_end], pos, line_end))
-        elif not (pos == 0 and content.startswith(b"From ")):
-            malformed = True
-        pos = line_end
-    return HeaderBlock(fields, len(message), malformed)
+            continue
+        if len(fields) >= MAX_HEADER_FIELDS:
+            return HeaderBlock(fields, len(message), True)
+        colon = message.index(b":", field.start)
+        name = field.name.decode("ascii")
+        fields.append(Field(name, message[colon + 1 : field.end], field.start, field.end))
+    return HeaderBlock(fields, body_start, malformed)
 
 
 def remove_fields(message: bytes, doomed: list[Field]) -> bytes:
