@@ -591,7 +591,7 @@ def _app_password_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_app_password_revoke)
 
 
-def _dkim_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _dkim_commands(sub: argparse._SubParsersAction) -> None:
     g = _group(sub, "dkim", "manage DKIM signing keys")
     p = g.add_parser("list", help="list a domain's selectors")
     p.add_argument("domain")
@@ -605,7 +605,7 @@ def _dkim_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.set_defaults(func=cmd_dkim_remove)
 
 
-def _queue_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _queue_commands(sub: argparse._SubParsersAction) -> None:
     g = _group(sub, "queue", "inspect and manage the outbound queue")
     p = g.add_parser("list", help="list queued messages (no message text)")
     p.set_defaults(func=cmd_queue_list)
@@ -620,7 +620,7 @@ def _queue_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=cmd_queue_delete)
 
 
-def _ban_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _ban_commands(sub: argparse._SubParsersAction) -> None:
     g = _group(sub, "ban", "list, add and remove bans of client addresses")
     p = g.add_parser("list", help="list active bans")
     p.add_argument("--all", action="store_true", help="include expired bans")

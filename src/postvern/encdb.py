@@ -68,8 +68,7 @@ def open_encrypted(
 
 
 def _migrate(conn: apsw.Connection, migrations: Sequence[Migration], path: Path) -> None:
-    row: tuple[int] = conn.execute("PRAGMA user_version").fetchall()[0]
-    version = row[0]
+    version = int(conn.execute("PRAGMA user_version").fetchall()[0][0] or 0)
     if version > len(migrations):
         raise SchemaTooNew(f"{path.name}: schema version {version} is newer than this Postvern")
     for number in range(version, len(migrations)):

@@ -170,7 +170,7 @@ class InboundPipeline:
 
     async def deliver(self, txn: Transaction, raw: bytes) -> Reply:
         auth: AuthVerdict | None = None
-        if self.resolver is not None and txn.authenticated is None:
+        if self.resolver is not None and txn.authenticated is None and txn.client_ip:
             auth = await emailauth.authenticate(
                 raw,
                 client_ip=txn.client_ip,

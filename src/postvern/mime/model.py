@@ -124,14 +124,14 @@ def _body(d: dict[str, Any]) -> BodyPart:
     return BodyPart(
         type=d["type"],
         subtype=d["subtype"],
-        params=[tuple(p) for p in d["params"]],  # type: ignore[misc]
+        params=[tuple(p) for p in d["params"]],
         id=d["id"],
         description=d["description"],
         encoding=d["encoding"],
         size=d["size"],
         lines=d["lines"],
         md5=d["md5"],
-        disposition=(disp[0], [tuple(p) for p in disp[1]]) if disp else None,  # type: ignore[misc]
+        disposition=(disp[0], [tuple(p) for p in disp[1]]) if disp else None,
         language=d["language"],
         location=d["location"],
         parts=[_body(p) for p in d["parts"]],

@@ -21,9 +21,8 @@ from postvern.smtp.session import BaseHandler, SessionState
 log = logging.getLogger(__name__)
 
 
-def as_reply(refusal: Refusal | None) -> Reply | None:
-    if refusal is None:
-        return None
+def refusal_reply(refusal: Refusal) -> Reply:
+    """The SMTP reply for an abuse refusal (its code, enhanced status and text)."""
     return Reply(refusal.code, refusal.enhanced_status, refusal.text)
 
 
@@ -43,7 +42,8 @@ class MXHandler(BaseHandler):
     async def on_connect(self, state: SessionState) -> Reply | None:
         if self.abuse is None:
             return None
-        return as_reply(await self.abuse.on_connect(state.peer_ip, "smtp"))
+        refusal = await self.abuse.on_connect(state.peer_ip, "smtp")
+        return None if refusal is None else refusal_reply(refusal)
 
     async def on_mail(
         self, state: SessionState, sender: Address | None, params: MailParams
@@ -52,7 +52,7 @@ class MXHandler(BaseHandler):
         if self.abuse is not None:
             refusal = await self.abuse.on_mail(state.peer_ip, str(sender or ""))
             if refusal is not None:
-                return as_reply(refusal)
+                return refusal_reply(refusal)
         return replies.sender_ok()
 
     async def on_rcpt(self, state: SessionState, recipient: Address, params: RcptParams) -> Reply:
@@ -71,7 +71,7 @@ class MXHandler(BaseHandler):
                 state.peer_ip, str(state.sender or ""), address, resolved is not None
             )
             if refusal is not None:
-                return as_reply(refusal)
+                return refusal_reply(refusal)
         if resolved is not None:
             self._recipients.append(resolved)
         return reply
@@ -83,7 +83,7 @@ class MXHandler(BaseHandler):
                 state.peer_ip, str(sender or ""), len(self._recipients)
             )
             if refusal is not None:
-                return as_reply(refusal)
+                return refusal_reply(refusal)
         txn = Transaction(
             client_ip=state.peer_ip,
             helo=state.helo or "",

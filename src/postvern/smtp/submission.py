@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import email.utils
 import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from postvern import mime
 from postvern.abuse import Abuse
@@ -23,11 +25,12 @@ from postvern.login import LoginRefused, LoginService
 from postvern.smtp import replies
 from postvern.smtp.address import Address
 from postvern.smtp.commands import MailParams, RcptParams
-from postvern.smtp.mx import as_reply
+from postvern.smtp.mx import refusal_reply
 from postvern.smtp.replies import Reply
 from postvern.smtp.session import BaseHandler, SessionState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Received "from" name for submitted mail: the client's own name and address are left out
 # of what we send on, as privacy-first providers do (a reserved .invalid name, RFC 2606).
@@ -61,13 +64,14 @@ class SubmissionHandler(BaseHandler):
         self._local: list[Recipient] = []
         self._remote: list[str] = []
 
-    async def _thread(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.pipeline._thread(fn, *args)
 
     async def on_connect(self, state: SessionState) -> Reply | None:
         if self.abuse is None:
             return None
-        return as_reply(await self.abuse.on_connect(state.peer_ip, "submission"))
+        refusal = await self.abuse.on_connect(state.peer_ip, "submission")
+        return None if refusal is None else refusal_reply(refusal)
 
     async def on_auth(
         self, state: SessionState, mechanism: str, authzid: str, authcid: str, password: str
@@ -121,12 +125,12 @@ class SubmissionHandler(BaseHandler):
     async def on_message(self, state: SessionState, message: bytes) -> Reply:
         assert self.user is not None
         if self.abuse is not None:
-            refusal = await self.abuse.on_submission(self.user.address)
-            if refusal is not None:
-                return as_reply(refusal) or replies.local_error()
-        refusal = await self._check_from(message)
-        if refusal is not None:
-            return refusal
+            over_limit = await self.abuse.on_submission(self.user.address)
+            if over_limit is not None:
+                return refusal_reply(over_limit)
+        bad_from = await self._check_from(message)
+        if bad_from is not None:
+            return bad_from
         message = _complete_headers(message, self.hostname)
         from_domain = _from_domain(message) or self.user.domain
         signed = await self.signer.sign_async(message, from_domain)
