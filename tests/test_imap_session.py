@@ -21,7 +21,9 @@ import pytest
 from harness import DataDir, Services, client_tls_context, make_data_dir, services
 from postvern.config import Limits
 from postvern.crypto.tls import server_context
-from postvern.imap.server import start_imap_server
+from postvern.imap.server import BUSY, start_imap_server
+from postvern.imap.session import ImapSession, SessionCounter
+from postvern.net import Channel, ChannelServer, ConnectionCaps, serve_channels
 from postvern.store.spool import SpoolItem
 
 ALICE = "alice@example.test"
@@ -59,7 +61,7 @@ class Env:
     tls_port: int  # imaps
     limits: Limits
     ssl_context: ssl.SSLContext
-    servers: list[asyncio.Server] = field(default_factory=list)
+    servers: list[ChannelServer] = field(default_factory=list)
 
     def password(self, address: str) -> str:
         return self.data.passwords[address]
@@ -129,7 +131,7 @@ async def make_env(tmp_path: Path, limits: Limits | None = None) -> AsyncIterato
         yield e
     finally:
         for server in e.servers:
-            server.close()
+            await server.shutdown()
         await asyncio.wait_for(asyncio.gather(e.released(ALICE), e.released(BOB)), 30)
         await svc.close()
 
@@ -239,6 +241,36 @@ async def test_starttls_login_and_capabilities(env: Env) -> None:
         assert cap in caps
     assert b"QUOTA=RES-MESSAGE" not in caps
     assert any(c.startswith(b"APPENDLIMIT=") for c in caps)
+
+
+def read_line(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """One line, read a byte at a time so nothing behind it (a TLS handshake) is consumed."""
+    data = b""
+    while not data.endswith(b"\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            break
+        data += byte
+    return data
+
+
+async def test_starttls_command_injection_is_discarded(env: Env) -> None:
+    def session() -> tuple[bytes, bytes]:
+        raw = socket.create_connection((HOST, env.port), timeout=30)
+        read_line(raw)
+        # CVE-2011-0411: the CAPABILITY rides in the same packet as STARTTLS.
+        raw.sendall(b"S1 STARTTLS\r\nS2 CAPABILITY\r\n")
+        began = read_line(raw)
+        tls = client_tls_context().wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(b"S3 NOOP\r\n")
+        after = read_line(tls)
+        tls.close()
+        return began, after
+
+    began, after = await in_thread(session)
+    assert began.startswith(b"S1 OK")
+    # Had the CAPABILITY run inside TLS, its untagged response would come first.
+    assert after.startswith(b"S3 OK")
 
 
 async def test_wrong_password_and_authenticate_plain(env: Env) -> None:
@@ -732,6 +764,52 @@ async def test_sort_and_thread(env: Env) -> None:
     assert out["from_size"][0][0].startswith(b"* SORT 2 ")
     assert out["references"][0] == [b"* THREAD (1 2 5)(4)(3)\r\n"]
     assert out["ordered"][0] == [b"* THREAD (1 (2)(5))(4)(3)\r\n"]
+
+
+async def test_shutdown_says_bye_even_during_idle(env: Env) -> None:
+    counter = SessionCounter(env.limits.imap_sessions_per_user)
+
+    async def run(channel: Channel) -> None:
+        session = ImapSession(
+            channel,
+            login=env.svc.login,
+            limits=env.limits,
+            ssl_context=env.ssl_context,
+            tls_active=True,
+            hostname="mx.example.test",
+            counter=counter,
+        )
+        await session.run()
+
+    listener = await serve_channels(
+        "imap",
+        HOST,
+        0,
+        run=run,
+        caps=ConnectionCaps(total=10, per_ip=10),
+        busy=BUSY,
+        ssl_context=env.ssl_context,
+        implicit_tls=True,
+    )
+    loop = asyncio.get_running_loop()
+    idling = asyncio.Event()
+
+    def session() -> list[bytes]:
+        wire = Wire(listener.port)
+        wire.ok(f'LOGIN {ALICE} "{env.password(ALICE)}"')
+        wire.ok("SELECT INBOX")
+        wire.send(b"I1 IDLE\r\n")
+        assert wire.line().startswith(b"+ ")
+        loop.call_soon_threadsafe(idling.set)
+        lines = [wire.line(), wire.line()]
+        wire.close()
+        return lines
+
+    task = asyncio.ensure_future(in_thread(session))
+    await asyncio.wait_for(idling.wait(), 30)
+    await listener.shutdown(grace=5)
+    assert await task == [b"* BYE server shutting down\r\n", b""]
+    assert listener.active_sessions == 0
 
 
 # -- several sessions on one mailbox ---------------------------------------------------------

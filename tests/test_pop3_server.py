@@ -21,9 +21,10 @@ import pytest
 from harness import DataDir, Services, client_tls_context, free_port, make_data_dir, services
 from postvern.config import Limits
 from postvern.crypto.tls import server_context
-from postvern.pop3.protocol import to_crlf
+from postvern.net import Channel, ChannelServer, ConnectionCaps, serve_channels
+from postvern.pop3.protocol import BUSY, to_crlf
 from postvern.pop3.server import start_pop3_server
-from postvern.pop3.session import unique_id
+from postvern.pop3.session import POP3Session, unique_id
 from postvern.store.mailbox import INBOX
 from postvern.store.spool import SpoolItem
 
@@ -110,13 +111,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         yield e
     finally:
         for server in servers:
-            server.close()
-            await server.wait_closed()
+            await server.shutdown()
         await asyncio.wait_for(asyncio.gather(e.released(ALICE), e.released(BOB)), 30)
         await svc.close()
 
 
-async def serve(e: Env, port: int, tls_port: int, limits: Limits) -> list[asyncio.Server]:
+async def serve(e: Env, port: int, tls_port: int, limits: Limits) -> list[ChannelServer]:
     return [
         await start_pop3_server(
             HOST, p, login=e.svc.login, ssl_context=e.ssl_context, implicit_tls=i, limits=limits
@@ -362,9 +362,53 @@ async def test_idle_timeout_closes_without_update(env: Env) -> None:
         assert await in_thread(session) == b"-ERR Disconnected for inactivity."
     finally:
         for server in servers:
-            server.close()
+            await server.shutdown()
     await env.released(ALICE)
     assert [raw for _, _, raw in await env.inbox(ALICE)] == MESSAGES
+
+
+async def test_shutdown_closes_without_update(env: Env) -> None:
+    await fill(env)
+
+    async def run(channel: Channel) -> None:
+        session = POP3Session(
+            channel,
+            login=env.svc.login,
+            limits=env.limits,
+            ssl_context=env.ssl_context,
+            tls_active=True,
+        )
+        await session.run()
+
+    listener = await serve_channels(
+        "pop3",
+        HOST,
+        0,
+        run=run,
+        caps=ConnectionCaps(total=10, per_ip=10),
+        busy=BUSY,
+        ssl_context=env.ssl_context,
+        implicit_tls=True,
+    )
+    loop = asyncio.get_running_loop()
+    deleted = asyncio.Event()
+
+    def session() -> bytes:
+        client = poplib.POP3_SSL(HOST, listener.port, context=client_tls_context(), timeout=30)
+        client.user(ALICE)
+        client.pass_(env.password(ALICE))
+        client.dele(1)
+        loop.call_soon_threadsafe(deleted.set)
+        last = next_line(client)  # blocks until the server goes away
+        client.close()
+        return last
+
+    task = asyncio.ensure_future(in_thread(session))
+    await asyncio.wait_for(deleted.wait(), 30)
+    await listener.shutdown(grace=5)
+    assert await task == b"-ERR Server shutting down."
+    await env.released(ALICE)
+    assert [raw for _, _, raw in await env.inbox(ALICE)] == MESSAGES  # DELE never took effect
 
 
 async def test_uidl_is_stable_across_sessions(env: Env) -> None:
@@ -603,6 +647,6 @@ async def test_connections_over_the_per_address_cap_are_turned_away(env: Env) ->
         welcome, busy = await in_thread(session)
     finally:
         for server in servers:
-            server.close()
+            await server.shutdown()
     assert welcome.startswith(b"+OK")
     assert busy == b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"

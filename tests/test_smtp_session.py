@@ -406,6 +406,31 @@ async def test_plaintext_after_the_220_is_never_a_command(
     assert await other.at_eof()
 
 
+async def test_a_stalled_starttls_handshake_ends_the_session(
+    start_server: Starter, tls_files: TLSFiles
+) -> None:
+    server, recorder = await start_server(
+        ssl_context=tls_files.server_context(), tls_handshake_timeout=0.3
+    )
+    client = await greeted_client(server.port)
+    await client.send(b"STARTTLS\r\n")
+    assert await client.code() == "220 2.0.0"
+    assert await client.at_eof()  # no ClientHello ever came
+    await wait_for_sessions(server, 0)
+    assert recorder.disconnects == 1
+
+
+async def test_a_stalled_implicit_tls_handshake_is_closed_before_any_session(
+    start_server: Starter, tls_files: TLSFiles
+) -> None:
+    server, recorder = await start_server(
+        ssl_context=tls_files.server_context(), implicit_tls=True, tls_handshake_timeout=0.3
+    )
+    client = await RawClient.connect(server.port)
+    assert await client.at_eof()
+    assert recorder.disconnects == 0 and server.active_sessions == 0
+
+
 async def test_refused_session_waits_for_quit(start_server: Starter) -> None:
     server, recorder = await start_server()
     recorder.greeting = replies.session_refused("mx.test")
@@ -697,6 +722,15 @@ async def test_total_connections(start_server: Starter) -> None:
     assert await second.code() == "421 4.7.0"
     assert await second.at_eof()
     await first.close()
+
+
+async def test_commands_before_a_half_close_are_answered(start_server: Starter) -> None:
+    server, _ = await start_server()
+    client = await greeted_client(server.port)
+    await client.send(b"NOOP\r\nRSET\r\n")
+    client.writer.write_eof()
+    assert [await client.code() for _ in range(2)] == ["250 2.0.0", "250 2.0.0"]
+    assert await client.at_eof()
 
 
 async def test_handler_failure_is_a_temporary_error(start_server: Starter) -> None:

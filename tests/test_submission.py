@@ -9,6 +9,7 @@ import ssl
 from collections.abc import Iterator
 
 import pytest
+
 from dnsserver import DNSTestServer
 from harness import (
     DataDir,
@@ -18,7 +19,6 @@ from harness import (
     make_data_dir,
     set_config,
 )
-
 from postvern.crypto.tls import TLS12_CIPHERS
 from postvern.emailauth import dkim
 

@@ -1,43 +1,55 @@
-"""Connection plumbing shared by the IMAP and POP3 listeners.
+"""Connection plumbing shared by the SMTP, IMAP and POP3 listeners.
 
 :class:`Channel` is an ``asyncio.Protocol`` with flow control both ways and no buffer the
 session cannot see — needed because asyncio's StreamReader would keep plaintext read before
 a STARTTLS/STLS upgrade and hand it back afterwards, as if it had come through TLS
-(CVE-2011-0411, the STARTTLS command-injection class). :class:`ConnectionCaps` bounds a
-listener's open connections in all and per client address.
+(CVE-2011-0411, the STARTTLS command-injection class). :func:`serve_channels` listens, bounds
+open connections in all and per client address (:class:`ConnectionCaps`), and runs one
+session per channel until :meth:`ChannelServer.shutdown`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 
-# Bytes read from the socket but not yet handed to the core. Past this we stop reading, so a
-# client that pipelines faster than we answer is held back by TCP rather than by our memory.
+log = logging.getLogger(__name__)
+
+# Bytes read from the socket but not yet handed to the session. Past this we stop reading, so a
+# client that sends faster than we answer is held back by TCP rather than by our memory: a
+# channel holds at most this plus one transport read (asyncio reads up to 256 KiB at a time).
 READ_HIGH_WATER = 64 * 1024
 # A TLS handshake (implicit or after STARTTLS) that has not finished by then never will;
-# without a bound, half-open handshakes would hold connection slots for ever.
+# without a bound, half-open handshakes would hold connection slots for ever (asyncio's
+# default is 60 s; a real client needs well under one).
 TLS_HANDSHAKE_TIMEOUT = 30.0
+# On shutdown, sessions busy with a request (a delivery being made durable) get this long to
+# finish and say goodbye before they are cancelled.
+SHUTDOWN_GRACE = 10.0
 
 
 class Channel(asyncio.Protocol):
     """One connection's bytes, with flow control both ways and no buffer the session cannot see.
 
     asyncio's StreamReader keeps bytes it has read in a buffer that survives a TLS upgrade,
-    so plaintext pipelined after STLS would be read back as if it came through TLS. Here the
-    session drops such bytes itself (:meth:`discard_input`) before the handshake starts.
+    so plaintext pipelined after STARTTLS would be read back as if it came through TLS. Here
+    :meth:`discard_input` drops such bytes and stops reading before the session answers the
+    command, and :meth:`start_tls` drops anything left, so nothing from before the handshake
+    is ever returned after it. One task reads at a time.
     """
 
     def __init__(self, on_open: Callable[[Channel], None]) -> None:
         self._on_open = on_open
         self.transport: asyncio.Transport | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._queued = 0
+        self._received: list[bytes] = []
+        self._buffered = 0
         self._reading_paused = False
         self._eof = False
-        self.lost = False
+        self._interrupted = False
+        self.lost = False  # the connection is gone: writes go nowhere, reads end
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
@@ -55,11 +67,10 @@ class Channel(asyncio.Protocol):
         self._on_open(self)
 
     def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._queued += len(data)
-        if self._queued >= READ_HIGH_WATER and not self._reading_paused and self.transport:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        self._received.append(data)
+        self._buffered += len(data)
+        if self._buffered >= READ_HIGH_WATER:
+            self._pause_reading()
         self._readable.set()
 
     def eof_received(self) -> bool:
@@ -83,52 +94,85 @@ class Channel(asyncio.Protocol):
 
     # -- what the session uses ---------------------------------------------------------
 
-    async def read(self) -> bytes:
-        """The next chunk from the client; ``b""`` once it has closed."""
-        while not self._chunks:
-            if self._eof:
-                return b""
+    async def read(self) -> bytes | None:
+        """Everything received so far, waiting for some; ``b""`` once the client has closed,
+        ``None`` once :meth:`interrupt` was called. Cancelling it loses nothing."""
+        while not (self._received or self._eof or self._interrupted):
+            self._resume_reading()  # after discard_input with no handshake to follow
             self._readable.clear()
             await self._readable.wait()
-        data = self._chunks.popleft()
-        self._queued -= len(data)
-        self._resume_if_drained()
+        if self._interrupted:
+            return None
+        data = b"".join(self._received)
+        self._received.clear()
+        self._buffered = 0
+        self._resume_reading()
         return data
 
-    def discard_input(self) -> None:
-        self._chunks.clear()
-        self._queued = 0
-        self._resume_if_drained()
+    def interrupt(self) -> None:
+        """Make the pending and every later :meth:`read` return ``None`` (shutdown)."""
+        self._interrupted = True
+        self._readable.set()
 
-    def _resume_if_drained(self) -> None:
-        if self._reading_paused and self._queued < READ_HIGH_WATER and self.transport:
-            self._reading_paused = False
-            self.transport.resume_reading()
+    def discard_input(self) -> int:
+        """Drop what was received but not yet read and stop reading until the next
+        :meth:`read` or :meth:`start_tls`; returns how many bytes were dropped."""
+        self._pause_reading()
+        discarded = self._buffered
+        self._received.clear()
+        self._buffered = 0
+        return discarded
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.lost:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     async def drain(self) -> None:
+        """Wait until the transport takes writes again, or the connection is lost."""
         await self._writable.wait()
 
-    async def start_tls(self, context: ssl.SSLContext) -> None:
+    async def start_tls(
+        self, context: ssl.SSLContext, handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
+    ) -> None:
+        """Run the server side of a TLS handshake on this connection (STARTTLS, STLS).
+
+        Raises ``ConnectionError`` (a timeout is ``ConnectionAbortedError``) or
+        ``ssl.SSLError`` when the handshake fails; the connection is closed then.
+        """
         assert self.transport is not None
+        # Synchronously before the handshake starts: nothing can arrive in between.
+        self.discard_input()
         loop = asyncio.get_running_loop()
         upgraded = await loop.start_tls(
             self.transport,
             self,
             context,
             server_side=True,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            ssl_handshake_timeout=handshake_timeout,
         )
         if upgraded is None:
             raise ConnectionError("connection closed during the TLS handshake")
         self.transport = upgraded
+        self._reading_paused = False  # the TLS transport reads on its own
 
     def close(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent output (a client that stopped reading)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.lost:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.lost:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
 
 class ConnectionCaps:
@@ -159,56 +203,132 @@ class ConnectionCaps:
 Admission = Callable[[str], Awaitable[str | None]]
 
 
+class ChannelServer:
+    """A listening socket and the sessions it runs; end it with :meth:`shutdown`."""
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[Channel], Awaitable[None]],
+        *,
+        caps: ConnectionCaps,
+        busy: bytes,
+        refusal: Callable[[str], bytes] | None = None,
+        admission: Admission | None = None,
+    ) -> None:
+        if admission is not None and refusal is None:
+            raise ValueError("an admission check needs a refusal to send")
+        self.name = name  # the service, for logs: "smtp", "imap"...
+        self._run = run
+        self._caps = caps
+        self._busy = busy
+        self._refusal = refusal
+        self._admission = admission
+        self._sessions: dict[asyncio.Task[None], Channel] = {}
+        self._server: asyncio.Server | None = None
+
+    @property
+    def server(self) -> asyncio.Server:
+        assert self._server is not None, "not listening yet"
+        return self._server
+
+    @property
+    def sockets(self) -> tuple[object, ...]:
+        return tuple(self._server.sockets) if self._server else ()
+
+    @property
+    def port(self) -> int:
+        """The port of the first listening socket (useful after binding port 0)."""
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._sessions)
+
+    async def listen(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        """Accept on ``host:port``; with ``ssl_context`` TLS starts at connect."""
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: Channel(self._opened),
+            host,
+            port,
+            ssl=ssl_context,
+            ssl_handshake_timeout=handshake_timeout if ssl_context is not None else None,
+            reuse_address=True,
+        )
+
+    def _opened(self, channel: Channel) -> None:
+        ip = channel.peer_ip
+        if not self._caps.admit(ip):
+            # Before any session state exists, in the listener's own protocol.
+            log.info("%s: connection refused, too many connections", self.name)
+            channel.write(self._busy)
+            channel.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(channel))
+        self._sessions[task] = channel  # a strong reference, or it could be collected mid-session
+
+        def ended(task: asyncio.Task[None]) -> None:
+            self._sessions.pop(task, None)
+            self._caps.leave(ip)
+
+        task.add_done_callback(ended)
+
+    async def _serve(self, channel: Channel) -> None:
+        if self._admission is not None and self._refusal is not None:
+            reason = await self._admission(channel.peer_ip)
+            if reason is not None:
+                # Before the greeting, so a banned client never reaches a password check.
+                channel.write(self._refusal(reason))
+                channel.close()
+                return
+        await self._run(channel)
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop listening, interrupt every session's read (each then says goodbye in its own
+        protocol), and cancel those still running after ``grace`` seconds."""
+        if self._server is not None:
+            self._server.close()
+        for channel in self._sessions.values():
+            channel.interrupt()
+        tasks = list(self._sessions)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
 async def serve_channels(
+    name: str,
     host: str,
     port: int,
     *,
     run: Callable[[Channel], Awaitable[None]],
     caps: ConnectionCaps,
     busy: bytes,
-    refusal: Callable[[str], bytes],
-    admission: Admission | None,
-    ssl_context: ssl.SSLContext,
-    implicit_tls: bool,
-) -> asyncio.Server:
+    refusal: Callable[[str], bytes] | None = None,
+    admission: Admission | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    implicit_tls: bool = False,
+    handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
+) -> ChannelServer:
     """Listen, cap connections, ask ``admission``, then ``run`` one session per channel.
 
     A connection over the caps gets ``busy`` and is closed before any session state
     exists; one refused by ``admission`` gets ``refusal(reason)`` and is closed before the
-    greeting, so a banned client never reaches a password check.
+    greeting. With ``implicit_tls`` the handshake (bounded by ``handshake_timeout``) comes
+    first; otherwise ``ssl_context`` is the session's to use for STARTTLS.
     """
-    loop = asyncio.get_running_loop()
-    sessions: set[asyncio.Task[None]] = set()
-
-    async def serve(channel: Channel) -> None:
-        if admission is not None:
-            reason = await admission(channel.peer_ip)
-            if reason is not None:
-                channel.write(refusal(reason))
-                channel.close()
-                return
-        await run(channel)
-
-    def opened(channel: Channel) -> None:
-        ip = channel.peer_ip
-        if not caps.admit(ip):
-            channel.write(busy)
-            channel.close()
-            return
-        task = loop.create_task(serve(channel))
-        sessions.add(task)  # a strong reference, or the task could be collected mid-session
-
-        def ended(task: asyncio.Task[None]) -> None:
-            sessions.discard(task)
-            caps.leave(ip)
-
-        task.add_done_callback(ended)
-
-    return await loop.create_server(
-        lambda: Channel(opened),
-        host,
-        port,
-        ssl=ssl_context if implicit_tls else None,
-        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
-        reuse_address=True,
-    )
+    if implicit_tls and ssl_context is None:
+        raise ValueError("implicit TLS needs an ssl_context")
+    listener = ChannelServer(name, run, caps=caps, busy=busy, refusal=refusal, admission=admission)
+    await listener.listen(host, port, ssl_context if implicit_tls else None, handshake_timeout)
+    return listener

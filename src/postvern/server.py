@@ -9,7 +9,6 @@ mailbox, close the databases).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -32,6 +31,7 @@ from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
 from postvern.mta import QUEUE_FILE, OutboundMTA, Queue
 from postvern.net import Admission
+from postvern.ops import logs
 from postvern.pop3.server import start_pop3_server
 from postvern.smtp.mx import MXHandler
 from postvern.smtp.session import serve_smtp
@@ -48,18 +48,6 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 
 class Listener(Protocol):
     async def shutdown(self, grace: float = ...) -> None: ...
-
-
-class AsyncioListener:
-    """Adapts a plain ``asyncio.Server`` to :class:`Listener`."""
-
-    def __init__(self, server: asyncio.Server) -> None:
-        self.server = server
-
-    async def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        self.server.close()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.server.wait_closed(), grace)
 
 
 Starter = Callable[["Server", str, int], Awaitable[Listener]]
@@ -225,18 +213,16 @@ def _start_submission(implicit_tls: bool) -> Starter:
 def _start_imap(implicit_tls: bool) -> Starter:
     async def start(server: Server, host: str, port: int) -> Listener:
         s = server.settings
-        return AsyncioListener(
-            await start_imap_server(
-                host,
-                port,
-                login=server.login,
-                registry=server.registry,
-                ssl_context=server.tls_context,
-                implicit_tls=implicit_tls,
-                limits=s.limits,
-                hostname=s.hostname,
-                admission=server.admission("imap"),
-            )
+        return await start_imap_server(
+            host,
+            port,
+            login=server.login,
+            registry=server.registry,
+            ssl_context=server.tls_context,
+            implicit_tls=implicit_tls,
+            limits=s.limits,
+            hostname=s.hostname,
+            admission=server.admission("imap"),
         )
 
     return start
@@ -244,16 +230,14 @@ def _start_imap(implicit_tls: bool) -> Starter:
 
 def _start_pop3(implicit_tls: bool) -> Starter:
     async def start(server: Server, host: str, port: int) -> Listener:
-        return AsyncioListener(
-            await start_pop3_server(
-                host,
-                port,
-                login=server.login,
-                ssl_context=server.tls_context,
-                implicit_tls=implicit_tls,
-                limits=server.settings.limits,
-                admission=server.admission("pop3"),
-            )
+        return await start_pop3_server(
+            host,
+            port,
+            login=server.login,
+            ssl_context=server.tls_context,
+            implicit_tls=implicit_tls,
+            limits=server.settings.limits,
+            admission=server.admission("pop3"),
         )
 
     return start
@@ -282,14 +266,6 @@ STARTERS: dict[str, Starter] = {
 }
 
 
-def _configure_logging(settings: config.Settings) -> None:
-    logging.basicConfig(
-        level=getattr(logging, settings.log.level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 async def _serve(app: App, banner: Callable[[config.Settings], str] | None) -> int:
     server = Server(app)
     try:
@@ -312,7 +288,11 @@ async def _serve(app: App, banner: Callable[[config.Settings], str] | None) -> i
 
 def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) -> int:
     app = App.open(data_dir)
-    _configure_logging(app.settings)
+    logs.configure(
+        app.settings.log.level,
+        app.server_key.derive("log pseudonyms"),
+        anonymise=app.settings.log.anonymise,
+    )
     try:
         return asyncio.run(_serve(app, banner))
     finally:

@@ -8,14 +8,13 @@ state exists. Both listeners of one server count sessions per user together.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 import weakref
 
 from postvern.config import Limits
 from postvern.imap.session import ImapSession, SessionCounter
 from postvern.login import LoginService
-from postvern.net import Admission, Channel, ConnectionCaps, serve_channels
+from postvern.net import Admission, Channel, ChannelServer, ConnectionCaps, serve_channels
 from postvern.store.service import MailboxRegistry
 
 # RFC 9051 §7.1.5: a BYE may be sent instead of the greeting when the server refuses.
@@ -43,7 +42,7 @@ async def start_imap_server(
     hostname: str,
     plaintext_auth: bool = False,
     admission: Admission | None = None,
-) -> asyncio.Server:
+) -> ChannelServer:
     """Listen on ``host:port``; with ``implicit_tls`` TLS starts at connect, else by STARTTLS.
 
     ``registry`` is the one ``login`` unlocks mailboxes in (sessions reach the store only
@@ -68,6 +67,7 @@ async def start_imap_server(
         await session.run()
 
     return await serve_channels(
+        "imap",
         host,
         port,
         run=run,

@@ -103,7 +103,7 @@ class ImapSession:
         self.executor: Executor | None = None
         self._user_id: str | None = None
         self._idling = False
-        self._pending_read: asyncio.Future[bytes] | None = None
+        self._pending_read: asyncio.Future[bytes | None] | None = None
         self._last_input = time.monotonic()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -124,6 +124,9 @@ class ImapSession:
         self.conn.greeting(f"{self.hostname} Postvern IMAP ready")
         while True:
             event = self.conn.next_event()
+            if isinstance(event, StartTLSRequested):
+                await self._start_tls()  # it sends the queued OK itself, once it stops reading
+                continue
             # Always flush before waiting: the core answers some commands by itself.
             if not await self._flush():
                 return "client stopped reading"
@@ -138,8 +141,6 @@ class ImapSession:
                 self._idling = False
                 if not event.aborted:
                     self.conn.send(Completion.ok(event.tag, "IDLE terminated"))
-            elif isinstance(event, StartTLSRequested):
-                await self._start_tls()
             elif isinstance(event, ConnectionClosed):
                 await self._flush()
                 return event.reason
@@ -164,14 +165,18 @@ class ImapSession:
             return
         self._received(data)
 
-    def _next_chunk(self) -> asyncio.Future[bytes]:
+    def _next_chunk(self) -> asyncio.Future[bytes | None]:
         """The pending read, kept across IDLE wake-ups so no input is ever dropped."""
         if self._pending_read is None:
             self._pending_read = asyncio.ensure_future(self.channel.read())
         return self._pending_read
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, data: bytes | None) -> None:
         self._pending_read = None
+        if data is None:
+            # The listener is shutting down: RFC 9051 §7.1.5 lets a server say BYE any time.
+            self.conn.send(Condition(Status.BYE, "server shutting down"))
+            return
         self._last_input = time.monotonic()
         self.conn.receive_data(data)
 
@@ -290,9 +295,10 @@ class ImapSession:
 
     async def _start_tls(self) -> None:
         assert self.ssl_context is not None
-        await self._write_out()
-        # Synchronously before the handshake starts: nothing can arrive in between.
+        # Stop reading before the OK goes out: the ClientHello that answers it belongs to TLS,
+        # and nothing pipelined behind STARTTLS in plaintext may survive (CVE-2011-0411).
         self.channel.discard_input()
+        await self._write_out()
         await self.channel.start_tls(self.ssl_context)
         self.conn.tls_established()
 

@@ -7,12 +7,11 @@ state exists.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 
 from postvern.config import Limits
 from postvern.login import LoginService
-from postvern.net import Admission, Channel, ConnectionCaps, serve_channels
+from postvern.net import Admission, Channel, ChannelServer, ConnectionCaps, serve_channels
 from postvern.pop3.protocol import BUSY
 from postvern.pop3.session import POP3Session
 
@@ -26,7 +25,7 @@ async def start_pop3_server(
     implicit_tls: bool,
     limits: Limits,
     admission: Admission | None = None,
-) -> asyncio.Server:
+) -> ChannelServer:
     """Listen on ``host:port``; with ``implicit_tls`` TLS starts at connect, else by STLS."""
 
     async def run(channel: Channel) -> None:
@@ -36,6 +35,7 @@ async def start_pop3_server(
         await session.run()
 
     return await serve_channels(
+        "pop3",
         host,
         port,
         run=run,

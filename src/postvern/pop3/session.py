@@ -101,6 +101,9 @@ class POP3Session:
         except TimeoutError:
             self.conn.idle_timeout()
             return
+        if data is None:  # the listener is shutting down
+            self.conn.shutdown()
+            return
         self.conn.receive_data(data)
 
     async def _flush(self) -> bool:
@@ -148,10 +151,11 @@ class POP3Session:
         self.conn.accept_login(maildrop)
 
     async def _start_tls(self) -> None:
+        # Stop reading before the +OK goes out: the ClientHello that answers it belongs to TLS,
+        # and nothing pipelined behind STLS in plaintext may survive (CVE-2011-0411).
+        self.channel.discard_input()
         if not await self._flush():
             raise ConnectionError("client went away before the TLS handshake")
-        # Synchronously before the handshake starts: nothing can arrive in between.
-        self.channel.discard_input()
         await self.channel.start_tls(self.ssl_context)
         self.conn.tls_started()
 

@@ -1,15 +1,15 @@
 """The asyncio side of the SMTP server: sockets, TLS and timeouts around the sans-I/O core.
 
-:func:`serve_smtp` listens and enforces connection limits; each connection runs an
-:class:`SMTPSession`, which feeds a :class:`~postvern.smtp.protocol.ServerConnection` and asks
-a :class:`Handler` (MX delivery, submission) for every policy decision. SMTP's rules live in
-the core; this module only moves bytes, keeps time, and speaks TLS.
+:func:`serve_smtp` listens through :func:`postvern.net.serve_channels` (connection caps,
+shutdown); each connection runs an :class:`SMTPSession` over a :class:`~postvern.net.Channel`,
+feeding a :class:`~postvern.smtp.protocol.ServerConnection` and asking a :class:`Handler` (MX
+delivery, submission) for every policy decision. SMTP's rules live in the core; this module
+only moves bytes, keeps time, and speaks TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import secrets
 import ssl
@@ -18,6 +18,13 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from postvern.config import Limits
+from postvern.net import (
+    TLS_HANDSHAKE_TIMEOUT,
+    Channel,
+    ChannelServer,
+    ConnectionCaps,
+    serve_channels,
+)
 from postvern.smtp import replies, sasl
 from postvern.smtp.address import Address
 from postvern.smtp.commands import MailParams, RcptParams
@@ -48,16 +55,6 @@ from postvern.smtp.protocol import ServerConnection
 from postvern.smtp.replies import Reply
 
 logger = logging.getLogger("postvern.smtp")
-
-# Unprocessed input held per connection before the socket stops being read: one transport
-# read (asyncio reads up to 256 KiB at a time) is all a session ever buffers.
-READ_HIGH_WATER = 256 * 1024
-# A client gets this long to finish a TLS handshake (asyncio's default is 60 s; a real client
-# needs well under one).
-TLS_HANDSHAKE_TIMEOUT = 30.0
-# On shutdown, sessions busy in a handler (a delivery being made durable) get this long to
-# finish before they are cancelled.
-SHUTDOWN_GRACE = 10.0
 
 _R = TypeVar("_R")
 
@@ -251,141 +248,13 @@ def tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
     )
 
 
-# --- Bytes in and out -----------------------------------------------------------------------
-
-
-class SMTPChannel(asyncio.Protocol):
-    """An asyncio protocol that buffers one read for the session, with flow control both
-    ways, and can restart under TLS with nothing left over from before."""
-
-    def __init__(self, on_connected: Callable[[SMTPChannel], None] | None = None) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._on_connected = on_connected
-        self._inbox = bytearray()
-        self._eof = False
-        self._lost = False
-        self._interrupted = False
-        self._reading_paused = False
-        self._writing_paused = False
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._drain_waiters: list[asyncio.Future[None]] = []
-
-    # asyncio.Protocol callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        if self._on_connected is not None:
-            self._on_connected(self)
-
-    def data_received(self, data: bytes) -> None:
-        self._inbox += data
-        if len(self._inbox) >= READ_HIGH_WATER and not self._reading_paused:
-            self._pause_reading()
-        self._wake_reader()
-
-    def eof_received(self) -> bool | None:
-        self._eof = True
-        self._wake_reader()
-        return None  # let the transport close: there is nothing left to say
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = self._lost = True
-        self._wake_reader()
-        self._wake_drainers()
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        self._wake_drainers()
-
-    # For the session
-
-    async def read(self) -> bytes | None:
-        """Everything received so far (waiting for some); ``b""`` at end of stream,
-        ``None`` when :meth:`interrupt` was called."""
-        while not self._inbox and not self._eof and not self._interrupted:
-            self._read_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._read_waiter
-            finally:
-                self._read_waiter = None
-        if self._interrupted:
-            return None
-        data = bytes(self._inbox)
-        self._inbox.clear()
-        if self._reading_paused and not self._lost and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
-        return data
-
-    def interrupt(self) -> None:
-        self._interrupted = True
-        self._wake_reader()
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    async def drain(self) -> None:
-        while self._writing_paused and not self._lost:
-            waiter = asyncio.get_running_loop().create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
-
-    def stop_reading(self) -> int:
-        """Stop reading and discard what was received but not yet read; returns its size."""
-        if not self._reading_paused:
-            self._pause_reading()
-        discarded = len(self._inbox)
-        self._inbox.clear()
-        return discarded
-
-    async def start_tls(self, context: ssl.SSLContext, handshake_timeout: float) -> None:
-        """Run the server side of a TLS handshake on this connection (after STARTTLS)."""
-        assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(
-            self.transport, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout
-        )
-        if transport is None:
-            raise ConnectionError("connection closed during the TLS handshake")
-        self.transport = transport
-        self._reading_paused = False  # the TLS transport reads on its own
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _pause_reading(self) -> None:
-        if self.transport is not None and not self._lost:
-            self.transport.pause_reading()
-            self._reading_paused = True
-
-    def _wake_reader(self) -> None:
-        if self._read_waiter is not None and not self._read_waiter.done():
-            self._read_waiter.set_result(None)
-
-    def _wake_drainers(self) -> None:
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
-
-
 # --- One session ----------------------------------------------------------------------------
 
 
 class SMTPSession:
     """Drives one connection: reads into the core, asks the handler, writes the replies."""
 
-    def __init__(self, channel: SMTPChannel, handler: Handler, settings: SessionSettings) -> None:
+    def __init__(self, channel: Channel, handler: Handler, settings: SessionSettings) -> None:
         unknown = {m.upper() for m in handler.auth_mechanisms} - set(sasl.MECHANISMS)
         if unknown:
             raise ValueError(f"SASL mechanisms not implemented: {sorted(unknown)}")
@@ -422,10 +291,6 @@ class SMTPSession:
         self._out: list[bytes] = []
         self._sasl: sasl.Mechanism | None = None
         self._deadline = 0.0
-
-    def shutdown(self) -> None:
-        """Ask the session to end: it answers 421 4.3.2 the next time it waits for input."""
-        self._channel.interrupt()
 
     async def run(self) -> None:
         try:
@@ -513,7 +378,7 @@ class SMTPSession:
     async def _start_tls(self, event: StartTLS) -> bool:
         # Stop reading before the 220 goes out: the ClientHello that answers it belongs to the
         # TLS layer, and anything already received in plaintext must not survive the switch.
-        discarded = event.discarded + self._channel.stop_reading()
+        discarded = event.discarded + self._channel.discard_input()
         if discarded:
             logger.warning(
                 "smtp session %s: discarded %d bytes pipelined after STARTTLS",
@@ -653,84 +518,9 @@ def _address(transport: asyncio.BaseTransport | None, name: str) -> tuple[str, i
 
 # --- The listener ---------------------------------------------------------------------------
 
-
-class SMTPServer:
-    """A listening SMTP service with connection limits; end it with :meth:`shutdown`."""
-
-    def __init__(self, handler_factory: Callable[[], Handler], settings: SessionSettings) -> None:
-        self._handler_factory = handler_factory
-        self._settings = settings
-        self._server: asyncio.Server | None = None
-        self._sessions: dict[asyncio.Task[None], SMTPSession] = {}
-        self._per_ip: collections.Counter[str] = collections.Counter()
-
-    @property
-    def sockets(self) -> tuple[object, ...]:
-        return tuple(self._server.sockets) if self._server else ()
-
-    @property
-    def port(self) -> int:
-        """The port of the first listening socket (useful after binding port 0)."""
-        assert self._server is not None and self._server.sockets
-        return int(self._server.sockets[0].getsockname()[1])
-
-    @property
-    def active_sessions(self) -> int:
-        return len(self._sessions)
-
-    async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        implicit = self._settings.implicit_tls
-        self._server = await loop.create_server(
-            lambda: SMTPChannel(self._connected),
-            host,
-            port,
-            ssl=self._settings.ssl_context if implicit else None,
-            ssl_handshake_timeout=self._settings.tls_handshake_timeout if implicit else None,
-        )
-
-    def _connected(self, channel: SMTPChannel) -> None:
-        limits = self._settings.limits
-        ip = _address(channel.transport, "peername")[0]
-        too_many = len(self._sessions) >= limits.connections
-        if too_many or self._per_ip[ip] >= limits.connections_per_ip:
-            # RFC 5321 §3.1: a 421 greeting, then close, before any handler runs.
-            logger.info("smtp: connection refused, too many connections")
-            channel.write(replies.too_many_connections().to_bytes())
-            channel.close()
-            return
-        try:
-            session = SMTPSession(channel, self._handler_factory(), self._settings)
-        except Exception:
-            logger.exception("smtp: cannot start a session")
-            channel.write(replies.local_error().to_bytes())
-            channel.close()
-            return
-        self._per_ip[ip] += 1
-        task = asyncio.get_running_loop().create_task(session.run())
-        self._sessions[task] = session
-        task.add_done_callback(lambda done: self._finished(done, ip))
-
-    def _finished(self, task: asyncio.Task[None], ip: str) -> None:
-        self._sessions.pop(task, None)
-        self._per_ip[ip] -= 1
-        if self._per_ip[ip] <= 0:
-            del self._per_ip[ip]
-
-    async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop listening, tell every session to finish (421 4.3.2), cancel stragglers."""
-        if self._server is not None:
-            self._server.close()
-        for session in self._sessions.values():
-            session.shutdown()
-        tasks = list(self._sessions)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+# What serve_smtp returns: the listener and its sessions; shutdown() makes each session
+# answer 421 4.3.2 the next time it waits for input.
+SMTPServer = ChannelServer
 
 
 async def serve_smtp(
@@ -745,17 +535,17 @@ async def serve_smtp(
     smtputf8: bool = True,
     chunking: bool = True,
     dsn: bool = False,
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
 ) -> SMTPServer:
     """Listen for SMTP on ``host:port``; one ``handler_factory()`` per connection.
 
     Port 25 and 587: ``ssl_context`` enables STARTTLS. Port 465: ``implicit_tls=True``.
     ``limits`` (``config.Limits``) bounds lines, messages, recipients, errors, time, and
     connections in total and per client IP (over which a client gets 421 4.7.0).
+    ``tls_handshake_timeout`` bounds the handshake, implicit or after STARTTLS.
     """
     if ssl_context is not None:
         check_tls_context(ssl_context)
-    if implicit_tls and ssl_context is None:
-        raise ValueError("implicit TLS needs an ssl_context")
     settings = SessionSettings(
         hostname=hostname,
         limits=limits or Limits(),
@@ -764,7 +554,28 @@ async def serve_smtp(
         smtputf8=smtputf8,
         chunking=chunking,
         dsn=dsn,
+        tls_handshake_timeout=tls_handshake_timeout,
     )
-    server = SMTPServer(handler_factory, settings)
-    await server.start(host, port)
-    return server
+
+    async def run(channel: Channel) -> None:
+        try:
+            session = SMTPSession(channel, handler_factory(), settings)
+        except Exception:
+            logger.exception("smtp: cannot start a session")
+            channel.write(replies.local_error().to_bytes())
+            channel.close()
+            return
+        await session.run()
+
+    return await serve_channels(
+        "smtp",
+        host,
+        port,
+        run=run,
+        caps=ConnectionCaps(settings.limits.connections, settings.limits.connections_per_ip),
+        # RFC 5321 §3.1: a 421 greeting, then close, before any handler runs.
+        busy=replies.too_many_connections().to_bytes(),
+        ssl_context=ssl_context,
+        implicit_tls=implicit_tls,
+        handshake_timeout=tls_handshake_timeout,
+    )
