@@ -161,8 +161,8 @@ class MTA:
 @dataclass
 class Log:
     level: str = "info"
+    # Client addresses cut to /24 (IPv4) or /48 (IPv6), accounts as daily pseudonyms.
     anonymise: bool = True
-    retention_days: int = 7
 
 
 @dataclass

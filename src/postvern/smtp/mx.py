@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from postvern.abuse import Abuse, Refusal
+from postvern.abuse import Abuse, Refusal, subject
 from postvern.delivery.pipeline import InboundPipeline, Recipient, Transaction
 from postvern.smtp import replies
 from postvern.smtp.address import Address
@@ -95,10 +95,10 @@ class MXHandler(BaseHandler):
         self._recipients = []
         reply = await self.pipeline.deliver(txn, message)
         log.info(
-            "message %s from %s: %d %s",
+            "message %s: %d %s",
             txn.queue_id,
-            state.peer_ip,
             reply.code,
             reply.status,
+            extra=subject(ip=state.peer_ip),
         )
         return reply
