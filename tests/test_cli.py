@@ -59,6 +59,7 @@ def test_init_creates_layout_and_refuses_overwrite(initialised: Path) -> None:
         ["domain", "add"],
         ["domain", "list"],
         ["domain", "remove"],
+        ["domain", "policy"],
         ["user"],
         ["user", "add"],
         ["user", "list"],

@@ -29,6 +29,7 @@ from harness import (
 )
 
 ALICE = "alice@example.test"
+CAROL = "carol@lenient.test"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,14 @@ def mx(tmp_path_factory: pytest.TempPathFactory, clamd: ClamdServer) -> Iterator
         data = make_data_dir(tmp_path_factory.mktemp("mxf") / "data")
         set_config(data.path, "dns", {"nameservers": [dns.nameserver]})
         set_config(data.path, "filters", {"clamd": clamd.unix_address})
+        app = data.app()
+        try:  # a second domain that files dangerous attachments as junk instead
+            app.directory.add_domain("lenient.test")
+            app.directory.set_attachment_policy("lenient.test", "quarantine")
+            app.accounts.create_user(CAROL, "carol-password-123")
+            data.passwords[CAROL] = "carol-password-123"
+        finally:
+            app.close()
         with ServerProcess(data):
             yield data
 
@@ -55,13 +64,14 @@ def mail(subject: str, body: str, attachment: tuple[str, bytes] | None = None) -
     return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
 
 
-def send(data: DataDir, raw: bytes) -> tuple[int, bytes]:
+def send(data: DataDir, raw: bytes, rcpts: tuple[str, ...] = (ALICE,)) -> tuple[int, bytes]:
     host, port = data.addr("smtp")
     with smtplib.SMTP(host, port, timeout=60) as s:
         s.starttls(context=client_tls_context())
         s.ehlo("mail.sender.test")
         s.mail("someone@sender.test")
-        s.rcpt(ALICE)
+        for rcpt in rcpts:
+            s.rcpt(rcpt)
         return s.data(raw)
 
 
@@ -127,3 +137,14 @@ def test_clamd_down_means_451(tmp_path: Path) -> None:
         with ServerProcess(data):
             code, text = send(data, mail("unscanned", "hello"))
     assert code == 451 and text.startswith(b"4.7.0")
+
+
+def test_attachment_policy_per_domain(mx: DataDir) -> None:
+    quarantined = mail("exe for carol", "See attached.", ("invoice.pdf", PE))
+    code, _ = send(mx, quarantined, (CAROL,))
+    assert code == 250
+    (got,) = [m for m in mailbox_messages(mx, CAROL, "Junk") if b"exe for carol" in m]
+    assert b"action=junk" in got and b"ATTACHMENT" in got.upper()
+    # one reply covers every recipient: if one domain rejects, the message is rejected
+    code, _ = send(mx, mail("exe for both", "See attached.", ("x.pdf", PE)), (CAROL, ALICE))
+    assert code == 554

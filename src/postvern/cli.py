@@ -165,6 +165,15 @@ def cmd_domain_list(app: App, args: argparse.Namespace) -> int:
 
 
 @with_app
+def cmd_domain_policy(app: App, args: argparse.Namespace) -> int:
+    policy = None if args.attachments == "default" else args.attachments
+    app.directory.set_attachment_policy(args.domain, policy)
+    shown = policy or f"default ({app.settings.filters.attachment_policy})"
+    print(f"dangerous attachments for {args.domain}: {shown}")
+    return 0
+
+
+@with_app
 def cmd_domain_remove(app: App, args: argparse.Namespace) -> int:
     app.directory.remove_domain(args.domain)
     print(f"removed domain {args.domain}")
@@ -527,6 +536,15 @@ def _domain_commands(sub: argparse._SubParsersAction) -> None:
     p = g.add_parser("remove", help="remove a domain without users")
     p.add_argument("domain")
     p.set_defaults(func=cmd_domain_remove)
+    p = g.add_parser("policy", help="set a domain's policy for dangerous attachments")
+    p.add_argument("domain")
+    p.add_argument(
+        "--attachments",
+        choices=("reject", "quarantine", "default"),
+        required=True,
+        help="refuse at SMTP time (554 5.7.1), file as junk, or follow [filters]",
+    )
+    p.set_defaults(func=cmd_domain_policy)
 
 
 def _stdin_flag(p: argparse.ArgumentParser) -> None:

@@ -79,7 +79,7 @@ class Server:
             registry=self.registry,
             resolver=self.resolver,
             arc_trusted_domains=frozenset(s.emailauth.arc_trusted_domains),
-            content_filter=FilterStage(s),
+            content_filter=FilterStage(s, app.directory),
         )
         self.signer = Signer(app.directory)
         self.srs = SRS(app.server_key.derive("srs"))

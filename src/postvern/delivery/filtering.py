@@ -9,24 +9,41 @@ a user only ever sees our verdict.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 from postvern import filters
 from postvern.config import Settings
 from postvern.delivery.pipeline import FilterVerdict, Transaction
+from postvern.directory.db import Directory
 from postvern.emailauth import AuthVerdict
 
 
 class FilterStage:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, directory: Directory) -> None:
         self.settings = filters.FilterSettings.from_config(settings)
+        self.directory = directory
+
+    def _settings_for(self, domains: tuple[str, ...]) -> filters.FilterSettings:
+        """Each recipient domain may set its own attachment policy; one SMTP reply covers
+        every recipient, so if any of them rejects dangerous attachments, the message is
+        rejected (the strictest wins)."""
+        policies = {
+            self.directory.attachment_policy(d) or self.settings.attachment_policy for d in domains
+        }
+        policy = "reject" if "reject" in policies or not policies else "quarantine"
+        return dataclasses.replace(self.settings, attachment_policy=policy)
 
     async def check(self, raw: bytes, txn: Transaction, auth: AuthVerdict | None) -> FilterVerdict:
+        domains = tuple(dict.fromkeys(r.address.rpartition("@")[2].lower() for r in txn.recipients))
+        settings = await asyncio.get_running_loop().run_in_executor(
+            None, self._settings_for, domains
+        )
         ctx = filters.ScanContext(
-            recipient_domains=tuple(
-                dict.fromkeys(r.address.rpartition("@")[2].lower() for r in txn.recipients)
-            ),
+            recipient_domains=domains,
             auth=filters.AuthSummary.from_verdict(auth) if auth else filters.AuthSummary(),
             client_ip=txn.client_ip or "",
-            settings=self.settings,
+            settings=settings,
         )
         verdict = await filters.scan(raw, ctx)
         reason = "; ".join(verdict.reasons[:3]) or verdict.action

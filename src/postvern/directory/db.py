@@ -159,7 +159,13 @@ def _v3(conn: apsw.Connection) -> None:
     )
 
 
-MIGRATIONS = [_v1, _v2, _v3]
+def _v4(conn: apsw.Connection) -> None:
+    # Per-domain policy for dangerous attachments: NULL follows [filters] attachment_policy.
+    conn.execute("ALTER TABLE domains ADD COLUMN attachment_policy TEXT")
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4]
+ATTACHMENT_POLICIES = ("reject", "quarantine")
 
 
 class Directory:
@@ -191,7 +197,7 @@ class Directory:
         with self._tx() as c:
             if c.execute("SELECT 1 FROM domains WHERE name=?", (name,)).fetchall():
                 raise DirectoryError(f"domain {name} already exists")
-            c.execute("INSERT INTO domains VALUES(?, ?)", (name, int(time.time())))
+            c.execute("INSERT INTO domains(name, created) VALUES(?, ?)", (name, int(time.time())))
         return name
 
     def domains(self) -> list[str]:
@@ -203,6 +209,24 @@ class Directory:
         except AddressError:
             return False
         return bool(self._rows("SELECT 1 FROM domains WHERE name=?", (name,)))
+
+    def attachment_policy(self, name: str) -> str | None:
+        """The domain's own policy for dangerous attachments, or None for the default."""
+        rows = self._rows(
+            "SELECT attachment_policy FROM domains WHERE name=?", (normalise_domain(name),)
+        )
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def set_attachment_policy(self, name: str, policy: str | None) -> None:
+        if policy is not None and policy not in ATTACHMENT_POLICIES:
+            raise DirectoryError(
+                f"attachment policy must be one of {', '.join(ATTACHMENT_POLICIES)}"
+            )
+        name = normalise_domain(name)
+        with self._tx() as c:
+            c.execute("UPDATE domains SET attachment_policy=? WHERE name=?", (policy, name))
+            if not c.changes():
+                raise DirectoryError(f"no such domain: {name}")
 
     def remove_domain(self, name: str) -> None:
         name = normalise_domain(name)
@@ -412,7 +436,8 @@ class Directory:
                     (key.domain, key.algorithm),
                 )
             c.execute(
-                "INSERT INTO dkim_keys VALUES(?, ?, ?, ?, ?, 1)",
+                "INSERT INTO dkim_keys(domain, selector, algorithm, private_key, created, active)"
+                " VALUES(?, ?, ?, ?, ?, 1)",
                 (key.domain, key.selector, key.algorithm, key.private_key, key.created),
             )
 
@@ -454,7 +479,10 @@ class Directory:
                 raise DirectoryError(f"domain {domain} is not configured")
             if self._exists(c, local, domain):
                 raise DirectoryError(f"{local or ''}@{domain} is already a user or an alias")
-            c.execute("INSERT INTO aliases VALUES(?, ?, ?)", (local, domain, json.dumps(clean)))
+            c.execute(
+                "INSERT INTO aliases(localpart, domain, targets) VALUES(?, ?, ?)",
+                (local, domain, json.dumps(clean)),
+            )
         return Alias(local, domain, clean)
 
     @staticmethod
