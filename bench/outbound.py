@@ -55,6 +55,7 @@ import aiosmtplib
 import common  # first: it puts tests/ on sys.path for the imports below
 from common import Job, LoadResult, MemorySampler, SinkProcess, Target, send_all
 from dnsserver import DNSTestServer
+from mta_kit import TestCA, free_port
 from postvern.config import Settings
 from postvern.crypto import tls
 from postvern.mta import AttemptReport, OutboundMTA, Queue
@@ -64,7 +65,6 @@ from postvern.smtp.address import Address
 from postvern.smtp.commands import RcptParams
 from postvern.smtp.replies import Reply
 from postvern.smtp.session import BaseHandler, SessionState, serve_smtp
-from test_mta_kit import TestCA, free_port
 
 if TYPE_CHECKING:
     # Imported where used: harness loads all of postvern, which would weigh on the peak

@@ -60,8 +60,8 @@ from harness import (
     make_data_dir,
     set_config,
 )
+from mta_kit import TestCA
 from postvern.emailauth import dkim
-from test_mta_kit import TestCA
 
 DOMAIN = "example.test"
 HOSTNAME = "mx.example.test"

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from test_mta_kit import SENDER, MTAEnv, make_message, mta_env, wait_until
+from mta_kit import SENDER, MTAEnv, make_message, mta_env, wait_until
 
 __all__ = ["mta_env"]
 

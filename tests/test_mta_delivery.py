@@ -10,9 +10,7 @@ from __future__ import annotations
 import email
 import email.policy
 
-from postvern.mta import QueueRecipient, RecipientState
-from postvern.smtp.replies import Reply
-from test_mta_kit import (
+from mta_kit import (
     OUR_HOSTNAME,
     SENDER,
     MTAEnv,
@@ -22,6 +20,8 @@ from test_mta_kit import (
     status_blocks,
     wait_until,
 )
+from postvern.mta import QueueRecipient, RecipientState
+from postvern.smtp.replies import Reply
 
 __all__ = ["mta_env"]
 

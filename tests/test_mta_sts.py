@@ -4,9 +4,9 @@ servers that record whether a delivery was attempted and whether TLS was on."""
 
 from __future__ import annotations
 
+from mta_kit import SENDER, MTAEnv, make_message, mta_env, wait_until
 from postvern.mta import Queue, RecipientState
 from postvern.mta.mtasts import Mode
-from test_mta_kit import SENDER, MTAEnv, make_message, mta_env, wait_until
 
 __all__ = ["mta_env"]
 

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mta_kit import status_blocks
 from postvern.encdb import WrongKey
 from postvern.mta import EntryNotFound, InvalidEnvelope, Queue, QueueRecipient, QueueStore, admin
 from postvern.mta.client import Disposition, Outcome, clean_text, enhanced_status, xtext
@@ -40,7 +41,6 @@ from postvern.mta.mtasts import (
 )
 from postvern.mta.route import MailLoop, NoUsableMX, NullMX, order_mx, refused_host
 from postvern.mta.runner import MAX_RETRY_INTERVAL, RETRY_JITTER, retry_delay, wants_notice
-from test_mta_kit import status_blocks
 
 KEY = b"k" * 32
 
