@@ -30,7 +30,15 @@ from postvern.filters import (
     scan,
 )
 from postvern.filters.content import read_content
-from postvern.filters.spam import JUNK_POINTS, MAX_USER_TOKENS, shipped_model
+from postvern.filters.extract import codec_name
+from postvern.filters.features import language_of, spam_features
+from postvern.filters.spam import (
+    JUNK_POINTS,
+    MAX_USER_TOKENS,
+    MIN_EVIDENCE_FEATURES,
+    shipped_model,
+    weigh_evidence,
+)
 from postvern.filters.verdict import FOLD_AT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -227,3 +235,46 @@ def test_messages_from_the_mime_torture_corpora_never_raise() -> None:
             assert verdict.action in ("inbox", "junk", "reject")
             count += 1
     assert count > 300
+
+
+def test_language_of_a_feature_set() -> None:
+    def language(text: str) -> str:
+        raw = b"Subject: -\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode()
+        return language_of(spam_features(read_content(raw)))
+
+    assert language(GARDEN) == "en"
+    assert language("Hallo Peter, hast du am Freitag Zeit? Ich koche, und Jonas kommt.") == "de"
+    assert language("Olá Pedro, você pode trazer o carvão para o churrasco?") == "pt"
+    assert language("Привет, Саша! Давай встретимся в пятницу.") == "Cyrillic"
+    assert language("안녕하세요 지영씨, 이번 주말에 같이 등산 갈래요?") == "Hangul"
+    # Two foreign words in English mail do not make it foreign.
+    assert language(GARDEN + "\nP.S. the rosé was très bon.") == "en"
+
+
+def test_few_known_features_never_reach_the_threshold_alone() -> None:
+    threshold = shipped_model().threshold_logit
+    for known in range(MIN_EVIDENCE_FEATURES):
+        assert weigh_evidence(50.0, known, threshold) < threshold
+        assert weigh_evidence(-50.0, known, threshold) > -threshold
+    assert weigh_evidence(50.0, MIN_EVIDENCE_FEATURES, threshold) == 50.0
+    assert weigh_evidence(50.0, 0, threshold) == 0.0
+
+
+def test_report_and_charset_reading() -> None:
+    returned = newsletter(GARDEN)
+    report = (
+        b"From: MAILER-DAEMON@mx.example\r\nSubject: Undelivered Mail\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nUser unknown\r\n"
+        b"--b\r\nContent-Type: message/delivery-status\r\n\r\nAction: failed\r\n\r\n"
+        b"--b\r\nContent-Type: message/rfc822\r\n\r\n" + returned + b"\r\n--b--\r\n"
+    )
+    content = read_content(report)
+    assert content.message.report_type == "delivery-status"
+    assert content.judged_subject == "This week at the garden centre"
+    assert "User unknown" in content.message.text and "User unknown" not in content.judged_text
+    plain = read_content(newsletter(GARDEN))
+    assert plain.message.report_type == "" and plain.judged_text == plain.visible_text
+    for label, data in (("gb2312", "汉字 碁".encode("gbk")), ("x-sjis", "ｶﾀｶﾅ 髙".encode("cp932"))):
+        raw = b"Subject: x\r\nContent-Type: text/plain; charset=" + label.encode() + b"\r\n\r\n"
+        assert read_content(raw + data).message.text == data.decode(codec_name(label))

@@ -18,13 +18,17 @@ class Content:
     message: Extracted
     html: HtmlDoc
     urls: list[Url]
+    # The words the content model judges: the message's own, except for a report (a bounce,
+    # a read receipt), whose words are the form every MTA writes; there it is the returned
+    # message's words, so backscatter of spam reads as spam and a bounce of the user's own
+    # mail as that mail.
+    judged_subject: str = ""
+    judged_text: str = ""
 
     @property
     def visible_text(self) -> str:
         """What a reader sees: the text parts, then the text of the HTML parts."""
-        if not self.html.text:
-            return self.message.text
-        return self.message.text + "\n" + self.html.text
+        return _visible(self.message, self.html)
 
 
 def read_content(raw: bytes) -> Content:
@@ -32,4 +36,19 @@ def read_content(raw: bytes) -> Content:
     message = extract(raw)
     doc = scan_html(message.html) if message.html else HtmlDoc()
     urls = collect_urls(message.text, doc.urls, doc.text)
-    return Content(message=message, html=doc, urls=urls)
+    content = Content(message=message, html=doc, urls=urls)
+    if message.report_type:
+        returned = message.returned or Extracted()
+        returned_doc = scan_html(returned.html) if returned.html else HtmlDoc()
+        content.judged_subject = returned.subject
+        content.judged_text = _visible(returned, returned_doc)
+    else:
+        content.judged_subject = message.subject
+        content.judged_text = _visible(message, doc)
+    return content
+
+
+def _visible(message: Extracted, doc: HtmlDoc) -> str:
+    if not doc.text:
+        return message.text
+    return message.text + "\n" + doc.text

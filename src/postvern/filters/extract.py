@@ -11,6 +11,8 @@ import codecs
 import email
 import email.header
 import email.utils
+import itertools
+import re
 from dataclasses import dataclass, field
 from email.message import Message
 from email.policy import compat32
@@ -26,8 +28,50 @@ MAX_ATTACHMENT_BYTES = 48 * 1024 * 1024
 # Header values longer than this are truncated before decoding (RFC 5322 §2.1.1 allows 998
 # octets per line, folded headers may be longer, none is useful past this).
 MAX_HEADER_CHARS = 4096
+# A returned header block (text/rfc822-headers) beyond this is not a header block.
+MAX_HEADER_BLOCK = 64 * 1024
 
 _TEXT_TYPES = ("text/plain", "text/html")
+# RFC 6522 §3: the optional third part of a multipart/report carries the message that
+# caused the report, whole (message/rfc822, RFC 6533's message/global) or its header only.
+_RETURNED_MESSAGE_TYPES = ("message/rfc822", "message/global")
+_RETURNED_HEADER_TYPES = ("text/rfc822-headers", "message/global-headers")
+# Bounces come from the null reverse-path and, by a convention older than RFC 3464, name
+# MAILER-DAEMON (or the postmaster) in From (RFC 5321 §4.5.5 and §4.5.1).
+_BOUNCE_SENDERS = frozenset({"mailer-daemon", "postmaster"})
+# A header block quoted in a plain bounce: a field of the returned message's header,
+# (folded lines,) then another field.
+# RFC 3463 §2: class.subject.detail, as bounces state it ("5.1.1", qmail's "(#5.1.1)").
+_STATUS_CODE = re.compile(r"(?<![\d.])[245]\.\d{1,3}\.\d{1,3}(?![\d.])")
+_EMBEDDED_HEADER = re.compile(
+    r"(?im)^(?:return-path|received|from|to|date|subject|message-id|delivered-to):[^\n]*\n"
+    r"(?:[ \t][^\n]*\n){0,20}[a-z0-9-]{1,40}:"
+)
+# Declared charsets are read as the superset every mail client uses for them (WHATWG
+# Encoding Standard): mail labelled with the old name routinely uses the extra characters,
+# and a failed decode would turn the whole text into Latin-1 noise.
+_CHARSET_SUPERSETS = {
+    "ascii": "cp1252",
+    "iso8859-1": "cp1252",
+    "euc_kr": "cp949",  # also what "ks_c_5601-1987" resolves to
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "shift_jis": "cp932",
+    "big5": "big5hkscs",
+    "tis-620": "cp874",
+    "iso8859-11": "cp874",
+}
+# Labels that Python's codec registry does not know but mail software writes.
+_CHARSET_ALIASES = {
+    "x-sjis": "cp932",
+    "windows-31j": "cp932",
+    "x-euc-jp": "euc_jp",
+    "x-gbk": "gb18030",
+    "x-windows-949": "cp949",
+    "windows-874": "cp874",
+    "x-mac-cyrillic": "mac_cyrillic",
+    "x-mac-roman": "mac_roman",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +98,12 @@ class Extracted:
     attachments: list[Attachment] = field(default_factory=list)
     truncated: bool = False  # a limit above cut something off
     defective: bool = False  # the parser recorded defects or failed outright
+    # A mail system's report about another message: the report-type of a multipart/report
+    # (RFC 6522: bounces, read receipts, abuse reports), lower-cased, or "bounce" for a
+    # bounce in the older plain form; "" for other mail. *returned* is the message it
+    # returns, whole or its header only (None when it returns none).
+    report_type: str = ""
+    returned: Extracted | None = None
 
     @property
     def from_domain(self) -> str:
@@ -75,7 +125,63 @@ def extract(raw: bytes) -> Extracted:
         _read_parts(msg, out)
     except Exception:
         out.defective = True
+    try:
+        _read_report(msg, out)
+        if not out.report_type and out.from_addr.partition("@")[0] in _BOUNCE_SENDERS:
+            _read_plain_bounce(msg, out)
+    except Exception:
+        out.defective = True
     return out
+
+
+def _read_report(msg: Message, out: Extracted) -> None:
+    """The returned message of a multipart/report (RFC 6522 §3), read like a message."""
+    if msg.get_content_type() != "multipart/report":
+        return
+    out.report_type = str(msg.get_param("report-type", "") or "").lower()[:64]
+    payload = msg.get_payload()
+    parts = [p for p in payload[1:] if isinstance(p, Message)] if isinstance(payload, list) else []
+    for part in parts:
+        ctype = part.get_content_type()
+        if ctype not in _RETURNED_MESSAGE_TYPES and ctype not in _RETURNED_HEADER_TYPES:
+            continue
+        inner = part.get_payload()
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            returned = inner[0]  # the parser read a message/* part as a message
+        else:
+            data = part.get_payload(decode=True)
+            block = data[:MAX_HEADER_BLOCK] if isinstance(data, bytes) else b""
+            returned = email.message_from_bytes(block, policy=compat32)
+        out.returned = Extracted()
+        _read_headers(returned, out.returned)
+        if ctype in _RETURNED_MESSAGE_TYPES:
+            _read_parts(returned, out.returned)
+        return
+
+
+def _read_plain_bounce(msg: Message, out: Extracted) -> None:
+    """The copy of the returned message in a bounce older than RFC 3464: an attached
+    message/rfc822 part, or the header block quoted in the text after the MTA's note
+    (qmail's "--- Below this line is a copy of the message.", Exim's "------ This is a
+    copy of the message, including all the headers. ------", sendmail's "----- Original
+    message follows -----"). A note without a copy is a bounce when it states an RFC 3463
+    status code ("5.1.1"); a message from the postmaster with neither is ordinary mail."""
+    for part in itertools.islice(msg.walk(), MAX_PARTS):
+        inner = part.get_payload() if part.get_content_type() in _RETURNED_MESSAGE_TYPES else None
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            out.report_type, out.returned = "bounce", Extracted()
+            _read_headers(inner[0], out.returned)
+            _read_parts(inner[0], out.returned)
+            return
+    copy = _EMBEDDED_HEADER.search(out.text)
+    if copy is None:
+        if _STATUS_CODE.search(out.text):
+            out.report_type = "bounce"
+        return
+    returned = email.message_from_string(out.text[copy.start() :], policy=compat32)
+    out.report_type, out.returned = "bounce", Extracted()
+    _read_headers(returned, out.returned)
+    _read_parts(returned, out.returned)
 
 
 def _read_headers(msg: Message, out: Extracted) -> None:
@@ -176,19 +282,34 @@ def _is_attachment(part: Message) -> bool:
 
 def _charset(part: Message) -> str:
     try:
-        charset = part.get_content_charset() or "us-ascii"
-        return codecs.lookup(charset).name
-    except (LookupError, ValueError, TypeError):
+        return codec_name(part.get_content_charset() or "us-ascii")
+    except (ValueError, TypeError):
         return "unknown"
+
+
+def codec_name(label: str) -> str:
+    """The Python codec that decodes text labelled *label*: "unknown" when there is none."""
+    label = label.strip().lower()
+    try:
+        name = codecs.lookup(_CHARSET_ALIASES.get(label, label)).name
+    except (LookupError, ValueError):
+        return "unknown"
+    return _CHARSET_SUPERSETS.get(name, name)
 
 
 def _decode(data: bytes, charset: str) -> str:
     # Declared charsets lie (or are absent) often enough that UTF-8 is tried when the
-    # declared one fails; latin-1 then decodes anything.
-    if charset in ("unknown", "ascii", "us-ascii"):
-        charset = "utf-8"
+    # declared one fails; Latin-1 then decodes anything. Undeclared, ASCII- and
+    # Latin-1-labelled 8-bit text is tried as UTF-8 first: such labels are often defaults
+    # of software that wrote UTF-8 (RFC 6532 mail is UTF-8 throughout).
+    codec = codec_name(charset)
+    if codec in ("unknown", "cp1252"):
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            codec = "cp1252"
     try:
-        return data.decode(charset)
+        return data.decode(codec)
     except (UnicodeDecodeError, LookupError):
         try:
             return data.decode("utf-8")

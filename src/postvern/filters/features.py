@@ -1,28 +1,37 @@
 """The words the spam model reads: tokens of subject and text, and a few header and URL facts.
 
 Training (tools/train_spam.py) and scoring call the same function, so the model sees the
-same features on both sides. Features are chosen to carry the *content* of spam, not the
-time or corpus it came from: digits are reduced to their shape (no years, no dates), no
-header is read verbatim (formats and relays change with the era), and the facts kept are
-ones a spammer controls in any year (a reply address elsewhere, a link to a bare IP).
-Charsets and attachment types are left out on purpose: in the training corpora they tell
-the corpus and the decade apart (old ham is Latin-1 without attachments, new phishing is
-UTF-8 with PDFs), not spam from ham.
+same features on both sides; :func:`language_of` tells from them which language (or
+script) a message is in, since the model may only read a language it has seen ham in.
+Features are chosen to carry the *content* of spam, not the time or corpus it came from:
+digits are reduced to their shape (no years, no dates), no header is read verbatim
+(formats and relays change with the era), and the facts kept are ones a spammer controls
+in any year (a reply address elsewhere, a link to a bare IP). Charsets, attachment types,
+URL counts and top-level domains, and the mere absence of a subject are left out on
+purpose: in the training corpora they tell the corpus and the decade apart (old ham is
+Latin-1 without attachments and lost its links to preprocessing, new phishing is UTF-8
+with PDFs and links), not spam from ham.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import re
+from collections import Counter
+from collections.abc import Collection
 
 from postvern.filters.content import Content
-from postvern.filters.urls import has_public_suffix, strip_urls
+from postvern.filters.extract import Extracted
+from postvern.filters.urls import strip_urls
 
 # Tokens read per message. The first screens of a message carry its signal; the cap makes
 # scoring cost independent of message size.
 MAX_TOKENS = 2500
 # Longer "words" are encodings, hashes or run-together CJK text, not vocabulary.
 MAX_TOKEN_CHARS = 24
+# URLs whose facts are read; a message with more gains nothing from the rest.
+MAX_URL_FACTS = 100
 
 # Words, and the few symbols that carry spam signal on their own (money, emphasis).
 _WORD = re.compile(r"[^\W_]+|[$€£¥!%]")
@@ -30,6 +39,13 @@ _SYMBOLS = frozenset("$€£¥!%")
 _DIGITS = re.compile(r"\d")
 # A line this long without a space is encoded data (uuencode, base64, a hash), not words.
 _ENCODED_LINE = re.compile(r"(?m)^[ \t>]*\S{40,}[ \t]*$")
+# Characters a reader does not see (zero-width spaces and joiners, soft hyphens, BOMs):
+# spam puts them inside words so that no two copies of a word look alike.
+_INVISIBLE = re.compile("[\u00ad\u034f\u180e\u200b-\u200f\u2060-\u2064\ufeff]")
+# Three or more single letters with a little punctuation or space between them
+# ("v i a g r a", "v.i.a.g.r.a", "e . . n . . o . . u . . g . . h") are read as one word.
+_SPACED_LETTERS = re.compile(r"(?<![^\W\d_])(?:[^\W\d_][\s.*_,-]{1,5}){2,}[^\W\d_](?![^\W\d_])")
+_NOT_LETTER = re.compile(r"[\W\d_]+")
 # Scripts written without spaces: a run is split into characters pairs.
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
@@ -46,13 +62,13 @@ def tokens(text: str, limit: int = MAX_TOKENS) -> list[str]:
                 out.extend(_cjk_pairs(word))
             else:
                 out.append("#long")
+        elif word.isalpha() or len(word) == 1:
+            out.append(word)
         elif word.isdigit():
             # "2004" and "2024" alike: a year must not tell the model the era.
             out.append("#" + "9" * min(len(word), 6))
-        elif any(c.isdigit() for c in word):
-            out.append(_DIGITS.sub("9", word))
         else:
-            out.append(word)
+            out.append(_DIGITS.sub("9", word))
         if len(out) >= limit:
             break
     return out
@@ -61,7 +77,12 @@ def tokens(text: str, limit: int = MAX_TOKENS) -> list[str]:
 def readable_text(text: str) -> str:
     """*text* without what is not language: URLs (their facts are features of their own;
     their query strings are noise) and lines of encoded data."""
-    return _ENCODED_LINE.sub(" ", strip_urls(text))
+    text = _ENCODED_LINE.sub(" ", strip_urls(_INVISIBLE.sub("", text)))
+    return _SPACED_LETTERS.sub(_joined, text)
+
+
+def _joined(m: re.Match[str]) -> str:
+    return _NOT_LETTER.sub("", m.group(0))
 
 
 def _cjk_pairs(word: str) -> list[str]:
@@ -70,30 +91,32 @@ def _cjk_pairs(word: str) -> list[str]:
 
 def spam_features(content: Content) -> set[str]:
     """The feature set of a message (presence, not counts)."""
-    msg = content.message
     features: set[str] = set()
-    subject = tokens(msg.subject, 60)
+    subject = tokens(content.judged_subject, 60)
     features.update("s:" + t for t in subject)
     # The subject is read as the first line of the text too: some mail is all subject,
     # and its words mean what they mean in a body.
-    body = subject + tokens(readable_text(content.visible_text))
+    body = subject + tokens(readable_text(content.judged_text))
     features.update(body)
     features.update(f"{a} {b}" for a, b in itertools.pairwise(body))
-    features.update(_header_facts(content))
+    features.update(_header_facts(content.message.returned or content.message))
+    features.update(_html_facts(content))
     features.update(_url_facts(content))
     return features
 
 
-def _header_facts(content: Content) -> list[str]:
-    msg = content.message
+def _header_facts(msg: Extracted) -> list[str]:
     facts = []
-    if not msg.subject.strip():
-        facts.append("h:no-subject")
     if "@" in msg.from_name:
         facts.append("h:from-name-has-address")
     if msg.reply_to_addr and msg.from_addr:
         if msg.reply_to_addr.rpartition("@")[2] != msg.from_domain:
             facts.append("h:reply-to-elsewhere")
+    return facts
+
+
+def _html_facts(content: Content) -> list[str]:
+    facts = []
     if content.html.forms:
         facts.append("h:html-form")
     if content.html.password_inputs:
@@ -102,21 +125,104 @@ def _header_facts(content: Content) -> list[str]:
 
 
 def _url_facts(content: Content) -> list[str]:
-    urls = content.urls
+    """Link tricks that mean the same in any year (how many links, or under which
+    top-level domain, changed with the era and the corpus, not with spamminess)."""
     facts: list[str] = []
-    if not urls:
-        return facts
-    facts.append("u:count:" + ("1" if len(urls) == 1 else "few" if len(urls) < 6 else "many"))
-    domains = set()
-    for url in urls[:100]:
+    for url in content.urls[:MAX_URL_FACTS]:
         if url.has_userinfo:
             facts.append("u:userinfo")
         if url.is_ip:
             facts.append("u:ip-host")
-            continue
-        domains.add(url.domain)
-        tld = url.host.rpartition(".")[2]
-        facts.append("u:tld:" + (tld if has_public_suffix(url.host) else "unknown"))
-    spread = "1" if len(domains) == 1 else "few" if len(domains) < 4 else "many"
-    facts.append("u:domains:" + spread)
     return facts
+
+
+# Unicode blocks of the scripts mail is written in, as (first code point, script). A code
+# point belongs to the last block starting at or below it; "" closes a block. Letters of
+# scripts not listed are "Other".
+_SCRIPT_BLOCKS = (
+    (0x0041, "Latin"), (0x005B, ""), (0x0061, "Latin"), (0x007B, ""), (0x00C0, "Latin"),
+    (0x02B0, ""), (0x0370, "Greek"), (0x0400, "Cyrillic"), (0x0530, "Armenian"),
+    (0x0590, "Hebrew"), (0x0600, "Arabic"), (0x0780, "Other"), (0x0900, "Indic"),
+    (0x0E00, "Thai"), (0x0E80, "Other"), (0x10A0, "Georgian"), (0x1100, "Hangul"),
+    (0x1200, "Other"), (0x1E00, "Latin"), (0x1F00, "Greek"), (0x2000, ""),
+    (0x2E80, "Han"), (0x3040, "Kana"), (0x3100, "Other"), (0x3130, "Hangul"),
+    (0x3190, "Other"), (0x3400, "Han"), (0xA000, "Other"), (0xAC00, "Hangul"),
+    (0xD7B0, ""), (0xF900, "Han"), (0xFB00, "Other"), (0xFB1D, "Hebrew"), (0xFB50, "Arabic"),
+    (0xFE00, ""), (0xFE70, "Arabic"), (0xFF00, ""), (0xFF21, "Latin"), (0xFF3B, ""),
+    (0xFF41, "Latin"), (0xFF5B, ""), (0xFF66, "Kana"), (0xFFA0, "Hangul"), (0xFFE0, ""),
+)  # fmt: skip
+_BLOCK_STARTS = [start for start, _ in _SCRIPT_BLOCKS]
+
+
+def script_of(word: str) -> str:
+    """The script of a token's first letter ("Latin", "Cyrillic", "Han"...), "" for a
+    token without letters (a number shape, a symbol)."""
+    for ch in word:
+        if ch.isalpha():
+            if ch.isascii():
+                return "Latin"
+            i = bisect.bisect_right(_BLOCK_STARTS, ord(ch)) - 1
+            return (_SCRIPT_BLOCKS[i][1] or "Other") if i >= 0 else "Other"
+    return ""
+
+
+# The commonest function words of languages written in Latin script, for telling which
+# language a message is in. Words that are also English words or names ("die", "do",
+# "per", "son", "we", "al", "ben") are left out: they would make English mail look foreign.
+_FUNCTION_WORDS: dict[str, frozenset[str]] = {
+    lang: frozenset(words.split())
+    for lang, words in {
+        "en": "the and of to is you that it for with this are be have not your from will "
+        "at by our can if would there their what which been has was they he she but or my",
+        "de": "und der das nicht ist ich sie mit sich auf für den dem des ein eine einen zu "
+        "von wir auch bei oder wenn noch nur aber uns ihr ihre werden wird sind haben "
+        "können bitte sehr vielen danke gerne heute über schon mir dir hast habe wie",
+        "fr": "le les des est et une pour dans pas vous nous qui que sur avec cette sont "
+        "mais au aux du je il elle votre vos merci bonjour très être avoir été peut ne se "
+        "de un",
+        "es": "el los las del que por para una su sus como pero más este esta usted gracias "
+        "hola muy también se lo está hay nos tu ya cuando donde todo porque de un",
+        "pt": "os dos das em não que para com uma por seu sua você obrigado olá mais está "
+        "são ao pelo pela foi ser tem isso esse essa como mas muito já também nós de",
+        "it": "il gli della che sono è ciao grazie anche questo questa del nel alla delle "
+        "degli come più ti si lo hai siamo essere tutto molto di alle un va ci da",
+        "nl": "het een van niet zijn met voor ook maar dat wij jij ik wordt bij naar hoe "
+        "bedankt en te om er nog wel als kan zou heb hebben deze dit uw je de mijn mee",
+        "sv": "och att det är inte jag med för på som den har av ett vi du om",
+        "da": "og er ikke jeg det til på med af som har en vi du kan fra",
+        "pl": "się nie jest na że jak ale czy dla jestem mnie tak już przez być będzie "
+        "przy pozdrawiam",
+        "tr": "ve bir bu için ile çok ne ama gibi daha olarak değil var sen",
+        "id": "yang dan di ini itu untuk dengan tidak dari akan ada kami anda saya",
+    }.items()
+}
+# A message is taken for a language other than English when at least this many of that
+# language's function words occur in it, and more of them than of English's. (Taking
+# English mail for foreign costs little: see postvern.filters.spam.)
+MIN_FUNCTION_WORDS = 2
+
+
+def language_of(features: Collection[str]) -> str:
+    """The language of a feature set: a script name ("Cyrillic", "Han"...) when most words
+    are not in Latin script, else a language code ("en", "de"...); "en" when unsure."""
+    if not "".join(features).isascii():
+        scripts = Counter(script_of(f) for f in features if " " not in f and ":" not in f)
+        scripts.pop("", None)
+        if scripts:
+            script, _ = scripts.most_common(1)[0]
+            if script != "Latin":
+                return script
+    best, best_hits = "en", len(_FUNCTION_WORDS["en"].intersection(features))
+    for lang, words in _FUNCTION_WORDS.items():
+        hits = len(words.intersection(features))
+        if hits >= MIN_FUNCTION_WORDS and hits > best_hits:
+            best, best_hits = lang, hits
+    return best
+
+
+def foreign_function_words(known_languages: Collection[str]) -> frozenset[str]:
+    """The function words of every tabled language not in *known_languages*: in mail of an
+    unknown language they say which language it is, and nothing about spam."""
+    return frozenset().union(
+        *(words for lang, words in _FUNCTION_WORDS.items() if lang not in known_languages)
+    )

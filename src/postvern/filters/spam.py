@@ -17,32 +17,41 @@ import importlib.resources
 import json
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from postvern.filters.content import Content, read_content
-from postvern.filters.features import spam_features
+from postvern.filters.features import language_of, spam_features
 from postvern.filters.sender import SenderIdentity
 
 MODEL_RESOURCE = "spam_model.json.gz"
-MODEL_FORMAT = "postvern-spam-3"
+MODEL_FORMAT = "postvern-spam-4"
 
-# The shipped model's probability is mapped to points so that its junk threshold (chosen
-# at training for a 0.2% false-positive rate) lands on the default junk score.
+# The shipped model's log-odds are mapped to points in proportion: "don't know" (even odds)
+# is 0 points and the junk threshold (chosen at training for a false-positive rate well
+# under 0.2%) lands on the default junk score, so the model alone junks exactly what it
+# was calibrated to junk, and a model that does not know adds nothing to the other rules.
 JUNK_POINTS = 5.0
-# Points per logit of spam probability beyond the threshold; one logit is e-fold odds.
-POINTS_PER_LOGIT = 1.0
 # The model may push a message far into spam, but ham-looking text must not cancel a
-# phishing rule or a bad attachment entirely: its negative points are capped.
+# phishing rule or a bad attachment entirely: its negative points are capped. Its positive
+# points stop at twice the junk score: far enough that authenticated mail can still be
+# junked for strong content (see postvern.filters.AUTH_POINTS), short of the default
+# reject score even with an authentication failure, so that words never refuse a message
+# at SMTP time without a phishing rule, a virus or an attachment finding.
 MODEL_POINTS_MIN = -3.0
 MODEL_POINTS_MAX = 10.0
 
-# A message with fewer known features than this is scored with its logit pulled toward
-# "don't know" (probability 1/2) in proportion. In the training corpora short mail is mostly
-# spam (stripped image spam), so the raw model calls "test" or "ok, 5pm" spam; that is the
-# corpus talking, not mail. Held-out cost: 0.5% of spam recall.
-MIN_EVIDENCE_FEATURES = 10
+# Even odds: the calibration is fitted with both classes weighed equally, so a message the
+# model has no evidence about sits here, not at the training corpora's spam share.
 NO_EVIDENCE_LOGIT = 0.0
+# A message with fewer known features than this has its logit pulled toward
+# NO_EVIDENCE_LOGIT in proportion, and kept within that share of the junk threshold: the
+# model alone never junks a two-line note, or a foreign message of which it can read a
+# "20%!" and little else. (The SVM's rows are L2-normalised, so a handful of features
+# weigh as much as a whole message; in the training corpora short mail is mostly stripped
+# image spam, so the raw model is sure of itself there without reason.) Such a message is
+# junked only with another rule's help. Cross-validated cost: 0.5% of spam recall.
+MIN_EVIDENCE_FEATURES = 10
 
 # UserModel bounds. Counts of this many tokens and senders cover years of one user's
 # marks; beyond them the least useful entries are dropped (bounded bytes in the mailbox).
@@ -99,9 +108,16 @@ class ShippedModel:
 
     Features are binary, so both parts reduce to sums over the features a message has:
     ``z = bias + Σa / sqrt(Σidf²) + nb_scale · Σnb`` (the SVM's tf-idf row is L2-normalised);
-    ``platt_a · z + platt_b`` calibrates z to log-odds, which :func:`weigh_evidence` then
-    pulls toward neutral for messages with little known text. The junk threshold is on
-    that final logit.
+    ``platt_a · z + platt_b`` calibrates z to log-odds at equal class priors, which
+    :func:`weigh_evidence` then pulls toward even odds for messages with little known text.
+    The junk threshold is on that final logit.
+
+    The model file lists the languages its training ham *and* spam were written in. A
+    message in any other language (German when the ham was all English; Korean; Russian)
+    is scored on the features that mean the same in every language only: the words the
+    training ham used too (names, numbers, loanwords, symbols) and the link and form
+    facts. Its other words were seen in spam alone, so they would only tell the model the
+    language, not the spam: every German note would look like the German phishing.
     """
 
     def __init__(self, document: dict[str, object]) -> None:
@@ -114,10 +130,17 @@ class ShippedModel:
         self._svm = array.array("d", _column(document, "svm", len(names)))
         self._idf2 = array.array("d", (v * v for v in _column(document, "idf", len(names))))
         self._nb = array.array("d", _column(document, "nb", len(names)))
+        self._shared = bytes(bool(v) for v in _column(document, "any_language", len(names)))
         self.bias = _number(document, "bias")
         self.nb_scale = _number(document, "nb_scale")
         self.threshold_logit = _number(document, "threshold_logit")
+        if self.threshold_logit <= NO_EVIDENCE_LOGIT:
+            raise ModelError("spam model threshold must lie above even odds")
         self.platt_a, self.platt_b = _column(document, "platt", 2)
+        languages = document.get("languages")
+        if not isinstance(languages, list) or not all(isinstance(n, str) for n in languages):
+            raise ModelError("malformed spam model: languages")
+        self.languages = frozenset(languages)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ShippedModel:
@@ -128,6 +151,14 @@ class ShippedModel:
         if not isinstance(document, dict):
             raise ModelError("malformed spam model")
         return cls(document)
+
+    def readable(self, features: Collection[str]) -> Collection[str]:
+        """The features the model reads: all of them in a language it was trained on,
+        else only those that mean the same in any language."""
+        if language_of(features) in self.languages:
+            return features
+        index, shared = self._index, self._shared
+        return [f for f in features if (i := index.get(f)) is not None and shared[i]]
 
     def raw_score(self, features: Iterable[str]) -> tuple[float, int]:
         """The uncalibrated decision value *z*, and how many features the model knows."""
@@ -147,25 +178,31 @@ class ShippedModel:
         z = self.bias + (num / math.sqrt(norm) if norm else 0.0) + self.nb_scale * naive
         return z, known
 
-    def logit(self, features: Iterable[str]) -> float:
+    def logit(self, features: Collection[str]) -> float:
         """The model's log-odds of spam (the training tool reproduces this number)."""
-        z, known = self.raw_score(features)
-        return weigh_evidence(self.platt_a * z + self.platt_b, known)
+        z, known = self.raw_score(self.readable(features))
+        return weigh_evidence(self.platt_a * z + self.platt_b, known, self.threshold_logit)
 
-    def score(self, features: Iterable[str], extra_logit: float = 0.0) -> ModelScore:
+    def score(self, features: Collection[str], extra_logit: float = 0.0) -> ModelScore:
         logit = self.logit(features) + extra_logit
         return ModelScore(logit, sigmoid(logit), self.points(logit))
 
     def points(self, logit: float) -> float:
-        points = JUNK_POINTS + POINTS_PER_LOGIT * (logit - self.threshold_logit)
+        points = (
+            JUNK_POINTS * (logit - NO_EVIDENCE_LOGIT) / (self.threshold_logit - NO_EVIDENCE_LOGIT)
+        )
         return max(MODEL_POINTS_MIN, min(MODEL_POINTS_MAX, points))
 
 
-def weigh_evidence(logit: float, known: int) -> float:
-    """Pull *logit* toward neutral when fewer than MIN_EVIDENCE_FEATURES are known."""
+def weigh_evidence(logit: float, known: int, threshold_logit: float) -> float:
+    """Pull *logit* toward even odds when fewer than MIN_EVIDENCE_FEATURES are known, and
+    keep it short of *threshold_logit* by the share of features missing."""
     if known >= MIN_EVIDENCE_FEATURES:
         return logit
-    return NO_EVIDENCE_LOGIT + (logit - NO_EVIDENCE_LOGIT) * known / MIN_EVIDENCE_FEATURES
+    share = known / MIN_EVIDENCE_FEATURES
+    limit = (threshold_logit - NO_EVIDENCE_LOGIT) * share
+    evidence = max(-limit, min(limit, (logit - NO_EVIDENCE_LOGIT) * share))
+    return NO_EVIDENCE_LOGIT + evidence
 
 
 def _column(document: dict[str, object], key: str, length: int) -> list[float]:
