@@ -29,9 +29,11 @@ from postvern.store.spool import import_spool
 
 
 def _corpora_root() -> Path:
-    """The shared test corpora: $POSTVERN_CORPORA, or ``shared/corpora`` beside the checkout."""
+    """The shared test corpora: $POSTVERN_CORPORA, ``shared/corpora`` beside the checkout, or
+    the workplace's /work/shared/corpora."""
     candidates = [Path(os.environ["POSTVERN_CORPORA"])] if "POSTVERN_CORPORA" in os.environ else []
     candidates.append(Path(__file__).resolve().parents[2] / "shared" / "corpora")
+    candidates.append(Path("/work/shared/corpora"))  # this workplace's layout, from anywhere
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
