@@ -174,39 +174,39 @@ class Abuse:
             raise BanError(f"{network} is allowlisted; remove it from [abuse] allowlist first")
         if seconds <= 0:
             raise BanError("a ban must last at least one second")
-        key = network_key(target)
+        client = network_key(target)
         now = self._clock()
         async with self._ban_lock:
-            previous = self._index.get(key)
+            previous = self._index.get(client)
             offences = previous.offences + 1 if previous is not None else 1
             text = clean_text(reason, MAX_REASON) or "blocked by the administrator"
-            ban = Ban(key, now + seconds, text, offences, now, now)
+            ban = Ban(client, now + seconds, text, offences, now, now)
             await self._record(ban)
-        log.info("ban added by operator", extra={**subject(ip=key), "seconds": int(seconds)})
+        log.info("ban added by operator", extra={**subject(ip=client), "seconds": int(seconds)})
         return ban
 
     async def unban(self, network: str) -> Ban | None:
         """Lift a ban and forget its offences (``postvern ban remove``); None if none."""
-        key = network_key(operator_network(network))
+        client = network_key(operator_network(network))
         async with self._ban_lock:
-            removed = self._index.get(key)
+            removed = self._index.get(client)
             if removed is None:
                 return None
-            await self._store.delete_bans([key])
-            self._index.remove(key)
-            await self._share_delete([key])
-        log.info("ban removed by operator", extra=subject(ip=key))
+            await self._store.delete_bans([client])
+            self._index.remove(client)
+            await self._share_delete([client])
+        log.info("ban removed by operator", extra=subject(ip=client))
         return removed
 
-    async def _offend(self, key: str, reason: str) -> Ban:
+    async def _offend(self, client: str, reason: str) -> Ban:
         """A client offended: ban it for the next, longer, period."""
         async with self._ban_lock:
-            ban = self.policy.offend(self._index.get(key), key, reason, self._clock())
+            ban = self.policy.offend(self._index.get(client), client, reason, self._clock())
             await self._record(ban)
         log.warning(
             "client banned",
             extra={
-                **subject(ip=key),
+                **subject(ip=client),
                 "reason": reason,
                 "offences": ban.offences,
                 "seconds": int(ban.until - ban.created),
@@ -246,11 +246,11 @@ class Abuse:
         for ban in bans:
             await self._apply_shared(ban)
 
-    async def _forget(self, key: str) -> None:
+    async def _forget(self, client: str) -> None:
         async with self._ban_lock:
-            if self._index.get(key) is not None:
-                await self._store.delete_bans([key])
-                self._index.remove(key)
+            if self._index.get(client) is not None:
+                await self._store.delete_bans([client])
+                self._index.remove(client)
 
     async def sync(self) -> bool:
         """Reload bans if another process changed the database; True if it did."""
@@ -272,8 +272,8 @@ class Abuse:
         async with self._ban_lock:
             forgotten = self._index.forgotten(self.policy, now)
             await self._store.delete_bans(forgotten)
-            for key in forgotten:
-                self._index.remove(key)
+            for client in forgotten:
+                self._index.remove(client)
         await self._share_delete(forgotten)
         return len(forgotten), await self._store.purge_greylist(now)
 
@@ -318,20 +318,20 @@ class Abuse:
 
     async def login_failed(self, ip: str, account: str, protocol: str) -> None:
         """Count a failed login; ban the client when it reaches its allowance."""
-        key = self._client_or_none(ip)
-        if key is None or ip in self.allowlist:
+        client = self._client_or_none(ip)
+        if client is None or ip in self.allowlist:
             return
         acct = normalise_account(account)
-        who = self._names.text("ip", key)
+        who = self._names.text("ip", client)
         await self._limits.hit(Counter.AUTH_FAILURES_IP, who)
         if await self._limits.reached(Counter.AUTH_FAILURES_IP, who):
             # The count starts afresh after the ban: the doubling ban, not the counter,
             # is what punishes a repeat offender.
             await self._limits.clear(Counter.AUTH_FAILURES_IP, who)
-            await self._offend(key, AUTH_FAILURES)
+            await self._offend(client, AUTH_FAILURES)
         if acct:
             await self._limits.hit(Counter.AUTH_FAILURES_ACCOUNT, self._account(acct))
-        log.info("login failed", extra={**subject(ip=key, account=acct), "protocol": protocol})
+        log.info("login failed", extra={**subject(ip=client, account=acct), "protocol": protocol})
 
     async def login_succeeded(self, ip: str, account: str, protocol: str) -> None:
         """Remember the client network as the account's own (see ``login_allowed``).
@@ -339,24 +339,24 @@ class Abuse:
         Failure counters are not reset: one valid account must not let a guesser wipe
         the count of its failures against others.
         """
-        key = self._client_or_none(ip)
+        client = self._client_or_none(ip)
         acct = normalise_account(account)
-        if key is None or not acct:
+        if client is None or not acct:
             return
-        await self._limits.hit(Counter.KNOWN_CLIENT, self._names.text("known", acct, key))
+        await self._limits.hit(Counter.KNOWN_CLIENT, self._names.text("known", acct, client))
 
     # -- SMTP, IMAP, POP3 listeners ------------------------------------------------------
 
     async def on_connect(self, ip: str, service: str) -> Refusal | None:
         """At accept: ban (421), connection rate (421), DNSBL for the MX (554)."""
-        key = self._client_or_none(ip)
-        if key is None or ip in self.allowlist:
+        client = self._client_or_none(ip)
+        if client is None or ip in self.allowlist:
             return None
         ban = self._index.lookup(ip)
         if ban is not None:
             return self.ban_refusal(ban)
-        if not await self._limits.hit(Counter.CONNECTIONS, self._names.text("ip", key)):
-            log.info("connection rate exceeded", extra={**subject(ip=key), "service": service})
+        if not await self._limits.hit(Counter.CONNECTIONS, self._names.text("ip", client)):
+            log.info("connection rate exceeded", extra={**subject(ip=client), "service": service})
             return refusal.too_many_connections("minute")
         if service in MX_SERVICES and self._dnsbl is not None:
             listing = await self._dnsbl.check(ip)
@@ -366,13 +366,13 @@ class Abuse:
 
     async def on_mail(self, ip: str, sender: str) -> Refusal | None:
         """MAIL FROM on the MX: refuse (451) a client or sender already over its limit."""
-        key = self._client_or_none(ip)
-        if key is None or ip in self.allowlist:
+        client = self._client_or_none(ip)
+        if client is None or ip in self.allowlist:
             return None
         ban = self._index.lookup(ip)
         if ban is not None:
             return self.ban_refusal(ban)
-        if await self._limits.reached(Counter.MESSAGES, self._names.text("ip", key)):
+        if await self._limits.reached(Counter.MESSAGES, self._names.text("ip", client)):
             return refusal.over_limit_mail("messages from your address this hour")
         address = normalise_address(sender)
         # The null sender (bounces, RFC 5321 §4.5.5) is shared by every MTA on the Internet:
@@ -393,18 +393,18 @@ class Abuse:
         until the count bans the client (421, close). A known one is checked against the
         recipient rate (450) and greylisting (451).
         """
-        key = self._client_or_none(ip)
-        if key is None or ip in self.allowlist:
+        client = self._client_or_none(ip)
+        if client is None or ip in self.allowlist:
             return None
         ban = self._index.lookup(ip)
         if ban is not None:
             return self.ban_refusal(ban)
-        who = self._names.text("ip", key)
+        who = self._names.text("ip", client)
         if not known:
             await self._limits.hit(Counter.UNKNOWN_RCPT, who)
             if await self._limits.reached(Counter.UNKNOWN_RCPT, who):
                 await self._limits.clear(Counter.UNKNOWN_RCPT, who)
-                ban = await self._offend(key, ENUMERATION)
+                ban = await self._offend(client, ENUMERATION)
                 return refusal.enumeration_banned(ban.until - self._clock())
             return None
         if await self._limits.reached(Counter.RECIPIENTS, who):
@@ -415,10 +415,10 @@ class Abuse:
 
     async def on_message(self, ip: str, sender: str, rcpt_count: int) -> Refusal | None:
         """End of DATA on the MX: count the message; 451 if that took a counter over."""
-        key = self._client_or_none(ip)
-        if key is None or ip in self.allowlist:
+        client = self._client_or_none(ip)
+        if client is None or ip in self.allowlist:
             return None
-        who = self._names.text("ip", key)
+        who = self._names.text("ip", client)
         within = [
             await self._limits.hit(Counter.MESSAGES, who),
             await self._limits.hit(Counter.RECIPIENTS, who, cost=max(1, rcpt_count)),
@@ -429,7 +429,7 @@ class Abuse:
             within.append(await self._limits.hit(Counter.SENDER_MESSAGES, sender_who))
         if all(within):
             return None
-        log.info("inbound message rate exceeded", extra=subject(ip=key))
+        log.info("inbound message rate exceeded", extra=subject(ip=client))
         what = (
             "messages from your address this hour",
             "recipients from your address this hour",
@@ -478,7 +478,7 @@ class Abuse:
     # -- helpers -------------------------------------------------------------------------
 
     def _client_or_none(self, ip: str) -> str | None:
-        """The client key, or None for a peer that has no IP address (a Unix socket)."""
+        """The client client, or None for a peer that has no IP address (a Unix socket)."""
         try:
             return client_key(parse_ip(ip))
         except AddressError:

@@ -162,7 +162,7 @@ class SharedState:
             record = self._sealer.open(value, field)
             ban = _ban_from(record) if record is not None else None
             if ban is None:
-                log.warning("unreadable ban record in Redis (another server key?); skipped")
+                log.warning("unreadable ban record in Redis (from another installation?); skipped")
                 continue
             bans.append(ban)
         return last_id, bans
@@ -252,7 +252,7 @@ class SharedState:
         for kind, value in fields.items():
             record = self._sealer.open(value, b"event")
             if record is None:
-                log.warning("unreadable ban event in Redis (another server key?); skipped")
+                log.warning("unreadable ban event in Redis (from another installation?); skipped")
                 continue
             if kind == b"ban":
                 ban = _ban_from(record)
