@@ -143,3 +143,17 @@ def test_running_server_writes_no_plaintext_anywhere(tmp_path) -> None:  # type:
     log = "\n".join(server.output)
     for secret in [*MARKERS.values(), *data.passwords.values()]:
         assert secret not in log
+
+
+def test_server_process_cannot_dump_core(data_dir: DataDir) -> None:
+    """Keys and messages in the server's memory never reach a core file."""
+    from harness import ServerProcess
+
+    server = ServerProcess(data_dir).start()
+    try:
+        assert server.proc is not None
+        limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"], core
+    finally:
+        server.stop()

@@ -9,7 +9,9 @@ mailbox, close the databases).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -286,7 +288,25 @@ async def _serve(app: App, banner: Callable[[config.Settings], str] | None) -> i
     return 0
 
 
+def _no_core_dumps() -> None:
+    """Mailbox keys and messages live in this process's memory: never write it to disk.
+
+    RLIMIT_CORE 0 stops core files; PR_SET_DUMPABLE 0 also stops other users' ptrace and
+    /proc/<pid>/mem reads of the process (Linux prctl(2)).
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.warning("could not mark the process non-dumpable")
+
+
+PR_SET_DUMPABLE = 4
+
+
 def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) -> int:
+    _no_core_dumps()
     app = App.open(data_dir)
     logs.configure(
         app.settings.log.level,
