@@ -202,6 +202,87 @@ def test_plain_html_attachment_passes() -> None:
     assert codes(raw) == {}
 
 
+def delivery_report(notification: bytes, *, sender: bytes = b"postmaster@example.org") -> bytes:
+    """An Exchange-style bounce: HTML notification, delivery status, the returned message."""
+    return (
+        b'From: "Microsoft Outlook" <' + sender + b">\r\nTo: bob@example.com\r\n"
+        b"Subject: Undeliverable: budget meeting\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="R"\r\n\r\n'
+        b"--R\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><body>"
+        + notification
+        + b"</body></html>\r\n--R\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns;mx.example.org\r\n\r\nFinal-Recipient: rfc822;jane@example.org\r\n"
+        b"Action: failed\r\nStatus: 5.1.10\r\n\r\n--R\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"From: Bob <bob@example.com>\r\nTo: jane@example.org\r\nSubject: budget meeting\r\n"
+        b"Content-Type: text/html\r\n\r\n"
+        b'<p>The figures: <a href="https://sheets.example.net/budget">sheet</a></p>\r\n--R--\r\n'
+    )
+
+
+GENUINE_NOTICE = (
+    b"<p>Your message to jane@example.org couldn't be delivered.</p>"
+    b'<p><a href="https://go.microsoft.com/fwlink/?LinkId=532972">More info</a></p>'
+)
+
+
+def test_an_exchange_bounce_is_not_a_brand_spoof() -> None:
+    # Exchange signs its bounces "Microsoft Outlook" from the postmaster of the bouncing
+    # organisation; the report links only to Microsoft, the returned copy anywhere.
+    raw = delivery_report(GENUINE_NOTICE)
+    assert "PHISH_FROM_BRAND_SPOOF" not in codes(raw)
+    assert decide(analyse(raw, ScanContext(macro_checker=None)), FilterSettings()).action == "inbox"
+
+
+def test_a_forged_bounce_is_still_a_brand_spoof() -> None:
+    elsewhere = GENUINE_NOTICE + b'<p><a href="https://mail-restore.example.net/">Release</a></p>'
+    form = GENUINE_NOTICE + (
+        b'<form action="https://example.org/owa"><input name=u><input type=password></form>'
+    )
+    for notification in (elsewhere, form):
+        assert "PHISH_FROM_BRAND_SPOOF" in codes(delivery_report(notification))
+    # The same notice as ordinary mail, not a report: the exemption needs the report.
+    ordinary = html_message(GENUINE_NOTICE.decode(), sender="Microsoft Outlook <it@example.org>")
+    assert "PHISH_FROM_BRAND_SPOOF" in codes(ordinary)
+
+
+def test_links_that_hide_where_they_lead() -> None:
+    bucket = html_message(
+        '<a href="https://storage.googleapis.com/xk3pq/index.html">View document</a>'
+    )
+    assert "PHISH_BUCKET_PAGE" in codes(bucket)
+    s3 = html_message('<a href="https://files.s3.eu-west-1.amazonaws.com/a/login.htm">Open</a>')
+    assert "PHISH_BUCKET_PAGE" in codes(s3)
+    image = html_message('<img src="https://storage.googleapis.com/shop/logo.png"> Sale')
+    assert codes(image) == {}
+    short = html_message('<a href="https://bit.ly/3PF2Fj5">Claim</a>')
+    assert "PHISH_URL_SHORTENER" in codes(short)
+
+
+def test_a_random_code_in_the_subject_or_sender_name() -> None:
+    for subject in ("Fatura Emitida - KtSaGYsPn9djSGR", "Crédito IR Liberado - v5V0ZVRe1Hjazli"):
+        assert "PHISH_RANDOM_TOKEN" in codes(html_message("<p>x</p>", subject=subject))
+    sender = "Support x7Gh2KqLm9Ab <s@mailer.example.net>"
+    assert "PHISH_RANDOM_TOKEN" in codes(html_message("<p>x</p>", sender=sender))
+    for subject in (
+        "Your order 4050-ABCD1234XY has shipped",  # upper case and digits: an order number
+        "Re: getElementById returns null",  # camel case without digits: an identifier
+        "Invoice INV20240017 from Example Ltd",
+        "Build 3f2a9c1e0b7d failed",  # lower-case hex: a commit
+        "Your iPhone15Pro is ready for pickup",  # a product name
+    ):
+        assert "PHISH_RANDOM_TOKEN" not in codes(html_message("<p>x</p>", subject=subject))
+
+
+def test_words_disguised_with_look_alike_letters() -> None:
+    alpha = html_message("<p>Merge your wallet before M\u03b1rch 23rd.</p>")
+    assert "PHISH_HOMOGLYPH_WORD" in codes(alpha)
+    cyrillic = html_message("<p>x</p>", subject="\u0420aypal: account limited")
+    assert "PHISH_HOMOGLYPH_WORD" in codes(cyrillic)
+    # Whole words in one script, and units, are writing, not disguise.
+    honest = "<p>Привет, Саша! Ελλάδα. A 3 \u03bcm filter and a 10 k\u03a9 resistor.</p>"
+    assert "PHISH_HOMOGLYPH_WORD" not in codes(html_message(honest))
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from("<>/=\"' ahrefxn-.:@!?[]\u0430\u0440pу"), max_size=300))
 def test_html_and_url_readers_never_raise(text: str) -> None:

@@ -211,6 +211,46 @@ SPAM = note(
 )
 
 
+LIST_FOOTER = (
+    "\n-- \nTo UNSUBSCRIBE, email to debian-user-REQUEST@lists.debian.org\n"
+    'with a subject of "unsubscribe". Trouble? Contact listmaster@lists.debian.org\n'
+)
+LIST_POSTS = {
+    "one line": ("Tom <tom@example.com>", "What kind of music do you like?",
+                 "Classical, folk, country, metal... what is it?"),
+    "question": ("Steef <steef@example.nl>", "silverlight",
+                 "hi folks! somebody out there knows of a linux equivalent for silverlight?? "
+                 "regards, steef"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(LIST_POSTS))
+def test_mailing_list_posts_with_the_lists_footer_reach_the_inbox(kind: str) -> None:
+    # The footer ("unsubscribe", "email to ... with a subject of") reads like bulk mail,
+    # and is the same under every post: it is a signature (RFC 3676 §4.3), not read.
+    sender, subject, body = LIST_POSTS[kind]
+    assert action(note(sender, subject, body + LIST_FOOTER)) == "inbox"
+    crlf = note(sender, subject, body + LIST_FOOTER).replace(b"\n", b"\r\n")
+    assert action(crlf) == "inbox"
+
+
+def test_an_exchange_bounce_named_microsoft_outlook_reaches_the_inbox() -> None:
+    raw = (
+        b'From: "Microsoft Outlook" <postmaster@example.org>\r\nTo: bob@example.test\r\n'
+        b"Subject: Undeliverable: budget meeting\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="X"\r\n\r\n'
+        b"--X\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>Your message "
+        b"to jane@example.org couldn't be delivered. jane wasn't found at example.org.</p>"
+        b'<p><a href="https://go.microsoft.com/fwlink/?LinkId=532972">More info</a></p>'
+        b"</body></html>\r\n--X\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns;mx.example.org\r\n\r\nFinal-Recipient: rfc822;jane@example.org\r\n"
+        b"Action: failed\r\nStatus: 5.1.10\r\n\r\n--X\r\nContent-Type: message/rfc822\r\n\r\n"
+        + OWN_MESSAGE
+        + b"\r\n--X--\r\n"
+    )
+    assert action(raw) == "inbox"
+
+
 def test_a_bounce_of_the_users_own_mail_reaches_the_inbox() -> None:
     assert action(dsn(OWN_MESSAGE)) == "inbox"
     head = OWN_MESSAGE.split(b"\n\n", 1)[0]

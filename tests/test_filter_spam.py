@@ -278,3 +278,39 @@ def test_report_and_charset_reading() -> None:
     for label, data in (("gb2312", "汉字 碁".encode("gbk")), ("x-sjis", "ｶﾀｶﾅ 髙".encode("cp932"))):
         raw = b"Subject: x\r\nContent-Type: text/plain; charset=" + label.encode() + b"\r\n\r\n"
         assert read_content(raw + data).message.text == data.decode(codec_name(label))
+
+
+LIST_FOOTER = (
+    "\n-- \nTo UNSUBSCRIBE, email to debian-user-REQUEST@lists.debian.org\n"
+    'with a subject of "unsubscribe". Trouble? Contact listmaster@lists.debian.org\n'
+)
+PGP_SIGNED = (
+    "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA1\n\n{body}\n"
+    "-----BEGIN PGP SIGNATURE-----\nVersion: GnuPG v1.4.10 (GNU/Linux)\n\n"
+    "iEYEARECAAYFAkvCm0QACgkQM0LLzLt8MhxVKwCfVZ6x\n=x8Qe\n-----END PGP SIGNATURE-----\n"
+)
+
+
+def test_signatures_and_armor_are_not_read() -> None:
+    # RFC 3676 §4.3 signatures (a list's footer) and RFC 4880 §7 armor are the same under
+    # every message of a list or a sender: they are not the message's words.
+    plain = spam_features(read_content(newsletter(GARDEN)))
+    assert spam_features(read_content(newsletter(GARDEN + LIST_FOOTER))) == plain
+    signed = PGP_SIGNED.format(body=GARDEN)
+    assert spam_features(read_content(newsletter(signed + LIST_FOOTER))) == plain
+    # Past a signature's size the tail is read: spam cannot hide its text behind "-- ".
+    hidden = GARDEN + "\n-- \n" + "Buy cheap pills now at the best online pharmacy.\n" * 20
+    assert "pharmacy" in spam_features(read_content(newsletter(hidden)))
+
+
+def test_line_endings_and_raw_utf8_headers_are_read_alike() -> None:
+    lf = newsletter(GARDEN + LIST_FOOTER)
+    crlf = lf.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert spam_features(read_content(crlf)) == spam_features(read_content(lf))
+    # RFC 6532 UTF-8 in header fields, beside an RFC 2047 encoded word.
+    raw = (
+        "From: Jürgen Groß <j@example.de>\r\nSubject: Grüße =?utf-8?q?aus_K=C3=B6ln?=\r\n"
+        "Content-Type: text/plain\r\n\r\nhi"
+    ).encode()
+    message = read_content(raw).message
+    assert (message.from_name, message.subject) == ("Jürgen Groß", "Grüße aus Köln")

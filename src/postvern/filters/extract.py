@@ -47,6 +47,9 @@ _EMBEDDED_HEADER = re.compile(
     r"(?im)^(?:return-path|received|from|to|date|subject|message-id|delivered-to):[^\n]*\n"
     r"(?:[ \t][^\n]*\n){0,20}[a-z0-9-]{1,40}:"
 )
+# RFC 2047 §2 encoded words, with the white space between adjacent ones (§6.2: it is
+# not part of the text).
+_ENCODED_WORDS = re.compile(r"=\?[^?\s]{1,40}\?[bBqQ]\?[^?\s]*\?=(?:\s+(?==\?))?")
 # Declared charsets are read as the superset every mail client uses for them (WHATWG
 # Encoding Standard): mail labelled with the old name routinely uses the extra characters,
 # and a failed decode would turn the whole text into Latin-1 noise.
@@ -212,7 +215,9 @@ def _read_parts(msg: Message, out: Extracted) -> None:
         if ctype in _TEXT_TYPES and not filename and not _is_attachment(part):
             charset = _charset(part)
             charsets.add(charset)
-            text = _decode(_cut(data), charset)
+            # Lines end in CRLF on the wire (RFC 5322 §2.1) and in LF in most stored
+            # mail: one form, so that no reading depends on how a message was kept.
+            text = _decode(_cut(data), charset).replace("\r\n", "\n")
             (htmls if ctype == "text/html" or _is_markup(text) else texts).append(text)
             continue
         if kept + len(data) > MAX_ATTACHMENT_BYTES:
@@ -231,6 +236,10 @@ def decode_header_value(value: object) -> str:
     text = _header_str(value)
     if "=?" not in text:
         return text
+    if not text.isascii():
+        # Raw UTF-8 beside encoded words (RFC 6532 mail from careless software): decode
+        # each word on its own, the stdlib would re-read the UTF-8 as escapes.
+        return _ENCODED_WORDS.sub(lambda m: decode_header_value(m.group(0).strip()), text)
     try:
         pieces = []
         for chunk, charset in email.header.decode_header(text):
@@ -248,18 +257,35 @@ def _header_str(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, email.header.Header):
-        text = str(value)
-    else:
-        text = str(value)
-    text = text[:MAX_HEADER_CHARS]
+        # compat32 wraps a field with raw 8-bit octets in a Header of charset unknown-8bit,
+        # whose str() replaces every octet with U+FFFD: read the octets back instead.
+        return _raw_header_text(value)[:MAX_HEADER_CHARS]
+    text = str(value)[:MAX_HEADER_CHARS]
     if any("\udc80" <= ch <= "\udcff" for ch in text):
-        raw = text.encode("ascii", "surrogateescape")
-        # RFC 6532 allows UTF-8 in headers; anything else was never valid, latin-1 keeps it.
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw.decode("latin-1")
+        return _header_octets(text.encode("ascii", "surrogateescape"))
     return text
+
+
+def _raw_header_text(header: email.header.Header) -> str:
+    pieces = []
+    for chunk, charset in email.header.decode_header(header):
+        if isinstance(chunk, bytes):
+            chunk = chunk[: 4 * MAX_HEADER_CHARS]
+            if charset and charset != "unknown-8bit":
+                pieces.append(_decode(chunk, str(charset)))
+            else:
+                pieces.append(_header_octets(chunk))
+        else:
+            pieces.append(chunk)
+    return "".join(pieces)
+
+
+def _header_octets(raw: bytes) -> str:
+    # RFC 6532 allows UTF-8 in headers; anything else was never valid, latin-1 keeps it.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _clean_addr(addr: str) -> str:

@@ -10,7 +10,9 @@ in any year (a reply address elsewhere, a link to a bare IP). Charsets, attachme
 URL counts and top-level domains, and the mere absence of a subject are left out on
 purpose: in the training corpora they tell the corpus and the decade apart (old ham is
 Latin-1 without attachments and lost its links to preprocessing, new phishing is UTF-8
-with PDFs and links), not spam from ham.
+with PDFs and links), not spam from ham. Nor are the parts of a message that are the same
+under all of a sender's or a list's mail read: signatures and list footers (RFC 3676) and
+OpenPGP armor (RFC 4880) teach the model the mailbox, not the message.
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ _SYMBOLS = frozenset("$€£¥!%")
 _DIGITS = re.compile(r"\d")
 # A line this long without a space is encoded data (uuencode, base64, a hash), not words.
 _ENCODED_LINE = re.compile(r"(?m)^[ \t>]*\S{40,}[ \t]*$")
+# RFC 4880 §7: a cleartext-signed message is framed by armor lines and ends in a signature
+# block. The armor is machine text, the same in ham and spam; a forged frame around spam
+# leaves the spam's words to read.
+_PGP_MESSAGE_HEADER = re.compile(
+    r"(?m)^-----BEGIN PGP SIGNED MESSAGE-----[ \t]*\n(?:Hash:[^\n]*\n)?"
+)
+_PGP_SIGNATURE = ("-----BEGIN PGP SIGNATURE-----", "-----END PGP SIGNATURE-----")
+# RFC 3676 §4.3: the line "-- " opens the signature. What follows (the sender's name, a
+# mailing list's footer) is the same under every message, the words of the mailbox or list
+# rather than of the message: read, they teach the model which list a message came from
+# (in leave-one-source-out, the Debian lists' footer alone made their ham look like spam).
+# A longer tail is not a signature and is read, so that spam cannot hide behind "-- ".
+_SIGNATURE_SEPARATOR = re.compile(r"(?m)^-- ?\r?$")
+MAX_SIGNATURE_LINES = 15
+MAX_SIGNATURE_CHARS = 1000
 # Characters a reader does not see (zero-width spaces and joiners, soft hyphens, BOMs):
 # spam puts them inside words so that no two copies of a word look alike.
 _INVISIBLE = re.compile("[\u00ad\u034f\u180e\u200b-\u200f\u2060-\u2064\ufeff]")
@@ -76,9 +93,36 @@ def tokens(text: str, limit: int = MAX_TOKENS) -> list[str]:
 
 def readable_text(text: str) -> str:
     """*text* without what is not language: URLs (their facts are features of their own;
-    their query strings are noise) and lines of encoded data."""
-    text = _ENCODED_LINE.sub(" ", strip_urls(_INVISIBLE.sub("", text)))
+    their query strings are noise), lines of encoded data, OpenPGP armor, and the
+    signature."""
+    text = _without_signature(_without_armor(_INVISIBLE.sub("", text)))
+    text = _ENCODED_LINE.sub(" ", strip_urls(text))
     return _SPACED_LETTERS.sub(_joined, text)
+
+
+def _without_armor(text: str) -> str:
+    """*text* without OpenPGP cleartext-signature armor (one pass, however many blocks)."""
+    if "-----BEGIN PGP " not in text:
+        return text
+    text = _PGP_MESSAGE_HEADER.sub(" ", text)
+    begin, end = _PGP_SIGNATURE
+    kept: list[str] = []
+    pos = 0
+    while (start := text.find(begin, pos)) >= 0 and (stop := text.find(end, start)) >= 0:
+        kept.append(text[pos:start])
+        pos = stop + len(end)
+    kept.append(text[pos:])
+    return " ".join(kept)
+
+
+def _without_signature(text: str) -> str:
+    """*text* up to the first signature separator that only a signature follows (a
+    personal one, then a mailing list's, each opened by its own separator)."""
+    for separator in _SIGNATURE_SEPARATOR.finditer(text):
+        tail = len(text) - separator.end()
+        if tail <= MAX_SIGNATURE_CHARS and text.count("\n", separator.end()) <= MAX_SIGNATURE_LINES:
+            return text[: separator.start()]
+    return text
 
 
 def _joined(m: re.Match[str]) -> str:

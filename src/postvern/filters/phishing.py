@@ -3,8 +3,10 @@
 Phishing borrows a trusted name (a brand, the recipient's own organisation) and sends the
 reader somewhere else. The rules here compare the two: look-alike domains (confusable
 skeletons, Unicode TR39), brands named in a display name or a host they do not own, link
-text naming one site while the link opens another, URL tricks, blocklisted hosts, and
-credential forms in the body or in HTML attachments. Each rule yields a :class:`Hit`.
+text naming one site while the link opens another, URL tricks and links that hide their
+destination, blocklisted hosts, and credential forms in the body or in HTML attachments;
+and they note the disguises that work in any language (look-alike letters inside words,
+random codes in a subject). Each rule yields a :class:`Hit`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from dataclasses import dataclass
 from postvern.filters.blocklist import Blocklist
 from postvern.filters.confusables import is_mixed_script, skeleton
 from postvern.filters.content import Content
-from postvern.filters.extract import Attachment
+from postvern.filters.extract import Attachment, Extracted
 from postvern.filters.htmlscan import HtmlDoc, scan_html
 from postvern.filters.urls import (
     Url,
+    collect_urls,
     link_mismatches,
     parse_url,
     registrable_domain,
@@ -47,6 +50,10 @@ POINTS = {
     "PHISH_LINK_MISMATCH": 2.0,  # link text shows one domain, opens another
     "PHISH_URL_USERINFO": 3.0,  # "https://paypal.com@evil.example/"
     "PHISH_URL_IP_HOST": 1.5,  # a link to a bare IP address
+    "PHISH_BUCKET_PAGE": 2.5,  # a web page kept in a cloud storage bucket
+    "PHISH_URL_SHORTENER": 1.0,  # a link through a public shortener hides where it goes
+    "PHISH_RANDOM_TOKEN": 1.5,  # "Fatura Emitida - KtSaGYsPn9djSGR": a filter-busting code
+    "PHISH_HOMOGLYPH_WORD": 1.5,  # "Mαrch", "Рaypal": Greek or Cyrillic letters in a Latin word
     "URL_BLOCKLISTED": 10.0,
     "PHISH_BODY_PASSWORD_FORM": 3.0,  # a password field in the message itself
     "PHISH_HTML_ATTACHMENT_FORM": 6.0,  # an HTML file with a credential form
@@ -60,6 +67,39 @@ MAX_HTML_ATTACHMENT_BYTES = 2 * 1024 * 1024
 # Brand names shorter than this are too likely to occur inside unrelated host names.
 MIN_BRAND_LABEL_IN_HOST = 4
 
+# Public URL shorteners: a link through one shows no destination at all. They have
+# honest uses, so the rule only adds to other evidence.
+URL_SHORTENERS = frozenset(
+    "bit.ly bitly.com tinyurl.com is.gd v.gd ow.ly buff.ly rebrand.ly cutt.ly shorturl.at "
+    "rb.gy tiny.cc t.ly bit.do s.id goo.gl qrco.de shorte.st adf.ly urlz.fr 2no.co tr.im "
+    "x.co clck.ru u.to".split()
+)
+# Cloud object storage serves a bucket's files under the provider's name, so a phishing
+# page kept there borrows a reputable host and needs no site of its own. Mail links to
+# files in buckets (images, downloads) but a web page there is a page that has no site.
+_BUCKET_HOST = re.compile(
+    r"(?:^|\.)(?:storage\.googleapis\.com|firebasestorage\.googleapis\.com"
+    r"|s3[.-](?:[a-z0-9-]+\.)*amazonaws\.com|blob\.core\.windows\.net|r2\.dev"
+    r"|digitaloceanspaces\.com|backblazeb2\.com|wasabisys\.com)$"
+)
+_PAGE_SUFFIXES = (".html", ".htm", ".xhtml", ".shtml")
+# A token of ten or more letters and digits mixing upper case, lower case and digits
+# ("v5V0ZVRe1HjazliqQoYz"): bulk senders put one in every subject so that no two copies
+# match a checksum. Order and ticket numbers are digits or upper case; words are letters.
+_ALNUM_TOKEN = re.compile(r"(?<![^\W_])[A-Za-z0-9]{10,64}(?![^\W_])")
+MIN_RANDOM_CASE_LETTERS = 3  # of each case: "iPhone15Pro" is a name, not a code
+# A word spelt with Latin letters and Greek or Cyrillic look-alikes ("Mαrch" with an alpha,
+# "Рaypal" with a Cyrillic Er) reads normally and matches no filter's word list; no
+# language writes one word in two of these scripts (TR39 §5, mixed-script detection).
+# Shorter words are units and symbols ("μm", "kΩ"), not disguises.
+_LONG_WORD = re.compile(r"[^\W\d_]{4,}")
+_LATIN_LETTER = re.compile(r"[A-Za-z\u00c0-\u024f]")
+_GREEK_OR_CYRILLIC_LETTER = re.compile(r"[\u0370-\u03ff\u0400-\u052f]")
+# Text searched for such words: the first screens, where the claim is made.
+MAX_HOMOGLYPH_TEXT = 20_000
+# RFC 3464 delivery reports (in RFC 6522 multipart/report), and bounces in the older
+# plain form (postvern.filters.extract): the mail system writes them, and names itself.
+DELIVERY_REPORT_TYPES = frozenset({"delivery-status", "bounce"})
 # Words that turn a common-word brand ("Apple", "Chase") into a claim to be the company.
 _SERVICE_WORDS = frozenset(
     "support service services team security account accounts billing id online bank "
@@ -151,9 +191,12 @@ def check_phishing(content: Content, ctx: PhishingContext) -> list[Hit]:
         urls.extend(u for u in map(parse_url, doc.urls) if u is not None)
     hits: list[Hit] = []
     hits += _lookalikes(content, urls, brands, ctx)
-    hits += _sender_claims(content, brands, ctx)
+    hits += _sender_claims(content, brands, ctx, attachment_docs)
     hits += _link_claims(content, brands)
     hits += _url_tricks(urls)
+    hits += _hidden_destinations(urls)
+    hits += _random_tokens(content)
+    hits += _homoglyph_words(content)
     if ctx.blocklist is not None:
         hits += _blocklisted(urls, content, ctx.blocklist)
     hits += _forms(content.html, attachment_docs)
@@ -213,7 +256,9 @@ def _brand_lookalike(host: str, domain: str, shown: str, sk: str, brands: Brands
     return hits
 
 
-def _sender_claims(content: Content, brands: Brands, ctx: PhishingContext) -> list[Hit]:
+def _sender_claims(
+    content: Content, brands: Brands, ctx: PhishingContext, attachments: list[HtmlDoc]
+) -> list[Hit]:
     msg = content.message
     if not msg.from_name or not msg.from_addr:
         return []
@@ -234,9 +279,39 @@ def _sender_claims(content: Content, brands: Brands, ctx: PhishingContext) -> li
             brands.is_official(brand, d) for d in verified
         ):
             continue
+        if _is_delivery_report(content, attachments, brand, brands, from_domain):
+            continue  # "Microsoft Outlook" <postmaster@example.org>: Exchange's bounce
         hits.append(_hit("PHISH_FROM_BRAND_SPOOF", f"'{brand.name}' sent from {from_domain}"))
         break
     return hits
+
+
+def _is_delivery_report(
+    content: Content, attachments: list[HtmlDoc], brand: Brand, brands: Brands, domain: str
+) -> bool:
+    """A delivery report whose display name is the mail system's product: Exchange signs
+    its bounces "Microsoft Outlook" from the postmaster of the organisation that bounced.
+
+    A forged report is no exemption: one that asks for anything (a form, a password, an
+    HTML attachment) or links anywhere but the reporting domain and the product's own
+    sites is judged like any other message. Links in the returned copy are the
+    recipient's own mail and are not counted.
+    """
+    msg = content.message
+    if msg.report_type not in DELIVERY_REPORT_TYPES or attachments:
+        return False
+    returned = msg.returned or Extracted()
+    returned_doc = scan_html(returned.html) if returned.html else HtmlDoc()
+    if content.html.password_inputs > returned_doc.password_inputs:
+        return False
+    if len(content.html.forms) > len(returned_doc.forms):
+        return False
+    returned_urls = collect_urls(returned.text, returned_doc.urls, returned_doc.text)
+    returned_raw = {u.raw for u in returned_urls}
+    return all(
+        url.raw in returned_raw or url.domain == domain or brands.is_official(brand, url.domain)
+        for url in content.urls
+    )
 
 
 def _contains(words: list[str], name: tuple[str, ...]) -> bool:
@@ -265,6 +340,44 @@ def _url_tricks(urls: list[Url]) -> list[Hit]:
         if url.is_ip:
             hits.append(_hit("PHISH_URL_IP_HOST", f"link to address {url.host}"))
     return hits
+
+
+def _hidden_destinations(urls: list[Url]) -> list[Hit]:
+    """Links that do not show where they lead: a shortener, a page in a storage bucket."""
+    hits = []
+    for url in urls:
+        if url.host in URL_SHORTENERS:
+            hits.append(_hit("PHISH_URL_SHORTENER", f"link through the shortener {url.host}"))
+        if _BUCKET_HOST.search(url.host) and url.path.lower().endswith(_PAGE_SUFFIXES):
+            hits.append(_hit("PHISH_BUCKET_PAGE", f"link to a page stored on {url.host}"))
+    return hits
+
+
+def _random_tokens(content: Content) -> list[Hit]:
+    msg = content.message
+    for where, text in (("subject", msg.subject), ("sender name", msg.from_name)):
+        if any(map(_is_random_code, _ALNUM_TOKEN.findall(text))):
+            return [_hit("PHISH_RANDOM_TOKEN", f"the {where} carries a random code")]
+    return []
+
+
+def _is_random_code(token: str) -> bool:
+    upper = sum(c.isupper() for c in token)
+    lower = sum(c.islower() for c in token)
+    return (upper >= MIN_RANDOM_CASE_LETTERS and lower >= MIN_RANDOM_CASE_LETTERS
+            and any(c.isdigit() for c in token))  # fmt: skip
+
+
+def _homoglyph_words(content: Content) -> list[Hit]:
+    msg = content.message
+    for text in (msg.subject, msg.from_name, content.visible_text[:MAX_HOMOGLYPH_TEXT]):
+        if text.isascii():
+            continue
+        for word in _LONG_WORD.findall(text):
+            if (not word.isascii() and _LATIN_LETTER.search(word)
+                    and _GREEK_OR_CYRILLIC_LETTER.search(word)):  # fmt: skip
+                return [_hit("PHISH_HOMOGLYPH_WORD", f"'{word[:40]}' mixes scripts")]
+    return []
 
 
 def _blocklisted(urls: list[Url], content: Content, blocklist: Blocklist) -> list[Hit]:

@@ -35,7 +35,7 @@ JUNK_POINTS = 5.0
 # The model may push a message far into spam, but ham-looking text must not cancel a
 # phishing rule or a bad attachment entirely: its negative points are capped. Its positive
 # points stop at twice the junk score: far enough that authenticated mail can still be
-# junked for strong content (see postvern.filters.AUTH_POINTS), short of the default
+# junked for strong content (see postvern.filters.DMARC_PASS_BAR_LOGIT), short of the default
 # reject score even with an authentication failure, so that words never refuse a message
 # at SMTP time without a phishing rule, a virus or an attachment finding.
 MODEL_POINTS_MIN = -3.0
@@ -188,10 +188,13 @@ class ShippedModel:
         return ModelScore(logit, sigmoid(logit), self.points(logit))
 
     def points(self, logit: float) -> float:
-        points = (
-            JUNK_POINTS * (logit - NO_EVIDENCE_LOGIT) / (self.threshold_logit - NO_EVIDENCE_LOGIT)
-        )
-        return max(MODEL_POINTS_MIN, min(MODEL_POINTS_MAX, points))
+        return logit_points(logit, self.threshold_logit)
+
+
+def logit_points(logit: float, threshold_logit: float) -> float:
+    """The points of a model *logit* for a model whose junk threshold is *threshold_logit*."""
+    points = JUNK_POINTS * (logit - NO_EVIDENCE_LOGIT) / (threshold_logit - NO_EVIDENCE_LOGIT)
+    return max(MODEL_POINTS_MIN, min(MODEL_POINTS_MAX, points))
 
 
 def weigh_evidence(logit: float, known: int, threshold_logit: float) -> float:
