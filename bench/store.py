@@ -148,9 +148,10 @@ def bench_spool(messages: list[bytes], tmp: Path) -> None:
     durable = len(sample) / (time.perf_counter() - start)
     grouped, cpu = asyncio.run(_concurrent_deposits(spool, public, sample))
     box = Mailbox.create(tmp / "spoolbox.sqlite", keyslots.new_mailbox_key(), private)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     count = len(import_spool(box, spool, "u1"))
     imported = count / (time.perf_counter() - start)
+    imported_cpu = count / (time.process_time() - cpu_start)
     box.close()
     print(f"spool, {len(sample)} messages (one core):")
     print(f"  seal (HPKE ML-KEM-768+X25519, ChaCha20-Poly1305)  {seal_only:9.0f}/s")
@@ -159,7 +160,10 @@ def bench_spool(messages: list[bytes], tmp: Path) -> None:
         f"  seal + durable write, {CONCURRENT_DEPOSITORS} deliveries at once (group commit)"
         f"  {grouped:7.0f}/s, {cpu:.0f}/s per core of CPU time   (goal ≥ 2000/s/core)"
     )
-    print(f"  import into the mailbox (open, parse, commit)      {imported:9.0f}/s")
+    print(
+        f"  import into the mailbox (open, parse, commit)      {imported:9.0f}/s,"
+        f" {imported_cpu:.0f}/s per core of CPU time   (goal ≥ 2000/s/core)"
+    )
 
 
 CONCURRENT_DEPOSITORS = 16

@@ -41,7 +41,7 @@ _RECORD = struct.Struct(">II")  # item index in the segment, sealed length
 MAX_ITEM_BYTES = 1 << 30
 # Import in batches: one transaction per batch amortises the fsync of the commit, while a
 # bounded batch bounds the memory held for decrypted messages.
-IMPORT_BATCH = 64
+IMPORT_BATCH = 256
 IMPORT_BATCH_BYTES = 64 * 1024 * 1024
 
 
