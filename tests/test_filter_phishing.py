@@ -127,6 +127,36 @@ def test_display_name_showing_another_address() -> None:
     assert "PHISH_FROM_NAME_ADDRESS" in codes(raw)
 
 
+def plain_message(sender: str, text: str = "Your parcel is held at customs.") -> bytes:
+    return (f"From: {sender}\r\nTo: bob@example.com\r\nSubject: Notice\r\n\r\n{text}\r\n"
+            .encode())  # fmt: skip
+
+
+def test_a_sender_address_without_a_domain_name() -> None:
+    for sender in (
+        "Correios <avisos@correios>",
+        "Taxas <taxas@%pagamentos.com>",
+        "Notice <noreply@localhost>",
+        "Support ,_<x@host.example>, y",
+    ):
+        assert "PHISH_FROM_NOT_A_DOMAIN" in codes(plain_message(sender)), sender
+    for sender in (
+        "Ana <ana@correios.com.br>",
+        "Ops <ops@mail.example.co.uk.>",
+        "Literal <root@[192.0.2.1]>",
+        "B\u00fccher <info@b\u00fccher.example>",
+        "No address at all",
+    ):
+        assert "PHISH_FROM_NOT_A_DOMAIN" not in codes(plain_message(sender)), sender
+
+
+def test_widely_imitated_regional_brands() -> None:
+    spoof = html_message("<p>Pague a taxa</p>", sender="Correios <rastreio@mailer.example>")
+    assert "PHISH_FROM_BRAND_SPOOF" in codes(spoof)
+    real = html_message("<p>Rastreio</p>", sender="Correios <rastreio@correios.com.br>")
+    assert "PHISH_FROM_BRAND_SPOOF" not in codes(real)
+
+
 def test_url_tricks() -> None:
     url = parse_url("https://www.paypal.com@evil.example/login")
     assert url is not None and url.host == "evil.example" and url.has_userinfo

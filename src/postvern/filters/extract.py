@@ -93,6 +93,7 @@ class Extracted:
     subject: str = ""
     from_name: str = ""
     from_addr: str = ""  # lower-cased addr-spec, "" when absent or unparsable
+    from_field: str = ""  # the From field as written (unfolded, bounded), to judge its form
     reply_to_addr: str = ""
     header_names: frozenset[str] = frozenset()  # lower-cased names of top-level fields
     charsets: frozenset[str] = frozenset()
@@ -190,7 +191,9 @@ def _read_plain_bounce(msg: Message, out: Extracted) -> None:
 def _read_headers(msg: Message, out: Extracted) -> None:
     out.header_names = frozenset(k.lower() for k in msg.keys())
     out.subject = decode_header_value(msg.get("Subject"))
-    name, addr = email.utils.parseaddr(_header_str(msg.get("From")))
+    from_field = _header_str(msg.get("From"))
+    out.from_field = from_field
+    name, addr = email.utils.parseaddr(from_field)
     out.from_name = decode_header_value(name).strip().strip('"').strip()
     out.from_addr = _clean_addr(addr)
     out.reply_to_addr = _clean_addr(email.utils.parseaddr(_header_str(msg.get("Reply-To")))[1])

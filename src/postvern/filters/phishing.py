@@ -2,11 +2,12 @@
 
 Phishing borrows a trusted name (a brand, the recipient's own organisation) and sends the
 reader somewhere else. The rules here compare the two: look-alike domains (confusable
-skeletons, Unicode TR39), brands named in a display name or a host they do not own, link
-text naming one site while the link opens another, URL tricks and links that hide their
-destination, blocklisted hosts, and credential forms in the body or in HTML attachments;
-and they note the disguises that work in any language (look-alike letters inside words,
-random codes in a subject). Each rule yields a :class:`Hit`.
+skeletons, Unicode TR39), brands named in a display name or a host they do not own, a
+sender address with no domain name for DMARC to hold to its owner, link text naming one
+site while the link opens another, URL tricks and links that hide their destination,
+blocklisted hosts, and credential forms in the body or in HTML attachments; and they note
+the disguises that work in any language (look-alike letters inside words, random codes in
+a subject). Each rule yields a :class:`Hit`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ POINTS = {
     "PHISH_BRAND_IN_HOST": 2.5,  # "paypal.com.secure-login.example"
     "PHISH_FROM_BRAND_SPOOF": 4.0,  # "PayPal Support" <x@elsewhere.example>
     "PHISH_FROM_NAME_ADDRESS": 2.5,  # display name is another address than From
+    "PHISH_FROM_NOT_A_DOMAIN": 3.0,  # "Correios <avisos@correios>": no domain to verify
     "PHISH_LINK_BRAND_MISMATCH": 4.0,  # link text shows a brand domain, opens another
     "PHISH_LINK_MISMATCH": 2.0,  # link text shows one domain, opens another
     "PHISH_URL_USERINFO": 3.0,  # "https://paypal.com@evil.example/"
@@ -56,7 +58,9 @@ POINTS = {
     "PHISH_HOMOGLYPH_WORD": 1.5,  # "Mαrch", "Рaypal": Greek or Cyrillic letters in a Latin word
     "URL_BLOCKLISTED": 10.0,
     "PHISH_BODY_PASSWORD_FORM": 3.0,  # a password field in the message itself
-    "PHISH_HTML_ATTACHMENT_FORM": 6.0,  # an HTML file with a credential form
+    # An HTML file with a credential form: enough on its own even when the model's
+    # points are at their most negative (postvern.filters.spam.MODEL_POINTS_MIN).
+    "PHISH_HTML_ATTACHMENT_FORM": 8.0,
     "PHISH_HTML_ATTACHMENT_REDIRECT": 3.5,  # an HTML file that scripts a redirect
 }
 
@@ -110,6 +114,13 @@ _HTML_SUFFIXES = (".htm", ".html", ".xhtml", ".shtml", ".hta", ".svg", ".mht", "
 _SCRIPT_REDIRECT = re.compile(
     r"(?i)(?:window|document|top|self)\s*\.\s*location(?:\s*\.\s*(?:href|replace|assign))?"
     r"\s*[=(]|\batob\s*\(|\bunescape\s*\(|\beval\s*\(|fromCharCode"
+)
+# RFC 5321 §2.3.5: a domain in mail is a fully-qualified name, labels of letters, digits
+# and hyphens under a top-level domain that is not all digits. (Mail servers refuse other
+# senders outright: Postfix's reject_non_fqdn_sender.)
+_FQDN = re.compile(
+    r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
+    r"(?:[a-z][a-z0-9-]{0,61}[a-z0-9]|xn--[a-z0-9-]{1,59})"
 )
 _NAME_WORDS = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*")
 _ADDRESS_IN_NAME = re.compile(r"[\w.+-]+@((?:[\w-]+\.)+[\w-]{2,})")
@@ -192,6 +203,7 @@ def check_phishing(content: Content, ctx: PhishingContext) -> list[Hit]:
     hits: list[Hit] = []
     hits += _lookalikes(content, urls, brands, ctx)
     hits += _sender_claims(content, brands, ctx, attachment_docs)
+    hits += _sender_form(content.message)
     hits += _link_claims(content, brands)
     hits += _url_tricks(urls)
     hits += _hidden_destinations(urls)
@@ -284,6 +296,20 @@ def _sender_claims(
         hits.append(_hit("PHISH_FROM_BRAND_SPOOF", f"'{brand.name}' sent from {from_domain}"))
         break
     return hits
+
+
+def _sender_form(msg: Extracted) -> list[Hit]:
+    """A From field that names an address outside any domain name ("avisos@correios",
+    "taxas@%pagamentos.com") or no well-formed address at all. DMARC holds a From domain
+    to its owner's policy (RFC 7489 §3.1; §6.6.1 on malformed From fields): without a
+    domain to check, a brand can be put in the From field that no check contradicts."""
+    if "@" not in msg.from_field:
+        return []
+    if msg.from_addr:
+        domain = msg.from_domain.rstrip(".")
+        if domain.startswith("[") or _FQDN.fullmatch(to_ascii_host(domain)):
+            return []  # an RFC 5321 address literal, or a name: judged elsewhere
+    return [_hit("PHISH_FROM_NOT_A_DOMAIN", "the sender address has no domain name")]
 
 
 def _is_delivery_report(
