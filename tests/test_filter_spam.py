@@ -314,3 +314,16 @@ def test_line_endings_and_raw_utf8_headers_are_read_alike() -> None:
     ).encode()
     message = read_content(raw).message
     assert (message.from_name, message.subject) == ("Jürgen Groß", "Grüße aus Köln")
+
+
+def test_masked_letters_are_a_fact_and_lost_quotes_are_not() -> None:
+    def facts(body: str) -> set[str]:
+        return {f for f in spam_features(read_content(newsletter(body))) if f.startswith("h:")}
+
+    masked = "Elim?nate all your d?bt t?day, n? b?nkruptcy, n? c?ns?lid?tion."
+    assert "h:masked-letters" in facts(masked)
+    # A charset lost in transit turns apostrophes into "?": contractions are not masking,
+    # and neither is one stray "?" in a word nor a link's query string.
+    lost_quotes = "I don?t know, we?ll see; it?s fine and you?re welcome. I?m off."
+    assert "h:masked-letters" not in facts(GARDEN + lost_quotes)
+    assert "h:masked-letters" not in facts(GARDEN + "Yes?no. https://a.example/p?id=x&q?r=s")

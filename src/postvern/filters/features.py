@@ -63,6 +63,15 @@ _INVISIBLE = re.compile("[\u00ad\u034f\u180e\u200b-\u200f\u2060-\u2064\ufeff]")
 # ("v i a g r a", "v.i.a.g.r.a", "e . . n . . o . . u . . g . . h") are read as one word.
 _SPACED_LETTERS = re.compile(r"(?<![^\W\d_])(?:[^\W\d_][\s.*_,-]{1,5}){2,}[^\W\d_](?![^\W\d_])")
 _NOT_LETTER = re.compile(r"[\W\d_]+")
+# A letter replaced by "?" inside a word ("d?bt", "elim?nat?", "c?ns?lid?tion"): spam
+# masks its words so that no filter knows them. A charset lost in transit makes "?" of a
+# quote too, but there only before the one- or two-letter tail of a contraction ("don?t",
+# "we?ll"), which is not counted. Two masked words make the fact (in the training part:
+# 1% of the spam, none of the ham).
+_MASKED_WORD = re.compile(r"(?<![^\W\d_?])[^\W\d_]+\?(?!(?:s|t|d|m|ll|re|ve)(?![^\W\d_]))[^\W\d_]")
+MIN_MASKED_WORDS = 2
+# Masked words are looked for as far as tokens are read: the cost stays bounded.
+MASKED_SCAN_CHARS = MAX_TOKENS * MAX_TOKEN_CHARS
 # Scripts written without spaces: a run is split into characters pairs.
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
@@ -140,10 +149,12 @@ def spam_features(content: Content) -> set[str]:
     features.update("s:" + t for t in subject)
     # The subject is read as the first line of the text too: some mail is all subject,
     # and its words mean what they mean in a body.
-    body = subject + tokens(readable_text(content.judged_text))
+    text = readable_text(content.judged_text)
+    body = subject + tokens(text)
     features.update(body)
     features.update(f"{a} {b}" for a, b in itertools.pairwise(body))
     features.update(_header_facts(content.message.returned or content.message))
+    features.update(_masking_facts(text))
     features.update(_html_facts(content))
     features.update(_url_facts(content))
     return features
@@ -157,6 +168,12 @@ def _header_facts(msg: Extracted) -> list[str]:
         if msg.reply_to_addr.rpartition("@")[2] != msg.from_domain:
             facts.append("h:reply-to-elsewhere")
     return facts
+
+
+def _masking_facts(text: str) -> list[str]:
+    """Words whose letters were masked to hide them from filters."""
+    masked = _MASKED_WORD.findall(text, 0, MASKED_SCAN_CHARS)
+    return ["h:masked-letters"] if len(masked) >= MIN_MASKED_WORDS else []
 
 
 def _html_facts(content: Content) -> list[str]:
