@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Literal
 
 from postvern import filters
 from postvern.config import Settings
@@ -31,8 +32,10 @@ class FilterStage:
         policies = {
             self.directory.attachment_policy(d) or self.settings.attachment_policy for d in domains
         }
-        policy = "reject" if "reject" in policies or not policies else "quarantine"
-        return dataclasses.replace(self.settings, attachment_policy=policy)
+        strictest: Literal["reject", "quarantine"] = (
+            "reject" if "reject" in policies or not policies else "quarantine"
+        )
+        return dataclasses.replace(self.settings, attachment_policy=strictest)
 
     async def check(self, raw: bytes, txn: Transaction, auth: AuthVerdict | None) -> FilterVerdict:
         domains = tuple(dict.fromkeys(r.address.rpartition("@")[2].lower() for r in txn.recipients))
