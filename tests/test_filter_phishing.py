@@ -150,6 +150,26 @@ def test_a_sender_address_without_a_domain_name() -> None:
         assert "PHISH_FROM_NOT_A_DOMAIN" not in codes(plain_message(sender)), sender
 
 
+def test_a_from_field_naming_several_senders() -> None:
+    for sender in (
+        '"Delivery@GLS.de", <reply@telekom.example>',  # the reader sees GLS, DMARC the other
+        "Booking.com, <service@stayfriends.example>",  # an unquoted comma makes two
+        "Kyc<a@nhs.example>b@nhs.example",
+    ):
+        assert "PHISH_FROM_SEVERAL" in codes(plain_message(sender)), sender
+    for sender in (
+        '"Doe, Jane" <jane@example.org>',  # a quoted comma is part of the name
+        "service@paypal.example <service@paypal.example>",  # the name repeats the address
+        "Jane Doe <jane@example.org>",
+    ):
+        assert "PHISH_FROM_SEVERAL" not in codes(plain_message(sender)), sender
+    # RFC 5322 §3.6.2: several authors are legitimate when Sender names who sent it.
+    raw = plain_message("ann@example.org, bob@example.org").replace(
+        b"To:", b"Sender: ann@example.org\r\nTo:"
+    )
+    assert "PHISH_FROM_SEVERAL" not in codes(raw)
+
+
 def test_widely_imitated_regional_brands() -> None:
     spoof = html_message("<p>Pague a taxa</p>", sender="Correios <rastreio@mailer.example>")
     assert "PHISH_FROM_BRAND_SPOOF" in codes(spoof)
@@ -311,6 +331,17 @@ def test_words_disguised_with_look_alike_letters() -> None:
     # Whole words in one script, and units, are writing, not disguise.
     honest = "<p>Привет, Саша! Ελλάδα. A 3 \u03bcm filter and a 10 k\u03a9 resistor.</p>"
     assert "PHISH_HOMOGLYPH_WORD" not in codes(html_message(honest))
+
+
+def test_words_in_mathematical_letters() -> None:
+    styled = (
+        "\U0001d416\U0001d41e\U0001d425\U0001d41c\U0001d428\U0001d426\U0001d41e"  # bold "Welcome"
+    )
+    assert "PHISH_STYLED_LETTERS" in codes(html_message("<p>x</p>", subject=styled + " offer"))
+    assert "PHISH_STYLED_LETTERS" in codes(html_message(f"<p>{styled} to your prize</p>"))
+    # One symbol in a formula is mathematics, not a disguise.
+    formula = "<p>Let \U0001d465 be the distance and \U0001d466 the time.</p>"
+    assert "PHISH_STYLED_LETTERS" not in codes(html_message(formula))
 
 
 @settings(max_examples=300, deadline=None)

@@ -234,18 +234,12 @@ class Fitted:
 
     def raw_score(self, doc: list[str]) -> tuple[float, int]:
         """Exactly ShippedModel.raw_score: (z, number of known features)."""
-        index = self.index
-        num = norm = naive = 0.0
-        known = 0
-        for feature in doc:
-            i = index.get(feature)
-            if i is not None:
-                known += 1
-                num += self.svm[i]
-                norm += self.idf[i] ** 2
-                naive += self.nb[i]
+        found = [i for i in map(self.index.get, doc) if i is not None]
+        num = sum((self.svm[i] for i in found), 0.0)
+        norm = sum((self.idf[i] * self.idf[i] for i in found), 0.0)
+        naive = sum((self.nb[i] for i in found), 0.0)
         z = self.bias + (num / math.sqrt(norm) if norm else 0.0) + NB_SCALE * naive
-        return z, known
+        return z, len(found)
 
     @property
     def index(self) -> dict[str, int]:

@@ -152,7 +152,7 @@ def spam_features(content: Content) -> set[str]:
     text = readable_text(content.judged_text)
     body = subject + tokens(text)
     features.update(body)
-    features.update(f"{a} {b}" for a, b in itertools.pairwise(body))
+    features.update(map(" ".join, itertools.pairwise(body)))
     features.update(_header_facts(content.message.returned or content.message))
     features.update(_masking_facts(text))
     features.update(_html_facts(content))
@@ -172,6 +172,8 @@ def _header_facts(msg: Extracted) -> list[str]:
 
 def _masking_facts(text: str) -> list[str]:
     """Words whose letters were masked to hide them from filters."""
+    if "?" not in text[:MASKED_SCAN_CHARS]:
+        return []  # the usual case, found without the pattern's per-character look-behind
     masked = _MASKED_WORD.findall(text, 0, MASKED_SCAN_CHARS)
     return ["h:masked-letters"] if len(masked) >= MIN_MASKED_WORDS else []
 

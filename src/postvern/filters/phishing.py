@@ -3,15 +3,16 @@
 Phishing borrows a trusted name (a brand, the recipient's own organisation) and sends the
 reader somewhere else. The rules here compare the two: look-alike domains (confusable
 skeletons, Unicode TR39), brands named in a display name or a host they do not own, a
-sender address with no domain name for DMARC to hold to its owner, link text naming one
-site while the link opens another, URL tricks and links that hide their destination,
-blocklisted hosts, and credential forms in the body or in HTML attachments; and they note
-the disguises that work in any language (look-alike letters inside words, random codes in
-a subject). Each rule yields a :class:`Hit`.
+From field that DMARC cannot hold to one owner (no domain name, several senders), link text
+naming one site while the link opens another, URL tricks and links that hide their
+destination, blocklisted hosts, and credential forms in the body or in HTML attachments;
+and they note the disguises that work in any language (look-alike letters inside words,
+words in mathematical letters, random codes in a subject). Each rule yields a :class:`Hit`.
 """
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import importlib.resources
 import json
@@ -48,6 +49,7 @@ POINTS = {
     "PHISH_FROM_BRAND_SPOOF": 4.0,  # "PayPal Support" <x@elsewhere.example>
     "PHISH_FROM_NAME_ADDRESS": 2.5,  # display name is another address than From
     "PHISH_FROM_NOT_A_DOMAIN": 3.0,  # "Correios <avisos@correios>": no domain to verify
+    "PHISH_FROM_SEVERAL": 3.0,  # "Delivery@GLS.de", <reply@elsewhere.example>
     "PHISH_LINK_BRAND_MISMATCH": 4.0,  # link text shows a brand domain, opens another
     "PHISH_LINK_MISMATCH": 2.0,  # link text shows one domain, opens another
     "PHISH_URL_USERINFO": 3.0,  # "https://paypal.com@evil.example/"
@@ -56,6 +58,7 @@ POINTS = {
     "PHISH_URL_SHORTENER": 1.0,  # a link through a public shortener hides where it goes
     "PHISH_RANDOM_TOKEN": 1.5,  # "Fatura Emitida - KtSaGYsPn9djSGR": a filter-busting code
     "PHISH_HOMOGLYPH_WORD": 1.5,  # "Mαrch", "Рaypal": Greek or Cyrillic letters in a Latin word
+    "PHISH_STYLED_LETTERS": 1.5,  # "𝐖𝐞𝐥𝐜𝐨𝐦𝐞": mathematical letters written as words
     "URL_BLOCKLISTED": 10.0,
     "PHISH_BODY_PASSWORD_FORM": 3.0,  # a password field in the message itself
     # An HTML file with a credential form: enough on its own even when the model's
@@ -99,6 +102,11 @@ MIN_RANDOM_CASE_LETTERS = 3  # of each case: "iPhone15Pro" is a name, not a code
 _LONG_WORD = re.compile(r"[^\W\d_]{4,}")
 _LATIN_LETTER = re.compile(r"[A-Za-z\u00c0-\u024f]")
 _GREEK_OR_CYRILLIC_LETTER = re.compile(r"[\u0370-\u03ff\u0400-\u052f]")
+# Unicode's Mathematical Alphanumeric Symbols (U+1D400-U+1D7FF) are bold, italic and
+# script letters for formulas; NFKC folds them to plain letters. Written as a word
+# ("𝙒𝙚𝙡𝙘𝙤𝙢𝙚") they read normally and match no filter's word list (UTS #39 lists them
+# among the confusables). Three in a row is a word, not a symbol in a formula.
+_STYLED_RUN = re.compile("[\U0001d400-\U0001d7ff]{3,}")
 # Text searched for such words: the first screens, where the claim is made.
 MAX_HOMOGLYPH_TEXT = 20_000
 # RFC 3464 delivery reports (in RFC 6522 multipart/report), and bounces in the older
@@ -204,11 +212,13 @@ def check_phishing(content: Content, ctx: PhishingContext) -> list[Hit]:
     hits += _lookalikes(content, urls, brands, ctx)
     hits += _sender_claims(content, brands, ctx, attachment_docs)
     hits += _sender_form(content.message)
+    hits += _several_senders(content.message)
     hits += _link_claims(content, brands)
     hits += _url_tricks(urls)
     hits += _hidden_destinations(urls)
     hits += _random_tokens(content)
     hits += _homoglyph_words(content)
+    hits += _styled_letters(content)
     if ctx.blocklist is not None:
         hits += _blocklisted(urls, content, ctx.blocklist)
     hits += _forms(content.html, attachment_docs)
@@ -312,6 +322,23 @@ def _sender_form(msg: Extracted) -> list[Hit]:
     return [_hit("PHISH_FROM_NOT_A_DOMAIN", "the sender address has no domain name")]
 
 
+def _several_senders(msg: Extracted) -> list[Hit]:
+    """A From field that reads as more than one mailbox: '"Delivery@GLS.de", <x@other.example>'
+    or 'Booking.com, <x@other.example>' (an unquoted comma in a display name). RFC 5322
+    §3.6.2 allows several authors only with a Sender field naming the one who sent it, and
+    DMARC cannot hold such a field to one domain (RFC 7489 §6.6.1; Gmail refuses the mail
+    outright): the reader sees the first "author", the checks the other. A display name that
+    merely repeats the address is sloppy, not several senders, so addresses count once."""
+    if "," not in msg.from_field and msg.from_field.count("@") < 2:
+        return []
+    if "sender" in msg.header_names:
+        return []
+    mailboxes = {addr.lower() for _, addr in email.utils.getaddresses([msg.from_field]) if addr}
+    if len(mailboxes) < 2:
+        return []
+    return [_hit("PHISH_FROM_SEVERAL", "the From field names more than one sender")]
+
+
 def _is_delivery_report(
     content: Content, attachments: list[HtmlDoc], brand: Brand, brands: Brands, domain: str
 ) -> bool:
@@ -403,6 +430,18 @@ def _homoglyph_words(content: Content) -> list[Hit]:
             if (not word.isascii() and _LATIN_LETTER.search(word)
                     and _GREEK_OR_CYRILLIC_LETTER.search(word)):  # fmt: skip
                 return [_hit("PHISH_HOMOGLYPH_WORD", f"'{word[:40]}' mixes scripts")]
+    return []
+
+
+def _styled_letters(content: Content) -> list[Hit]:
+    msg = content.message
+    for where, text in (
+        ("subject", msg.subject),
+        ("sender name", msg.from_name),
+        ("text", content.visible_text[:MAX_HOMOGLYPH_TEXT]),
+    ):
+        if not text.isascii() and _STYLED_RUN.search(text):
+            return [_hit("PHISH_STYLED_LETTERS", f"the {where} is written in mathematical letters")]
     return []
 
 

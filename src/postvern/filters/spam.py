@@ -162,21 +162,13 @@ class ShippedModel:
 
     def raw_score(self, features: Iterable[str]) -> tuple[float, int]:
         """The uncalibrated decision value *z*, and how many features the model knows."""
-        index = self._index
-        svm = self._svm
-        idf2 = self._idf2
-        nb = self._nb
-        num = norm = naive = 0.0
-        known = 0
-        for feature in features:
-            i = index.get(feature)
-            if i is not None:
-                known += 1
-                num += svm[i]
-                norm += idf2[i]
-                naive += nb[i]
+        found = [i for i in map(self._index.get, features) if i is not None]
+        # Summed in feature order, as tools/train_spam.py sums them: same input, same z.
+        num = sum(map(self._svm.__getitem__, found), 0.0)
+        norm = sum(map(self._idf2.__getitem__, found), 0.0)
+        naive = sum(map(self._nb.__getitem__, found), 0.0)
         z = self.bias + (num / math.sqrt(norm) if norm else 0.0) + self.nb_scale * naive
-        return z, known
+        return z, len(found)
 
     def logit(self, features: Collection[str]) -> float:
         """The model's log-odds of spam (the training tool reproduces this number)."""
