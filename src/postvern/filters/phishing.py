@@ -56,6 +56,8 @@ POINTS = {
     "PHISH_URL_IP_HOST": 1.5,  # a link to a bare IP address
     "PHISH_BUCKET_PAGE": 2.5,  # a web page kept in a cloud storage bucket
     "PHISH_URL_SHORTENER": 1.0,  # a link through a public shortener hides where it goes
+    "PHISH_URL_REDIRECT": 1.5,  # google.com/url?q=https://evil.example/: a trusted name in front
+    "PHISH_FORM_SERVICE": 2.0,  # a form on a public form builder: a form with no site of its own
     "PHISH_RANDOM_TOKEN": 1.5,  # "Fatura Emitida - KtSaGYsPn9djSGR": a filter-busting code
     "PHISH_HOMOGLYPH_WORD": 1.5,  # "Mαrch", "Рaypal": Greek or Cyrillic letters in a Latin word
     "PHISH_STYLED_LETTERS": 1.5,  # "𝐖𝐞𝐥𝐜𝐨𝐦𝐞": mathematical letters written as words
@@ -90,6 +92,18 @@ _BUCKET_HOST = re.compile(
     r"|digitaloceanspaces\.com|backblazeb2\.com|wasabisys\.com)$"
 )
 _PAGE_SUFFIXES = (".html", ".htm", ".xhtml", ".shtml")
+# Public form builders host anyone's form under their own reputable name: surveys, and the
+# password and card-number forms of phishing that needs no site of its own.
+_FORM_SERVICE = re.compile(
+    r"^(?:forms\.gle/|docs\.google\.com/forms/|forms\.office\.com/|forms\.yandex\.[a-z]+/"
+    r"|form\.jotform\.com/|[a-z0-9-]+\.typeform\.com/to/)"
+)
+# Open redirects of well-known sites: the link shows google.com and opens whatever its
+# query names. Mail that means to send a reader somewhere links there.
+_OPEN_REDIRECT = re.compile(
+    r"^(?:www\.)?(?:google\.[a-z.]{2,6}/url|googleadservices\.com/pagead/aclk"
+    r"|bing\.com/ck/a|linkedin\.com/redir/redirect|youtube\.com/redirect)/?$"
+)
 # A token of ten or more letters and digits mixing upper case, lower case and digits
 # ("v5V0ZVRe1HjazliqQoYz"): bulk senders put one in every subject so that no two copies
 # match a checksum. Order and ticket numbers are digits or upper case; words are letters.
@@ -396,11 +410,17 @@ def _url_tricks(urls: list[Url]) -> list[Hit]:
 
 
 def _hidden_destinations(urls: list[Url]) -> list[Hit]:
-    """Links that do not show where they lead: a shortener, a page in a storage bucket."""
+    """Links that do not show where they lead: a shortener, an open redirect, a page in a
+    storage bucket, a form on a form builder."""
     hits = []
     for url in urls:
         if url.host in URL_SHORTENERS:
             hits.append(_hit("PHISH_URL_SHORTENER", f"link through the shortener {url.host}"))
+        where = url.host + url.path
+        if "?" in url.raw and _OPEN_REDIRECT.match(where):
+            hits.append(_hit("PHISH_URL_REDIRECT", f"link through {url.host}'s open redirect"))
+        if _FORM_SERVICE.match(where if url.path else where + "/"):
+            hits.append(_hit("PHISH_FORM_SERVICE", f"link to a form hosted on {url.host}"))
         if _BUCKET_HOST.search(url.host) and url.path.lower().endswith(_PAGE_SUFFIXES):
             hits.append(_hit("PHISH_BUCKET_PAGE", f"link to a page stored on {url.host}"))
     return hits
