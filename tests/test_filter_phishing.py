@@ -175,6 +175,9 @@ def test_widely_imitated_regional_brands() -> None:
     assert "PHISH_FROM_BRAND_SPOOF" in codes(spoof)
     real = html_message("<p>Rastreio</p>", sender="Correios <rastreio@correios.com.br>")
     assert "PHISH_FROM_BRAND_SPOOF" not in codes(real)
+    # The brand's name alone, with no public suffix, is not the brand's domain.
+    bare = html_message("<p>Pague a taxa</p>", sender="Correios <avisos@correios>")
+    assert "PHISH_FROM_BRAND_SPOOF" in codes(bare)
 
 
 def test_url_tricks() -> None:

@@ -198,7 +198,12 @@ class Brands:
         return None
 
     def is_official(self, brand: Brand, domain: str) -> bool:
-        return domain in brand.domains or domain.split(".")[0] in brand.labels
+        """*domain* (registrable) is the brand's own, or the brand's name under another
+        public suffix (amazon.de, paypal.co.uk). A bare name ("correios") is no domain."""
+        if domain in brand.domains:
+            return True
+        label, dot, _ = domain.partition(".")
+        return bool(dot) and label in brand.labels
 
 
 @functools.cache
