@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from clock import START, Clock
 from harness import make_data_dir, services
 from postvern import config
 from postvern.abuse import Abuse, Ban, BanError, Reason, parse_duration, utc_text
@@ -19,22 +20,6 @@ from postvern.abuse.bans import OFFENCE_MEMORY_SECONDS
 from postvern.abuse.store import FILE_NAME
 from postvern.encdb import WrongKey
 from postvern.login import LoginRefused
-
-START = 1_750_000_000.0
-
-
-class Clock:
-    """Seconds since the epoch that move only when told to."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
 
 Factory = Callable[..., Awaitable[Abuse]]
 

@@ -11,20 +11,13 @@ from pathlib import Path
 import pytest
 
 import dnsserver
+from clock import Clock
 from dnsserver import DNSTestServer
 from postvern import config
 from postvern.abuse import DNSBL, Abuse, DNSBLConfigError, Reason
 from postvern.abuse.dnsbl import query_name
 
 dns_server = dnsserver.dns_server
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

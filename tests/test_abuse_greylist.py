@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from clock import START, Clock
 from postvern import config
 from postvern.abuse import Abuse, GreylistPolicy, Reason
 from postvern.abuse.greylist import Decision, Entry, decide
@@ -16,21 +17,9 @@ from postvern.abuse.personal import derive_key
 from postvern.abuse.store import FILE_NAME, MIGRATIONS
 from postvern.encdb import open_encrypted
 
-START = 1_750_000_000.0
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 POLICY = GreylistPolicy(delay=5 * MINUTE, window=DAY, pass_period=36 * DAY)
 SENDER, RCPT = "news@sender.example", "alice@example.test"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 Factory = Callable[..., Awaitable[Abuse]]

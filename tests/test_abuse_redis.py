@@ -11,23 +11,15 @@ from typing import Any
 import pytest
 import redis.asyncio
 
+from clock import Clock
 from postvern import config
 from postvern.abuse import Abuse, GreylistPolicy, Reason
 from redis_server import RedisTestServer, redis_server, redis_url
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, used by name
 
-START = 1_750_000_000.0
 # Propagation through the change stream takes one round trip; this only bounds a failure.
 PROPAGATION_DEADLINE = 10.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
 
 
 Factory = Callable[..., Awaitable[Abuse]]

@@ -7,20 +7,13 @@ from pathlib import Path
 import pytest
 
 import dnsserver
+from clock import Clock
 from dnsserver import DNSTestServer
 from postvern.config import DNS, Settings
 from postvern.dns import DNSNameError, DNSTempError, DNSTimeout, Resolver
 from postvern.dns.cache import TTLCache
 
 dns_server = dnsserver.dns_server  # the shared fixture: a fresh server per test
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_address_and_mx_lookups(dns_server: DNSTestServer) -> None:
