@@ -31,6 +31,24 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 10.0
 
 
+async def converse_and_close(
+    protocol: str, converse: Callable[[], Awaitable[str]], finish: Callable[[], Awaitable[None]]
+) -> None:
+    """Run one session's conversation, then ``finish`` it whatever happened, and log why it
+    ended: the reason ``converse`` returns, a failed connection, or (logged with its trace) a
+    bug. One client's session must never take the listener down."""
+    reason = "error"
+    try:
+        reason = await converse()
+    except (OSError, ssl.SSLError, TimeoutError) as e:
+        reason = f"connection failed ({type(e).__name__})"
+    except Exception:
+        log.exception("%s session failed", protocol)
+    finally:
+        await finish()
+        log.info("%s session closed: %s", protocol, reason)
+
+
 class Channel(asyncio.Protocol):
     """One connection's bytes, with flow control both ways and no buffer the session cannot see.
 

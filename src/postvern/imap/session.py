@@ -36,7 +36,7 @@ from postvern.imap.protocol import (
 )
 from postvern.imap.serialize import Code, Completion, Condition, ResponseCode, Status
 from postvern.login import LoginRefused, LoginService
-from postvern.net import Channel
+from postvern.net import Channel, converse_and_close
 from postvern.store.mailbox import Change
 from postvern.store.service import MailboxHandle
 
@@ -109,16 +109,7 @@ class ImapSession:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        reason = "error"
-        try:
-            reason = await self._converse()
-        except (OSError, ssl.SSLError, TimeoutError) as e:
-            reason = f"connection failed ({type(e).__name__})"
-        except Exception:
-            log.exception("imap session failed")
-        finally:
-            await self._finish()
-            log.info("imap session closed: %s", reason)
+        await converse_and_close("imap", self._converse, self._finish)
 
     async def _converse(self) -> str:
         self.conn.greeting(f"{self.hostname} Postvern IMAP ready")

@@ -15,7 +15,7 @@ import ssl
 
 from postvern.config import Limits
 from postvern.login import LoginRefused, LoginService
-from postvern.net import Channel
+from postvern.net import Channel, converse_and_close
 from postvern.pop3.protocol import (
     Answered,
     Authenticate,
@@ -68,16 +68,7 @@ class POP3Session:
         self._seen_committed = False
 
     async def run(self) -> None:
-        reason = "error"
-        try:
-            reason = await self._converse()
-        except (OSError, ssl.SSLError, TimeoutError) as e:
-            reason = f"connection failed ({type(e).__name__})"
-        except Exception:
-            log.exception("pop3 session failed")
-        finally:
-            await self._finish()
-            log.info("pop3 session closed: %s", reason)
+        await converse_and_close("pop3", self._converse, self._finish)
 
     async def _converse(self) -> str:
         while True:
