@@ -446,11 +446,20 @@ def _is_random_code(token: str) -> bool:
             and any(c.isdigit() for c in token))  # fmt: skip
 
 
-def _homoglyph_words(content: Content) -> list[Hit]:
+def _disguisable_texts(content: Content) -> list[tuple[str, str]]:
+    """Where a disguise of letters works on a reader, by name: the subject, the sender's
+    name and the first screens of text. ASCII text cannot hold one, so it is left out."""
     msg = content.message
-    for text in (msg.subject, msg.from_name, content.visible_text[:MAX_HOMOGLYPH_TEXT]):
-        if text.isascii():
-            continue
+    texts = [
+        ("subject", msg.subject),
+        ("sender name", msg.from_name),
+        ("text", content.visible_text[:MAX_HOMOGLYPH_TEXT]),
+    ]
+    return [(where, text) for where, text in texts if not text.isascii()]
+
+
+def _homoglyph_words(content: Content) -> list[Hit]:
+    for _, text in _disguisable_texts(content):
         for word in _LONG_WORD.findall(text):
             if (not word.isascii() and _LATIN_LETTER.search(word)
                     and _GREEK_OR_CYRILLIC_LETTER.search(word)):  # fmt: skip
@@ -459,13 +468,8 @@ def _homoglyph_words(content: Content) -> list[Hit]:
 
 
 def _styled_letters(content: Content) -> list[Hit]:
-    msg = content.message
-    for where, text in (
-        ("subject", msg.subject),
-        ("sender name", msg.from_name),
-        ("text", content.visible_text[:MAX_HOMOGLYPH_TEXT]),
-    ):
-        if not text.isascii() and _STYLED_RUN.search(text):
+    for where, text in _disguisable_texts(content):
+        if _STYLED_RUN.search(text):
             return [_hit("PHISH_STYLED_LETTERS", f"the {where} is written in mathematical letters")]
     return []
 
