@@ -19,9 +19,11 @@ from pathlib import Path
 
 import setuptools
 
+from harness import CORPORA
 from postvern.filters import FilterSettings, ScanContext, analyse, decide
 from postvern.filters.attachments import (
     MAX_ARCHIVE_DEPTH,
+    gives_password,
     inspect_attachments,
     sniff_executable,
 )
@@ -310,6 +312,115 @@ def test_encrypted_member_with_executable_name() -> None:
         archive[flag_at] |= 1
     findings = inspect_attachments([Attachment("x.zip", "application/zip", bytes(archive))])
     assert [(f.kind, f.dangerous) for f in findings] == [("encrypted archive member", True)]
+
+
+# -- encrypted attachments and the password beside them ---------------------------------
+
+
+def pdf(*, encrypted: bool) -> bytes:
+    """A one-page PDF; *encrypted* adds the Standard security handler's dictionary and
+    names it in the trailer (ISO 32000-1 §7.6.3), as every encrypting writer does."""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>",
+    ]
+    if encrypted:
+        objects.append(
+            b"<< /Filter /Standard /V 2 /R 3 /Length 128 /P -3904 "
+            b"/O <" + b"a1" * 32 + b"> /U <" + b"b2" * 32 + b"> >>"
+        )
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    encrypt = b" /Encrypt 4 0 R /ID [<01><01>]" if encrypted else b""
+    out += b"trailer\n<< /Size %d /Root 1 0 R%s >>\n" % (len(objects) + 1, encrypt)
+    out += b"startxref\n%d\n%%%%EOF\n" % xref
+    return bytes(out)
+
+
+def message_saying(text: str, *files: tuple[str, bytes, str]) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "Faturas <faturas@example.org>"
+    msg["To"] = "bob@example.test"
+    msg["Subject"] = "Fatura emitida"
+    msg.set_content(text)
+    for name, data, ctype in files:
+        maintype, subtype = ctype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes()
+
+
+def hit_codes(raw: bytes) -> set[str]:
+    ctx = ScanContext(settings=FilterSettings(), macro_checker=None)
+    return {h.code for h in analyse(raw, ctx).hits}
+
+
+def test_encrypted_pdf_is_recognised_and_a_plain_one_is_not() -> None:
+    findings = inspect_attachments([Attachment("f.pdf", "application/pdf", pdf(encrypted=True))])
+    assert [(f.kind, f.dangerous, f.encrypted) for f in findings] == [
+        ("encrypted PDF", False, True)
+    ]
+    plain = pdf(encrypted=False) + b"% the word /Encrypt in a comment is not a dictionary\n"
+    assert inspect_attachments([Attachment("f.pdf", "application/pdf", plain)]) == []
+
+
+def test_password_given_beside_an_encrypted_attachment() -> None:
+    locked = ("fatura.pdf", pdf(encrypted=True), "application/pdf")
+    given = hit_codes(message_saying("Veja a fatura em anexo.\nSenha do PDF: 2020\n", locked))
+    assert {"SUSPICIOUS_ATTACHMENT", "ATTACHMENT_PASSWORD_GIVEN"} <= given
+    # A hint about the password is what a bank sends with a locked statement: the file is
+    # still unreadable to scanners, but the password did not travel with it.
+    hint = "Your statement is attached.\nPassword: your date of birth (DDMMYYYY).\n"
+    hinted = hit_codes(message_saying(hint, locked))
+    assert "SUSPICIOUS_ATTACHMENT" in hinted
+    assert "ATTACHMENT_PASSWORD_GIVEN" not in hinted
+    # A password with nothing encrypted to open is not this trick.
+    open_pdf = ("fatura.pdf", pdf(encrypted=False), "application/pdf")
+    assert "ATTACHMENT_PASSWORD_GIVEN" not in hit_codes(
+        message_saying("Wi-Fi password: guest2024\n", open_pdf)
+    )
+
+
+def test_password_given_beside_an_encrypted_zip_member() -> None:
+    archive = bytearray(zipped({"invoice.doc": b"ciphertext"}, zipfile.ZIP_STORED))
+    for sig, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        archive[archive.find(sig) + offset] |= 1
+    raw = message_saying(
+        "Invoice attached. Pass: 7731\n", ("inv.zip", bytes(archive), "application/zip")
+    )
+    assert "ATTACHMENT_PASSWORD_GIVEN" in hit_codes(raw)
+
+
+def test_what_counts_as_a_password_given() -> None:
+    for text in (
+        "Senha do PDF: 2020.",
+        "Senha de acesso: 123",
+        "Password for the attachment: Inv2024",
+        "Passwort: 4711",
+        "Contraseña: 0204",
+        "пароль: 5566",
+    ):
+        assert gives_password(text), text
+    for text in (
+        "Password: your date of birth",  # a hint, no value
+        "Your password will expire: change it at 10:30",  # no digit right after the colon
+        "passenger: 123",  # not the word
+        "Password\n: 123",  # the value is not on the line
+    ):
+        assert not gives_password(text), text
+
+
+def test_phishing_with_locked_pdfs_from_the_corpus_is_recognised() -> None:
+    """Real lures (phishing_pot): an encrypted PDF and its password in the body."""
+    folder = CORPORA / "phishing" / "phishing_pot"
+    for name in ("sample-1334.eml", "sample-1942.eml", "sample-3138.eml", "sample-716.eml"):
+        assert "ATTACHMENT_PASSWORD_GIVEN" in hit_codes((folder / name).read_bytes()), name
 
 
 def test_magic_numbers() -> None:

@@ -16,7 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from postvern.filters.attachments import Finding, MacroChecker, inspect_attachments
+from postvern.filters.attachments import (
+    Finding,
+    MacroChecker,
+    gives_password,
+    inspect_attachments,
+)
 from postvern.filters.blocklist import Blocklist
 from postvern.filters.clamd import MAX_STREAM_BYTES, ClamdClient, ClamdError
 from postvern.filters.content import Content, read_content
@@ -77,6 +82,11 @@ DMARC_PASS_BAR_LOGIT = {
 ENFORCING_DMARC_POLICIES = frozenset({"quarantine", "reject"})
 DANGEROUS_ATTACHMENT_POINTS = 10.0
 SUSPICIOUS_ATTACHMENT_POINTS = 2.5
+# An encrypted attachment and its password in the same message: the sender keeps the file
+# from every scanner on the way and still lets the recipient open it, the way malware and
+# phishing lures travel (a careful sender sends the password another way). On top of the
+# points for the encrypted file itself.
+PASSWORD_GIVEN_POINTS = 2.0
 # Reasons listed in the verdict: the strongest ones; the header must stay readable.
 MAX_REASONS = 12
 # Hits weaker than this are counted but not named.
@@ -231,7 +241,7 @@ def analyse(raw: bytes, ctx: ScanContext) -> Analysis:
     analysis.hits += phishing
     analysis.hits += _auth_hits(ctx.auth, claims_identity=bool(phishing), model=shipped_model())
     analysis.findings = inspect_attachments(content.message.attachments, ctx.macro_checker)
-    analysis.hits += _attachment_hits(analysis.findings)
+    analysis.hits += _attachment_hits(analysis.findings, content)
     return analysis
 
 
@@ -287,7 +297,7 @@ def _auth_hits(auth: AuthSummary, *, claims_identity: bool, model: ShippedModel)
     return hits
 
 
-def _attachment_hits(findings: list[Finding]) -> list[Hit]:
+def _attachment_hits(findings: list[Finding], content: Content) -> list[Hit]:
     hits = []
     dangerous = [f for f in findings if f.dangerous]
     suspicious = [f for f in findings if not f.dangerous]
@@ -295,6 +305,10 @@ def _attachment_hits(findings: list[Finding]) -> list[Hit]:
         hits.append(Hit("DANGEROUS_ATTACHMENT", DANGEROUS_ATTACHMENT_POINTS, str(dangerous[0])))
     if suspicious:
         hits.append(Hit("SUSPICIOUS_ATTACHMENT", SUSPICIOUS_ATTACHMENT_POINTS, str(suspicious[0])))
+    encrypted = [f for f in findings if f.encrypted]
+    if encrypted and gives_password(f"{content.judged_subject}\n{content.judged_text}"):
+        why = f"the message gives the password of {encrypted[0].where}"
+        hits.append(Hit("ATTACHMENT_PASSWORD_GIVEN", PASSWORD_GIVEN_POINTS, why))
     return hits
 
 

@@ -76,6 +76,21 @@ _BATCH = re.compile(
 )
 _HTA = re.compile(rb"(?i)<hta:application")
 _WSF = re.compile(rb"(?is)<job\b.*<script\s+language\s*=")
+# ISO 32000-1 §7.6.1: an encrypted PDF names its security handler in the trailer (or the
+# cross-reference stream's dictionary) under /Encrypt, as a dictionary or a reference.
+_PDF_ENCRYPT = re.compile(rb"/Encrypt\s*(?:<<|\d+\s+\d+\s+R)")
+# MS-OFFCRYPTO §2.3.4.4: a password-protected OOXML document is an OLE file holding the
+# encrypted package in a stream of that name (UTF-16 in the directory).
+_OLE_ENCRYPTED_PACKAGE = "EncryptedPackage".encode("utf-16-le")
+# A password handed over with the file: a word for "password" in the languages phishing
+# is written in, up to 30 characters of the same line ("Senha do PDF", "password for the
+# attachment"), a colon, and a value with a digit in it ("123", "2020", "Inv2024"). A hint
+# ("password: your date of birth") gives no value and is not counted.
+_PASSWORD_GIVEN = re.compile(
+    r"(?i)\b(?:password|passwort|kennwort|passcode|pass|pwd|senha|contrase[ñn]a|clave|"
+    r"mot de passe|wachtwoord|parola|has[łl]o|пароль)\b[^\n:：]{0,30}[:：][ \t]*"
+    r"(?=\S{0,31}\d)\S{3,32}"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +101,7 @@ class Finding:
     where: str
     dangerous: bool  # blocks delivery per the attachment policy; else only adds points
     detail: str = ""
+    encrypted: bool = False  # no scanner can read it without the password
 
     def __str__(self) -> str:
         detail = f" ({self.detail})" if self.detail else ""
@@ -115,8 +131,16 @@ class _Walk:
         self.uncompressed = 0
         self.macro_checker = macro_checker
 
-    def add(self, kind: str, where: str, dangerous: bool = True, detail: str = "") -> None:
-        self.findings.append(Finding(kind, where, dangerous, detail))
+    def add(
+        self,
+        kind: str,
+        where: str,
+        dangerous: bool = True,
+        detail: str = "",
+        *,
+        encrypted: bool = False,
+    ) -> None:
+        self.findings.append(Finding(kind, where, dangerous, detail, encrypted))
 
     def file(self, data: bytes, where: str, name: str, depth: int) -> None:
         extension = name.rpartition(".")[2].lower() if "." in name else ""
@@ -128,7 +152,11 @@ class _Walk:
         if data.startswith((b"PK\x03\x04", b"PK\x05\x06")):
             self.archive(data, where, depth)
         elif data.startswith(_OLE_MAGIC):
+            if _OLE_ENCRYPTED_PACKAGE in data:
+                self.add("encrypted Office document", where, dangerous=False, encrypted=True)
             self.office(data, where, ooxml_macros=False)
+        elif data.startswith(b"%PDF-") and _PDF_ENCRYPT.search(data):
+            self.add("encrypted PDF", where, dangerous=False, encrypted=True)
         elif data[0x8001:0x8006] == b"CD001":
             self.add("disk image (ISO 9660)", where, dangerous=False)
 
@@ -169,8 +197,8 @@ class _Walk:
         if info.flag_bits & 0x1:
             extension = info.filename.rpartition(".")[2].lower()
             dangerous = extension in DANGEROUS_EXTENSIONS
-            self.add("encrypted archive member", inner, dangerous=dangerous,
-                     detail=f".{extension} inside" if dangerous else "")  # fmt: skip
+            detail = f".{extension} inside" if dangerous else ""
+            self.add("encrypted archive member", inner, dangerous, detail, encrypted=True)
             return
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size > BOMB_MIN_BYTES and ratio > MAX_COMPRESSION_RATIO:
@@ -207,6 +235,11 @@ class _Walk:
                      detail=report.error)  # fmt: skip
         if report is not None and report.msi:
             self.add("Windows Installer package", where)
+
+
+def gives_password(text: str) -> bool:
+    """Whether *text* hands over a password (a value, not a hint about one)."""
+    return _PASSWORD_GIVEN.search(text) is not None
 
 
 def sniff_executable(data: bytes) -> str | None:
