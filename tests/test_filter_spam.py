@@ -31,7 +31,7 @@ from postvern.filters import (
 )
 from postvern.filters.content import read_content
 from postvern.filters.extract import codec_name
-from postvern.filters.features import language_of, spam_features
+from postvern.filters.features import MAX_TOKENS, language_of, spam_features, tokens
 from postvern.filters.spam import (
     JUNK_POINTS,
     MAX_USER_TOKENS,
@@ -327,3 +327,22 @@ def test_masked_letters_are_a_fact_and_lost_quotes_are_not() -> None:
     lost_quotes = "I don?t know, we?ll see; it?s fine and you?re welcome. I?m off."
     assert "h:masked-letters" not in facts(GARDEN + lost_quotes)
     assert "h:masked-letters" not in facts(GARDEN + "Yes?no. https://a.example/p?id=x&q?r=s")
+
+
+def test_tokens_of_a_long_text_are_read_across_chunks_whole() -> None:
+    """Words are found a chunk at a time; no word is cut where a chunk ends, and reading
+    stops at MAX_TOKENS however long the text is."""
+    filler = "lorem ipsum dolor " * 2000  # 36,000 characters, several chunks
+    text = (
+        filler
+        + "Ünïcode-mixed w0rd 2024 $ "
+        + "x" * 30
+        + " 中文中文中文中文中文中文中文中文中文中文中文中文中文"
+    )
+    tail = tokens(text, limit=10**6)[6000:]
+    assert tail[:5] == ["ünïcode", "mixed", "w9rd", "#9999", "$"]
+    assert tail[5] == "#long"
+    assert tail[6:] == ["中文"] * 13
+    # One very long line with no spaces: found as one chunk, still whole.
+    assert tokens("ab" * 20_000 + " end", limit=10) == ["#long", "end"]
+    assert len(tokens("word " * 100_000)) == MAX_TOKENS

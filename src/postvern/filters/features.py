@@ -21,7 +21,7 @@ import bisect
 import itertools
 import re
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 from postvern.filters.content import Content
 from postvern.filters.extract import Extracted
@@ -37,6 +37,7 @@ MAX_URL_FACTS = 100
 
 # Words, and the few symbols that carry spam signal on their own (money, emphasis).
 _WORD = re.compile(r"[^\W_]+|[$€£¥!%]")
+_WORD_CHUNK = 16 * 1024  # characters searched for words at a time
 _SYMBOLS = frozenset("$€£¥!%")
 _DIGITS = re.compile(r"\d")
 # A line this long without a space is encoded data (uuencode, base64, a hash), not words.
@@ -79,25 +80,46 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 def tokens(text: str, limit: int = MAX_TOKENS) -> list[str]:
     """Normalised words of *text*: lower case, digits reduced to their shape."""
     out: list[str] = []
-    for m in _WORD.finditer(text.lower()):
-        word = m.group(0)
+    append = out.append
+    for word in _words(text.lower()):
+        if word.isalpha():  # most words: checked first, the rest as below
+            if len(word) < 2:
+                continue
+            if len(word) <= MAX_TOKEN_CHARS:
+                append(word)
+                if len(out) >= limit:
+                    break
+                continue
         if len(word) < 2 and word not in _SYMBOLS:
             continue
         if len(word) > MAX_TOKEN_CHARS:
             if _CJK.search(word):
                 out.extend(_cjk_pairs(word))
             else:
-                out.append("#long")
-        elif word.isalpha() or len(word) == 1:
-            out.append(word)
+                append("#long")
+        elif len(word) == 1:
+            append(word)
         elif word.isdigit():
             # "2004" and "2024" alike: a year must not tell the model the era.
-            out.append("#" + "9" * min(len(word), 6))
+            append("#" + "9" * min(len(word), 6))
         else:
-            out.append(_DIGITS.sub("9", word))
+            append(_DIGITS.sub("9", word))
         if len(out) >= limit:
             break
     return out
+
+
+def _words(text: str) -> Iterator[str]:
+    """The _WORD matches of *text*, found a chunk at a time so that a long text costs only
+    as much as the tokens taken from it. Chunks end at white space, which no match spans."""
+    pos, size = 0, len(text)
+    while size - pos > _WORD_CHUNK:
+        end = text.rfind(" ", pos, pos + _WORD_CHUNK)
+        if end <= pos:
+            break
+        yield from _WORD.findall(text, pos, end)
+        pos = end
+    yield from _WORD.findall(text, pos)
 
 
 def readable_text(text: str) -> str:
