@@ -8,6 +8,7 @@ set through the config file exactly as an operator would.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import ssl
@@ -49,10 +50,29 @@ PASSWORDS = {
 TEST_KDF = {"time_cost": 1, "memory_kib": 8192, "parallelism": 1}
 
 
+# Listening ports are drawn below the kernel's ephemeral range (ip_local_port_range,
+# 32768-60999 by default), from which every outgoing connection takes its source port: a
+# port the kernel hands out for "any free port" can be taken by a client socket between
+# this check and the server's bind, and the server then fails to start.
+LISTEN_PORTS = range(20000, 32000)
+_port_picker = random.Random()
+_handed_out: set[int] = set()  # never the same port twice in one run: servers come and go
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, outside the ephemeral range, not given before."""
+    for _ in range(200):
+        port = _port_picker.choice(LISTEN_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def free_ports(names: list[str]) -> dict[str, str]:
