@@ -363,6 +363,55 @@ def test_words_in_mathematical_letters() -> None:
     assert "PHISH_STYLED_LETTERS" not in codes(html_message(formula))
 
 
+def test_hidden_text_is_kept_apart_from_what_a_reader_sees() -> None:
+    doc = scan_html(
+        "<p>Hello <span hidden>one</span>Bob,</p>"
+        '<div style="display: none !important">cheap <b>pills</b><div>nested</div> here</div>'
+        '<p style="visibility:hidden">two</p><span style="font-size:0px;">three</span>'
+        '<span style="opacity:0">four</span><span style="font-size:0.8em">small but shown</span>'
+        '<div style="display:none"><script>if (a<b) { s = "</div>"; }</script>five</div>'
+        "<p>Regards</p>"
+    )
+    visible = " ".join(doc.text.split())
+    assert visible == "Hello Bob, small but shown Regards"
+    for word in ("one", "cheap", "pills", "nested", "two", "three", "four", "five"):
+        assert word in doc.hidden_text
+    assert doc.hidden_in_words == 0  # hidden blocks between words, as templates have
+
+
+def test_mis_nested_markup_cannot_hide_what_a_browser_shows() -> None:
+    # The hidden span is never closed inside its div: the div's end tag ends it, as an
+    # HTML parser ends it, and the spam after it is read.
+    doc = scan_html('<div><span style="display:none">x</div>Buy cheap meds now</span>')
+    assert " ".join(doc.text.split()) == "Buy cheap meds now"
+    assert doc.hidden_text == "x"
+    # Links in hidden elements are still URLs of the message (blocklists see them).
+    doc = scan_html('<div hidden><a href="https://bad.example/x">t</a></div>')
+    assert doc.urls == ["https://bad.example/x"] and doc.links == []
+
+
+def test_letters_hidden_inside_words_zerofont() -> None:
+    hide = '<span style="font-size:0">{}</span>'
+    body = (
+        f"<p>Your Micro{hide.format('qz')}soft acc{hide.format('xx')}ount will be "
+        f"clo{hide.format('v')}sed: <a href='https://login.example.net/'>verify</a></p>"
+    )
+    doc = scan_html(body)
+    assert "Microsoft account will be closed" in doc.text
+    assert doc.hidden_in_words == 3
+    found = codes(html_message(body))
+    assert found["PHISH_HIDDEN_IN_WORDS"] == "3 hidden pieces of text inside visible words"
+    # One stray empty span in a word is a template's accident, not the trick.
+    assert "PHISH_HIDDEN_IN_WORDS" not in codes(html_message(f"<p>Hel{hide.format('')}lo</p>"))
+
+
+def test_zerofont_phishing_from_the_corpus() -> None:
+    """Real messages (phishing_pot) that hide letters inside words."""
+    folder = train_spam.DEFAULT_CORPORA / "phishing" / "phishing_pot"
+    for name in ("sample-1671.eml", "sample-3588.eml"):
+        assert "PHISH_HIDDEN_IN_WORDS" in codes((folder / name).read_bytes()), name
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from("<>/=\"' ahrefxn-.:@!?[]\u0430\u0440pу"), max_size=300))
 def test_html_and_url_readers_never_raise(text: str) -> None:

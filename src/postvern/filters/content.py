@@ -21,7 +21,10 @@ class Content:
     # The words the content model judges: the message's own, except for a report (a bounce,
     # a read receipt), whose words are the form every MTA writes; there it is the returned
     # message's words, so backscatter of spam reads as spam and a bounce of the user's own
-    # mail as that mail.
+    # mail as that mail. Text the HTML hides is judged too, after the visible text: what a
+    # sender hides is evidence about the sender (in the corpora, leaving it out lost two
+    # held-out phishing messages), and kept apart it cannot glue itself into the words a
+    # reader sees.
     judged_subject: str = ""
     judged_text: str = ""
 
@@ -35,17 +38,27 @@ def read_content(raw: bytes) -> Content:
     """Parse *raw* once for all filters; never raises (see :func:`extract`)."""
     message = extract(raw)
     doc = scan_html(message.html) if message.html else HtmlDoc()
-    urls = collect_urls(message.text, doc.urls, doc.text)
+    urls = collect_urls(message.text, doc.urls, _html_text(doc))
     content = Content(message=message, html=doc, urls=urls)
     if message.report_type:
         returned = message.returned or Extracted()
         returned_doc = scan_html(returned.html) if returned.html else HtmlDoc()
         content.judged_subject = returned.subject
-        content.judged_text = _visible(returned, returned_doc)
+        content.judged_text = _judged(returned, returned_doc)
     else:
         content.judged_subject = message.subject
-        content.judged_text = _visible(message, doc)
+        content.judged_text = _judged(message, doc)
     return content
+
+
+def _judged(message: Extracted, doc: HtmlDoc) -> str:
+    visible = _visible(message, doc)
+    return visible + "\n" + doc.hidden_text if doc.hidden_text else visible
+
+
+def _html_text(doc: HtmlDoc) -> str:
+    """All text of the HTML, shown or hidden (for URLs written out as text)."""
+    return doc.text + "\n" + doc.hidden_text if doc.hidden_text else doc.text
 
 
 def _visible(message: Extracted, doc: HtmlDoc) -> str:

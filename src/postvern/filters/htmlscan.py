@@ -3,6 +3,14 @@
 Spam and phishing need what a reader *sees* (text, the words of a link) next to what a
 click *does* (the href, a form's action), not a DOM. A single regular-expression pass finds
 tags; it never backtracks across a tag boundary, so hostile markup costs linear time.
+
+Text an element hides by its own attributes (``hidden``, or an inline style of
+``display:none``, ``visibility:hidden``, a zero font size or opacity) is not visible text:
+spam hides words there to poison statistical filters, and phishing hides letters inside
+the words it shows ("Micro<span style="font-size:0">x</span>soft", the ZeroFont trick) so
+that filters do not read the brand a person reads. Such text is kept apart, and the places
+where it splits a visible word are counted. Style sheets are not applied: hiding by a class
+is left to the reader of the model's features, as the text is.
 """
 
 from __future__ import annotations
@@ -29,11 +37,30 @@ _SCRIPT_END = {
     "style": re.compile(r"</style\s*>", re.I),
     "title": re.compile(r"</title\s*>", re.I),
 }
+# An inline style or attribute that hides the element (CSS 2.1 §9.2.4 display, §11.2
+# visibility; a font size or opacity of zero renders nothing). A cheap test of the raw
+# attribute text comes first; the attributes are parsed only when it matches.
+_MAY_HIDE = re.compile(r"(?i)hidden|none|size|opacity")
+_HIDING_STYLE = re.compile(
+    r"(?i)(?:^|;)\s*(?:display\s*:\s*none|visibility\s*:\s*hidden|"
+    r"font-size\s*:\s*0*(?:\.0*)?(?:px|pt|em|rem|%)?|opacity\s*:\s*0*(?:\.0*)?)\s*(?:!important\s*)?(?:;|$)"
+)
+# Elements with no content (HTML §13.1.2): they open nothing that a close tag would end.
+_VOID_TAGS = frozenset("area base br col embed hr img input link meta source track wbr".split())
+# Elements tracked inside one hidden element; deeper ones are not told apart.
+MAX_OPEN_HIDDEN = 256
+# Hidden text kept per message: enough to judge it, bounded like everything else.
+MAX_HIDDEN_TEXT = 64 * 1024
 _META_REFRESH_URL = re.compile(r"url\s*=\s*['\"]?([^'\";\s]+)", re.I)
 _BLOCK_TAGS = frozenset(
     "address article aside blockquote br dd div dl dt fieldset figcaption figure footer "
     "form h1 h2 h3 h4 h5 h6 header hr li main nav ol p pre section table tbody td tfoot th "
     "thead tr ul option button".split()
+)
+# Elements read for their attributes (URLs, forms, inputs).
+_URL_TAGS = frozenset(
+    "a area form input meta img iframe frame base link embed object button body td table "
+    "video source".split()
 )
 # Attributes whose value a browser loads or navigates to.
 _URL_ATTRS = frozenset(("href", "src", "action", "formaction", "background", "data", "poster"))
@@ -62,6 +89,8 @@ class HtmlDoc:
     password_inputs: int = 0  # anywhere, in a form or not (scripts submit orphans)
     scripts: int = 0
     script_text: str = ""  # inline script bodies, bounded, for redirect heuristics
+    hidden_text: str = ""  # text of hidden elements, bounded (MAX_HIDDEN_TEXT)
+    hidden_in_words: int = 0  # hidden elements with a letter of visible text on each side
 
 
 def scan_html(source: str) -> HtmlDoc:
@@ -70,15 +99,16 @@ def scan_html(source: str) -> HtmlDoc:
     out: list[str] = []
     anchor: tuple[str, int] | None = None  # (href, index into out where its text starts)
     in_form = False
+    hiding = _Hiding()
     pos = 0
     n = len(source)
     while pos < n:
         lt = source.find("<", pos)
         if lt < 0:
-            out.append(source[pos:])
+            hiding.text(source[pos:], out)
             break
         if lt > pos:
-            out.append(source[pos:lt])
+            hiding.text(source[pos:lt], out)
         if source.startswith("<!--", lt):
             end = source.find("-->", lt + 4)
             # An unterminated comment hides the rest of the document from a browser too.
@@ -96,6 +126,13 @@ def scan_html(source: str) -> HtmlDoc:
             continue
         pos = m.end()
         closing, name, rest = m.group(1) == "/", m.group(2).lower(), m.group(3)
+        if name in _SCRIPT_END and not closing:
+            pos = _skip_raw_text(source, pos, name, rest, doc)
+            continue
+        if hiding.tag(name, closing, rest, out):
+            if not closing and name in _URL_TAGS:
+                _record_urls(doc, name, _attributes(rest))  # hidden, but still fetched
+            continue
         if closing:
             if name == "a" and anchor is not None:
                 _close_anchor(doc, anchor, out)
@@ -105,14 +142,9 @@ def scan_html(source: str) -> HtmlDoc:
             if name in _BLOCK_TAGS:
                 out.append("\n")
             continue
-        if name in _SCRIPT_END:
-            pos = _skip_raw_text(source, pos, name, rest, doc)
-            continue
         if name in _BLOCK_TAGS:
             out.append("\n")
-        if name in ("a", "area", "form", "input", "meta", "img", "iframe", "frame", "base",
-                    "link", "embed", "object", "button", "body", "td", "table", "video",
-                    "source"):  # fmt: skip
+        if name in _URL_TAGS:
             attrs = _attributes(rest)
             _record_urls(doc, name, attrs)
             if name == "a" and "href" in attrs:
@@ -127,7 +159,69 @@ def scan_html(source: str) -> HtmlDoc:
     if anchor is not None:
         _close_anchor(doc, anchor, out)
     doc.text = html.unescape("".join(out))
+    doc.hidden_text = html.unescape("".join(hiding.hidden))[:MAX_HIDDEN_TEXT]
+    doc.hidden_in_words = hiding.in_words
     return doc
+
+
+class _Hiding:
+    """Which text is hidden: from the start tag of an element that hides itself to the end
+    tag that ends it, text goes aside. The elements opened inside are tracked the way an
+    HTML parser closes them (an end tag closes the innermost open element of its name and
+    everything opened after it; an end tag for none of them belongs to an ancestor, which
+    ends the hidden element too), so mis-nested markup cannot hide from us text that a
+    browser shows. Tags inside a hidden element are not read for links or forms: a person
+    cannot click them."""
+
+    def __init__(self) -> None:
+        self.hidden: list[str] = []
+        self.size = 0
+        self.in_words = 0
+        self._open: list[str] = []  # the hiding element, then the elements opened inside
+        self._letter_before = False  # visible text before the element ended in a letter
+        self._pending = False  # a hidden element closed after a letter: is one next?
+
+    def text(self, chunk: str, out: list[str]) -> None:
+        if self._open:
+            if self.size < MAX_HIDDEN_TEXT:
+                self.hidden.append(chunk)
+                self.size += len(chunk)
+            return
+        if self._pending and chunk:
+            self._pending = False
+            if chunk[0].isalpha():
+                self.in_words += 1
+        out.append(chunk)
+
+    def tag(self, name: str, closing: bool, rest: str, out: list[str]) -> bool:
+        """Account for a tag; True when it lies inside a hidden element (and is done)."""
+        if self._open:
+            return self._inside(name, closing)
+        if closing or name in _VOID_TAGS or not _MAY_HIDE.search(rest) or not _hides(rest):
+            self._pending = False
+            return False
+        self._open = [name]
+        last = next((chunk for chunk in reversed(out) if chunk), "")
+        self._letter_before = bool(last) and last[-1].isalpha()
+        return True
+
+    def _inside(self, name: str, closing: bool) -> bool:
+        if not closing:
+            if name not in _VOID_TAGS and len(self._open) < MAX_OPEN_HIDDEN:
+                self._open.append(name)
+            return True
+        if name not in self._open:
+            self._open = []  # an ancestor's end tag: the hidden element ends with it
+            return False
+        del self._open[len(self._open) - 1 - self._open[::-1].index(name) :]
+        if not self._open:
+            self._pending = self._letter_before
+        return True
+
+
+def _hides(rest: str) -> bool:
+    attrs = _attributes(rest)
+    return "hidden" in attrs or _HIDING_STYLE.search(attrs.get("style", "")) is not None
 
 
 def _skip_raw_text(source: str, pos: int, name: str, rest: str, doc: HtmlDoc) -> int:

@@ -61,6 +61,7 @@ POINTS = {
     "PHISH_RANDOM_TOKEN": 1.5,  # "Fatura Emitida - KtSaGYsPn9djSGR": a filter-busting code
     "PHISH_HOMOGLYPH_WORD": 1.5,  # "Mαrch", "Рaypal": Greek or Cyrillic letters in a Latin word
     "PHISH_STYLED_LETTERS": 1.5,  # "𝐖𝐞𝐥𝐜𝐨𝐦𝐞": mathematical letters written as words
+    "PHISH_HIDDEN_IN_WORDS": 3.0,  # "Micro<span style=font-size:0>x</span>soft" (ZeroFont)
     "URL_BLOCKLISTED": 10.0,
     "PHISH_BODY_PASSWORD_FORM": 3.0,  # a password field in the message itself
     # An HTML file with a credential form: enough on its own even when the model's
@@ -69,6 +70,9 @@ POINTS = {
     "PHISH_HTML_ATTACHMENT_REDIRECT": 3.5,  # an HTML file that scripts a redirect
 }
 
+# Hidden elements splitting visible words before the ZeroFont rule counts them: a
+# template may leave one empty styled span between two letters, the trick needs many.
+MIN_HIDDEN_IN_WORDS = 3
 # Hosts examined per message for look-alikes (each costs a skeleton, cached).
 MAX_HOSTS = 200
 # HTML attachments larger than this are not scanned for forms (a login page is small).
@@ -238,6 +242,7 @@ def check_phishing(content: Content, ctx: PhishingContext) -> list[Hit]:
     hits += _random_tokens(content)
     hits += _homoglyph_words(content)
     hits += _styled_letters(content)
+    hits += _hidden_in_words(content.html)
     if ctx.blocklist is not None:
         hits += _blocklisted(urls, content, ctx.blocklist)
     hits += _forms(content.html, attachment_docs)
@@ -246,6 +251,16 @@ def check_phishing(content: Content, ctx: PhishingContext) -> list[Hit]:
 
 def _hit(code: str, detail: str) -> Hit:
     return Hit(code, POINTS[code], detail)
+
+
+def _hidden_in_words(doc: HtmlDoc) -> list[Hit]:
+    """Letters hidden inside the words a reader sees (the ZeroFont trick): the reader reads
+    "Microsoft", a filter reading the markup's text reads "Microqzsoft". No layout needs an
+    invisible element between two letters of a word, let alone several."""
+    if doc.hidden_in_words < MIN_HIDDEN_IN_WORDS:
+        return []
+    detail = f"{doc.hidden_in_words} hidden pieces of text inside visible words"
+    return [_hit("PHISH_HIDDEN_IN_WORDS", detail)]
 
 
 def _lookalikes(
