@@ -16,7 +16,7 @@ from postvern.filters.confusables import skeleton
 from postvern.filters.content import read_content
 from postvern.filters.htmlscan import scan_html
 from postvern.filters.phishing import PhishingContext, check_phishing
-from postvern.filters.urls import find_text_urls, link_mismatches, parse_url
+from postvern.filters.urls import find_text_urls, link_mismatches, parse_url, strip_urls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import train_spam
@@ -191,6 +191,20 @@ def test_url_tricks() -> None:
     ]
     raw = html_message('<a href="https://www.paypal.com@evil.example/">sign in</a>')
     assert "PHISH_URL_USERINFO" in codes(raw)
+
+
+def test_urls_in_text_in_every_written_form() -> None:
+    text = (
+        "Go to WWW.Example.COM/a, Www2.example.org or h**ps://c.example/x; also "
+        "FTP://files.example/f and HTTPS://d.example."
+    )
+    found = find_text_urls(text)
+    assert found == [
+        "WWW.Example.COM/a,", "Www2.example.org", "h**ps://c.example/x;",
+        "FTP://files.example/f", "HTTPS://d.example.",
+    ]  # fmt: skip
+    assert find_text_urls("no links here, just words and a colon: see") == []
+    assert strip_urls(text).split() == ["Go", "to", "or", "also", "and"]
 
 
 def test_blocklist_is_reloaded_when_the_file_changes(tmp_path: Path) -> None:
