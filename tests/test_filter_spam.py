@@ -346,3 +346,16 @@ def test_tokens_of_a_long_text_are_read_across_chunks_whole() -> None:
     # One very long line with no spaces: found as one chunk, still whole.
     assert tokens("ab" * 20_000 + " end", limit=10) == ["#long", "end"]
     assert len(tokens("word " * 100_000)) == MAX_TOKENS
+
+
+def test_a_quoted_reply_is_a_fact_of_its_own() -> None:
+    def features(body: str) -> set[str]:
+        msg = EmailMessage()
+        msg["From"] = "ann@example.org"
+        msg["Subject"] = "Re: the build"
+        msg.set_content(body)
+        return spam_features(read_content(msg.as_bytes()))
+
+    reply = "On Monday, Bob wrote:\n> the build fails\n> on arm64\n >since Friday\n\nFixed it.\n"
+    assert "h:quoted-lines" in features(reply)
+    assert "h:quoted-lines" not in features("> one quoted line\n> and two\n\nthanks\n")

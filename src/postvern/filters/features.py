@@ -71,6 +71,12 @@ _NOT_LETTER = re.compile(r"[\W\d_]+")
 # 1% of the spam, none of the ham).
 _MASKED_WORD = re.compile(r"(?<![^\W\d_?])[^\W\d_]+\?(?!(?:s|t|d|m|ll|re|ve)(?![^\W\d_]))[^\W\d_]")
 MIN_MASKED_WORDS = 2
+# Lines quoted from the message replied to (">" at the start of a line, the convention RFC
+# 3676 §4.5 writes down): a conversation. Three such lines make the fact (in the training
+# part: three quarters of the mailing-list ham, 1% of the Enron ham, which quoted in its own
+# way, and 12 of 17,000 spam and phishing). It is learned like any feature, so quoting
+# that spam forges costs the spam nothing it has not earned.
+MIN_QUOTED_LINES = 3
 # Masked words are looked for as far as tokens are read: the cost stays bounded.
 MASKED_SCAN_CHARS = MAX_TOKENS * MAX_TOKEN_CHARS
 # Scripts written without spaces: a run is split into characters pairs.
@@ -177,6 +183,7 @@ def spam_features(content: Content) -> set[str]:
     features.update(map(" ".join, itertools.pairwise(body)))
     features.update(_header_facts(content.message.returned or content.message))
     features.update(_masking_facts(text))
+    features.update(_quoting_facts(text))
     features.update(_html_facts(content))
     features.update(_url_facts(content))
     return features
@@ -198,6 +205,12 @@ def _masking_facts(text: str) -> list[str]:
         return []  # the usual case, found without the pattern's per-character look-behind
     masked = _MASKED_WORD.findall(text, 0, MASKED_SCAN_CHARS)
     return ["h:masked-letters"] if len(masked) >= MIN_MASKED_WORDS else []
+
+
+def _quoting_facts(text: str) -> list[str]:
+    """Whether *text* quotes the message it answers."""
+    quoted = text.count("\n>") + text.count("\n >") + text.startswith((">", " >"))
+    return ["h:quoted-lines"] if quoted >= MIN_QUOTED_LINES else []
 
 
 def _html_facts(content: Content) -> list[str]:
