@@ -80,6 +80,12 @@ def plain_mailbox(path: Path, private: bytes) -> Mailbox:
     return box
 
 
+# Fetching is read-only, so it is timed over several passes and the fastest kept, on both
+# sides alike: one pass of a few hundred milliseconds is at the mercy of a shared machine.
+# (The page cache holds 2 MB, a pass reads 100 MB: no pass finds the last one's pages.)
+FETCH_PASSES = 3
+
+
 def run_store(box: Mailbox, messages: list[bytes]) -> tuple[float, float]:
     inbox = box.folder("INBOX").id
     start = time.perf_counter()
@@ -87,12 +93,14 @@ def run_store(box: Mailbox, messages: list[bytes]) -> tuple[float, float]:
         box.append(inbox, raw)
     append_rate = len(messages) / (time.perf_counter() - start)
     uids = box.uids(inbox)
-    start = time.perf_counter()
-    for uid in uids:
-        box.raw(inbox, uid)
-    box.structures(inbox, uids)
-    fetch_rate = len(uids) / (time.perf_counter() - start)
-    return append_rate, fetch_rate
+    best = float("inf")
+    for _ in range(FETCH_PASSES):
+        start = time.perf_counter()
+        for uid in uids:
+            box.raw(inbox, uid)
+        box.structures(inbox, uids)
+        best = min(best, time.perf_counter() - start)
+    return append_rate, len(uids) / best
 
 
 def bench_store(messages: list[bytes], tmp: Path) -> float:
