@@ -72,9 +72,9 @@ _NOT_LETTER = re.compile(r"[\W\d_]+")
 _MASKED_WORD = re.compile(r"(?<![^\W\d_?])[^\W\d_]+\?(?!(?:s|t|d|m|ll|re|ve)(?![^\W\d_]))[^\W\d_]")
 MIN_MASKED_WORDS = 2
 # Lines quoted from the message replied to (">" at the start of a line, the convention RFC
-# 3676 §4.5 writes down): a conversation. Three such lines make the fact (in the training
-# part: three quarters of the mailing-list ham, 1% of the Enron ham, which quoted in its own
-# way, and 12 of 17,000 spam and phishing). It is learned like any feature, so quoting
+# 3676 §4.5 writes down): a conversation. Three such lines make the fact (in the corpora:
+# three quarters of the mailing-list ham, 1% of the Enron ham, which quoted in its own way,
+# and 12 of 17,000 spam and phishing messages). It is learned like any feature, so quoting
 # that spam forges costs the spam nothing it has not earned.
 MIN_QUOTED_LINES = 3
 # Masked words are looked for as far as tokens are read: the cost stays bounded.
