@@ -7,6 +7,8 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postvern.emailauth import AuthVerdict, results
 from postvern.emailauth.arc import Result as ARCResult
@@ -359,3 +361,14 @@ def test_a_quoted_reply_is_a_fact_of_its_own() -> None:
     reply = "On Monday, Bob wrote:\n> the build fails\n> on arm64\n >since Friday\n\nFixed it.\n"
     assert "h:quoted-lines" in features(reply)
     assert "h:quoted-lines" not in features("> one quoted line\n> and two\n\nthanks\n")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab?s t'²5_\né"), max_size=60))
+def test_the_masked_letters_precheck_never_changes_the_answer(text: str) -> None:
+    """The cheap look for "?" between letters only skips texts the pattern cannot match."""
+    from postvern.filters import features
+
+    masked = features._MASKED_WORD.findall(text, 0, features.MASKED_SCAN_CHARS)
+    full = ["h:masked-letters"] if len(masked) >= features.MIN_MASKED_WORDS else []
+    assert features._masking_facts(text) == full

@@ -201,10 +201,29 @@ def _header_facts(msg: Extracted) -> list[str]:
 
 def _masking_facts(text: str) -> list[str]:
     """Words whose letters were masked to hide them from filters."""
-    if "?" not in text[:MASKED_SCAN_CHARS]:
+    if not _letters_around_question_mark(text, MIN_MASKED_WORDS):
         return []  # the usual case, found without the pattern's per-character look-behind
     masked = _MASKED_WORD.findall(text, 0, MASKED_SCAN_CHARS)
     return ["h:masked-letters"] if len(masked) >= MIN_MASKED_WORDS else []
+
+
+def _letters_around_question_mark(text: str, at_least: int) -> bool:
+    """Whether at least *at_least* question marks within MASKED_SCAN_CHARS stand between
+    two letters: a masked word needs one, while a question ends in "?" and a space."""
+    found = 0
+    at = text.find("?", 1, MASKED_SCAN_CHARS)
+    while at > 0:
+        if _is_letter(text[at - 1]) and _is_letter(text[at + 1 : at + 2]):
+            found += 1
+            if found >= at_least:
+                return True
+        at = text.find("?", at + 1, MASKED_SCAN_CHARS)
+    return False
+
+
+def _is_letter(ch: str) -> bool:
+    """What ``[^\\W\\d_]`` matches: a word character that is no digit and no underscore."""
+    return ch.isalnum() and not ch.isdecimal()
 
 
 def _quoting_facts(text: str) -> list[str]:
