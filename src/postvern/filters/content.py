@@ -27,41 +27,33 @@ class Content:
     # reader sees.
     judged_subject: str = ""
     judged_text: str = ""
+    # The HTML of the message a report returns (None for other mail), read once here.
+    returned_html: HtmlDoc | None = None
 
     @property
     def visible_text(self) -> str:
         """What a reader sees: the text parts, then the text of the HTML parts."""
-        return _visible(self.message, self.html)
+        return _joined(self.message.text, self.html.text)
 
 
 def read_content(raw: bytes) -> Content:
     """Parse *raw* once for all filters; never raises (see :func:`extract`)."""
     message = extract(raw)
     doc = scan_html(message.html) if message.html else HtmlDoc()
-    urls = collect_urls(message.text, doc.urls, _html_text(doc))
+    urls = collect_urls(message.text, doc.urls, doc.all_text)
     content = Content(message=message, html=doc, urls=urls)
     if message.report_type:
         returned = message.returned or Extracted()
         returned_doc = scan_html(returned.html) if returned.html else HtmlDoc()
+        content.returned_html = returned_doc
         content.judged_subject = returned.subject
-        content.judged_text = _judged(returned, returned_doc)
+        content.judged_text = _joined(returned.text, returned_doc.all_text)
     else:
         content.judged_subject = message.subject
-        content.judged_text = _judged(message, doc)
+        content.judged_text = _joined(message.text, doc.all_text)
     return content
 
 
-def _judged(message: Extracted, doc: HtmlDoc) -> str:
-    visible = _visible(message, doc)
-    return visible + "\n" + doc.hidden_text if doc.hidden_text else visible
-
-
-def _html_text(doc: HtmlDoc) -> str:
-    """All text of the HTML, shown or hidden (for URLs written out as text)."""
-    return doc.text + "\n" + doc.hidden_text if doc.hidden_text else doc.text
-
-
-def _visible(message: Extracted, doc: HtmlDoc) -> str:
-    if not doc.text:
-        return message.text
-    return message.text + "\n" + doc.text
+def _joined(text: str, html_text: str) -> str:
+    """The text parts, then the text of the HTML parts."""
+    return f"{text}\n{html_text}" if html_text else text

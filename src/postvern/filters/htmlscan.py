@@ -92,6 +92,11 @@ class HtmlDoc:
     hidden_text: str = ""  # text of hidden elements, bounded (MAX_HIDDEN_TEXT)
     hidden_in_words: int = 0  # hidden elements with a letter of visible text on each side
 
+    @property
+    def all_text(self) -> str:
+        """The text shown, then the text hidden."""
+        return f"{self.text}\n{self.hidden_text}" if self.hidden_text else self.text
+
 
 def scan_html(source: str) -> HtmlDoc:
     """Read *source* (already bounded by the caller) into an :class:`HtmlDoc`."""

@@ -388,7 +388,7 @@ def _is_delivery_report(
     if msg.report_type not in DELIVERY_REPORT_TYPES or attachments:
         return False
     returned = msg.returned or Extracted()
-    returned_doc = scan_html(returned.html) if returned.html else HtmlDoc()
+    returned_doc = content.returned_html or HtmlDoc()
     if content.html.password_inputs > returned_doc.password_inputs:
         return False
     if len(content.html.forms) > len(returned_doc.forms):
