@@ -323,20 +323,20 @@ def test_links_that_hide_where_they_lead() -> None:
     assert codes(image) == {}
     short = html_message('<a href="https://bit.ly/3PF2Fj5">Claim</a>')
     assert "PHISH_URL_SHORTENER" in codes(short)
-    for href in (
-        "https://www.google.co.uk/url?q=https://parcel-fee.example/&amp;sa=D",
-        "https://www.googleadservices.com/pagead/aclk?sa=L&amp;adurl=https://x.example/",
-    ):
-        redirect = html_message(f'<a href="{href}">Track your parcel</a>')
-        assert "PHISH_URL_REDIRECT" in codes(redirect), href
+    for code, text, hrefs in (
+        ("PHISH_URL_REDIRECT", "Track your parcel", (
+            "https://www.google.co.uk/url?q=https://parcel-fee.example/&amp;sa=D",
+            "https://www.googleadservices.com/pagead/aclk?sa=L&amp;adurl=https://x.example/",
+        )),
+        ("PHISH_FORM_SERVICE", "Confirm your reservation", (
+            "https://forms.gle/swApmnQazhy2iu3y9",
+            "https://docs.google.com/forms/d/e/x/viewform",
+        )),
+    ):  # fmt: skip
+        for href in hrefs:
+            assert code in codes(html_message(f'<a href="{href}">{text}</a>')), href
     search = html_message('<a href="https://www.google.com/search?q=postvern">search</a>')
     assert "PHISH_URL_REDIRECT" not in codes(search)
-    for href in (
-        "https://forms.gle/swApmnQazhy2iu3y9",
-        "https://docs.google.com/forms/d/e/x/viewform",
-    ):
-        form = html_message(f'<a href="{href}">Confirm your reservation</a>')
-        assert "PHISH_FORM_SERVICE" in codes(form), href
     document = html_message('<a href="https://docs.google.com/document/d/x/edit">Minutes</a>')
     assert "PHISH_FORM_SERVICE" not in codes(document)
 

@@ -46,6 +46,7 @@ log = logging.getLogger("postvern")
 READY_LINE = "postvern: ready"
 # On SIGTERM, sessions get this long to finish what they are doing before the loop stops.
 SHUTDOWN_GRACE_SECONDS = 5.0
+PR_SET_DUMPABLE = 4  # prctl(2) option, <linux/prctl.h>
 
 
 class Listener(Protocol):
@@ -297,12 +298,11 @@ def _no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        refused = libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
     except (OSError, AttributeError):
+        refused = True
+    if refused:
         log.warning("could not mark the process non-dumpable")
-
-
-PR_SET_DUMPABLE = 4
 
 
 def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) -> int:
