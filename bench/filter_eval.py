@@ -5,9 +5,10 @@ spam recall and ham false-positive rate of the shipped model alone and of the wh
 verdict (model + phishing rules + attachments; no authentication results, the corpora
 have none that verify), phishing recall per corpus and per language (English, the only
 language the training ham is in, or another) with false positives measured on the
-same-era ham, messages per second on one core, and the same figures for a baseline (a
-plain multinomial naive Bayes over raw lower-case tokens, trained on the same training
-part, threshold chosen the same way) measured in this run.
+same-era ham, messages per second on one core (CPU time, the best of three passes), and
+the same figures for a baseline (a plain multinomial naive Bayes over raw lower-case
+tokens, trained on the same training part, threshold chosen the same way) measured in
+this run.
 
 With ``--loso`` it then scores each source of the training part (an Enron mailbox, CSDMC,
 each phishing corpus) with a model trained without it: the closest the corpora come to
@@ -24,7 +25,9 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -36,6 +39,9 @@ from postvern.filters.content import read_content  # noqa: E402
 from postvern.filters.features import language_of, spam_features  # noqa: E402
 from postvern.filters.spam import JUNK_POINTS, logit_points  # noqa: E402
 
+T = TypeVar("T")
+# Speed is the best of this many passes over the held-out part, for filter and baseline.
+TIMED_PASSES = 3
 GOALS = "goals: spam recall >= 97% at ham FP <= 0.2%; phishing recall >= 95%; >= 1000 msg/s"
 _RAW_TOKEN = re.compile(rb"[a-z0-9$!]{2,20}")
 
@@ -75,6 +81,18 @@ class Baseline:
         return self.prior + sum(weights.get(t, 0.0) for t in self.tokens(raw))
 
 
+def best_of(passes: int, run: Callable[[], T]) -> tuple[float, T]:
+    """The least CPU time of *passes* runs of *run* (the runs another process or a cold
+    cache slowed are the noise, not the cost), and the last run's result."""
+    best, result = math.inf, None
+    for _ in range(passes):
+        started = time.process_time()
+        result = run()
+        best = min(best, time.process_time() - started)
+    assert result is not None
+    return best, result
+
+
 def baseline_threshold(messages: list[bytes], labels: list[int]) -> float:
     """The training-part threshold for the baseline, by 5-fold cross-validation."""
     scores = [0.0] * len(messages)
@@ -106,22 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     # content filter's own; clamd and olevba run elsewhere).
     ctx = ScanContext(settings=FilterSettings(), macro_checker=None)
     analyse(held_out[0].raw, ctx)  # load the model before timing
-    results = []
-    started = time.process_time()
-    for sample in held_out:
-        analysis = analyse(sample.raw, ctx)
-        verdict = decide(analysis, ctx.settings)
-        model_points = next(h.points for h in analysis.hits if h.code == "SPAM_MODEL")
-        results.append((sample, model_points >= JUNK_POINTS, verdict.action != "inbox"))
-    filter_seconds = time.process_time() - started
+
+    def judge_all() -> list[tuple[train_spam.Sample, bool, bool]]:
+        results = []
+        for sample in held_out:
+            analysis = analyse(sample.raw, ctx)
+            verdict = decide(analysis, ctx.settings)
+            model_points = next(h.points for h in analysis.hits if h.code == "SPAM_MODEL")
+            results.append((sample, model_points >= JUNK_POINTS, verdict.action != "inbox"))
+        return results
+
+    filter_seconds, results = best_of(TIMED_PASSES, judge_all)
     english = {s.key: language_of(spam_features(read_content(s.raw))) == "en" for s in held_out}
 
     print("training the baseline (multinomial NB, raw tokens) on the training part ...")
     base_threshold = baseline_threshold([s.raw for s in train], [int(s.is_spam) for s in train])
     baseline = Baseline([s.raw for s in train], [int(s.is_spam) for s in train])
-    started = time.process_time()
-    base_flags = [baseline.score(s.raw) >= base_threshold for s in held_out]
-    base_seconds = time.process_time() - started
+    base_seconds, base_flags = best_of(
+        TIMED_PASSES, lambda: [baseline.score(s.raw) >= base_threshold for s in held_out]
+    )
 
     def pick(kind: str, sources: tuple[str, ...], language: bool | None, column: int):
         rows = [
@@ -157,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     n = len(held_out)
     speed, base_speed = n / filter_seconds, n / max(base_seconds, 1e-9)
     print()
-    print(f"speed, one core: filter {speed:,.0f} msg/s, baseline {base_speed:,.0f} msg/s "
-          f"(filter/baseline = {speed / base_speed:.2f})")  # fmt: skip
+    print(
+        f"speed, one core (best of {TIMED_PASSES} passes): filter {speed:,.0f} msg/s, "
+        f"baseline {base_speed:,.0f} msg/s (filter/baseline = {speed / base_speed:.2f})"
+    )
     if args.loso:
         print()
         source_report(train, ctx)
