@@ -211,9 +211,13 @@ SPAM = note(
 )
 
 
-LIST_FOOTER = (
+LIST_FOOTERS = (
     "\n-- \nTo UNSUBSCRIBE, email to debian-user-REQUEST@lists.debian.org\n"
-    'with a subject of "unsubscribe". Trouble? Contact listmaster@lists.debian.org\n'
+    'with a subject of "unsubscribe". Trouble? Contact listmaster@lists.debian.org\n',
+    "\n _______________________________________________\nDo not post admin requests to the "
+    "list. They will be ignored.\nX11-users mailing list      (X11-users@lists.example.com)\n"
+    "Help/Unsubscribe/Update your Subscription:\nhttp://lists.example.com/mailman/options/"
+    "x11-users/bob%40example.org\n\nThis email sent to bob@example.org\n",
 )
 LIST_POSTS = {
     "one line": ("Tom <tom@example.com>", "What kind of music do you like?",
@@ -224,13 +228,15 @@ LIST_POSTS = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("footer", LIST_FOOTERS, ids=("signature", "mailman"))
 @pytest.mark.parametrize("kind", sorted(LIST_POSTS))
-def test_mailing_list_posts_with_the_lists_footer_reach_the_inbox(kind: str) -> None:
+def test_mailing_list_posts_with_the_lists_footer_reach_the_inbox(kind: str, footer: str) -> None:
     # The footer ("unsubscribe", "email to ... with a subject of") reads like bulk mail,
-    # and is the same under every post: it is a signature (RFC 3676 §4.3), not read.
+    # and is the same under every post: a signature (RFC 3676 §4.3) or Mailman's footer
+    # below its line of underscores, not read.
     sender, subject, body = LIST_POSTS[kind]
-    assert action(note(sender, subject, body + LIST_FOOTER)) == "inbox"
-    crlf = note(sender, subject, body + LIST_FOOTER).replace(b"\n", b"\r\n")
+    assert action(note(sender, subject, body + footer)) == "inbox"
+    crlf = note(sender, subject, body + footer).replace(b"\n", b"\r\n")
     assert action(crlf) == "inbox"
 
 

@@ -286,6 +286,14 @@ LIST_FOOTER = (
     "\n-- \nTo UNSUBSCRIBE, email to debian-user-REQUEST@lists.debian.org\n"
     'with a subject of "unsubscribe". Trouble? Contact listmaster@lists.debian.org\n'
 )
+MAILMAN_FOOTER = (  # Mailman's msg_footer, opened by a line of underscores
+    "\n _______________________________________________\n"
+    "Do not post admin requests to the list. They will be ignored.\n"
+    "Gardening mailing list      (Gardening@lists.example.org)\n"
+    "Help/Unsubscribe/Update your Subscription:\n"
+    "http://lists.example.org/mailman/options/gardening/bob%40example.org\n\n"
+    "This email sent to bob@example.org\n"
+)
 PGP_SIGNED = (
     "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA1\n\n{body}\n"
     "-----BEGIN PGP SIGNATURE-----\nVersion: GnuPG v1.4.10 (GNU/Linux)\n\n"
@@ -298,11 +306,14 @@ def test_signatures_and_armor_are_not_read() -> None:
     # every message of a list or a sender: they are not the message's words.
     plain = spam_features(read_content(newsletter(GARDEN)))
     assert spam_features(read_content(newsletter(GARDEN + LIST_FOOTER))) == plain
+    assert spam_features(read_content(newsletter(GARDEN + MAILMAN_FOOTER))) == plain
     signed = PGP_SIGNED.format(body=GARDEN)
     assert spam_features(read_content(newsletter(signed + LIST_FOOTER))) == plain
     # Past a signature's size the tail is read: spam cannot hide its text behind "-- ".
     hidden = GARDEN + "\n-- \n" + "Buy cheap pills now at the best online pharmacy.\n" * 20
     assert "pharmacy" in spam_features(read_content(newsletter(hidden)))
+    underscored = GARDEN + "\n" + "_" * 47 + "\n" + "Buy cheap pills now at the pharmacy.\n" * 20
+    assert "pharmacy" in spam_features(read_content(newsletter(underscored)))
 
 
 def test_line_endings_and_raw_utf8_headers_are_read_alike() -> None:

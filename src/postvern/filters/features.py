@@ -54,7 +54,9 @@ _PGP_SIGNATURE = ("-----BEGIN PGP SIGNATURE-----", "-----END PGP SIGNATURE-----"
 # rather than of the message: read, they teach the model which list a message came from
 # (in leave-one-source-out, the Debian lists' footer alone made their ham look like spam).
 # A longer tail is not a signature and is read, so that spam cannot hide behind "-- ".
-_SIGNATURE_SEPARATOR = re.compile(r"(?m)^-- ?\r?$")
+# A mailing list's footer is opened the same way by a line of underscores (Mailman's
+# msg_footer, which most list software copies): read, it is the list's words again.
+_SIGNATURE_SEPARATOR = re.compile(r"(?m)^(?:-- ?|[ \t]*_{10,}[ \t]*)\r?$")
 MAX_SIGNATURE_LINES = 15
 MAX_SIGNATURE_CHARS = 1000
 # Characters a reader does not see (zero-width spaces and joiners, soft hyphens, BOMs):
@@ -131,7 +133,7 @@ def _words(text: str) -> Iterator[str]:
 def readable_text(text: str) -> str:
     """*text* without what is not language: URLs (their facts are features of their own;
     their query strings are noise), lines of encoded data, OpenPGP armor, and the
-    signature."""
+    signature and list footer."""
     text = _without_signature(_without_armor(_INVISIBLE.sub("", text)))
     text = _ENCODED_LINE.sub(" ", strip_urls(text))
     return _SPACED_LETTERS.sub(_joined, text)
