@@ -26,7 +26,6 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from postvern.filters.features import (  # noqa: E402
     spam_features,
 )
 from postvern.filters.spam import MODEL_FORMAT, weigh_evidence  # noqa: E402
+from postvern.filters.trial import mbox_messages  # noqa: E402
 
 
 def _default_corpora() -> Path:
@@ -139,14 +139,6 @@ def enron_message(data: bytes) -> bytes:
     return head + body
 
 
-def mbox_messages(data: bytes) -> Iterator[bytes]:
-    """Messages of an mbox file (mboxrd ">From " unquoting)."""
-    chunks = re.split(rb"(?m)^From [^\n]*\n", data)
-    for chunk in chunks:
-        if chunk.strip():
-            yield re.sub(rb"(?m)^>(>*From )", rb"\1", chunk)
-
-
 def load_corpora(root: Path) -> list[Sample]:
     samples: list[Sample] = []
     for folder in sorted((root / "spam" / "enron").glob("enron*/*am")):
@@ -158,9 +150,10 @@ def load_corpora(root: Path) -> list[Sample]:
         for path in sorted((root / "spam" / "csdmc2010" / kind).iterdir()):
             samples.append(Sample(str(path.relative_to(root)), "csdmc", kind, path.read_bytes()))
     for path in sorted((root / "phishing" / "nazario").glob("*.mbox")):
-        for i, raw in enumerate(mbox_messages(path.read_bytes())):
-            key = f"{path.relative_to(root)}#{i}"
-            samples.append(Sample(key, "nazario", "phish", raw))
+        with path.open("rb") as f:
+            for i, message in enumerate(mbox_messages(f)):
+                key = f"{path.relative_to(root)}#{i}"
+                samples.append(Sample(key, "nazario", "phish", message.raw))
     for path in sorted((root / "phishing" / "phishing_pot").glob("*.eml")):
         samples.append(
             Sample(str(path.relative_to(root)), "phishing_pot", "phish", path.read_bytes())

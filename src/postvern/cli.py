@@ -29,6 +29,7 @@ from postvern.directory.addresses import AddressError
 from postvern.directory.db import Directory, DirectoryError
 from postvern.emailauth import signing
 from postvern.encdb import SchemaTooNew, WrongKey
+from postvern.filters import FilterSettings, ScanContext, trial
 from postvern.mta import QUEUE_FILE, EntryNotFound, QueueError, QueueStore
 from postvern.mta import admin as mta_admin
 from postvern.ops import dnsrecords
@@ -75,6 +76,7 @@ EXPECTED = (
     EntryNotFound,
     QueueError,
     BanError,
+    trial.TrialError,
     FileNotFoundError,
     PermissionError,
 )
@@ -216,6 +218,39 @@ def cmd_dns(app: App, args: argparse.Namespace) -> int:
     print(
         dnsrecords.records(args.domain.lower(), s.hostname, keys, mtasts.policy_id(policy)), end=""
     )
+    return 0
+
+
+def _filter_context(args: argparse.Namespace) -> ScanContext:
+    """The filter as the server runs it: the data directory's [filters] settings when there
+    is one, the defaults otherwise."""
+    data: Path = args.data
+    filters = FilterSettings()
+    if (data / config.CONFIG_NAME).exists():
+        filters = FilterSettings.from_config(config.load(data))
+    return ScanContext(settings=filters)
+
+
+def cmd_filter_check(args: argparse.Namespace) -> int:
+    ctx = _filter_context(args)
+    for path in args.paths:
+        for message in trial.read_messages(path):
+            if not message.raw:
+                print(f"{message.name}: skipped (over {trial.MAX_MESSAGE_BYTES >> 20} MiB)")
+                continue
+            verdict, _ = trial.judge(message.raw, ctx)
+            print(f"{message.name}: {verdict.header()}")
+    return 0
+
+
+def cmd_filter_test(args: argparse.Namespace) -> int:
+    paths = {kind: getattr(args, kind) for kind in trial.KINDS if getattr(args, kind)}
+    if not paths:
+        raise CLIError("give at least one of --ham, --spam, --phish")
+    tallies = trial.run_trial(paths, _filter_context(args), shown=args.show)
+    if not any(t.messages for t in tallies.values()):
+        raise CLIError("no messages found")
+    print("\n".join(trial.report(tallies)))
     return 0
 
 
@@ -515,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dkim_commands(sub)
     _queue_commands(sub)
     _ban_commands(sub)
+    _filter_commands(sub)
     p = sub.add_parser("dns", help="print every DNS record a domain needs")
     p.add_argument("domain")
     p.set_defaults(func=cmd_dns)
@@ -651,6 +687,24 @@ def _ban_commands(sub: argparse._SubParsersAction) -> None:
     p = g.add_parser("remove", help="lift a ban")
     p.add_argument("address")
     p.set_defaults(func=cmd_ban_remove)
+
+
+def _filter_commands(sub: argparse._SubParsersAction) -> None:
+    g = _group(sub, "filter", "try the content filter on stored mail")
+    p = g.add_parser("check", help="print the verdict on each message of files or directories")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="message, mbox or directory")
+    p.set_defaults(func=cmd_filter_check)
+    p = g.add_parser("test", help="measure the filter on mail known to be ham, spam or phishing")
+    for kind in trial.KINDS:
+        p.add_argument(
+            f"--{kind}", type=Path, action="append", default=[], metavar="PATH",
+            help=f"{kind} messages: a message, an mbox or a directory (repeatable)",
+        )  # fmt: skip
+    p.add_argument(
+        "--show", type=int, default=trial.DEFAULT_SHOWN, metavar="N",
+        help="list at most N misjudged messages of each kind, with their verdicts",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_filter_test)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
