@@ -40,12 +40,19 @@ def test_messages_are_read_from_files_mboxes_and_maildirs(tmp_path: Path) -> Non
         (tmp_path / "Maildir" / sub).mkdir(parents=True)
     (tmp_path / "Maildir" / "cur" / "1700000000.M1P1.host:2,S").write_bytes(HAM[3])
     (tmp_path / "Maildir" / "new" / "1700000001.M2P2.host").write_bytes(HAM[4])
+    # Not mail: a delivery in progress, the IMAP server's files, a Maildir++ folder.
+    (tmp_path / "Maildir" / "tmp" / "1700000002.M3P3.host").write_bytes(HAM[5])
+    (tmp_path / "Maildir" / "dovecot-uidlist").write_bytes(b"3 V1700000000 N3\n")
+    (tmp_path / "Maildir" / ".Junk" / "cur").mkdir(parents=True)
+    (tmp_path / "Maildir" / ".Junk" / "cur" / "1700000003.M4P4.host:2,S").write_bytes(SPAM)
     names = [m.name for m in trial.read_messages(tmp_path)]
     # A directory's files in name order, then its subdirectories'.
     assert [Path(n.split("#")[0]).name for n in names] == [
         "box.mbox", "box.mbox", "one.eml", "1700000000.M1P1.host:2,S", "1700000001.M2P2.host",
     ]  # fmt: skip
     assert names[0].endswith("box.mbox#0") and names[1].endswith("box.mbox#1")
+    junk = [m.name for m in trial.read_messages(tmp_path / "Maildir" / ".Junk")]
+    assert [Path(n).name for n in junk] == ["1700000003.M4P4.host:2,S"]
 
 
 def test_mboxrd_quoting_is_undone_and_from_lines_split_messages() -> None:

@@ -9,9 +9,10 @@ virus scan is clamd's and the sender's authentication is the SMTP session's, nei
 which a stored message still has.
 
 A PATH is a message file, an mbox file (its first line starts with "From "), or a
-directory of either, walked in name order, a directory's files before its subdirectories
-(a Maildir's ``cur`` and ``new`` hold message files like any other). Messages are read
-one at a time, so a large mbox costs the memory of its largest message.
+directory of either, walked in name order, a directory's files before its subdirectories.
+Hidden files and directories are skipped (a Maildir++ folder such as ``.Junk`` is tried
+by naming it); in a Maildir only ``cur`` and ``new`` are read. Messages are read one at
+a time, so a large mbox costs the memory of its largest message.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def read_messages(path: Path) -> Iterator[Message]:
     if path.is_dir():
         for root, dirs, files in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            if "cur" in dirs or "new" in dirs:
+                # A Maildir: its mail is in cur/ and new/ (tmp/ holds deliveries not yet
+                # done); beside them are the server's files (dovecot-uidlist, indexes).
+                dirs[:] = [d for d in dirs if d != "tmp"]
+                continue
             for name in sorted(files):
                 if not name.startswith("."):
                     yield from _file_messages(Path(root) / name)
