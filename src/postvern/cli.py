@@ -698,7 +698,7 @@ def _filter_commands(sub: argparse._SubParsersAction) -> None:
     for kind in trial.KINDS:
         p.add_argument(
             f"--{kind}", type=Path, action="append", default=[], metavar="PATH",
-            help=f"{kind} messages: a message, an mbox or a directory (repeatable)",
+            help=f"{trial.KIND_NAMES[kind]}: a message, an mbox or a directory (repeatable)",
         )  # fmt: skip
     p.add_argument(
         "--show", type=int, default=trial.DEFAULT_SHOWN, metavar="N",

@@ -35,6 +35,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_SHOWN = 10
 
 KINDS = ("ham", "spam", "phish")
+KIND_NAMES = {"ham": "ham (wanted mail)", "spam": "spam", "phish": "phishing"}
 
 
 class TrialError(Exception):
