@@ -25,21 +25,20 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import train_spam  # noqa: E402
-from postvern.filters import FilterSettings, ScanContext, analyse, decide  # noqa: E402
+from postvern.filters import FilterSettings, ScanContext, analyse  # noqa: E402
 from postvern.filters.content import read_content  # noqa: E402
 from postvern.filters.features import language_of, spam_features  # noqa: E402
 from postvern.filters.spam import JUNK_POINTS, logit_points  # noqa: E402
+from postvern.filters.trial import judge  # noqa: E402
+from timing import best_of  # noqa: E402
 
-T = TypeVar("T")
 # Speed is the best of this many passes over the held-out part, for filter and baseline.
 TIMED_PASSES = 3
 GOALS = "goals: spam recall >= 97% at ham FP <= 0.2%; phishing recall >= 95%; >= 1000 msg/s"
@@ -81,18 +80,6 @@ class Baseline:
         return self.prior + sum(weights.get(t, 0.0) for t in self.tokens(raw))
 
 
-def best_of(passes: int, run: Callable[[], T]) -> tuple[float, T]:
-    """The least CPU time of *passes* runs of *run* (the runs another process or a cold
-    cache slowed are the noise, not the cost), and the last run's result."""
-    best, result = math.inf, None
-    for _ in range(passes):
-        started = time.process_time()
-        result = run()
-        best = min(best, time.process_time() - started)
-    assert result is not None
-    return best, result
-
-
 def baseline_threshold(messages: list[bytes], labels: list[int]) -> float:
     """The training-part threshold for the baseline, by 5-fold cross-validation."""
     scores = [0.0] * len(messages)
@@ -128,20 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     def judge_all() -> list[tuple[train_spam.Sample, bool, bool]]:
         results = []
         for sample in held_out:
-            analysis = analyse(sample.raw, ctx)
-            verdict = decide(analysis, ctx.settings)
-            model_points = next(h.points for h in analysis.hits if h.code == "SPAM_MODEL")
-            results.append((sample, model_points >= JUNK_POINTS, verdict.action != "inbox"))
+            verdict, model_junks = judge(sample.raw, ctx)
+            results.append((sample, model_junks, verdict.is_spam))
         return results
 
-    filter_seconds, results = best_of(TIMED_PASSES, judge_all)
+    filter_seconds, results = best_of(TIMED_PASSES, judge_all, time.process_time)
     english = {s.key: language_of(spam_features(read_content(s.raw))) == "en" for s in held_out}
 
     print("training the baseline (multinomial NB, raw tokens) on the training part ...")
     base_threshold = baseline_threshold([s.raw for s in train], [int(s.is_spam) for s in train])
     baseline = Baseline([s.raw for s in train], [int(s.is_spam) for s in train])
     base_seconds, base_flags = best_of(
-        TIMED_PASSES, lambda: [baseline.score(s.raw) >= base_threshold for s in held_out]
+        TIMED_PASSES,
+        lambda: [baseline.score(s.raw) >= base_threshold for s in held_out],
+        time.process_time,
     )
 
     def pick(kind: str, sources: tuple[str, ...], language: bool | None, column: int):

@@ -35,6 +35,7 @@ from postvern.store.mailbox import Mailbox
 from postvern.store.schema import MIGRATIONS
 from postvern.store.service import DepositBatcher
 from postvern.store.spool import Deposit, Spool, SpoolItem, import_spool
+from timing import best_of
 
 WORDS = (
     "meeting report budget quarterly team project deadline review invoice schedule "
@@ -93,13 +94,13 @@ def run_store(box: Mailbox, messages: list[bytes]) -> tuple[float, float]:
         box.append(inbox, raw)
     append_rate = len(messages) / (time.perf_counter() - start)
     uids = box.uids(inbox)
-    best = float("inf")
-    for _ in range(FETCH_PASSES):
-        start = time.perf_counter()
+
+    def fetch_all() -> None:
         for uid in uids:
             box.raw(inbox, uid)
         box.structures(inbox, uids)
-        best = min(best, time.perf_counter() - start)
+
+    best, _ = best_of(FETCH_PASSES, fetch_all)
     return append_rate, len(uids) / best
 
 
@@ -143,13 +144,13 @@ def bench_cipher_floor(messages: list[bytes], tmp: Path, fetch_plain: float) -> 
         with conn:
             for raw in messages:
                 conn.execute("INSERT INTO raws(data) VALUES (?)", (raw,))
-        best = float("inf")
-        for _ in range(3):  # the best of three: the floor, not the noise
-            start = time.perf_counter()
+
+        def select_all(conn: apsw.Connection = conn) -> None:
             for rowid in range(1, len(messages) + 1):
                 conn.execute("SELECT data FROM raws WHERE id=?", (rowid,)).fetchall()
-            best = min(best, (time.perf_counter() - start) / len(messages))
-        bare.append(best * 1e6)
+
+        best, _ = best_of(FETCH_PASSES, select_all)  # the floor, not the noise
+        bare.append(best / len(messages) * 1e6)
         conn.close()
     aead, nonce = ChaCha20Poly1305(key), bytes(12)
     sealed = [aead.encrypt(nonce, raw, None) for raw in messages[:2000]]
