@@ -8,9 +8,12 @@ Prints, in one run:
     for 10 KB);
   * the cipher's floor under the fetch ratio: the same messages read back by a bare SELECT
     from plain SQLite and from sqlite3mc's chacha20, beside OpenSSL's ChaCha20-Poly1305 on
-    the same bytes, and the best ratio a fetch path could reach at each cipher speed.
+    the same bytes, and the best ratio a fetch path could reach at each cipher speed;
+  * the full-text index on real ham (/work/shared/corpora): bytes per message and lookup time
+    of the trigram index SEARCH TEXT uses (substrings, RFC 9051 §6.4.4) against the word
+    index it replaced (unicode61), both built in this run from the same messages.
 
-Usage: python bench/store.py [--messages 10000]
+Usage: python bench/store.py [--messages 10000] [--corpus DIR ...]
 """
 
 from __future__ import annotations
@@ -18,19 +21,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import apsw
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from postvern import mime
 from postvern.crypto import keyslots, seal
 from postvern.crypto.serverkey import ServerKey
 from postvern.directory.accounts import Accounts
 from postvern.directory.db import Directory
+from postvern.store import fulltext
 from postvern.store.mailbox import Mailbox
 from postvern.store.schema import MIGRATIONS
 from postvern.store.service import DepositBatcher
@@ -248,10 +255,103 @@ async def _concurrent_deposits(
     return len(sample) / wall, len(sample) / cpu
 
 
+# Real mail of several kinds (corporate, list, Usenet) for the index figures: synthetic text
+# from a 30-word vocabulary would flatter a trigram index, which grows with distinct text.
+HAM_CORPORA = (
+    "/work/shared/corpora/spam/csdmc2010/ham",
+    "/work/shared/corpora/ham-extra/linux_mips_list",
+    "/work/shared/corpora/ham-extra/20news",
+)
+# The index SEARCH TEXT used before the trigram one: words, diacritics folded, and the query
+# it was asked (the needle's words as a phrase, the last one as a prefix).
+WORD_TOKENIZER = "unicode61 remove_diacritics 2"
+# Needles timed on both indexes: words each found in this many messages or more, so that
+# both indexes have postings to read, drawn at random with a fixed seed.
+NEEDLES = 100
+NEEDLE_MIN_MESSAGES = 5
+
+
+def _fts_db(path: Path, tokenizer: str, rows: list[tuple[str, str]]) -> apsw.Connection:
+    conn = apsw.Connection(str(path))
+    conn.execute(
+        "CREATE VIRTUAL TABLE fts USING fts5(headers, body, content='', contentless_delete=1,"
+        f" tokenize='{tokenizer}')"
+    )
+    with conn:
+        for rowid, (headers, body) in enumerate(rows, 1):
+            conn.execute(
+                "INSERT INTO fts(rowid, headers, body) VALUES(?, ?, ?)", (rowid, headers, body)
+            )
+    conn.execute("INSERT INTO fts(fts) VALUES('optimize')")  # both merged to one b-tree
+    return conn
+
+
+def _index_bytes(conn: apsw.Connection) -> int:
+    rows = conn.execute("SELECT sum(pgsize) FROM dbstat WHERE name LIKE 'fts%'").fetchall()
+    return int(rows[0][0])
+
+
+def bench_fulltext(corpora: list[str], tmp: Path) -> None:
+    """Size and lookup time of the trigram index against the word index, on real ham."""
+    raws = [p.read_bytes() for d in corpora for p in sorted(Path(d).rglob("*")) if p.is_file()]
+    word_rows, trigram_rows = [], []
+    for raw in raws:
+        _, body = mime.describe(raw)
+        word_rows.append(
+            (mime.headers_text(raw), mime.body_text(raw, body, fulltext.FTS_BODY_CHARS))
+        )
+        trigram_rows.append(fulltext.index_texts(raw, body))
+    text_bytes = sum(len(h.encode()) + len(b.encode()) for h, b in trigram_rows)
+    word = _fts_db(tmp / "fts-word.sqlite", WORD_TOKENIZER, word_rows)
+    trigram = _fts_db(tmp / "fts-trigram.sqlite", fulltext.TOKENIZER, trigram_rows)
+    counts: dict[str, int] = {}
+    for headers, body in trigram_rows:
+        for w in set(re.findall(r"[a-z]{5,}", (headers + " " + body).lower())):
+            counts[w] = counts.get(w, 0) + 1
+    pool = sorted(w for w, n in counts.items() if n >= NEEDLE_MIN_MESSAGES)
+    needles = random.Random(7).sample(pool, min(NEEDLES, len(pool)))
+
+    def lookups(conn: apsw.Connection, query: Callable[[str], str]) -> int:
+        return sum(
+            len(conn.execute("SELECT rowid FROM fts WHERE fts MATCH ?", (query(n),)).fetchall())
+            for n in needles
+        )
+
+    word_time, word_hits = best_of(
+        FETCH_PASSES, lambda: lookups(word, lambda n: f'{{headers body}} : "{n}"*')
+    )
+    trigram_time, trigram_hits = best_of(
+        FETCH_PASSES,
+        lambda: lookups(trigram, lambda n: "{headers body} : " + str(fulltext.match_query(n))),
+    )
+    word_size, trigram_size = _index_bytes(word), _index_bytes(trigram)
+    word.close()
+    trigram.close()
+    n = len(raws)
+    print(f"full-text index: {n} real ham messages, {text_bytes / n:.0f} B of text each")
+    print(
+        f"  size     trigram {trigram_size / n:7.0f} B/message   word {word_size / n:7.0f}"
+        f" B/message   ratio {trigram_size / word_size:.2f}×"
+    )
+    print(
+        f"  lookup   trigram {trigram_time / len(needles) * 1e3:7.2f} ms/needle   word"
+        f" {word_time / len(needles) * 1e3:7.2f} ms/needle   ratio {trigram_time / word_time:.2f}×"
+        f"   ({len(needles)} words; {trigram_hits} vs {word_hits} matches: substrings vs words)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--corpus", action="append", help="folders of ham for the index figures")
+    parser.add_argument(
+        "--only-fulltext", action="store_true", help="print the full-text index figures only"
+    )
     args = parser.parse_args()
+    if args.only_fulltext:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            bench_fulltext(args.corpus or list(HAM_CORPORA), Path(tmpdir))
+        return
     rng = random.Random(1)
     messages = [make_message(rng, i) for i in range(args.messages)]
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -260,6 +360,7 @@ def main() -> None:
         bench_cipher_floor(messages, tmp, fetch_plain)
         bench_unlock(tmp)
         bench_spool(messages, tmp)
+        bench_fulltext(args.corpus or list(HAM_CORPORA), tmp)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from postvern.crypto import keyslots, seal
-from postvern.encdb import WrongKey
+from postvern.encdb import WrongKey, open_encrypted
 from postvern.mime.model import body_from_json, envelope_from_json
 from postvern.store.mailbox import (
     BadFlag,
@@ -21,6 +21,7 @@ from postvern.store.mailbox import (
     NoSuchFolder,
     OverQuota,
 )
+from postvern.store.schema import MIGRATIONS
 
 
 def msg(subject: str, body: str = "hello", extra: str = "") -> bytes:
@@ -202,3 +203,38 @@ def test_wrong_key_refused(tmp_path: Path) -> None:
     with Mailbox.open(tmp_path / "m.sqlite", key) as b:
         assert b.folder("INBOX").name == "INBOX"
     assert os.path.getsize(tmp_path / "m.sqlite") > 0
+
+
+def test_search_text_matches_substrings(box: Mailbox) -> None:
+    """RFC 9051 §6.4.4: TEXT/BODY "contains the specified string", not a word of it."""
+    inbox = box.folder("INBOX")
+    box.append(inbox.id, msg("Keys", "asdfghjkl qwertyuiop\r\nzxcv Bnm\r\n"))
+    box.append(inbox.id, msg("Other", "nothing to see"))
+    assert box.search_text(inbox.id, "body", "sdfghjk") == {1}  # inside a word
+    assert box.search_text(inbox.id, "body", "SDFG") == {1}  # case-insensitive
+    assert box.search_text(inbox.id, "body", "iop zxcv b") == {1}  # across a line break
+    assert box.search_text(inbox.id, "text", "eys") == {1}  # in a header
+    assert box.search_text(inbox.id, "body", "eys") == set()
+    assert box.search_text(inbox.id, "body", 'a "quote') == set()  # quotes are literal text
+    # One or two characters have no trigram: the caller is told to scan instead.
+    assert box.search_text(inbox.id, "body", "kl") is None
+
+
+def test_migration_rebuilds_the_index_as_substrings(tmp_path: Path) -> None:
+    """A mailbox made with the word index (schema 1) finds substrings once reopened."""
+    private, _ = seal.generate_keypair()
+    key = keyslots.new_mailbox_key()
+    path = tmp_path / "old.sqlite"
+    old = Mailbox(open_encrypted(path, key, MIGRATIONS[:1], create=True), path)
+    with old._tx():
+        old._set_meta("spool_private", private)
+        old._insert_folder("INBOX", None)
+    inbox = old.folder("INBOX")
+    old.append(inbox.id, msg("Keys", "asdfghjkl"))
+    old.append(inbox.id, msg("Café", "crème brûlée"))
+    assert old.search_text(inbox.id, "body", "sdfghjk") == set()  # words only, before
+    old.close()
+    with Mailbox.open(path, key) as box:
+        assert box.search_text(inbox.id, "body", "sdfghjk") == {1}
+        assert box.search_text(inbox.id, "body", "creme brul") == {2}
+        assert box.search_text(inbox.id, "headers", "afe") == {2}

@@ -3,8 +3,10 @@
 The criteria tree is evaluated as sets of UIDs, narrowing a candidate set key by key with the
 cheapest keys first, in one store worker thread. Each kind of data is loaded in bulk and only
 if a key needs it: flags and dates with one query, ENVELOPE fields from the cached JSON, BODY
-and TEXT from the full-text index (then checked exactly against the decoded text when there
-are few candidates), HEADER from the raw header of the candidates that are left.
+and TEXT from the full-text index, a substring index (then checked exactly against the
+decoded text when there are few candidates; needles of one or two characters, which the
+index cannot look up, are matched by that check alone), HEADER from the raw header of the
+candidates that are left.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from postvern.imap.selected import UidMap
 from postvern.imap.wire import to_bytes
 from postvern.mime.encoded_words import decode_header_value
 from postvern.mime.model import Address, Envelope, body_from_json, envelope_from_json
-from postvern.mime.text import body_text, header_values, headers_text
+from postvern.mime.text import header_values
+from postvern.store.fulltext import index_texts, normalise
 from postvern.store.mailbox import Mailbox, MessageInfo, StoreError
 
 # BODY/TEXT candidates from the full-text index are confirmed against the decoded message
 # only up to this many (each needs its raw message read and decoded); past it the index's
-# word match stands, as with Dovecot's FTS.
+# substring match stands, as with Dovecot's FTS. The two differ only where SQLite's and
+# Python's Unicode folding differ.
 EXACT_CHECK_LIMIT = 200
 # Relative cost of evaluating each kind of key, to run cheap keys first and hand the
 # expensive ones the smallest candidate set.
@@ -152,21 +156,28 @@ class Evaluator:
 
     def _text(self, key: s.TextContains, candidates: set[int]) -> set[int]:
         field = "text" if key.headers else "body"
-        found = candidates & self.data.box.search_text(self.data.folder_id, field, key.value)
+        indexed = self.data.box.search_text(self.data.folder_id, field, key.value)
+        needle = fold(normalise(key.value))
+        if indexed is None:
+            if not needle:
+                return candidates  # RFC 9051 §6.4.4: every message contains ""
+            # A needle of one or two characters has no trigram to look up: each candidate's
+            # text is scanned instead. The cost is bounded like the index's: one message at
+            # a time, and no more of its text than the index holds (FTS_BODY_CHARS).
+            return {uid for uid in candidates if needle in self._decoded_text(uid, key.headers)}
+        found = candidates & indexed
         if len(found) > EXACT_CHECK_LIMIT:
             return found
-        needle = fold(" ".join(key.value.split()))
         return {uid for uid in found if needle in self._decoded_text(uid, key.headers)}
 
     def _decoded_text(self, uid: int, headers: bool) -> str:
+        """The message's text as the index sees it, folded like a needle."""
         raw = self.data.raw(uid)
         if raw is None:
             return ""
         body = body_from_json(self.data.box.structures(self.data.folder_id, [uid])[0].structure)
-        text = body_text(raw, body, len(raw))
-        if headers:
-            text = headers_text(raw, body) + "\n" + text
-        return fold(" ".join(text.split()))
+        head, text = index_texts(raw, body)
+        return fold(head + " " + text if headers else text)
 
     def _sent(self, key: s.DateTest, candidates: set[int]) -> set[int]:
         envelopes = self.data.envelopes(candidates)

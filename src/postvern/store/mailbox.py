@@ -26,7 +26,7 @@ import apsw
 from postvern import mime
 from postvern.encdb import open_encrypted
 from postvern.mime.model import body_to_json, envelope_to_json
-from postvern.store import faults
+from postvern.store import faults, fulltext
 from postvern.store.schema import MIGRATIONS
 
 INBOX = "INBOX"
@@ -52,9 +52,6 @@ MAX_FOLDER_LEVEL = 255
 MAX_FOLDER_DEPTH = 32
 MAX_KEYWORDS_PER_MESSAGE = 64
 MAX_KEYWORD_LENGTH = 128
-# Text fed to the full-text index per message: enough for any real mail body; bounded so a
-# 50 MB attachment-free text part does not bloat the index.
-FTS_BODY_CHARS = 1_000_000
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f*%]")
 _KEYWORD = re.compile(r"^[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~\x80-\uffff]+$")
 
@@ -565,17 +562,17 @@ class Mailbox:
             raise StoreError("no such message")
         return bytes(rows[0][0])
 
-    def search_text(self, folder_id: int, field: str, text: str) -> set[int]:
-        """UIDs whose indexed text contains every word of ``text`` (a phrase, prefix-matched).
+    def search_text(self, folder_id: int, field: str, text: str) -> set[int] | None:
+        """UIDs whose indexed text contains ``text`` as a substring (RFC 9051 §6.4.4).
 
-        ``field`` is ``text`` (headers and body), ``body`` or ``headers``. Matching is by
-        words (FTS5, Unicode-aware, diacritics folded) as Dovecot's and Stalwart's full-text
-        search do, not by raw substrings of the encoded message.
+        ``field`` is ``text`` (headers and body), ``body`` or ``headers``. Matching is on the
+        decoded text (MIME parts decoded, HTML reduced), case- and diacritic-insensitive
+        (:mod:`postvern.store.fulltext`). None when the needle is too short for the trigram
+        index (one or two characters): the caller must scan the text itself.
         """
-        query = _fts_phrase(text)
+        query = fulltext.match_query(text)
         if query is None:
-            with self._lock:
-                return set(self.uids(folder_id))
+            return None
         column = {"text": "{headers body}", "body": "body", "headers": "headers"}[field]
         with self._lock:
             rows = self._q(
@@ -891,6 +888,7 @@ class _PreparedBody:
 def _prepare_body(raw: bytes) -> _PreparedBody:
     """Everything computed once per message, before the transaction takes the lock."""
     envelope, body = mime.describe(raw)
+    headers_text, body_text = fulltext.index_texts(raw, body)
     return _PreparedBody(
         raw=raw,
         size=len(raw),
@@ -898,8 +896,8 @@ def _prepare_body(raw: bytes) -> _PreparedBody:
         crlf_size=len(raw) + raw.count(b"\n") - raw.count(b"\r\n"),
         envelope=envelope_to_json(envelope),
         structure=body_to_json(body),
-        headers_text=mime.headers_text(raw),
-        body_text=mime.body_text(raw, body, FTS_BODY_CHARS),
+        headers_text=headers_text,
+        body_text=body_text,
     )
 
 
@@ -910,14 +908,3 @@ def _json_ints(values: Iterable[int]) -> str:
 def _like_prefix(prefix: str) -> str:
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped + "%"
-
-
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def _fts_phrase(text: str) -> str | None:
-    """An FTS5 phrase of the words in ``text``, the last one as a prefix; None if no words."""
-    words = _WORD.findall(text)
-    if not words:
-        return None
-    return '"' + " ".join(words) + '"*'

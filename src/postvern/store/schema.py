@@ -5,12 +5,15 @@ duplicating them; a body is removed with its last reference. The parsed ENVELOPE
 BODYSTRUCTURE are cached in the body row, computed once at insert; the raw bytes sit in a
 table of their own, so a folder-wide FETCH ENVELOPE never pages through message bodies.
 Expunges are logged with their MODSEQ so QRESYNC can answer VANISHED (RFC 7162 §3.2.10).
-The full-text index is a contentless FTS5 table in the same encrypted file.
+The full-text index is a contentless FTS5 table in the same encrypted file
+(:mod:`postvern.store.fulltext`).
 """
 
 from __future__ import annotations
 
 import apsw
+
+from postvern.store import fulltext
 
 
 def _v1(conn: apsw.Connection) -> None:
@@ -78,4 +81,10 @@ def _v1(conn: apsw.Connection) -> None:
     )
 
 
-MIGRATIONS = [_v1]
+def _v2(conn: apsw.Connection) -> None:
+    """The word index (unicode61) becomes a trigram index: SEARCH TEXT/BODY match substrings
+    (RFC 9051 §6.4.4). The text is derived again from each stored message."""
+    fulltext.rebuild(conn)
+
+
+MIGRATIONS = [_v1, _v2]
