@@ -47,6 +47,7 @@ from postvern.imap.serialize import (
 )
 from postvern.imap.sortthread import sort_messages, thread_messages
 from postvern.store.mailbox import (
+    DELIMITER,
     INBOX,
     BadFlag,
     BadFolderName,
@@ -269,13 +270,18 @@ class Executor:
         return Completion.ok(command.tag, f"{command.name} completed")
 
     async def create(self, command: c.Create) -> Completion:
-        if names.reserved_name(command.mailbox):
+        name = command.mailbox
+        if name.endswith(DELIMITER):
+            # RFC 9051 §6.3.4: a trailing hierarchy separator only declares that names will
+            # be created under this one; a server that needs no such declaration ignores it.
+            name = name[: -len(DELIMITER)]
+        if names.reserved_name(name):
             raise _no("reserved mailbox name (#, ~, . or ..)", Code.CANNOT)
         uses = command.special_use
         if len(uses) > 1:
             raise _no("one special use per mailbox", "USEATTR")
         try:
-            await self.run(self.box.create_folder, command.mailbox, uses[0] if uses else None)
+            await self.run(self.box.create_folder, name, uses[0] if uses else None)
         except FolderExists:
             raise _no("mailbox already exists", Code.ALREADYEXISTS) from None
         except BadFolderName as e:
