@@ -170,6 +170,9 @@ class Settings:
     data_dir: Path
     hostname: str = "localhost"
     primary_domain: str = "localhost"
+    # The local user that postmaster@ and abuse@ of every domain reach unless the domain has
+    # a user or alias of that name; empty means the first user created.
+    postmaster: str = ""
     listen: Listen = field(default_factory=Listen)
     tls: TLS = field(default_factory=TLS)
     dns: DNS = field(default_factory=DNS)
@@ -198,7 +201,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-_TOP_LEVEL = ("hostname", "primary_domain")
+_TOP_LEVEL = ("hostname", "primary_domain", "postmaster")
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:
@@ -309,6 +312,8 @@ def render(settings: Settings) -> str:
         "# Postvern configuration. Every setting has a default; see README.md.",
         f'hostname = "{settings.hostname}"',
         f'primary_domain = "{settings.primary_domain}"',
+        "# postmaster@ and abuse@ of every domain go here (empty: the first user created)",
+        f"postmaster = {_toml_str(settings.postmaster)}",
         "",
     ]
     for section in _SECTIONS:

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 from postvern import emailauth
 from postvern.delivery import headers
 from postvern.delivery.srs import SRS, ForgedSRS, is_srs
-from postvern.directory.db import Directory, DirectoryError, Resolution, User
+from postvern.directory.db import Directory, Resolution, User
 from postvern.dns import Resolver
 from postvern.emailauth import AuthVerdict
 from postvern.filters.verdict import HEADER_NAME as VERDICT_HEADER
@@ -36,6 +36,12 @@ T = TypeVar("T")
 RCPT_OK = Reply(250, "2.1.5", "recipient OK")
 NOT_OURS = Reply(550, "5.7.1", "relaying denied: we do not accept mail for that domain")
 UNKNOWN_USER = Reply(550, "5.1.1", "no such user here")
+# An address of ours whose aliases lead to no mailbox and no outside address: accepting it
+# would drop the mail, so it is refused like an unknown user.
+DEAD_END = Reply(550, "5.1.1", "no mailbox here by that name (the alias leads nowhere)")
+# RFC 5321 §6.3: a message caught in a routing loop is refused with a permanent error;
+# 5.4.6 is RFC 3463's "routing loop detected".
+ROUTING_LOOP = Reply(550, "5.4.6", "routing loop detected for this address")
 TEMP_LOOKUP = Reply(451, "4.3.0", "temporary failure looking up the recipient, try again")
 MAILBOX_FULL = Reply(452, "4.2.2", "mailbox full, try again later")
 STORE_FAILED = Reply(451, "4.3.0", "temporary failure storing the message, try again")
@@ -78,8 +84,11 @@ class ContentFilter(Protocol):
 
 
 class OutboundQueue(Protocol):
-    async def enqueue(self, mail_from: str, recipients: list[str], message: bytes) -> str:
-        """Durably queue ``message``; returns the queue id once it is committed."""
+    async def enqueue(
+        self, mail_from: str, recipients: list[str], message: bytes, *, queue_id: str | None = None
+    ) -> str:
+        """Durably queue ``message``; returns the queue id once it is committed. Pass the
+        transaction's ``queue_id`` so the reply, the logs and the queue name one id."""
         ...
 
 
@@ -133,11 +142,15 @@ class InboundPipeline:
             if is_srs(address):
                 return await self._srs_recipient(address)
             resolution: Resolution | None = await self._thread(self.directory.resolve, address)
-        except DirectoryError:
-            log.warning("alias resolution failed (loop or too deep)")
+        except Exception:
+            # The directory could not answer (busy, I/O): the sender retries, nothing is lost.
+            log.exception("recipient lookup failed")
             return TEMP_LOOKUP, None
         if resolution is None:
             return UNKNOWN_USER, None
+        refused = _dead_end_reply(resolution)
+        if refused is not None:
+            return refused, None
         if resolution.external and self.forwarder is None:
             return NO_FORWARDING, None
         for user in resolution.users:
@@ -155,6 +168,9 @@ class InboundPipeline:
             return Reply(550, "5.1.1", "invalid or expired SRS address"), None
         resolution = await self._thread(self.directory.resolve, original)
         if resolution is not None:
+            refused = _dead_end_reply(resolution)
+            if refused is not None:
+                return refused, None
             return RCPT_OK, Recipient(address, resolution.users, resolution.external)
         if await self.is_local_domain(original.rpartition("@")[2]):
             return UNKNOWN_USER, None
@@ -262,3 +278,17 @@ class InboundPipeline:
                 tls=txn.tls,
             )
         )
+
+
+def _dead_end_reply(resolution: Resolution) -> Reply | None:
+    """The refusal for an address of ours that leads nowhere; None if mail can arrive.
+
+    Logged without the address (the logs name no one): what is wrong is in ``alias list``.
+    """
+    if not resolution.dead_end:
+        return None
+    if resolution.routing_loop:
+        log.warning("recipient refused: its aliases form a routing loop (see `alias list`)")
+        return ROUTING_LOOP
+    log.warning("recipient refused: its aliases lead to no mailbox (see `alias list`)")
+    return DEAD_END

@@ -18,7 +18,7 @@ from postvern.crypto import keyslots, seal
 from postvern.crypto.keyslots import KDFParams, WrongSecret
 from postvern.crypto.serverkey import ServerKey
 from postvern.directory.addresses import AddressError, normalise_address
-from postvern.directory.db import Directory, DirectoryError, KeySlot, User
+from postvern.directory.db import AliasChange, Directory, DirectoryError, KeySlot, User
 from postvern.store.mailbox import Mailbox
 from postvern.store.spool import Spool
 
@@ -119,11 +119,13 @@ class Accounts:
             raise
         return NewUser(user, password, recovery, generated)
 
-    def remove_user(self, address: str) -> None:
+    def remove_user(self, address: str) -> list[AliasChange]:
+        """Delete the user, their mailbox and spool; returns the aliases this changed."""
         user = self._user(address)
-        self.directory.delete_user(user.id)
+        changes = self.directory.delete_user(user.id)
         _remove_mailbox_files(self.mailbox_path(user))
         self.spool.remove_user(user.id)
+        return changes
 
     def _user(self, address: str) -> User:
         user = self.directory.user(address)

@@ -35,6 +35,10 @@ DB_NAME = "directory.sqlite"
 # or a chain this long is a configuration mistake, not a mail route.
 MAX_ALIAS_DEPTH = 10
 MAX_ALIAS_TARGETS = 1000
+# Addresses every hosted domain must have without any set-up: postmaster (RFC 5321 §4.5.1)
+# and abuse (RFC 2142 §4). Unless a user or alias of that name exists in the domain, they
+# reach the administrator: the configured ``postmaster`` address, else the first user created.
+ROLE_LOCALPARTS = ("postmaster", "abuse")
 
 
 class DirectoryError(Exception):
@@ -89,10 +93,50 @@ class DKIMKey:
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """Where a recipient's mail goes: local mailboxes and outside addresses."""
+    """Where a recipient's mail goes: local mailboxes and outside addresses.
+
+    ``problems`` names what the expansion met on the way — a local target that does not
+    exist, an alias chain that loops back on itself or runs too deep. A resolution with no
+    mailbox and no outside address is a dead end: the mail would go nowhere, so the caller
+    must refuse it rather than accept it (``routing_loop`` says which refusal fits).
+    """
 
     users: tuple[User, ...]
     external: tuple[str, ...]
+    problems: tuple[str, ...] = ()
+    routing_loop: bool = False
+
+    @property
+    def dead_end(self) -> bool:
+        return not self.users and not self.external
+
+
+@dataclass
+class _Expansion:
+    """The state of one alias expansion: what it found, and where it went wrong."""
+
+    users: dict[str, User] = field(default_factory=dict)
+    external: dict[str, None] = field(default_factory=dict)
+    problems: dict[str, None] = field(default_factory=dict)
+    routing_loop: bool = False
+    done: set[str] = field(default_factory=set)  # aliases already expanded (a diamond is no loop)
+
+    def result(self) -> Resolution:
+        return Resolution(
+            tuple(self.users.values()),
+            tuple(self.external),
+            tuple(self.problems),
+            self.routing_loop,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AliasChange:
+    """What removing a user or an alias did to another alias that reached it."""
+
+    alias: str
+    dropped: tuple[str, ...]  # its targets that no longer exist
+    removed: bool  # they were all it had, so the alias went too
 
 
 def _v1(conn: apsw.Connection) -> None:
@@ -169,13 +213,19 @@ ATTACHMENT_POLICIES = ("reject", "quarantine")
 
 
 class Directory:
-    def __init__(self, conn: apsw.Connection) -> None:
+    def __init__(self, conn: apsw.Connection, *, postmaster: str | None = None) -> None:
         self._conn = conn
         self._lock = threading.RLock()
+        # Where role addresses (ROLE_LOCALPARTS) go when a domain defines none of its own;
+        # None means the first user created.
+        self.postmaster = postmaster
 
     @classmethod
-    def open(cls, data_dir: Path, key: bytes, *, create: bool = False) -> Directory:
-        return cls(open_encrypted(data_dir / DB_NAME, key, MIGRATIONS, create=create))
+    def open(
+        cls, data_dir: Path, key: bytes, *, create: bool = False, postmaster: str | None = None
+    ) -> Directory:
+        conn = open_encrypted(data_dir / DB_NAME, key, MIGRATIONS, create=create)
+        return cls(conn, postmaster=postmaster)
 
     def close(self) -> None:
         with self._lock:
@@ -328,9 +378,14 @@ class Directory:
         with self._tx() as c:
             c.execute("UPDATE users SET usage_hint=? WHERE id=?", (usage, user_id))
 
-    def delete_user(self, user_id: str) -> None:
+    def delete_user(self, user_id: str) -> list[AliasChange]:
+        """Delete the user and take them out of every alias that reached them, in one step.
+
+        Returns what that did to aliases (see :meth:`_prune_aliases`).
+        """
         with self._tx() as c:
             c.execute("DELETE FROM users WHERE id=?", (user_id,))
+            return self._prune_aliases(c) if c.changes() else []
 
     # -- key slots ---------------------------------------------------------------------
 
@@ -474,6 +529,7 @@ class Directory:
         if not targets or len(targets) > MAX_ALIAS_TARGETS:
             raise DirectoryError(f"an alias needs 1 to {MAX_ALIAS_TARGETS} targets")
         clean = tuple(dict.fromkeys(normalise_address(t) for t in targets))
+        alias = Alias(local, domain, clean)
         with self._tx() as c:
             if not c.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchall():
                 raise DirectoryError(f"domain {domain} is not configured")
@@ -483,7 +539,12 @@ class Directory:
                 "INSERT INTO aliases(localpart, domain, targets) VALUES(?, ?, ?)",
                 (local, domain, json.dumps(clean)),
             )
-        return Alias(local, domain, clean)
+            # Checked with the alias in place, so a loop through it is seen; raising rolls
+            # the insert back. Mail must never be accepted for an alias that leads nowhere.
+            problems = self.alias_problems(alias)
+            if problems:
+                raise DirectoryError(f"{alias.address}: {'; '.join(problems)}")
+        return alias
 
     @staticmethod
     def _alias_key(address: str) -> tuple[str, str]:
@@ -496,12 +557,50 @@ class Directory:
         rows = self._rows("SELECT localpart, domain, targets FROM aliases ORDER BY domain, 1")
         return [Alias(str(r[0]), str(r[1]), tuple(json.loads(str(r[2])))) for r in rows]
 
-    def remove_alias(self, address: str) -> None:
+    def remove_alias(self, address: str) -> list[AliasChange]:
+        """Remove an alias; returns what that did to other aliases that pointed at it."""
         local, domain = self._alias_key(address)
         with self._tx() as c:
             c.execute("DELETE FROM aliases WHERE localpart=? AND domain=?", (local, domain))
             if not c.changes():
                 raise DirectoryError(f"no such alias: {address}")
+            return self._prune_aliases(c)
+
+    def _prune_aliases(self, c: apsw.Connection) -> list[AliasChange]:
+        """Drop alias targets of ours that no longer exist, until none is left.
+
+        Called inside the transaction that removed a user or an alias: an alias left pointing
+        at an address that is gone would accept mail for nobody. An alias whose every target
+        went is removed in turn, which may leave others pointing at nothing — hence the loop
+        (it ends: each round removes at least one target).
+        """
+        changes: list[AliasChange] = []
+        while True:
+            round_changes = []
+            for alias in self.aliases():
+                kept = tuple(t for t in alias.targets if self._target_exists(t))
+                if kept == alias.targets:
+                    continue
+                if kept:
+                    c.execute(
+                        "UPDATE aliases SET targets=? WHERE localpart=? AND domain=?",
+                        (json.dumps(kept), alias.localpart, alias.domain),
+                    )
+                else:
+                    c.execute(
+                        "DELETE FROM aliases WHERE localpart=? AND domain=?",
+                        (alias.localpart, alias.domain),
+                    )
+                dropped = tuple(t for t in alias.targets if t not in kept)
+                round_changes.append(AliasChange(alias.address, dropped, removed=not kept))
+            if not round_changes:
+                return changes
+            changes.extend(round_changes)
+
+    def _target_exists(self, target: str) -> bool:
+        """An outside address, or an address of ours that reaches a user or an alias."""
+        local, domain = split_address(target)
+        return not self.has_domain(domain) or self._expand(local, domain, _Expansion(), path=())
 
     def _alias_targets(self, local: str, domain: str) -> tuple[str, ...] | None:
         rows = self._rows(
@@ -515,7 +614,9 @@ class Directory:
         """Where mail for ``address`` goes; None if it is not one of ours (unknown user).
 
         Order, as Postfix's virtual maps: exact user or alias, then the same without
-        ``+tag``, then the domain's catch-all. Aliases expand recursively.
+        ``+tag``, then a role address (postmaster, abuse) the domain does not define, then
+        the domain's catch-all. Aliases expand recursively. A result may be a dead end
+        (every target gone, or a loop): see :class:`Resolution`.
         """
         try:
             local, domain = split_address(address)
@@ -523,27 +624,25 @@ class Directory:
             return None
         if not self.has_domain(domain):
             return None
-        users: dict[str, User] = {}
-        external: dict[str, None] = {}
-        if not self._expand(local, domain, users, external, depth=0, seen=set()):
+        walk = _Expansion()
+        if not self._expand(local, domain, walk, path=()):
             return None
-        return Resolution(tuple(users.values()), tuple(external))
+        return walk.result()
 
-    def _expand(
-        self,
-        local: str,
-        domain: str,
-        users: dict[str, User],
-        external: dict[str, None],
-        depth: int,
-        seen: set[str],
-    ) -> bool:
-        if depth > MAX_ALIAS_DEPTH:
-            raise DirectoryError(f"alias chain deeper than {MAX_ALIAS_DEPTH} at {local}@{domain}")
+    def alias_problems(self, alias: Alias) -> list[str]:
+        """Why mail to ``alias`` would not all arrive: missing targets, loops, a dead end."""
+        walk = _Expansion()
+        self._expand_alias(alias.localpart, alias.domain, alias.targets, walk, path=())
+        problems = list(walk.problems)
+        if walk.routing_loop:
+            problems.append("its targets loop back to it or nest too deep")
+        elif not walk.users and not walk.external and not problems:
+            problems.append("it leads to no mailbox and no outside address")
+        return problems
+
+    def _expand(self, local: str, domain: str, walk: _Expansion, path: tuple[str, ...]) -> bool:
+        """Add where ``local@domain`` leads to ``walk``; False if the address is not ours."""
         for candidate in dict.fromkeys((local, base_localpart(local), "")):
-            key = f"{candidate}@{domain}"
-            if key in seen:
-                return True  # a loop back to an address already being expanded adds nothing
             if candidate:
                 rows = self._rows(
                     f"SELECT {self._USER_COLS} FROM users WHERE localpart=? AND domain=?",
@@ -551,19 +650,55 @@ class Directory:
                 )
                 if rows:
                     user = self._user(rows[0])
-                    users.setdefault(user.id, user)
+                    walk.users.setdefault(user.id, user)
                     return True
             targets = self._alias_targets(candidate, domain)
             if targets is not None:
-                seen.add(key)
-                for target in targets:
-                    t_local, t_domain = split_address(target)
-                    if self.has_domain(t_domain):
-                        self._expand(t_local, t_domain, users, external, depth + 1, seen)
-                    else:
-                        external.setdefault(target, None)
+                self._expand_alias(candidate, domain, targets, walk, path)
+                return True
+            if candidate in ROLE_LOCALPARTS:
+                self._expand_role(candidate, domain, walk, path)
                 return True
         return False
+
+    def _expand_alias(
+        self,
+        local: str,
+        domain: str,
+        targets: Sequence[str],
+        walk: _Expansion,
+        path: tuple[str, ...],
+    ) -> None:
+        key = f"{local}@{domain}"
+        if key in path or len(path) >= MAX_ALIAS_DEPTH:
+            walk.routing_loop = True
+            return
+        if key in walk.done:
+            return  # reached again by another branch: its targets are already in
+        walk.done.add(key)
+        for target in targets:
+            t_local, t_domain = split_address(target)
+            if not self.has_domain(t_domain):
+                walk.external.setdefault(target, None)
+            elif not self._expand(t_local, t_domain, walk, (*path, key)):
+                walk.problems.setdefault(f"{target} does not exist", None)
+
+    def _expand_role(
+        self, local: str, domain: str, walk: _Expansion, path: tuple[str, ...]
+    ) -> None:
+        admin = self.postmaster or self._first_user_address()
+        if admin is None:
+            walk.problems.setdefault(f"no user to receive {local}@ mail", None)
+            return
+        a_local, a_domain = split_address(admin)
+        if (a_local, a_domain) == (local, domain) or not self.has_domain(a_domain):
+            walk.problems.setdefault(f"the postmaster address {admin} is not a local user", None)
+        elif not self._expand(a_local, a_domain, walk, (*path, f"{local}@{domain}")):
+            walk.problems.setdefault(f"the postmaster address {admin} does not exist", None)
+
+    def _first_user_address(self) -> str | None:
+        rows = self._rows("SELECT localpart, domain FROM users ORDER BY created, rowid LIMIT 1")
+        return f"{rows[0][0]}@{rows[0][1]}" if rows else None
 
     def may_send_as(self, user: User, address: str) -> bool:
         """The user's own address (with any +tag), or an alias that lists the user."""
