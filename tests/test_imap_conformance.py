@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_imap_session import Env, in_thread, make_env
+from test_imap_session import ALICE, Env, in_thread, make_env, message
 
 
 @pytest.fixture
@@ -46,3 +46,48 @@ async def test_create_ignores_a_trailing_hierarchy_separator(env: Env) -> None:
     assert b"[ALREADYEXISTS]" in again[0]
     assert b" NO " in again[1]
     assert names == {"foo", "foo/bar"}
+
+
+# -- MOVE into the selected mailbox itself (RFC 6851) -----------------------------------------
+
+
+async def test_move_to_the_selected_mailbox_is_copy_and_expunge(env: Env) -> None:
+    for n in range(1, 4):
+        await env.deliver(ALICE, message(f"m{n}"))
+
+    def session() -> tuple[list[bytes], bytes, list[bytes], bytes, list[bytes]]:
+        wire = env.wire()
+        wire.ok("SELECT INBOX")
+        wire.ok("STORE 2 +FLAGS (\\Flagged $Keep)")
+        moved, done = wire.command("MOVE 2 INBOX")
+        uid_moved, uid_done = wire.command("UID MOVE 1 INBOX")
+        flags = wire.ok("UID FETCH 1:* (FLAGS)")
+        wire.close()
+        return moved, done, uid_moved, uid_done, flags
+
+    moved, done, uid_moved, uid_done, flags = await in_thread(session)
+    assert b" OK " in done and b" OK " in uid_done
+    # COPYUID first, in an untagged OK (RFC 6851 §4.3), then the expunge and the new EXISTS.
+    assert moved[0].startswith(b"* OK [COPYUID ") and b" 2 4]" in moved[0], moved
+    assert moved[1:] == [b"* 2 EXPUNGE\r\n", b"* 3 EXISTS\r\n"], moved
+    assert b" 1 5]" in uid_moved[0], uid_moved
+    assert uid_moved[1:] == [b"* 1 EXPUNGE\r\n", b"* 3 EXISTS\r\n"], uid_moved
+    uids = [int(m) for line in flags for m in re.findall(rb"UID (\d+)", line)]
+    assert uids == [3, 4, 5]
+    assert b"$Keep" in next(line for line in flags if b"UID 4" in line)
+
+
+async def test_move_to_itself_with_qresync_answers_vanished(env: Env) -> None:
+    await env.deliver(ALICE, message("only"))
+
+    def session() -> list[bytes]:
+        wire = env.wire()
+        wire.ok("ENABLE QRESYNC")
+        wire.ok("SELECT INBOX")
+        moved = wire.ok("UID MOVE 1 INBOX")
+        wire.close()
+        return moved
+
+    moved = await in_thread(session)
+    assert moved[0].startswith(b"* OK [COPYUID ") and b" 1 2]" in moved[0], moved
+    assert moved[1:] == [b"* VANISHED 1\r\n", b"* 1 EXISTS\r\n"], moved

@@ -599,8 +599,6 @@ class Executor:
         pairs = self._messages(command.sequence, uid=command.uid)
         uids = [u for n, u in pairs if not view.is_expunged(u)]
         target = await self._folder(command.mailbox, trycreate=True)
-        if is_move and target.id == view.folder.id:
-            raise _no("cannot move messages into the same mailbox", Code.CANNOT)
         if not uids:
             return Completion.ok(command.tag, f"{command.name} completed (no messages)")
         if is_move:

@@ -794,9 +794,8 @@ class Mailbox:
         *,
         origin: object = None,
     ) -> tuple[list[tuple[int, int]], int]:
-        """Copy then expunge from the source, atomically (RFC 6851)."""
-        if source_id == target_id:
-            raise StoreError("source and target folders are the same")
+        """Copy then expunge from the source, atomically (RFC 6851). A move within one
+        folder is what COPY and EXPUNGE would do there: the messages get new UIDs."""
         with self._tx():
             # Usage is unchanged: _copy adds the sizes that _expunge takes away again.
             pairs, uidvalidity = self._copy(source_id, uids, target_id, 0, origin)
