@@ -88,21 +88,34 @@ class Item:
         return when.astimezone(datetime.UTC)
 
 
-def _first_mailbox(addresses: list[Address]) -> str:
-    """RFC 5256 §3: the addr-mailbox of the first address, case-insensitively."""
-    for address in addresses:
-        if address.host is not None:
-            return (address.mailbox or "").lower()
-    return ""
+def casemap(text: str) -> bytes:
+    """The sort key of ``text`` under i;ascii-casemap (RFC 4790 §9.2), the collation SORT
+    compares strings with (RFC 5256 §3): the UTF-8 octets, with only ASCII letters folded,
+    to upper case — so ``_`` and ``[`` sort after the letters, not before them as they would
+    after a lower-casing."""
+    return text.encode("utf-8", "surrogatepass").upper()
 
 
-def _display(addresses: list[Address]) -> str:
+def _first_mailbox(addresses: list[Address]) -> bytes:
+    """RFC 5256 §3: the addr-mailbox of the first address (IMAP ENVELOPE's first entry: for
+    a group, the group's start, whose addr-mailbox is the group name, as Dovecot sorts)."""
+    if not addresses:
+        return b""
+    return casemap(addresses[0].mailbox or "")
+
+
+def _display(addresses: list[Address]) -> bytes:
     """RFC 5957 §3: the display name of the first address, else its addr-spec."""
     for address in addresses:
         if address.host is not None:
             name = decoded(address.name).strip()
-            return (name or address_text(address)).lower()
-    return ""
+            return casemap(name or address_text(address))
+    return b""
+
+
+def subject_key(item: Item) -> bytes:
+    """RFC 5256 §3 SUBJECT: the base subject (§2.1) under i;ascii-casemap."""
+    return casemap(base_subject(item.envelope.subject)[0])
 
 
 _SORT_KEYS: dict[str, Callable[[Item], Any]] = {
@@ -111,7 +124,7 @@ _SORT_KEYS: dict[str, Callable[[Item], Any]] = {
     "DATE": lambda i: i.date,
     "FROM": lambda i: _first_mailbox(i.envelope.from_),
     "SIZE": lambda i: i.info.size,
-    "SUBJECT": lambda i: base_subject(i.envelope.subject)[0].lower(),
+    "SUBJECT": subject_key,
     "TO": lambda i: _first_mailbox(i.envelope.to),
     "DISPLAYFROM": lambda i: _display(i.envelope.from_),
     "DISPLAYTO": lambda i: _display(i.envelope.to),
@@ -132,11 +145,9 @@ def sort_items(items: Sequence[Item], criteria: Sequence[c.SortCriterion]) -> li
 def thread_ordered_subject(items: Sequence[Item]) -> list[ThreadNode]:
     """RFC 5256 §4 ORDEREDSUBJECT: group by base subject, each group flat under its first
     message, groups ordered by the date of that first message."""
-    groups: dict[str, list[Item]] = {}
-    for item in sorted(
-        items, key=lambda i: (base_subject(i.envelope.subject)[0].lower(), i.date, i.number)
-    ):
-        groups.setdefault(base_subject(item.envelope.subject)[0].lower(), []).append(item)
+    groups: dict[bytes, list[Item]] = {}
+    for item in sorted(items, key=lambda i: (subject_key(i), i.date, i.number)):
+        groups.setdefault(subject_key(item), []).append(item)
     roots = []
     for members in groups.values():
         first, rest = members[0], members[1:]
