@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import smtplib
 import subprocess
 import sys
@@ -353,3 +354,14 @@ def test_postmaster_is_configurable(tmp_path: Path) -> None:
         assert got is not None and [u.address for u in got.users] == [ALICE]
     finally:
         app.close()
+
+
+def test_every_report_address_that_dns_publishes_is_accepted(server: DataDir) -> None:
+    """DMARC aggregate and TLS-RPT reports go to the addresses `postvern dns` publishes."""
+    records = cli(server.path, "dns", DOMAIN)
+    assert records.returncode == 0, records.stderr
+    addresses = set(re.findall(r"mailto:([^;\s\"]+)", records.stdout))
+    assert addresses, records.stdout
+    for address in sorted(addresses):
+        code, text = send_one(server, address, f"report to {address}")
+        assert code == 250, (address, code, text)
