@@ -9,8 +9,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from test_imap_session import ALICE, Env, in_thread, make_env, message
+from postvern.imap.grammar.lexer import ASTRING_CHARS
+from postvern.imap.protocol import (
+    NEED_DATA,
+    PAUSED,
+    CommandReceived,
+    ConnectionClosed,
+    ImapConnection,
+    ProtocolConfig,
+)
+from postvern.imap.serialize import Completion
+from test_imap_session import ALICE, Env, Wire, in_thread, make_env, message
 
 
 @pytest.fixture
@@ -91,3 +103,166 @@ async def test_move_to_itself_with_qresync_answers_vanished(env: Env) -> None:
     moved = await in_thread(session)
     assert moved[0].startswith(b"* OK [COPYUID ") and b" 1 2]" in moved[0], moved
     assert moved[1:] == [b"* VANISHED 1\r\n", b"* 1 EXISTS\r\n"], moved
+
+
+# -- unusual atom characters and malformed modified UTF-7 (RFC 9051 §9, RFC 3501 §5.1.3) ------
+
+# Every ATOM-CHAR that is not a letter, as the compliance suite spells them.
+ODD_ATOM = "!#$&'+,-.0123456789:;<=>?@^_`|[}"
+MAILBOX_COMMANDS = ("SELECT", "EXAMINE", "CREATE", "DELETE", "STATUS", "APPEND", "LIST", "LSUB")
+
+
+def mailbox_line(command: str, argument: bytes) -> bytes:
+    """One command whose mailbox (or LIST/LSUB pattern) argument is ``argument``."""
+    if command in ("LIST", "LSUB"):
+        return command.encode() + b' "" ' + argument
+    if command == "STATUS":
+        return b"STATUS " + argument + b" (MESSAGES)"
+    if command == "APPEND":
+        return b"APPEND " + argument + b" {3+}\r\nabc"
+    return command.encode() + b" " + argument
+
+
+async def test_unusual_atom_characters_and_bad_utf7_get_no(env: Env) -> None:
+    def session() -> dict[bytes, bytes]:
+        wire = env.wire()
+        lines = [
+            b'LIST "" ' + ODD_ATOM.encode() + b"%*",
+            b"SELECT " + ODD_ATOM.encode(),
+            b"EXAMINE &Jjo!",
+            b"CREATE &Jjo!",
+            b"CREATE &AGE-",  # printable US-ASCII in base64: not canonical
+            b'RENAME INBOX "x&"',
+            b"STATUS &- (MESSAGES)",  # "&-" is "&", a valid name that does not exist
+            b"CREATE " + ODD_ATOM.replace("&", "&-").encode(),
+            b'LIST "" ' + ODD_ATOM.replace("&", "&-").encode() + b"%*",
+            b"NOOP",
+        ]
+        answers = {}
+        for line in lines:
+            untagged, done = wire.command(line)
+            answers[line] = b"".join(untagged) + done
+        wire.close()
+        return answers
+
+    answers = await in_thread(session)
+    lines = list(answers)
+    assert answers[lines[0]].startswith(b"W2 NO mailbox pattern is not valid modified UTF-7")
+    assert answers[lines[1]].startswith(b"W3 NO [NONEXISTENT] no such mailbox: its name is not")
+    assert answers[lines[2]].startswith(b"W4 NO [NONEXISTENT]")
+    assert answers[lines[3]].startswith(b"W5 NO [CANNOT] invalid mailbox name: not valid modif")
+    assert answers[lines[4]].startswith(b"W6 NO [CANNOT]")
+    assert answers[lines[5]].startswith(b"W7 NO [CANNOT]")
+    assert answers[lines[6]].startswith(b"W8 NO [NONEXISTENT] no such mailbox\r\n")
+    assert answers[lines[7]].startswith(b"W9 OK")
+    odd = ODD_ATOM.replace("&", "&-").encode()
+    assert answers[lines[8]].startswith(b"* LIST (\\HasNoChildren) ")
+    assert odd in answers[lines[8]] and answers[lines[8]].endswith(b"W10 OK LIST completed\r\n")
+    assert answers[lines[9]] == b"W11 OK NOOP completed\r\n"
+
+
+# Names as a client may spell them: printable US-ASCII, mUTF-7 shifts good and bad, and the
+# hierarchy delimiter.
+_NAME_PIECES = st.sampled_from(
+    [chr(i) for i in range(0x20, 0x7F)] + ["&-", "&AGE-", "&Jjo-", "&ZeVnLIqe-", "&", "/"]
+)
+_NAMES = st.lists(_NAME_PIECES, max_size=12).map("".join)
+
+
+def _spelled(name: str, form: str) -> bytes | None:
+    """The name as an atom (None if it cannot be one), a quoted string or a literal."""
+    raw = name.encode()
+    if form == "atom":
+        return raw if raw and all(b in ASTRING_CHARS for b in raw) else None
+    if form == "quoted":
+        return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"{%d+}\r\n" % len(raw) + raw
+
+
+async def test_no_mailbox_name_ends_the_session(env: Env) -> None:
+    """Whatever the name, a mailbox command is answered and the session lives on; a name
+    that is valid syntax is never answered BAD."""
+
+    def session() -> list[tuple[bytes, bytes]]:
+        wires: dict[bool, Wire] = {}
+        problems: list[tuple[bytes, bytes]] = []
+
+        def wire(rev2: bool) -> Wire:
+            if rev2 not in wires:
+                wires[rev2] = env.wire()
+                if rev2:
+                    wires[rev2].ok("ENABLE IMAP4rev2")
+            return wires[rev2]
+
+        @settings(
+            max_examples=400,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(
+            st.sampled_from(MAILBOX_COMMANDS),
+            _NAMES,
+            st.sampled_from(["atom", "quoted", "literal"]),
+            st.booleans(),
+        )
+        def one(command: str, name: str, form: str, rev2: bool) -> None:
+            argument = _spelled(name, form)
+            if argument is None:
+                return
+            line = mailbox_line(command, argument)
+            client = wire(rev2)
+            try:
+                untagged, done = client.command(line)
+            except ConnectionError:
+                problems.append((line, b"connection ended"))
+                del wires[rev2]
+                return
+            if b" BAD " in done or b"SERVERBUG" in done or any(b"BYE" in u for u in untagged):
+                problems.append((line, done))
+
+        one()
+        for client in wires.values():
+            client.close()
+        return problems
+
+    assert await in_thread(session) == []
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.sampled_from([*MAILBOX_COMMANDS, "RENAME INBOX", "SUBSCRIBE", "COPY 1", "MOVE 1"]),
+    st.binary(max_size=24) | _NAMES.map(str.encode),
+    st.booleans(),
+    st.booleans(),
+)
+def test_mailbox_arguments_never_break_the_core(
+    command: str, argument: bytes, rev2: bool, selected: bool
+) -> None:
+    """The sans-I/O core with any bytes as a mailbox argument: every command is passed on
+    or answered with one tagged BAD or NO, and the connection stays open."""
+    conn = ImapConnection(ProtocolConfig(), tls_active=True)
+    conn.greeting()
+    exchanges = [b"L LOGIN user pass", *([b"E ENABLE IMAP4rev2"] if rev2 else [])]
+    exchanges += [b"S SELECT INBOX"] if selected else []
+    for line in exchanges:
+        conn.receive_data(line + b"\r\n")
+        event = conn.next_event()
+        if isinstance(event, CommandReceived):
+            conn.send(Completion.ok(event.command.tag, "done"))
+    conn.data_to_send()
+    words = command.split(" ")
+    line = b"T " + mailbox_line(words[0], argument.replace(b"\r", b"").replace(b"\n", b""))
+    if len(words) > 1:
+        line = b"T " + command.encode() + b" " + argument.replace(b"\r", b"").replace(b"\n", b"")
+    conn.receive_data(line + b"\r\n")
+    events = []
+    while (event := conn.next_event()) not in (NEED_DATA, PAUSED):
+        events.append(event)
+    assert not any(isinstance(e, ConnectionClosed) for e in events)
+    passed = [e for e in events if isinstance(e, CommandReceived)]
+    answer = conn.data_to_send()
+    if passed:
+        assert answer in (b"", b"+ Ready for literal data\r\n") or answer.startswith(b"+ ")
+    else:
+        assert re.fullmatch(rb"(\+ [^\r]*\r\n)?T (BAD|NO) [^\r\n]+\r\n", answer), answer

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from postvern.imap.grammar import commands as c
 from postvern.imap.grammar.lexer import CommandError, Literal, RawCommand
-from postvern.imap.grammar.parse import GrammarContext, decode_mailbox, parse_command, split_head
+from postvern.imap.grammar.parse import (
+    GrammarContext,
+    UndecodableName,
+    decode_mailbox,
+    parse_command,
+    split_head,
+)
 from postvern.imap.parser import (
     LITERAL_MINUS_MAX,
     NEED_DATA,
@@ -439,14 +445,18 @@ def test_inbox_is_case_insensitive() -> None:
 
 def test_mailbox_name_encodings() -> None:
     assert parse(b"a SELECT Entw&APw-rfe") == c.Select(tag="a", mailbox="Entwürfe")
-    assert "modified UTF-7" in refused(b"a SELECT &AGE-").text
+    # Valid syntax, malformed spelling: the command goes on and the executor says NO.
+    undecodable = parse(b"a SELECT &AGE-").mailbox  # type: ignore[attr-defined]
+    assert isinstance(undecodable, UndecodableName)
+    assert "modified UTF-7" in undecodable.reason
+    assert refused(b'a LIST "" &AGE-*').status == "NO"
     assert "8-bit" in refused(b'a SELECT "Entw\xc3\xbcrfe"').text
     assert "8-bit" in refused(b"a SELECT Entw\xc3\xbcrfe").text
     # IMAP4rev2 / UTF8=ACCEPT: the name is UTF-8 and "&" means itself.
     assert parse(b'a SELECT "Entw\xc3\xbcrfe"', UTF8) == c.Select(tag="a", mailbox="Entwürfe")
     assert parse(b"a SELECT Entw&APw-rfe", UTF8) == c.Select(tag="a", mailbox="Entw&APw-rfe")
     refused(b'a SELECT "\xff"', UTF8)
-    refused(b"a SELECT {3}\r\na\x01b")
+    assert isinstance(parse(b"a SELECT {3}\r\na\x01b").mailbox, UndecodableName)  # type: ignore[attr-defined]
 
 
 def test_list_forms() -> None:

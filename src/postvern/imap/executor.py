@@ -20,6 +20,7 @@ from postvern.imap import folders as names
 from postvern.imap import search as s
 from postvern.imap.fetch import BatchResult, FetchPlan, Rendered, render_batch
 from postvern.imap.grammar import commands as c
+from postvern.imap.grammar.parse import UndecodableName
 from postvern.imap.protocol import ImapConnection
 from postvern.imap.searchexec import Universe, evaluate
 from postvern.imap.selected import PERMANENT_FLAGS, SelectedView
@@ -181,6 +182,8 @@ class Executor:
     # -- folders ----------------------------------------------------------------------------
 
     async def _folder(self, name: str, *, trycreate: bool = False) -> Folder:
+        if isinstance(name, UndecodableName):
+            raise _no(f"no such mailbox: its name is {name.reason}", Code.NONEXISTENT)
         try:
             return await self.run(self.box.folder, name)
         except NoSuchFolder:
@@ -275,6 +278,7 @@ class Executor:
             # RFC 9051 §6.3.4: a trailing hierarchy separator only declares that names will
             # be created under this one; a server that needs no such declaration ignores it.
             name = name[: -len(DELIMITER)]
+        _check_new_name(name)
         if names.reserved_name(name):
             raise _no("reserved mailbox name (#, ~, . or ..)", Code.CANNOT)
         uses = command.special_use
@@ -306,6 +310,7 @@ class Executor:
 
     async def rename(self, command: c.Rename) -> Completion:
         await self._folder(command.mailbox)
+        _check_new_name(command.new_name)
         if names.reserved_name(command.new_name):
             raise _no("reserved mailbox name (#, ~, . or ..)", Code.CANNOT)
         try:
@@ -747,6 +752,12 @@ def _resync_state(box: Mailbox, folder_id: int, modseq: int) -> tuple[list[int],
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _check_new_name(name: str) -> None:
+    """CREATE and RENAME refuse a name that is valid syntax but no mailbox name."""
+    if isinstance(name, UndecodableName):
+        raise _no(f"invalid mailbox name: {name.reason}", Code.CANNOT)
 
 
 def _forbids_expunge(command: c.Command) -> bool:

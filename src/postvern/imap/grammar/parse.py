@@ -147,8 +147,28 @@ def normalise_inbox(name: str) -> str:
     return name
 
 
+class UndecodableName(str):
+    """A mailbox name that is valid syntax (an astring) but names no mailbox: malformed
+    modified UTF-7 (RFC 3501 §5.1.3: "&" not followed by canonical base64 and "-") or a
+    control character. The command goes on, and the executor answers NO with ``reason``,
+    as for any mailbox that does not exist; a BAD would blame the client's syntax, and
+    enough of them end the connection."""
+
+    reason: str = ""
+
+    @classmethod
+    def because(cls, text: str, reason: str) -> UndecodableName:
+        name = cls(text)
+        name.reason = reason
+        return name
+
+
 def decode_mailbox(raw: bytes, utf8: bool, *, inbox: bool = True) -> str:
-    """A mailbox name or pattern from the wire: UTF-8 (rev2, UTF8=ACCEPT) or modified UTF-7."""
+    """A mailbox name or pattern from the wire: UTF-8 (rev2, UTF8=ACCEPT) or modified UTF-7.
+
+    Text that is not a name at all (8-bit in a rev1 name, invalid UTF-8) is a syntax error;
+    a name whose spelling is malformed comes back as an :class:`UndecodableName`.
+    """
     if utf8:
         try:
             text = raw.decode("utf-8")
@@ -157,13 +177,23 @@ def decode_mailbox(raw: bytes, utf8: bool, *, inbox: bool = True) -> str:
     else:
         if not raw.isascii():
             raise CommandError("8-bit mailbox name: use modified UTF-7 (RFC 3501 §5.1.3)")
+        text = raw.decode("ascii")
         try:
-            text = utf7.decode(raw.decode("ascii"))
+            text = utf7.decode(text)
         except utf7.MUTF7Error as e:
-            raise CommandError(f"mailbox name is not valid modified UTF-7: {e}") from None
+            return UndecodableName.because(text, f"not valid modified UTF-7: {e}")
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
-        raise CommandError("control character in mailbox name")
+        return UndecodableName.because(text, "control character in mailbox name")
     return normalise_inbox(text) if inbox else text
+
+
+def decode_pattern(raw: bytes, utf8: bool, *, inbox: bool = True) -> str:
+    """A LIST/LSUB reference or pattern: as :func:`decode_mailbox`, but one that can match
+    no name in its own spelling is refused with NO (a pattern has no "no such mailbox")."""
+    text = decode_mailbox(raw, utf8, inbox=inbox)
+    if isinstance(text, UndecodableName):
+        raise CommandError(f"mailbox pattern is {text.reason}", status="NO")
+    return text
 
 
 def _utf8(raw: bytes, what: str) -> str:
@@ -333,13 +363,13 @@ def _rename(args: _Args) -> c.Command:
 
 
 def _pattern(args: _Args) -> str:
-    return decode_mailbox(args.reader.list_mailbox(), args.context.utf8_names)
+    return decode_pattern(args.reader.list_mailbox(), args.context.utf8_names)
 
 
 def _reference(args: _Args) -> str:
     args.reader.sp()
     raw = args.reader.astring("a reference name")
-    return decode_mailbox(raw, args.context.utf8_names, inbox=False)
+    return decode_pattern(raw, args.context.utf8_names, inbox=False)
 
 
 def _list(args: _Args) -> c.Command:
