@@ -33,7 +33,7 @@ from postvern.filters import FilterSettings, ScanContext, trial
 from postvern.mta import QUEUE_FILE, EntryNotFound, QueueError, QueueStore
 from postvern.mta import admin as mta_admin
 from postvern.ops import dnsrecords
-from postvern.web import mtasts
+from postvern.web import clientservers, mtasts
 
 DEFAULT_DATA = "postvern-data"
 DEMO_DATA = "demo-data"
@@ -215,9 +215,9 @@ def cmd_dns(app: App, args: argparse.Namespace) -> int:
     keys = app.directory.dkim_keys(args.domain)
     s = app.settings
     policy = mtasts.policy_text([s.hostname], s.mta.sts_mode)
-    print(
-        dnsrecords.records(args.domain.lower(), s.hostname, keys, mtasts.policy_id(policy)), end=""
-    )
+    servers = clientservers.client_servers(s)
+    domain = args.domain.lower()
+    print(dnsrecords.records(domain, s.hostname, keys, mtasts.policy_id(policy), servers), end="")
     return 0
 
 

@@ -1,14 +1,18 @@
 """Every DNS record a mail domain needs, ready to paste into a zone file.
 
 MX, SPF, both DKIM selectors per key (RFC 8463 dual signing), DMARC, MTA-STS (RFC 8461) and
-TLS-RPT (RFC 8460), SRV records for client autodiscovery (RFC 6186, RFC 8314) and the
-autoconfig host. Long TXT values are split into 255-octet strings (RFC 7208 §3.3).
+TLS-RPT (RFC 8460), SRV records for client autodiscovery (RFC 6186, RFC 8314) from the same
+table as the autoconfig, Autodiscover and Apple profile documents, and their hosts. Long
+TXT values are split into 255-octet strings (RFC 7208 §3.3).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from postvern.directory.db import DKIMKey
 from postvern.emailauth import dkim
+from postvern.web.clientservers import OFFERS, ClientServer
 
 TXT_CHUNK = 255
 
@@ -18,7 +22,13 @@ def _txt(value: str) -> str:
     return " ".join(f'"{c}"' for c in chunks)
 
 
-def records(domain: str, hostname: str, keys: list[DKIMKey], sts_policy_id: str) -> str:
+def records(
+    domain: str,
+    hostname: str,
+    keys: list[DKIMKey],
+    sts_policy_id: str,
+    servers: Sequence[ClientServer],
+) -> str:
     d, h = f"{domain}.", f"{hostname}."
     lines = [
         f"; DNS records for {domain} (mail server {hostname})",
@@ -37,12 +47,14 @@ def records(domain: str, hostname: str, keys: list[DKIMKey], sts_policy_id: str)
         f'_mta-sts.{d}\tIN TXT "v=STSv1; id={sts_policy_id}"',
         f"mta-sts.{d}\tIN CNAME {h}",
         f'_smtp._tls.{d}\tIN TXT "v=TLSRPTv1; rua=mailto:postmaster@{domain}"',
-        f"_submissions._tcp.{d}\tIN SRV 0 1 465 {h}",
-        f"_submission._tcp.{d}\tIN SRV 0 1 587 {h}",
-        f"_imaps._tcp.{d}\tIN SRV 0 1 993 {h}",
-        f"_imap._tcp.{d}\tIN SRV 0 1 143 {h}",
-        f"_pop3s._tcp.{d}\tIN SRV 0 1 995 {h}",
+    ]
+    lines += [f"{s.srv_name}.{d}\tIN SRV 0 1 {s.port} {s.host}." for s in servers]
+    offered = {s.listener for s in servers}
+    # RFC 2782: a target of "." means the service is decidedly not available at this domain.
+    lines += [f"_{name}._tcp.{d}\tIN SRV 0 0 0 ." for name, _, _ in OFFERS if name not in offered]
+    lines += [
         f"autoconfig.{d}\tIN CNAME {h}",
+        f"autodiscover.{d}\tIN CNAME {h}",
         f"; and for {hostname}: A/AAAA records, and a PTR record for each of its addresses"
         f" naming {hostname}",
     ]

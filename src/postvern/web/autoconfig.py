@@ -9,21 +9,14 @@ from __future__ import annotations
 
 from xml.sax.saxutils import escape
 
-from postvern.config import Settings, parse_hostport
+from postvern.config import Settings
+from postvern.web.clientservers import Security, client_servers
 
-# (listener, protocol element, type attribute, socketType) in order of preference.
-_SERVERS = (
-    ("imaps", "incomingServer", "imap", "SSL"),
-    ("imap", "incomingServer", "imap", "STARTTLS"),
-    ("pop3s", "incomingServer", "pop3", "SSL"),
-    ("pop3", "incomingServer", "pop3", "STARTTLS"),
-    ("submissions", "outgoingServer", "smtp", "SSL"),
-    ("submission", "outgoingServer", "smtp", "STARTTLS"),
-)
+# The format's socketType for each way a listener starts TLS.
+SOCKET_TYPES = {Security.IMPLICIT_TLS: "SSL", Security.STARTTLS: "STARTTLS"}
 
 
 def config_xml(settings: Settings, domain: str) -> str:
-    host = escape(settings.hostname)
     lines = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         '<clientConfig version="1.1">',
@@ -31,16 +24,13 @@ def config_xml(settings: Settings, domain: str) -> str:
         f"    <domain>{escape(domain)}</domain>",
         f"    <displayName>{escape(domain)} mail</displayName>",
     ]
-    for listener, element, kind, socket_type in _SERVERS:
-        address = getattr(settings.listen, listener)
-        if address is None:
-            continue
-        _, port = parse_hostport(address)
+    for server in client_servers(settings):
+        element = "incomingServer" if server.incoming else "outgoingServer"
         lines += [
-            f'    <{element} type="{kind}">',
-            f"      <hostname>{host}</hostname>",
-            f"      <port>{port}</port>",
-            f"      <socketType>{socket_type}</socketType>",
+            f'    <{element} type="{server.protocol.value}">',
+            f"      <hostname>{escape(server.host)}</hostname>",
+            f"      <port>{server.port}</port>",
+            f"      <socketType>{SOCKET_TYPES[server.security]}</socketType>",
             "      <authentication>password-cleartext</authentication>",
             "      <username>%EMAILADDRESS%</username>",
             f"    </{element}>",
