@@ -1,20 +1,26 @@
-"""The HTTPS listener: MTA-STS policies for our domains, client autoconfiguration, health.
+"""The HTTPS listener: MTA-STS policies for our domains, client configuration, health.
 
 Which domain a request is about comes from the Host header (``mta-sts.<domain>``,
-``autoconfig.<domain>``); a domain we do not serve gets 404, so the listener reveals nothing
-about other names. Every response carries the usual hardening headers.
+``autoconfig.<domain>``) or from the address the client names (autoconfig's query,
+Autodiscover's request body, the Apple profile's query); a domain we do not serve gets 404
+(an Error document for Autodiscover), so the listener reveals nothing about other names.
+Every response carries the usual hardening headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from postvern.config import Settings
-from postvern.web import autoconfig, mtasts
+from postvern.directory.addresses import AddressError, normalise_address
+from postvern.web import autoconfig, autodiscover, mobileconfig, mtasts
+from postvern.web.clientservers import client_servers
 
 SECURITY_HEADERS = {
     "Strict-Transport-Security": "max-age=31536000",
@@ -23,7 +29,8 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'",
     "Cache-Control": "no-store",
 }
-# Requests we serve are tiny GETs; anything large is refused before it is read.
+# Requests we serve are tiny GETs and Autodiscover's small POST; anything large is refused
+# before it is read.
 MAX_REQUEST_BYTES = 16 * 1024
 
 DomainCheck = Callable[[str], Awaitable[bool]]
@@ -60,6 +67,44 @@ class WebApp:
         xml = autoconfig.config_xml(self.settings, domain)
         return web.Response(text=xml, content_type="application/xml")
 
+    async def autodiscover(self, request: web.Request) -> web.Response:
+        body = await _read_body(request, autodiscover.MAX_REQUEST_BYTES)
+        try:
+            address = autodiscover.parse_request(body)
+        except autodiscover.RequestError as e:
+            # A request we cannot read is the client's fault (400); a schema we do not offer
+            # is an answer, as Exchange gives it (200).
+            invalid = e.code is autodiscover.ErrorCode.INVALID_REQUEST
+            return _autodiscover_response(autodiscover.error_xml(e.code), 400 if invalid else 200)
+        if not await self.is_our_domain(address.rpartition("@")[2]):
+            error = autodiscover.error_xml(autodiscover.ErrorCode.ADDRESS_NOT_FOUND)
+            return _autodiscover_response(error, 200)
+        xml = autodiscover.settings_xml(client_servers(self.settings), address)
+        return _autodiscover_response(xml, 200)
+
+    async def apple_profile(self, request: web.Request) -> web.Response:
+        try:
+            address = normalise_address(request.query.get(mobileconfig.QUERY_PARAMETER, ""))
+        except AddressError:
+            raise web.HTTPBadRequest(text="expected ?email=user@domain") from None
+        if not await self.is_our_domain(address.rpartition("@")[2]):
+            raise web.HTTPNotFound()
+        s = self.settings
+        profile = mobileconfig.profile_plist(client_servers(s), address, s.hostname)
+        if profile is None:  # no incoming or no outgoing listener configured
+            raise web.HTTPNotFound()
+        # Read the certificate each time, so a renewed one signs without a restart; reading
+        # and signing are file and CPU work, kept off the event loop.
+        body = await asyncio.to_thread(
+            _sign_profile, profile, s.path(s.tls.cert), s.path(s.tls.key)
+        )
+        filename = address.rpartition("@")[2] + ".mobileconfig"
+        return web.Response(
+            body=body,
+            content_type=mobileconfig.CONTENT_TYPE,
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n", content_type="text/plain")
 
@@ -75,9 +120,36 @@ class WebApp:
         app.router.add_get(mtasts.POLICY_PATH, self.mta_sts)
         app.router.add_get("/mail/config-v1.1.xml", self.autoconfig)
         app.router.add_get("/.well-known/autoconfig/mail/config-v1.1.xml", self.autoconfig)
+        for path in autodiscover.PATHS:
+            app.router.add_post(path, self.autodiscover)
+        app.router.add_get(mobileconfig.PATH, self.apple_profile)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/metrics", self.prometheus)
         return app
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 (RFC 9110 §15.5.14) once it would pass ``limit``:
+    at once when Content-Length says so, else as soon as a chunked body has."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+    body = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    return bytes(body)
+
+
+def _autodiscover_response(xml: bytes, status: int) -> web.Response:
+    return web.Response(
+        body=xml, status=status, content_type=autodiscover.CONTENT_TYPE, charset="utf-8"
+    )
+
+
+def _sign_profile(profile: bytes, cert: Path, key: Path) -> bytes:
+    return mobileconfig.sign(profile, cert.read_bytes(), key.read_bytes())
 
 
 def _is_loopback(remote: str | None) -> bool:
