@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from test_imap_session import ALICE, Env, in_thread, make_env, message
+from test_imap_session import ALICE, Env, Wire, in_thread, make_env, message
 
 
 @pytest.fixture
@@ -133,3 +134,184 @@ async def test_sort_cc_uses_the_first_cc_mailbox(env: Env) -> None:
     forward, reverse = await in_thread(session)
     assert forward == b"* SORT 2 6 3 5 1 7 4 8\r\n"
     assert reverse == b"* SORT 8 4 1 7 5 3 6 2\r\n"
+
+
+# -- 3. LIST-EXTENDED (RFC 5258) and LSUB (RFC 3501 §6.3.9) ----------------------------------
+
+DEFAULT_FOLDERS = {"INBOX", "Drafts", "Sent", "Archive", "Junk", "Trash"}
+_LIST_LINE = re.compile(rb'\* (LIST|LSUB) \(([^)]*)\) "/" "?([^"\r]*?)"?( \(.*\))?\r\n')
+_CHILDREN = {"\\HasChildren", "\\HasNoChildren"}
+
+Listed = tuple[str, frozenset[str], str]
+
+
+def listed(lines: list[bytes], *, children: bool = False) -> list[Listed]:
+    """(name, attributes, extended data) of each LIST/LSUB line, the default folders left
+    out; \\HasChildren/\\HasNoChildren left out unless the example asked for CHILDREN."""
+    out = []
+    for line in lines:
+        m = _LIST_LINE.fullmatch(line)
+        assert m is not None, line
+        name = m.group(3).decode()
+        if name in DEFAULT_FOLDERS:
+            continue
+        attributes = frozenset(m.group(2).decode().split())
+        if not children:
+            attributes -= _CHILDREN
+        out.append((name, attributes, (m.group(4) or b"").decode().strip()))
+    return out
+
+
+def row(name: str, *attributes: str, extra: str = "") -> Listed:
+    return (name, frozenset(attributes), extra)
+
+
+CHILDINFO = '("CHILDINFO" ("SUBSCRIBED"))'
+FRUIT = ["Fruit", "Fruit/Apple", "Fruit/Banana"]
+FOO2 = ["foo2", "foo2/bar1", "foo2/bar2"]
+
+
+def setup_folders(wire: Wire, names: list[str], subscribed: list[str], gone: list[str]) -> None:
+    """Create ``names`` and ``gone``, subscribe exactly ``subscribed``, then delete ``gone``
+    (deepest first): their subscriptions outlive them."""
+    for name in names + gone:
+        wire.ok(f'CREATE "{name}"')
+    for name in names + gone:
+        wire.ok(f'{"SUBSCRIBE" if name in subscribed else "UNSUBSCRIBE"} "{name}"')
+    for name in sorted(gone, key=len, reverse=True):
+        wire.ok(f'DELETE "{name}"')
+
+
+async def test_rfc5258_section5_examples(env: Env) -> None:
+    def session() -> dict[str, list[bytes]]:
+        wire = env.wire()
+        out: dict[str, list[bytes]] = {}
+        setup_folders(
+            wire,
+            [*FRUIT, "Tofu", "Vegetable", "Vegetable/Broccoli", "Vegetable/Corn"],
+            ["Fruit/Banana", "Fruit/Peach", "Vegetable", "Vegetable/Broccoli"],
+            ["Fruit/Peach"],
+        )
+        out["2"] = wire.ok('LIST (SUBSCRIBED) "" "*"')
+        out["3"] = wire.ok('LIST () "" "%" RETURN (CHILDREN)')
+        out["6"] = wire.ok('LIST "" "*" RETURN (SUBSCRIBED)')
+        out["7"] = wire.ok('LIST "" ("INBOX" "Vegetable" "Fruit/%")')
+        out["both"] = wire.ok('LIST "" "*" RETURN (CHILDREN SUBSCRIBED)')
+        for name in ("Fruit/Banana", "Vegetable", "Vegetable/Broccoli"):
+            wire.ok(f'UNSUBSCRIBE "{name}"')
+        out["unsubscribe_gone"] = wire.ok('UNSUBSCRIBE "Fruit/Peach"')
+        out["after"] = wire.ok('LIST (SUBSCRIBED) "" "*"')
+        # Example 8: a hierarchy of its own.
+        setup_folders(wire, ["Foo", "Foo/Bar", "Foo/Baz", "Moo"], ["Foo/Baz"], [])
+        out["8a"] = wire.ok('LIST "" "*"')
+        out["8b"] = wire.ok('LIST "" "%" RETURN (CHILDREN)')
+        out["8c"] = wire.ok('LIST (SUBSCRIBED) "" "*"')
+        out["8d"] = wire.ok('LIST (SUBSCRIBED) "" "%"')
+        out["8e"] = wire.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"')
+        wire.ok('SUBSCRIBE "Foo"')
+        out["8f"] = wire.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"')
+        wire.ok('UNSUBSCRIBE "Foo"')
+        wire.ok('UNSUBSCRIBE "Foo/Baz"')
+        setup_folders(wire, [], ["Xyzzy/Plugh"], ["Xyzzy", "Xyzzy/Plugh"])
+        out["8g"] = wire.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"')
+        wire.ok('UNSUBSCRIBE "Xyzzy/Plugh"')
+        out["8h"] = wire.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"')
+        wire.ok('SUBSCRIBE "Foo"')
+        wire.ok('SUBSCRIBE "Moo"')
+        out["8i"] = wire.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "%" RETURN (CHILDREN)')
+        wire.close()
+        return out
+
+    out = await in_thread(session)
+    assert listed(out["2"]) == [
+        row("Fruit/Banana", "\\Subscribed"),
+        row("Fruit/Peach", "\\Subscribed", "\\NonExistent"),
+        row("Vegetable", "\\Subscribed"),
+        row("Vegetable/Broccoli", "\\Subscribed"),
+    ]
+    assert listed(out["3"], children=True) == [
+        row("Fruit", "\\HasChildren"),
+        row("Tofu", "\\HasNoChildren"),
+        row("Vegetable", "\\HasChildren"),
+    ]
+    assert listed(out["6"]) == [
+        row("Fruit"),
+        row("Fruit/Apple"),
+        row("Fruit/Banana", "\\Subscribed"),
+        row("Tofu"),
+        row("Vegetable", "\\Subscribed"),
+        row("Vegetable/Broccoli", "\\Subscribed"),
+        row("Vegetable/Corn"),
+    ]
+    assert listed(out["7"]) == [row("Fruit/Apple"), row("Fruit/Banana"), row("Vegetable")]
+    # RETURN (CHILDREN SUBSCRIBED): both kinds of attribute on every line.
+    both = listed(out["both"], children=True)
+    assert len(both) == 7 and all(len(attrs & _CHILDREN) == 1 for _, attrs, _ in both)
+    assert {name for name, attrs, _ in both if "\\Subscribed" in attrs} == {
+        "Fruit/Banana",
+        "Vegetable",
+        "Vegetable/Broccoli",
+    }
+    assert listed(out["after"]) == []  # the vanished name could be unsubscribed
+    assert listed(out["8a"]) == [row("Foo"), row("Foo/Bar"), row("Foo/Baz"), row("Fruit")] + [
+        row(name) for name in ("Fruit/Apple", "Fruit/Banana", "Moo", "Tofu", "Vegetable")
+    ] + [row("Vegetable/Broccoli"), row("Vegetable/Corn")]
+    assert listed(out["8b"], children=True)[:2] == [
+        row("Foo", "\\HasChildren"),
+        row("Fruit", "\\HasChildren"),
+    ]
+    assert row("Moo", "\\HasNoChildren") in listed(out["8b"], children=True)
+    assert listed(out["8c"]) == [row("Foo/Baz", "\\Subscribed")]
+    assert listed(out["8d"]) == []
+    assert listed(out["8e"]) == [row("Foo", extra=CHILDINFO)]
+    assert listed(out["8f"]) == [row("Foo", "\\Subscribed", extra=CHILDINFO)]
+    assert listed(out["8g"]) == [row("Xyzzy", "\\NonExistent", extra=CHILDINFO)]
+    assert listed(out["8h"]) == []
+    assert listed(out["8i"], children=True) == [
+        row("Foo", "\\Subscribed", "\\HasChildren"),
+        row("Moo", "\\Subscribed", "\\HasNoChildren"),
+    ]
+
+
+async def test_rfc5258_example9_recursivematch_with_a_pattern(env: Env) -> None:
+    def session() -> list[bytes]:
+        wire = env.wire()
+        subscribed = ["foo2/bar1", "foo2/bar2", "baz2/bar2", "baz2/bar22", "baz2/bar222"]
+        subscribed += ["eps2", "eps2/mamba", "qux2/bar2"]
+        setup_folders(
+            wire,
+            [*FOO2, "baz2", "baz2/bar2", "baz2/bar22", "baz2/bar222", "eps2", "eps2/mamba"],
+            subscribed,
+            ["qux2", "qux2/bar2"],
+        )
+        lines = wire.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "*2"')
+        wire.close()
+        return lines
+
+    # foo2 is returned for foo2/bar1, which "*2" does not reach; baz2 is not: each of its
+    # subscribed children is returned on its own line (RFC 5258 §3.5's SHOULD NOT).
+    assert listed(await in_thread(session)) == [
+        row("baz2/bar2", "\\Subscribed"),
+        row("baz2/bar22", "\\Subscribed"),
+        row("baz2/bar222", "\\Subscribed"),
+        row("eps2", "\\Subscribed", extra=CHILDINFO),
+        row("foo2", extra=CHILDINFO),
+        row("foo2/bar2", "\\Subscribed"),
+        row("qux2/bar2", "\\Subscribed", "\\NonExistent"),
+    ]
+
+
+async def test_lsub_percent_returns_an_unsubscribed_parent_as_noselect(env: Env) -> None:
+    def session() -> dict[str, list[bytes]]:
+        wire = env.wire()
+        setup_folders(
+            wire, ["foo", "foo/bar", "news"], ["foo/bar", "gone/away"], ["gone", "gone/away"]
+        )
+        out = {"percent": wire.ok('LSUB "" "%"'), "star": wire.ok('LSUB "" "*"')}
+        wire.close()
+        return out
+
+    out = await in_thread(session)
+    # RFC 3501 §6.3.9: foo is not subscribed but foo/bar is, and "%" stops at foo.
+    assert listed(out["percent"]) == [row("foo", "\\Noselect"), row("gone", "\\Noselect")]
+    assert listed(out["star"]) == [row("foo/bar"), row("gone/away", "\\Noselect")]

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from postvern import mime
 from postvern.crypto import keyslots, seal
 from postvern.encdb import WrongKey, open_encrypted
-from postvern.mime.model import body_from_json, envelope_from_json
+from postvern.mime.model import body_from_json, body_to_json, envelope_from_json, envelope_to_json
 from postvern.store.mailbox import (
     BadFlag,
     BadFolderName,
@@ -220,21 +221,41 @@ def test_search_text_matches_substrings(box: Mailbox) -> None:
     assert box.search_text(inbox.id, "body", "kl") is None
 
 
+def schema1_mailbox(path: Path, key: bytes, raws: list[bytes]) -> None:
+    """A mailbox file as schema 1 left it (the word index), written with plain SQL."""
+    conn = open_encrypted(path, key, MIGRATIONS[:1], create=True)
+    with conn:
+        conn.execute(
+            "INSERT INTO folders(id, name, uidvalidity, uidnext, created)"
+            " VALUES(1, 'INBOX', 1, ?, 0)",
+            (len(raws) + 1,),
+        )
+        for uid, raw in enumerate(raws, 1):
+            envelope, body = mime.describe(raw)
+            conn.execute(
+                "INSERT INTO bodies VALUES(?, ?, ?, ?, 1)",
+                (uid, len(raw), envelope_to_json(envelope), body_to_json(body)),
+            )
+            conn.execute("INSERT INTO raws VALUES(?, ?)", (uid, raw))
+            conn.execute(
+                "INSERT INTO messages(folder_id, uid, body_id, modseq, internaldate, size,"
+                " crlf_size) VALUES(1, ?, ?, 1, 0, ?, ?)",
+                (uid, uid, len(raw), len(raw)),
+            )
+            conn.execute(
+                "INSERT INTO fts(rowid, headers, body) VALUES(?, ?, ?)",
+                (uid, mime.headers_text(raw), mime.body_text(raw, body)),
+            )
+    conn.close()
+
+
 def test_migration_rebuilds_the_index_as_substrings(tmp_path: Path) -> None:
     """A mailbox made with the word index (schema 1) finds substrings once reopened."""
-    private, _ = seal.generate_keypair()
     key = keyslots.new_mailbox_key()
     path = tmp_path / "old.sqlite"
-    old = Mailbox(open_encrypted(path, key, MIGRATIONS[:1], create=True), path)
-    with old._tx():
-        old._set_meta("spool_private", private)
-        old._insert_folder("INBOX", None)
-    inbox = old.folder("INBOX")
-    old.append(inbox.id, msg("Keys", "asdfghjkl"))
-    old.append(inbox.id, msg("Café", "crème brûlée"))
-    assert old.search_text(inbox.id, "body", "sdfghjk") == set()  # words only, before
-    old.close()
+    schema1_mailbox(path, key, [msg("Keys", "asdfghjkl"), msg("Café", "crème brûlée")])
     with Mailbox.open(path, key) as box:
+        inbox = box.folder("INBOX")
         assert box.search_text(inbox.id, "body", "sdfghjk") == {1}
         assert box.search_text(inbox.id, "body", "creme brul") == {2}
         assert box.search_text(inbox.id, "headers", "afe") == {2}

@@ -322,9 +322,15 @@ class Executor:
         return Completion.ok(command.tag, "RENAME completed")
 
     async def subscribe(self, command: c.Subscribe | c.Unsubscribe) -> Completion:
-        folder = await self._folder(command.mailbox)
         subscribed = isinstance(command, c.Subscribe)
-        await self.run(self.box.subscribe_folder, folder.name, subscribed)
+        if subscribed or isinstance(command.mailbox, UndecodableName):
+            name = (await self._folder(command.mailbox)).name
+        else:
+            name = command.mailbox  # a subscribed name may outlive its folder (RFC 9051 §6.3.8)
+        try:
+            await self.run(self.box.subscribe_folder, name, subscribed)
+        except NoSuchFolder:
+            raise _no("no such mailbox", Code.NONEXISTENT) from None
         return Completion.ok(command.tag, f"{command.name} completed")
 
     async def list_mailboxes(self, command: c.List) -> Completion:
@@ -344,17 +350,18 @@ class Executor:
 
     async def _list(self, request: names.ListRequest, status: Sequence[str] | None) -> None:
         folders = await self.run(self.box.folders)
+        subscriptions = await self.run(self.box.subscriptions) if request.subscribed_only else ()
         try:
-            answers = names.list_folders(request, folders)
+            answers = names.list_folders(request, folders, subscriptions)
         except names.BadPattern as e:
             raise _bad(str(e)) from None
         statuses = {}
         if status:
-            ids = [folder.id for _, folder in answers]
+            ids = [folder.id for _, folder in answers if folder is not None]
             statuses = await self.run(_statuses, self.box, ids)
         for data, folder in answers:
             self.send(data)
-            if status and folder.id in statuses:  # RFC 5819 §2: STATUS follows its LIST
+            if status and folder and folder.id in statuses:  # RFC 5819 §2: STATUS follows its LIST
                 items = names.status_items(
                     status, statuses[folder.id], append_limit=self.limits.imap_literal
                 )

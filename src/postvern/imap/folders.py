@@ -112,70 +112,104 @@ class ListRequest:
         )
 
 
-def list_folders(request: ListRequest, folders: Sequence[Folder]) -> list[tuple[ListData, Folder]]:
-    """The LIST/LSUB answers, each with the folder it names (for LIST-STATUS)."""
+def list_folders(
+    request: ListRequest, folders: Sequence[Folder], subscriptions: Iterable[str] = ()
+) -> list[tuple[ListData, Folder | None]]:
+    """The LIST/LSUB answers, each with the folder it names (None for a subscribed name
+    whose folder does not exist), in name order."""
     names = {f.name for f in folders}
-    out: list[tuple[ListData, Folder]] = []
+    subscribed = frozenset(subscriptions)
+    if request.subscribed_only:
+        return _list_subscribed(request, {f.name: f for f in folders}, names, subscribed)
+    out: list[tuple[ListData, Folder | None]] = []
     for folder in folders:
-        if not any(matches(p, folder.name) for p in request.patterns):
+        if not _matches_any(request, folder.name):
             continue
         if request.special_use_only and folder.special_use is None:
             continue
-        childinfo: list[str] = []
-        if request.subscribed_only and not folder.subscribed:
-            # RFC 5258 §3.5: with RECURSIVEMATCH a parent is listed for its subscribed
-            # children, saying why in CHILDINFO.
-            if not (request.recursive_match and _subscribed_child(folder, folders)):
-                continue
-            childinfo = ["SUBSCRIBED"]
-        attributes = _attributes(folder, names, request)
+        attributes = _attributes(folder, names, request, folder.subscribed)
+        out.append((ListData(folder.name, attributes, DELIMITER), folder))
+    return out
+
+
+def _matches_any(request: ListRequest, name: str) -> bool:
+    return any(matches(p, name) for p in request.patterns)
+
+
+def _list_subscribed(
+    request: ListRequest, by_name: dict[str, Folder], names: set[str], subscribed: frozenset[str]
+) -> list[tuple[ListData, Folder | None]]:
+    """LIST (SUBSCRIBED [RECURSIVEMATCH]) and LSUB: the subscribed names, existing or not,
+    and with RECURSIVEMATCH or LSUB the parents of subscribed names.
+
+    RFC 5258 §3.5 (its table repeated in RFC 9051 §6.3.9.4): a name that meets the
+    selection criteria is returned with its attributes (\\NonExistent too if its folder is
+    gone), and with RECURSIVEMATCH a CHILDINFO ("SUBSCRIBED") if a descendant is subscribed;
+    a name that does not meet them is returned, with only \\NonExistent if it does not exist
+    and a CHILDINFO, for a subscribed descendant the pattern does not reach — one the
+    pattern matches is returned on its own line, so its parent is not returned for it. LSUB
+    returns such a parent as \\Noselect (RFC 3501 §6.3.9: "%" stopping above a subscribed
+    name).
+    """
+    parents = request.recursive_match or request.lsub
+    candidates = set(subscribed)
+    if parents:
+        for name in subscribed:
+            parts = name.split(DELIMITER)
+            candidates.update(DELIMITER.join(parts[:depth]) for depth in range(1, len(parts)))
+    out: list[tuple[ListData, Folder | None]] = []
+    for name in sorted(candidates):
+        if not _matches_any(request, name):
+            continue
+        folder = by_name.get(name)
+        meets = name in subscribed and not (
+            request.special_use_only and (folder is None or folder.special_use is None)
+        )
+        prefix = name + DELIMITER
+        below = [s for s in subscribed if s.startswith(prefix)]
+        if meets:
+            childinfo = bool(below) and request.recursive_match
+        elif parents and any(not _matches_any(request, s) for s in below):
+            childinfo = True
+        else:
+            continue
+        if request.lsub:
+            selectable = meets and folder is not None
+            attributes = _attributes(folder, names, request, False) if selectable else []
+            attributes = attributes or ["\\Noselect"]
+        elif meets:
+            attributes = _attributes(folder, names, request, True)
+        else:
+            attributes = [] if folder is not None else ["\\NonExistent"]
         data = ListData(
-            folder.name,
+            name,
             attributes,
             DELIMITER,
-            childinfo=childinfo if request.childinfo else (),
+            childinfo=["SUBSCRIBED"] if childinfo and request.childinfo else (),
             lsub=request.lsub,
         )
         out.append((data, folder))
-    if request.lsub:
-        out += _lsub_parents(request, folders, {d.mailbox for d, _ in out})
     return out
 
 
-def _subscribed_child(folder: Folder, folders: Iterable[Folder]) -> bool:
-    prefix = folder.name + DELIMITER
-    return any(f.subscribed and f.name.startswith(prefix) for f in folders)
-
-
-def _attributes(folder: Folder, names: set[str], request: ListRequest) -> list[str]:
-    attributes = ["\\HasChildren" if _has_children(folder.name, names) else "\\HasNoChildren"]
-    if request.show_subscribed and folder.subscribed:
+def _attributes(
+    folder: Folder | None, names: set[str], request: ListRequest, subscribed: bool
+) -> list[str]:
+    """Name attributes: \\NonExistent for a subscribed name without a folder (RFC 5258
+    §3.1), \\HasChildren or \\HasNoChildren always (RFC 3348, RFC 5258 §4 CHILDREN), and
+    \\Subscribed when asked for (RETURN (SUBSCRIBED) or the SUBSCRIBED selection)."""
+    attributes = [] if folder is not None else ["\\NonExistent"]
+    if folder is None:
+        attributes.append("\\HasNoChildren")  # every folder's parents exist in this store
+    else:
+        attributes.append(
+            "\\HasChildren" if _has_children(folder.name, names) else "\\HasNoChildren"
+        )
+    if request.show_subscribed and subscribed:
         attributes.append("\\Subscribed")
-    if folder.special_use is not None:
+    if folder is not None and folder.special_use is not None:
         attributes.append(folder.special_use)
     return attributes
-
-
-def _lsub_parents(
-    request: ListRequest, folders: Sequence[Folder], listed: set[str]
-) -> list[tuple[ListData, Folder]]:
-    """RFC 3501 §6.3.9: when "%" stops at a level whose folder is not subscribed but has
-    subscribed children, LSUB lists that level as \\Noselect."""
-    out: list[tuple[ListData, Folder]] = []
-    by_name = {f.name: f for f in folders}
-    for folder in folders:
-        if not folder.subscribed:
-            continue
-        parts = folder.name.split(DELIMITER)
-        for depth in range(1, len(parts)):
-            parent = DELIMITER.join(parts[:depth])
-            if parent in listed or parent not in by_name:
-                continue
-            if any(matches(p, parent) for p in request.patterns):
-                listed.add(parent)
-                data = ListData(parent, ["\\Noselect"], DELIMITER, lsub=True)
-                out.append((data, by_name[parent]))
-    return out
 
 
 def root_answer() -> ListData:

@@ -318,7 +318,10 @@ class Mailbox:
 
     # -- folders -----------------------------------------------------------------------
 
-    _FOLDER_COLS = "id, name, special_use, uidvalidity, uidnext, highestmodseq, subscribed"
+    _FOLDER_COLS = (
+        "id, name, special_use, uidvalidity, uidnext, highestmodseq,"
+        " EXISTS(SELECT 1 FROM subscriptions s WHERE s.name=folders.name)"
+    )
 
     @staticmethod
     def _folder(row: tuple[Any, ...]) -> Folder:
@@ -347,6 +350,8 @@ class Mailbox:
             (name, special_use, uidvalidity, int(time.time())),
         )
         folder_id = int(self._conn.last_insert_rowid())
+        # A new folder is subscribed, as before subscriptions had a table of their own.
+        self._conn.execute("INSERT OR IGNORE INTO subscriptions VALUES(?)", (name,))
         self._emit("folders", folder_id, (), 0, None)
         return Folder(folder_id, name, special_use, uidvalidity, 1, 1, True)
 
@@ -436,6 +441,7 @@ class Mailbox:
                 "SELECT id, name FROM folders WHERE name=? OR name LIKE ? ESCAPE '\\'",
                 (source.name, _like_prefix(source.name + DELIMITER)),
             )
+            self._rename_subscriptions(source.name, new)
             for folder_id, name in rows:
                 renamed = new + str(name)[len(source.name) :]
                 # A renamed folder is a new folder to clients: its UIDs must not be trusted
@@ -452,13 +458,42 @@ class Mailbox:
         if uids:
             self.move(inbox.id, uids, target.id)
 
+    def _rename_subscriptions(self, old: str, new: str) -> None:
+        """A renamed folder and its children keep their subscriptions, as in Dovecot."""
+        rows = self._q(
+            "SELECT name FROM subscriptions WHERE name=? OR name LIKE ? ESCAPE '\\'",
+            (old, _like_prefix(old + DELIMITER)),
+        )
+        for (name,) in rows:
+            self._conn.execute("DELETE FROM subscriptions WHERE name=?", (name,))
+            renamed = new + str(name)[len(old) :]
+            self._conn.execute("INSERT OR IGNORE INTO subscriptions VALUES(?)", (renamed,))
+
+    def subscriptions(self) -> list[str]:
+        """Every subscribed name, whether or not its folder exists, in name order."""
+        with self._lock:
+            return [str(r[0]) for r in self._q("SELECT name FROM subscriptions ORDER BY name")]
+
     def subscribe_folder(self, name: str, subscribed: bool) -> None:
-        folder = self.folder(name)
+        """SUBSCRIBE needs an existing folder; UNSUBSCRIBE takes any subscribed name, so that
+        the name of a deleted folder can be removed (RFC 9051 §6.3.8)."""
+        if subscribed:
+            name = self.folder(name).name
+        else:
+            try:
+                name = normalise_folder_name(name)
+            except BadFolderName:
+                raise NoSuchFolder(f"no folder named {name!r}") from None
         with self._tx():
-            self._conn.execute(
-                "UPDATE folders SET subscribed=? WHERE id=?", (int(subscribed), folder.id)
-            )
-            self._emit("folders", folder.id, (), 0, None)
+            if subscribed:
+                self._conn.execute("INSERT OR IGNORE INTO subscriptions VALUES(?)", (name,))
+            else:
+                self._conn.execute("DELETE FROM subscriptions WHERE name=?", (name,))
+                if not self._conn.changes() and not self._q(
+                    "SELECT 1 FROM folders WHERE name=?", (name,)
+                ):
+                    raise NoSuchFolder(f"no folder named {name!r}")
+            self._emit("folders", 0, (), 0, None)
 
     def status(self, folder_id: int) -> FolderStatus:
         with self._lock:
@@ -479,6 +514,15 @@ class Mailbox:
         )
 
     # -- reading messages --------------------------------------------------------------
+
+    def keywords(self, folder_id: int) -> set[str]:
+        """Every keyword set on some message of the folder (RFC 9051 §2.3.2), as spelled."""
+        with self._lock:
+            rows = self._q(
+                "SELECT DISTINCT flags FROM messages WHERE folder_id=? AND flags != ''",
+                (folder_id,),
+            )
+        return {f for (text,) in rows for f in _flags_from_text(str(text)) if f[0] != "\\"}
 
     def uids(self, folder_id: int) -> list[int]:
         """Every UID in the folder, ascending: a session's sequence-number map."""

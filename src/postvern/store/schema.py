@@ -87,4 +87,17 @@ def _v2(conn: apsw.Connection) -> None:
     fulltext.rebuild(conn)
 
 
-MIGRATIONS = [_v1, _v2]
+def _v3(conn: apsw.Connection) -> None:
+    """Subscriptions become names of their own: a name stays subscribed after its folder is
+    deleted (RFC 9051 §6.3.7: the server SHOULD NOT remove it unilaterally), and LIST
+    (SUBSCRIBED) reports it as \\NonExistent (RFC 5258 §3.1)."""
+    conn.execute(
+        """
+        CREATE TABLE subscriptions(name TEXT PRIMARY KEY) WITHOUT ROWID;
+        INSERT INTO subscriptions SELECT name FROM folders WHERE subscribed;
+        ALTER TABLE folders DROP COLUMN subscribed;
+        """
+    )
+
+
+MIGRATIONS = [_v1, _v2, _v3]
