@@ -315,3 +315,94 @@ async def test_lsub_percent_returns_an_unsubscribed_parent_as_noselect(env: Env)
     # RFC 3501 §6.3.9: foo is not subscribed but foo/bar is, and "%" stops at foo.
     assert listed(out["percent"]) == [row("foo", "\\Noselect"), row("gone", "\\Noselect")]
     assert listed(out["star"]) == [row("foo/bar"), row("gone/away", "\\Noselect")]
+
+
+# -- 4. Empty parts (RFC 9051 §6.4.5, RFC 3516) -----------------------------------------------
+
+EMPTY_PART = (
+    b"From: Dave <dave@example.test>\r\nSubject: empty part\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    b"\r\n--XX\r\nContent-Type: text/plain\r\n\r\nsecond\r\n--XX--\r\n"
+)
+EMPTY_BODY = b"From: Dave <dave@example.test>\r\nSubject: empty body\r\n\r\n"
+
+
+async def test_empty_parts_are_empty_strings_and_missing_parts_nil(env: Env) -> None:
+    await env.deliver(ALICE, EMPTY_PART)
+    await env.deliver(ALICE, EMPTY_BODY)
+
+    def session() -> dict[str, list[bytes]]:
+        wire = env.wire()
+        wire.ok("SELECT INBOX")
+        fetch = "BODY.PEEK[1] BINARY.PEEK[1] BINARY.SIZE[1] BODY.PEEK[TEXT] BODY.PEEK[3]"
+        out = {"part": wire.ok(f"FETCH 1 ({fetch})"), "body": wire.ok(f"FETCH 2 ({fetch})")}
+        wire.close()
+        return out
+
+    out = await in_thread(session)
+    assert out["part"][0].startswith(
+        b'* 1 FETCH (BODY[1] "" BINARY[1] "" BINARY.SIZE[1] 0 BODY[TEXT] {'
+    )
+    assert out["part"][0].endswith(b" BODY[3] NIL)\r\n")
+    assert out["body"] == [
+        b'* 2 FETCH (BODY[1] "" BINARY[1] "" BINARY.SIZE[1] 0 BODY[TEXT] "" BODY[3] NIL)\r\n'
+    ]
+
+
+# -- 5. NUL in a message (issue #12; RFC 9051 §4.3, RFC 3516) --------------------------------
+
+WITH_NUL = (
+    b"From: Mallory <mallory@example.test>\r\nTo: alice@example.test\r\nSubject: nul\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    b"visible part\x00hidden tail marmalade\r\n"
+)
+
+
+def literals(line: bytes) -> list[tuple[bytes, bytes]]:
+    """(marker, octets) of every literal in a response line read by Wire.line."""
+    out = []
+    for m in re.finditer(rb"(~?)\{(\d+)\}\r\n", line):
+        out.append((m.group(1), line[m.end() : m.end() + int(m.group(2))]))
+    return out
+
+
+async def test_nul_is_never_sent_in_a_plain_literal(env: Env) -> None:
+    def session() -> dict[str, object]:
+        wire = env.wire()
+        wire.send(b"A1 APPEND INBOX ~{%d}\r\n" % len(WITH_NUL) + WITH_NUL + b"\r\n")
+        appended = wire.until(b"A1")[1]
+        wire.ok("SELECT INBOX")
+        out: dict[str, object] = {"appended": appended}
+        for item in ("BODY.PEEK[]", "BODY.PEEK[TEXT]", "BODY.PEEK[1]", "RFC822", "RFC822.TEXT"):
+            out[item] = wire.ok(f"FETCH 1 ({item} RFC822.SIZE BODYSTRUCTURE)")[0]
+        out["binary"] = wire.ok("FETCH 1 (BINARY.PEEK[] BINARY.SIZE[1])")[0]
+        out["search"] = wire.ok("SEARCH BODY marmalade")
+        out["search_text"] = wire.ok("SEARCH TEXT tail")
+        wire.close()
+        client = env.client()
+        client.select("INBOX")
+        _, data = client.fetch("1", "(BODY.PEEK[])")
+        client.logout()
+        out["imaplib"] = data[0][1]  # type: ignore[index]
+        return out
+
+    out = await in_thread(session)
+    assert out["appended"].startswith(b"A1 OK")  # type: ignore[union-attr]
+    sent = WITH_NUL.replace(b"\x00", b"\x80")
+    for item in ("BODY.PEEK[]", "RFC822"):
+        ((marker, data),) = literals(out[item])  # type: ignore[arg-type]
+        assert marker == b"" and data == sent
+        assert b"RFC822.SIZE %d " % len(WITH_NUL) in out[item]  # type: ignore[operator]
+    for item in ("BODY.PEEK[TEXT]", "BODY.PEEK[1]", "RFC822.TEXT"):
+        ((marker, data),) = literals(out[item])  # type: ignore[arg-type]
+        assert marker == b"" and data == b"visible part\x80hidden tail marmalade\r\n"
+        # BODYSTRUCTURE's size of the text is the size of what is sent.
+        assert b' "8BIT" %d ' % len(data) in out[item]  # type: ignore[operator]
+    # BINARY[] keeps the stored octets exactly, in a literal8.
+    ((marker, data),) = literals(out["binary"])  # type: ignore[arg-type]
+    assert marker == b"~" and data == WITH_NUL
+    assert b"BINARY.SIZE[1] 36" in out["binary"]  # type: ignore[operator]
+    assert out["search"] == [b"* SEARCH 1\r\n"]
+    assert out["search_text"] == [b"* SEARCH 1\r\n"]
+    assert out["imaplib"] == sent

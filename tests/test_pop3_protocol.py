@@ -610,3 +610,17 @@ def test_random_command_sequences_never_raise(
     sent = drive(conn, chunks, refuse)
     for line in sent.split(b"\r\n")[:-1]:
         assert b"\n" not in line and b"\r" not in line
+
+
+def test_retr_and_top_never_send_nul() -> None:
+    """A stored NUL goes out as 0x80, one octet for one, as in IMAP (issue #12): a client that
+    stops at NUL would hide what follows; the octet count announced stays true."""
+    for command in (b"RETR 1", b"TOP 1 5"):
+        conn = logged_in()
+        [event] = [e for e in events(conn, command + b"\r\n") if not isinstance(e, Answered)]
+        assert isinstance(event, Retrieve)
+        conn.send_message(b"Subject: nul\r\n\r\nbefore\x00after\r\n")
+        out = conn.data_to_send()
+        assert b"\x00" not in out and b"before\x80after\r\n" in out
+        if command == b"RETR 1":
+            assert out.startswith(b"+OK %d octets\r\n" % len(unstuff(out)))

@@ -56,6 +56,15 @@ def to_bytes(text: str) -> bytes:
         return text.encode("utf-8", "replace")
 
 
+# RFC 9051 §4.3: a literal is "any octet except NUL", yet a stored message may hold NUL
+# (SMTP without BINARYMIME does not keep it out in practice), and a client that stops reading
+# at a NUL would not see what follows. NUL is sent as 0x80 instead, as Dovecot does
+# (lib-imap-storage/imap-msgpart.c: "IMAP literals must not contain NULs. change them to 0x80
+# characters"): one octet for one, so the literal's length, RFC822.SIZE and BODYSTRUCTURE's
+# sizes stay those of the stored message. The exact octets remain available as BINARY[]
+# (RFC 3516), whose literal8 may carry NUL.
+NUL = b"\x00"
+NUL_SUBSTITUTE = b"\x80"
 _PRINTABLE = bytes(range(0x20, 0x7F))
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
@@ -79,11 +88,11 @@ def write_string(data: bytes, out: bytearray, ctx: WireContext) -> None:
         out += b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     else:
         out += b"{%d}\r\n" % len(data)
-        out += data
+        out += data.replace(NUL, NUL_SUBSTITUTE)
 
 
 def write_binary(data: bytes, out: bytearray, ctx: WireContext) -> None:
-    if b"\x00" in data:
+    if NUL in data:
         out += b"~{%d}\r\n" % len(data)
         out += data
     else:

@@ -534,7 +534,9 @@ class POP3Connection:
     def send_message(self, raw: bytes) -> None:
         """Answer RETR or TOP with the stored message (any line endings; RFC 1939 §3 framing)."""
         event = self._take(Retrieve)
-        text = to_crlf(raw)
+        # NUL would end the text for many clients: sent as 0x80, one octet for one, as
+        # Dovecot's IMAP does (postvern.imap.wire.NUL_SUBSTITUTE); the size stays the same.
+        text = to_crlf(raw).replace(b"\x00", b"\x80")
         if event.lines is None:
             self._retrieved.add(event.number)
             self._out.append(f"+OK {len(text)} octets\r\n".encode())
