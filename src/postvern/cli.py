@@ -27,6 +27,7 @@ from postvern.crypto.tls import TLSConfigError, make_self_signed
 from postvern.directory.accounts import AuthFailed
 from postvern.directory.addresses import AddressError
 from postvern.directory.db import Directory, DirectoryError
+from postvern.e2e import admin as e2e_admin
 from postvern.emailauth import signing
 from postvern.encdb import SchemaTooNew, WrongKey
 from postvern.filters import FilterSettings, ScanContext, trial
@@ -614,6 +615,7 @@ def _user_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("address")
     p.add_argument("--yes", action="store_true", help="confirm deletion")
     p.set_defaults(func=cmd_user_remove)
+    e2e_admin.add_key_commands(g)
 
 
 def _alias_commands(sub: argparse._SubParsersAction) -> None:

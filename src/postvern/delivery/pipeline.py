@@ -23,6 +23,7 @@ from postvern.delivery import headers
 from postvern.delivery.srs import SRS, ForgedSRS, is_srs
 from postvern.directory.db import Directory, Resolution, User
 from postvern.dns import Resolver
+from postvern.e2e.inbound import protect_copy
 from postvern.emailauth import AuthVerdict
 from postvern.filters.verdict import HEADER_NAME as VERDICT_HEADER
 from postvern.smtp.replies import Reply
@@ -246,6 +247,8 @@ class InboundPipeline:
                         continue  # one copy per mailbox, however many of its names were used
                     seen.add(user.id)
                     copy = self._trace(txn, rcpt.address) + message
+                    # Encrypted to the user's own key if they chose it, before it is stored.
+                    copy = await self._thread(protect_copy, self.directory, user, copy)
                     item = SpoolItem(copy, "\\Junk" if junk else None)
                     done.append(await self.registry.deliver_undoable(user, item))
             if remote:

@@ -208,7 +208,27 @@ def _v4(conn: apsw.Connection) -> None:
     conn.execute("ALTER TABLE domains ADD COLUMN attachment_policy TEXT")
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4]
+def _v5(conn: apsw.Connection) -> None:
+    # End-to-end encryption (postvern.e2e): each user's OpenPGP certificate and S/MIME
+    # certificate (public parts only, never a private key), whether incoming mail is encrypted
+    # to one of them ('openpgp' | 'smime', NULL for off), the outer Subject policy, and whether
+    # the OpenPGP key is published (WKD, Autocrypt).
+    conn.execute(
+        """
+        CREATE TABLE e2e_keys(
+            user_id TEXT PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            openpgp BLOB,
+            smime BLOB,
+            encrypt TEXT CHECK(encrypt IN ('openpgp', 'smime')),
+            subject TEXT NOT NULL DEFAULT 'kept' CHECK(subject IN ('kept', 'hidden')),
+            publish INTEGER NOT NULL DEFAULT 0,
+            updated INTEGER NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5]
 ATTACHMENT_POLICIES = ("reject", "quarantine")
 
 
