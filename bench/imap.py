@@ -131,8 +131,13 @@ def serve_postvern(data: Path, port: int) -> None:
     async def main() -> None:
         app = App.open(data)
         s = app.settings
-        registry = MailboxRegistry(app.accounts)
-        login = LoginService(app.accounts, registry, failure_delay=0.05)
+        registry = MailboxRegistry(app.accounts, linger_seconds=s.limits.mailbox_linger_seconds)
+        login = LoginService(
+            app.accounts,
+            registry,
+            failure_delay=s.limits.auth_failure_delay,
+            cache_seconds=s.limits.login_cache_seconds,
+        )
         ctx = tls.server_context(s.path(s.tls.cert), s.path(s.tls.key))
         await start_imap_server(
             "127.0.0.1",

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from postvern.directory.accounts import Accounts, AuthFailed, Unlocked
+from postvern.directory.addresses import AddressError, normalise_address
 from postvern.directory.db import User
+from postvern.login_cache import LoginCache
 from postvern.store.service import MailboxHandle, MailboxRegistry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Argon2id with the default parameters takes 64 MiB and ~100 ms of one core: a handful at a
 # time keeps a login storm from exhausting memory while real users still get in promptly.
@@ -73,13 +77,19 @@ class LoginService:
         registry: MailboxRegistry,
         gate: AbuseGate | None = None,
         failure_delay: float = 1.0,
+        cache_seconds: float = 0.0,
     ) -> None:
         self.accounts = accounts
         self.registry = registry
         self.gate: AbuseGate = gate or OpenGate()
         self.kdf_runs = 0  # how often a password reached Argon2id (exported as a metric)
+        self.warm_logins = 0  # how often the cache answered instead (exported as a metric)
         self.failure_delay = failure_delay
+        self.cache = LoginCache(cache_seconds)
         self._kdf_slots = asyncio.Semaphore(MAX_CONCURRENT_KDF)
+
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
 
     async def verify(self, address: str, secret: str, peer_ip: str, protocol: str) -> Unlocked:
         """Check credentials without opening the mailbox (SMTP submission AUTH)."""
@@ -87,11 +97,18 @@ class LoginService:
         if refusal is not None:
             raise LoginRefused("banned", refusal)
         try:
+            account = normalise_address(address)
+        except AddressError:
+            account = None
+        if account is not None:
+            warm = await self._warm(account, secret)
+            if warm is not None:
+                await self.gate.login_succeeded(peer_ip, address, protocol)
+                return warm
+        try:
             async with self._kdf_slots:
                 self.kdf_runs += 1
-                unlocked = await asyncio.get_running_loop().run_in_executor(
-                    self.registry.executor, self.accounts.authenticate, address, secret
-                )
+                unlocked = await self._thread(self.accounts.authenticate, address, secret)
         except AuthFailed:
             await self.gate.login_failed(peer_ip, address, protocol)
             log.info("authentication failed", extra={"protocol": protocol})
@@ -99,8 +116,21 @@ class LoginService:
             if self.gate.is_banned(peer_ip) is not None:
                 raise LoginRefused("banned", "too many failed logins; try again later") from None
             raise LoginRefused("failed", "authentication failed") from None
+        if account is not None:
+            self.cache.store(account, secret, unlocked)
         await self.gate.login_succeeded(peer_ip, address, protocol)
         return unlocked
+
+    async def _warm(self, account: str, secret: str) -> Unlocked | None:
+        """A cached unlock whose key slot is still the one the secret opened, or None."""
+        cached = self.cache.lookup(account, secret, self.registry.is_unlocked)
+        if cached is None:
+            return None
+        if not await self._thread(self.accounts.directory.confirm_slot, cached.slot):
+            self.cache.forget(account)  # password changed, app password revoked, user gone
+            return None
+        self.warm_logins += 1
+        return cached
 
     async def login(self, address: str, secret: str, peer_ip: str, protocol: str) -> LoggedIn:
         """Verify, then unlock the mailbox (importing its spool). Release the handle at logout."""

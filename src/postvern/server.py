@@ -70,11 +70,16 @@ class Server:
         self.registry = MailboxRegistry(
             app.accounts,
             hook_factory=lambda box: JunkLearner(box, s.hostname, junk_score),
+            linger_seconds=s.limits.mailbox_linger_seconds,
         )
         self.resolver = Resolver.from_settings(s)
         self.abuse = Abuse(s, s.data_dir, app.server_key.derive("abuse"), self.resolver)
         self.login = LoginService(
-            app.accounts, self.registry, self.abuse, failure_delay=s.limits.auth_failure_delay
+            app.accounts,
+            self.registry,
+            self.abuse,
+            failure_delay=s.limits.auth_failure_delay,
+            cache_seconds=s.limits.login_cache_seconds,
         )
         self.pipeline = InboundPipeline(
             hostname=s.hostname,
@@ -93,6 +98,7 @@ class Server:
     def metrics(self) -> dict[str, float]:
         return {
             "postvern_kdf_runs_total": self.login.kdf_runs,
+            "postvern_warm_logins_total": self.login.warm_logins,
             "postvern_mailboxes_unlocked": self.registry.unlocked_count,
             "postvern_bans_active": len(self.abuse.bans()),
             "postvern_outbound_in_flight": self.mta.in_flight if self.mta else 0,

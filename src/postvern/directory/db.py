@@ -491,6 +491,24 @@ class Directory:
         with self._tx() as c:
             c.execute("UPDATE keyslots SET last_used=? WHERE id=?", (int(time.time()), slot_id))
 
+    def confirm_slot(self, slot: KeySlot, *, touch_interval: int = 60) -> bool:
+        """Whether ``slot`` still stands as it was read: not replaced (a new password wraps
+        with a new salt) nor deleted (a revoked app password, a removed user).
+
+        An app password's "last used" is brought up to date on the way, at most once per
+        ``touch_interval`` seconds, so a warm login does not write on every use.
+        """
+        rows = self._rows(
+            "SELECT last_used FROM keyslots WHERE id=? AND user_id=? AND salt=?",
+            (slot.id, slot.user_id, slot.wrapped.salt),
+        )
+        if not rows:
+            return False
+        last_used = rows[0][0]
+        if slot.kind == "app" and (last_used is None or last_used < time.time() - touch_interval):
+            self.touch_slot(slot.id)
+        return True
+
     def delete_slot(self, user_id: str, kind: str, label: str) -> bool:
         with self._tx() as c:
             c.execute(

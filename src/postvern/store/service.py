@@ -138,13 +138,21 @@ class MailboxHook(Protocol):
 HookFactory = Callable[[Mailbox], MailboxHook]
 
 
+# A mailbox whose last session ended stays open this long at most (the setting may ask
+# less) and this many at once, oldest closed first: a client that reconnects at once — an
+# IMAP client opening its second connection, a poller — finds it open, and the memory that
+# open mailboxes take stays bounded whatever the number of users.
+MAX_LINGERING = 256
+
+
 class _Open:
-    __slots__ = ("box", "cancel_hook", "refs")
+    __slots__ = ("box", "cancel_hook", "linger", "refs")
 
     def __init__(self, box: Mailbox) -> None:
         self.box = box
         self.refs = 0
         self.cancel_hook: Callable[[], None] = lambda: None
+        self.linger: asyncio.TimerHandle | None = None  # set while no session holds it
 
 
 class MailboxRegistry:
@@ -153,8 +161,11 @@ class MailboxRegistry:
         accounts: Accounts,
         executor: ThreadPoolExecutor | None = None,
         hook_factory: HookFactory | None = None,
+        linger_seconds: float = 0.0,
     ) -> None:
         self.accounts = accounts
+        self.linger_seconds = linger_seconds
+        self._expiring: set[asyncio.Task[None]] = set()
         self.hook_factory = hook_factory
         self.spool: Spool = accounts.spool
         self.executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
@@ -186,6 +197,9 @@ class MailboxRegistry:
         """Open (or share) the mailbox and import its spool; the caller holds a reference."""
         async with self._lock(user.id):
             entry = self._open.get(user.id)
+            if entry is not None and entry.linger is not None:
+                entry.linger.cancel()
+                entry.linger = None
             if entry is None:
                 await self._deposits_settled(user.id)
                 path = self.accounts.mailbox_path(user)
@@ -224,10 +238,35 @@ class MailboxRegistry:
             if entry is None:
                 return
             entry.refs -= 1
-            if entry.refs <= 0:
-                del self._open[user_id]
-                entry.cancel_hook()
-                await self._thread(self._lock_mailbox, user_id, entry.box)
+            if entry.refs > 0:
+                return
+            if self.linger_seconds <= 0:
+                await self._close(user_id, entry)
+                return
+            loop = asyncio.get_running_loop()
+            if entry.linger is not None:
+                entry.linger.cancel()  # a delivery's receipt released it while it lingered
+            entry.linger = loop.call_later(self.linger_seconds, self._expire_soon, user_id, entry)
+            lingering = [(u, e) for u, e in self._open.items() if e.linger is not None]
+            for user, oldest in lingering[: max(0, len(lingering) - MAX_LINGERING)]:
+                oldest.linger.cancel()  # type: ignore[union-attr]
+                self._expire_soon(user, oldest)
+
+    def _expire_soon(self, user_id: str, entry: _Open) -> None:
+        task = asyncio.get_running_loop().create_task(self._expire(user_id, entry))
+        self._expiring.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._expiring.discard)
+
+    async def _expire(self, user_id: str, entry: _Open) -> None:
+        """Close a lingering mailbox, unless a session took it up again meanwhile."""
+        async with self._lock(user_id):
+            if self._open.get(user_id) is entry and entry.refs <= 0:
+                await self._close(user_id, entry)
+
+    async def _close(self, user_id: str, entry: _Open) -> None:
+        del self._open[user_id]
+        entry.cancel_hook()
+        await self._thread(self._lock_mailbox, user_id, entry.box)
 
     def _lock_mailbox(self, user_id: str, box: Mailbox) -> None:
         try:
@@ -282,8 +321,12 @@ class MailboxRegistry:
         return hint + await self._thread(self.spool.size, user.id)
 
     async def close(self) -> None:
+        for task in self._expiring:
+            task.cancel()
         for user_id in list(self._open):
             entry = self._open.pop(user_id)
+            if entry.linger is not None:
+                entry.linger.cancel()
             await self._thread(entry.box.close)
         self.executor.shutdown(wait=True)
 

@@ -1,0 +1,150 @@
+"""Login benchmark: a cold login (Argon2id at the shipped cost) and warm logins per second.
+
+Postvern's IMAP listener is started on a data directory with the **default** key-slot cost
+(Argon2id, 64 MiB, t=3, p=4 — not the cheap one the other benchmarks use), beside a private
+Dovecot with a passwd-file user, in the same run. One raw-socket client per thread runs
+connect, LOGIN, LOGOUT in a loop:
+
+  * cold: the first login of each of several users (every one pays Argon2id);
+    goal ≤ 200 ms median on this machine;
+  * warm: repeated logins of one user, answered from the login cache (login_cache.py);
+    goal ≥ 1,000 logins/s; Dovecot's rate on the same loop is the reference.
+
+Plaintext on loopback for both, so TLS handshakes weigh on neither.
+
+Usage: python bench/login.py [--logins 3000] [--clients 4] [--users 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "src"))
+sys.path.insert(0, str(BENCH))
+
+import imap  # noqa: E402  (the IMAP benchmark's client, Dovecot set-up and --serve mode)
+
+PASSWORD = imap.PASSWORD
+
+
+def seed(root: Path, users: int) -> tuple[Path, int, list[str]]:
+    """A data directory at the shipped Argon2id cost, with ``users`` accounts."""
+    from postvern import config
+    from postvern.app import App
+    from postvern.cli import init_data_dir
+
+    data = root / "postvern"
+    port = imap.free_port()
+    init_data_dir(data, "mx.example.test", "example.test", {"imap": f"127.0.0.1:{port}"})
+    settings = config.load(data, environ={})
+    settings.limits.auth_failure_delay = 0.0
+    (data / config.CONFIG_NAME).write_text(config.render(settings))
+    names = [imap.USER] + [f"user{i}@example.test" for i in range(1, users)]
+    app = App.open(data)
+    try:
+        for name in names:
+            app.accounts.create_user(name, PASSWORD)
+        kdf = app.accounts.kdf
+    finally:
+        app.close()
+    print(
+        f"Argon2id: {kdf.memory_kib // 1024} MiB, t={kdf.time_cost}, p={kdf.parallelism}",
+        flush=True,
+    )
+    return data, port, names
+
+
+def login_once(port: int, user: str) -> float:
+    start = time.perf_counter()
+    client = imap.Client(port)
+    client.command(f'LOGIN {user} "{PASSWORD}"'.encode())
+    client.command(b"LOGOUT")
+    client.close()
+    return time.perf_counter() - start
+
+
+def login_rate(port: int, user: str, logins: int, clients: int) -> float:
+    """Logins per second, ``clients`` threads sharing ``logins`` connect-LOGIN-LOGOUT loops."""
+    per_client = logins // clients
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(per_client):
+                login_once(port, user)
+        except BaseException as e:  # reported after the threads end
+            errors.append(e)
+
+    login_once(port, user)  # warm: the cache (ours), the auth process (Dovecot)
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return per_client * clients / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--logins", type=int, default=3000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--users", type=int, default=8, help="cold logins measured")
+    args = parser.parse_args()
+    imap.raise_nofile()
+    root = Path(tempfile.mkdtemp(prefix="login-bench-"))
+    os.chmod(root, 0o755)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        data, our_port, users = seed(root, args.users)
+        base, dove_port = imap.seed_dovecot(root, [], args.clients)
+        ours = subprocess.Popen(
+            [sys.executable, str(BENCH / "imap.py"), "--serve", str(data), str(our_port)],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        procs.append(ours)
+        assert ours.stdout is not None
+        ours.stdout.readline()
+        dovecot = imap.start_dovecot(base)
+        procs.append(dovecot)
+        imap.wait_port(dove_port)
+
+        cold = [login_once(our_port, user) for user in users]
+        warm = login_rate(our_port, imap.USER, args.logins, args.clients)
+        reference = login_rate(dove_port, imap.USER, args.logins, args.clients)
+        print(f"\nIMAP LOGIN, {args.clients} clients, connect + LOGIN + LOGOUT per login")
+        print(
+            f"cold login (Argon2id), {len(cold)} users: median {statistics.median(cold) * 1000:.0f}"
+            f" ms, worst {max(cold) * 1000:.0f} ms   goal: median ≤ 200 ms"
+        )
+        print(
+            f"warm logins/s: Postvern {warm:,.0f}, Dovecot {reference:,.0f},"
+            f" ratio {warm / reference:.2f}×   goal: ≥ 1,000/s"
+        )
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

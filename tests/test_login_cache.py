@@ -1,0 +1,177 @@
+"""The warm-login cache: a repeated login skips Argon2id; a changed secret stops at once.
+
+Unit tests of :class:`LoginCache` with a hand-driven clock, then the real server: IMAP logins
+counted through ``/metrics`` (Argon2id runs against warm logins), and the administrator's
+CLI changing a password and revoking an app password while the server keeps its cache.
+"""
+
+from __future__ import annotations
+
+import http.client
+import imaplib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import DataDir, ServerProcess, client_tls_context, make_data_dir, services
+from postvern.crypto.keyslots import KDFParams, WrappedKey
+from postvern.directory.accounts import Unlocked
+from postvern.directory.db import KeySlot, User
+from postvern.login import LoginRefused
+from postvern.login_cache import MAX_ENTRIES, LoginCache
+
+ALICE = "alice@example.test"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_unlock(user_id: str) -> Unlocked:
+    user = User(user_id, "alice", "example.test", 0, b"")
+    wrapped = WrappedKey(b"salt", b"nonce", b"ciphertext", KDFParams(1, 8192, 1))
+    return Unlocked(user, b"k" * 32, KeySlot(1, user_id, "password", None, wrapped, 0, None))
+
+
+def test_cache_finds_only_the_same_secret_and_forgets() -> None:
+    cache = LoginCache(60, clock=Clock())
+    unlocked = fake_unlock("u1")
+    cache.store(ALICE, "right", unlocked)
+    assert cache.lookup(ALICE, "right", lambda _: False) is unlocked
+    assert cache.lookup(ALICE, "wrong", lambda _: False) is None
+    assert cache.lookup("bob@example.test", "right", lambda _: False) is None
+    cache.forget(ALICE)
+    assert cache.lookup(ALICE, "right", lambda _: False) is None
+
+
+def test_entries_expire_when_idle_unless_a_session_is_open() -> None:
+    clock = Clock()
+    cache = LoginCache(60, clock=clock)
+    unlocked = fake_unlock("u1")
+    cache.store(ALICE, "right", unlocked)
+    clock.now += 59
+    assert cache.lookup(ALICE, "right", lambda _: False) is unlocked  # and refreshed
+    clock.now += 59
+    assert cache.lookup(ALICE, "right", lambda _: False) is unlocked
+    clock.now += 61
+    assert cache.lookup(ALICE, "right", lambda uid: uid == "u1") is unlocked  # in use
+    clock.now += 61
+    assert cache.lookup(ALICE, "right", lambda _: False) is None
+    assert len(cache) == 0
+
+
+def test_cache_is_bounded_and_off_at_zero() -> None:
+    cache = LoginCache(60, clock=Clock())
+    for i in range(MAX_ENTRIES + 5):
+        cache.store(f"u{i}@example.test", "pw", fake_unlock(str(i)))
+    assert len(cache) == MAX_ENTRIES
+    assert cache.lookup("u0@example.test", "pw", lambda _: False) is None  # oldest went
+    off = LoginCache(0)
+    off.store(ALICE, "pw", fake_unlock("u1"))
+    assert off.lookup(ALICE, "pw", lambda _: False) is None
+
+
+def test_the_key_is_per_process_and_nothing_secret_is_kept() -> None:
+    a, b = LoginCache(60), LoginCache(60)
+    assert a._mac(ALICE, "pw") != b._mac(ALICE, "pw")
+    a.store(ALICE, "correct-horse-battery", fake_unlock("u1"))
+    assert b"correct-horse-battery" not in repr(a._accounts).encode()
+
+
+async def test_login_service_warm_path_and_changed_secrets(tmp_path: Path) -> None:
+    data = make_data_dir(tmp_path / "d")
+    svc = services(data)
+    svc.login.cache.idle_seconds = 300
+    try:
+        password = data.passwords[ALICE]
+        first = await svc.login.verify(ALICE, password, "127.0.0.1", "imap")
+        again = await svc.login.verify("Alice@Example.TEST", password, "127.0.0.1", "imap")
+        assert again.mailbox_key == first.mailbox_key
+        assert (svc.login.kdf_runs, svc.login.warm_logins) == (1, 1)
+        with pytest.raises(LoginRefused):
+            await svc.login.verify(ALICE, "not-the-password", "127.0.0.1", "imap")
+        assert svc.login.kdf_runs == 2  # a failure always pays, and is never cached
+
+        # The password is changed elsewhere (the CLI is another process with its own App).
+        other = data.app()
+        try:
+            other.accounts.change_password(ALICE, password, "a-brand-new-password")
+        finally:
+            other.close()
+        with pytest.raises(LoginRefused):
+            await svc.login.verify(ALICE, password, "127.0.0.1", "imap")
+        fresh = await svc.login.verify(ALICE, "a-brand-new-password", "127.0.0.1", "imap")
+        assert fresh.mailbox_key == first.mailbox_key
+    finally:
+        await svc.close()
+
+
+def metrics(data: DataDir) -> dict[str, float]:
+    host, port = data.addr("https")
+    conn = http.client.HTTPSConnection(host, port, context=client_tls_context(), timeout=10)
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read().decode()
+    return {k: float(v) for k, v in (line.split() for line in body.splitlines())}
+
+
+def imap_login(data: DataDir, secret: str) -> bool:
+    host, port = data.addr("imaps")
+    client = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=10)
+    try:
+        client.login(ALICE, secret)
+    except imaplib.IMAP4.error:
+        return False
+    finally:
+        try:
+            client.logout()
+        except (imaplib.IMAP4.error, OSError):
+            pass
+    return True
+
+
+def cli(data: DataDir, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "postvern.cli", "--data", str(data.path), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_running_server_warm_logins_and_revocation(tmp_path: Path) -> None:
+    data = make_data_dir(tmp_path / "d", listeners=("imaps", "https"))
+    password = data.passwords[ALICE]
+    app = data.app()
+    try:
+        secret = app.accounts.add_app_password(ALICE, password, "phone")
+    finally:
+        app.close()
+    with ServerProcess(data):
+        assert all(imap_login(data, password) for _ in range(5))
+        assert all(imap_login(data, secret) for _ in range(5))
+        m = metrics(data)
+        assert m["postvern_kdf_runs_total"] == 2  # one cold login per secret
+        assert m["postvern_warm_logins_total"] == 8
+
+        revoked = cli(data, "app-password", "revoke", ALICE, "phone")
+        assert revoked.returncode == 0, revoked.stderr
+        assert not imap_login(data, secret)  # at once, though it was warm
+
+        changed = cli(
+            data,
+            "user",
+            "passwd",
+            ALICE,
+            "--password-stdin",
+            stdin=f"{password}\nanother-long-password\nanother-long-password\n",
+        )
+        assert changed.returncode == 0, changed.stderr
+        assert not imap_login(data, password)
+        assert imap_login(data, "another-long-password")
