@@ -154,7 +154,9 @@ def sent_fields(raw: bytes) -> list[tuple[str, str]]:
     return fields
 
 
-def postvern(data: Path, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def postvern(
+    data: Path, *args: str, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVERN_")}
     return subprocess.run(
         [sys.executable, "-m", "postvern.cli", "--data", str(data), *args],

@@ -23,6 +23,7 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
+
 from dnsserver import DNSTestServer
 from e2e_kit import Gpg, mime_tree, parse, postvern, sent_fields, smime_identity
 from harness import DataDir, ServerProcess, client_tls_context, make_data_dir, set_config
@@ -66,7 +67,9 @@ class World:
         finally:
             imap.logout()
 
-    def message(self, to: str, subject: str, body: bytes, *, head: bytes = b"") -> tuple[str, bytes]:
+    def message(
+        self, to: str, subject: str, body: bytes, *, head: bytes = b""
+    ) -> tuple[str, bytes]:
         self.counter += 1
         mid = f"<e2e-{self.counter}@far.test>"
         raw = (
@@ -127,8 +130,7 @@ def _assert_same_message(inner: bytes, sent: bytes) -> None:
 
 
 MULTIPART = (
-    b"MIME-Version: 1.0\r\n"
-    b'Content-Type: multipart/mixed; boundary="outer"\r\n',
+    b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="outer"\r\n',
     b"--outer\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
     b"\r\nsecret-body-marker: gr\xc3\xbc\xc3\x9fe\r\n"
     b"--outer\r\nContent-Type: application/octet-stream; name=blob.bin\r\n"

@@ -27,6 +27,7 @@ from postvern.delivery.forward import AliasForwarder
 from postvern.delivery.pipeline import InboundPipeline, Transaction
 from postvern.delivery.srs import SRS
 from postvern.dns import Resolver
+from postvern.e2e.wkd import WKD
 from postvern.emailauth.signing import Signer
 from postvern.filters.learning import JunkLearner
 from postvern.imap.server import start_imap_server
@@ -260,6 +261,7 @@ async def _start_web(server: Server, host: str, port: int) -> Listener:
         directory_check=server.pipeline.is_local_domain,
         ssl_context=server.tls_context,
         metrics=server.metrics,
+        routes=WKD(server.app.directory).routes(server.pipeline.is_local_domain),
     )
 
 

@@ -36,8 +36,10 @@ def _read(path: str) -> bytes:
 
 
 def _detect(data: bytes) -> Format:
-    """X.509 (PEM, or DER's SEQUENCE tag) is S/MIME; anything else is taken for OpenPGP."""
-    if b"-----BEGIN CERTIFICATE-----" in data or data[:1] == b"\x30":
+    """X.509 (PEM, or DER's SEQUENCE tag) is S/MIME, and so is a PEM private key (to be
+    refused as such); anything else is taken for OpenPGP."""
+    pem = b"-----BEGIN CERTIFICATE-----" in data or b"PRIVATE KEY-----" in data
+    if pem or data[:1] == b"\x30":
         return Format.SMIME
     return Format.OPENPGP
 

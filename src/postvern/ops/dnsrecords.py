@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from postvern.directory.db import DKIMKey
+from postvern.e2e import wkd
 from postvern.emailauth import dkim
 from postvern.web.clientservers import OFFERS, ClientServer
 
@@ -55,6 +56,7 @@ def records(
     lines += [
         f"autoconfig.{d}\tIN CNAME {h}",
         f"autodiscover.{d}\tIN CNAME {h}",
+        *wkd.dns_records(d, h),
         f"; and for {hostname}: A/AAAA records, and a PTR record for each of its addresses"
         f" naming {hostname}",
     ]

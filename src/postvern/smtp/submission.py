@@ -20,6 +20,7 @@ from postvern.delivery import headers
 from postvern.delivery.pipeline import InboundPipeline, OutboundQueue, Recipient, Transaction
 from postvern.directory.addresses import AddressError, normalise_address
 from postvern.directory.db import Directory, User
+from postvern.e2e import autocrypt
 from postvern.emailauth.signing import Signer
 from postvern.login import LoginRefused, LoginService
 from postvern.smtp import replies
@@ -132,6 +133,8 @@ class SubmissionHandler(BaseHandler):
         if bad_from is not None:
             return bad_from
         message = _complete_headers(message, self.hostname)
+        # Autocrypt (Level 1): the user's published key, before DKIM signs the header.
+        message = await self._thread(autocrypt.add_header, self.directory, self.user, message)
         from_domain = _from_domain(message) or self.user.domain
         signed = await self.signer.sign_async(message, from_domain)
         txn = Transaction(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -44,11 +44,16 @@ def _domain_from_host(request: web.Request, prefix: str) -> str | None:
 
 class WebApp:
     def __init__(
-        self, settings: Settings, is_our_domain: DomainCheck, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        is_our_domain: DomainCheck,
+        metrics: Metrics | None = None,
+        routes: Sequence[web.RouteDef] = (),
     ) -> None:
         self.settings = settings
         self.is_our_domain = is_our_domain
         self.metrics = metrics
+        self.routes = routes  # served by other packages (e2e: WKD)
 
     async def mta_sts(self, request: web.Request) -> web.Response:
         domain = _domain_from_host(request, "mta-sts.")
@@ -125,6 +130,7 @@ class WebApp:
         app.router.add_get(mobileconfig.PATH, self.apple_profile)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/metrics", self.prometheus)
+        app.add_routes(self.routes)
         return app
 
 
@@ -187,8 +193,9 @@ async def start_web_server(
     directory_check: DomainCheck,
     ssl_context: ssl.SSLContext,
     metrics: Metrics | None = None,
+    routes: Sequence[web.RouteDef] = (),
 ) -> WebListener:
-    app = WebApp(settings, directory_check, metrics).application()
+    app = WebApp(settings, directory_check, metrics, routes).application()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, shutdown_timeout=5.0)
