@@ -12,8 +12,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
+from postvern.accounts import policy
 from postvern.directory.accounts import Accounts, AuthFailed, Unlocked
 from postvern.directory.addresses import AddressError, normalise_address
 from postvern.directory.db import User
@@ -29,7 +30,11 @@ MAX_CONCURRENT_KDF = 4
 
 
 class LoginRefused(Exception):
-    """Login did not succeed. ``reason`` is ``failed`` (wrong credentials) or ``banned``."""
+    """Login did not succeed. ``reason`` is ``failed`` (wrong credentials), ``banned``, or
+    ``app-password``: the account has two-factor authentication on, so over a mail protocol
+    only an app password opens it (``accounts.policy``). That reason is given for every
+    failed login to such an account, right password or wrong, so it tells nothing about the
+    password."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -102,6 +107,10 @@ class LoginService:
             account = None
         if account is not None:
             warm = await self._warm(account, secret)
+            if warm is not None and not await self._allowed(warm, protocol):
+                # Checked on every hit: a cached account password stops working over IMAP,
+                # POP3 and SMTP the moment two-factor authentication is turned on.
+                await self._refuse(address, peer_ip, protocol)
             if warm is not None:
                 await self.gate.login_succeeded(peer_ip, address, protocol)
                 return warm
@@ -110,16 +119,32 @@ class LoginService:
                 self.kdf_runs += 1
                 unlocked = await self._thread(self.accounts.authenticate, address, secret)
         except AuthFailed:
-            await self.gate.login_failed(peer_ip, address, protocol)
-            log.info("authentication failed", extra={"protocol": protocol})
-            await asyncio.sleep(self.failure_delay)
-            if self.gate.is_banned(peer_ip) is not None:
-                raise LoginRefused("banned", "too many failed logins; try again later") from None
-            raise LoginRefused("failed", "authentication failed") from None
+            await self._refuse(address, peer_ip, protocol)
+        if not await self._allowed(unlocked, protocol):
+            await self._refuse(address, peer_ip, protocol)
         if account is not None:
             self.cache.store(account, secret, unlocked)
         await self.gate.login_succeeded(peer_ip, address, protocol)
         return unlocked
+
+    async def _allowed(self, unlocked: Unlocked, protocol: str) -> bool:
+        """The second-factor rule: may the slot this secret opened log in over ``protocol``?"""
+        directory = self.accounts.directory
+        two_factor = await self._thread(policy.two_factor_on, directory, unlocked.user.id)
+        return policy.secret_allowed(unlocked.slot.kind, protocol, two_factor)
+
+    async def _refuse(self, address: str, peer_ip: str, protocol: str) -> NoReturn:
+        """Count the failure, wait, and refuse (saying so if the account wants an app password)."""
+        await self.gate.login_failed(peer_ip, address, protocol)
+        log.info("authentication failed", extra={"protocol": protocol})
+        await asyncio.sleep(self.failure_delay)
+        if self.gate.is_banned(peer_ip) is not None:
+            raise LoginRefused("banned", "too many failed logins; try again later")
+        if protocol in policy.MAIL_PROTOCOLS and await self._thread(
+            policy.two_factor_on_address, self.accounts.directory, address
+        ):
+            raise LoginRefused("app-password", policy.APP_PASSWORD_REQUIRED)
+        raise LoginRefused("failed", "authentication failed")
 
     async def _warm(self, account: str, secret: str) -> Unlocked | None:
         """A cached unlock whose key slot is still the one the secret opened, or None."""

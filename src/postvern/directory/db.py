@@ -20,6 +20,7 @@ from typing import Any
 
 import apsw
 
+from postvern.accounts.schema import migrate_v6
 from postvern.crypto.keyslots import KDFParams, WrappedKey
 from postvern.directory.addresses import (
     AddressError,
@@ -228,7 +229,13 @@ def _v5(conn: apsw.Connection) -> None:
     )
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5]
+def _v6(conn: apsw.Connection) -> None:
+    # Accounts (postvern.accounts): second factors, passkeys (and 'passkey' key slots), API
+    # tokens, portal settings, sender lists, login history, invitations.
+    migrate_v6(conn)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6]
 ATTACHMENT_POLICIES = ("reject", "quarantine")
 
 

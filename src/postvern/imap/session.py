@@ -266,9 +266,10 @@ class ImapSession:
         try:
             logged_in = await self.login.login(user, secret, self.peer_ip, "imap")
         except LoginRefused as e:
-            if e.reason == "failed":
+            if e.reason in ("failed", "app-password"):
                 code = Code.AUTHENTICATIONFAILED
-                return Completion.no(tag, "authentication failed", ResponseCode(code))
+                text = str(e) if e.reason == "app-password" else "authentication failed"
+                return Completion.no(tag, text, ResponseCode(code))
             return Completion.no(tag, str(e), ResponseCode(Code.UNAVAILABLE))
         except Exception:
             log.exception("imap login failed unexpectedly")

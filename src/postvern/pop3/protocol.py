@@ -514,9 +514,9 @@ class POP3Connection:
         self.state = State.TRANSACTION
         self._reply("+OK Logged in.")
 
-    def refuse_login(self, code: ResponseCode) -> None:
+    def refuse_login(self, code: ResponseCode, text: str | None = None) -> None:
         self._take(Authenticate)
-        self._reply(f"-ERR [{code.value}] {_REFUSAL_TEXT[code]}")
+        self._reply(f"-ERR [{code.value}] {text or _REFUSAL_TEXT[code]}")
         if code is ResponseCode.AUTH:
             self._auth_failures += 1
             if self._auth_failures >= MAX_AUTH_FAILURES:

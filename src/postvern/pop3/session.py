@@ -123,8 +123,8 @@ class POP3Session:
         try:
             logged_in = await self.login.login(event.username, event.password, self.peer_ip, "pop3")
         except LoginRefused as e:
-            code = ResponseCode.AUTH if e.reason == "failed" else ResponseCode.LOGIN_DELAY
-            self.conn.refuse_login(code)
+            code = ResponseCode.LOGIN_DELAY if e.reason == "banned" else ResponseCode.AUTH
+            self.conn.refuse_login(code, str(e) if e.reason == "app-password" else None)
             return
         except Exception:
             log.exception("pop3 login failed unexpectedly")

@@ -286,6 +286,16 @@ def auth_failed() -> Reply:
     return Reply(535, "5.7.8", "Authentication credentials invalid")
 
 
+def app_password_required() -> Reply:
+    # The account has two-factor authentication on: only an app password opens it here
+    # (RFC 4954 §6: 535 5.7.8 for credentials that are not accepted).
+    return Reply(
+        535,
+        "5.7.8",
+        "Authentication credentials invalid; two-factor authentication is on: use an app password",
+    )
+
+
 def auth_temporary_failure() -> Reply:
     return Reply(454, "4.7.0", "Temporary authentication failure")
 

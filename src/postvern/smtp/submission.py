@@ -85,6 +85,8 @@ class SubmissionHandler(BaseHandler):
         except LoginRefused as e:
             if e.reason == "banned":
                 return Reply(421, "4.7.0", str(e))
+            if e.reason == "app-password":
+                return replies.app_password_required()
             return replies.auth_failed()
         self.user = unlocked.user
         state.user = unlocked.user.address
