@@ -1,19 +1,18 @@
 """Recent logins, shown on the dashboard so a user can spot one that was not theirs.
 
-Only the client's network is kept — the /24 of an IPv4 address, the /48 of an IPv6 one —
-never the address itself, and only the last ``KEEP`` logins per user.
+Only the client's network is kept — the /24 of an IPv4 address, the /48 of an IPv6 one, as
+the logs keep it (ops/logs.py) — never the address itself, and only the last ``KEEP``
+logins per user.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from postvern.accounts.store import AccountStore, now
+from postvern.ops.logs import anonymise_ip
 
 KEEP = 20  # enough to notice a stranger, little enough to be no tracking log
-IPV4_PREFIX = 24
-IPV6_PREFIX = 48  # a site, as RFC 6177 assigns them
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,13 +23,8 @@ class LoginRecord:
 
 
 def network_of(ip: str) -> str:
-    """The pseudonymised network of ``ip`` ("192.0.2.0/24"), or "unknown"."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return "unknown"
-    prefix = IPV4_PREFIX if address.version == 4 else IPV6_PREFIX
-    return str(ipaddress.ip_network((address, prefix), strict=False))
+    """The pseudonymised network of ``ip`` ("192.0.2.0/24"), as the logs write it."""
+    return anonymise_ip(ip)
 
 
 class LoginHistory:

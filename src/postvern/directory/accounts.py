@@ -196,8 +196,6 @@ class Accounts:
         user = self._user(address)
         unlocked = self._unlock_with_recovery(user, recovery_key)
         mk = unlocked.mailbox_key
-        recovery = keyslots.generate_secret(RECOVERY_GROUPS)
-        recovery_bytes = keyslots.normalise_generated(recovery)
         self.directory.replace_slots(
             user.id,
             "password",
@@ -205,6 +203,13 @@ class Accounts:
             None,
             self._wrap(user.id, "password", mk, new_password.encode()),
         )
+        return self.new_recovery_key(user, mk)
+
+    def new_recovery_key(self, user: User, mk: bytes) -> str:
+        """Replace the recovery key slot, with the mailbox key already unlocked (the account
+        portal's session holds it); returns the new key, to be shown once."""
+        recovery = keyslots.generate_secret(RECOVERY_GROUPS)
+        recovery_bytes = keyslots.normalise_generated(recovery)
         self.directory.replace_slots(
             user.id,
             "recovery",
@@ -220,7 +225,13 @@ class Accounts:
         if not label or len(label) > 64 or not label.isprintable():
             raise DirectoryError("label must be 1 to 64 printable characters")
         unlocked = self.authenticate(address, password)
-        user = unlocked.user
+        return self.add_app_password_unlocked(unlocked.user, unlocked.mailbox_key, label)
+
+    def add_app_password_unlocked(self, user: User, mk: bytes, label: str) -> str:
+        """The same with the mailbox key already unlocked (the account portal's session)."""
+        label = label.strip()
+        if not label or len(label) > 64 or not label.isprintable():
+            raise DirectoryError("label must be 1 to 64 printable characters")
         existing = self.directory.slots(user.id, "app")
         if any(s.label == label for s in existing):
             raise DirectoryError(f"an app password named {label!r} already exists")
@@ -233,7 +244,7 @@ class Accounts:
             "app",
             label,
             keyslots.lookup_tag(self._tag_key, normal),
-            self._wrap(user.id, "app", unlocked.mailbox_key, normal),
+            self._wrap(user.id, "app", mk, normal),
         )
         return secret
 
