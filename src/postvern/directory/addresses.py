@@ -2,12 +2,16 @@
 
 Local parts are matched case-insensitively, as Postfix, Dovecot and every large provider do,
 even though RFC 5321 §2.4 allows a server to treat them as case-sensitive: users do not expect
-``Alice@`` and ``alice@`` to be two people.
+``Alice@`` and ``alice@`` to be two people. Non-ASCII local parts (RFC 6531) are kept and
+compared in Unicode Normalization Form C, as RFC 6532 §3.1 asks: ``josé`` typed on a Mac
+(NFD: ``e`` + U+0301) and on any other keyboard (NFC: U+00E9) is one address. Every path that
+names an address — ``user add``, lookups, RCPT TO, logins — comes through here.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # RFC 5321 §4.5.3.1: local part ≤ 64 octets, domain ≤ 255.
 MAX_LOCALPART = 64
@@ -38,7 +42,9 @@ def normalise_domain(domain: str) -> str:
 
 
 def normalise_localpart(localpart: str) -> str:
-    localpart = localpart.lower()
+    # NFC after lower-casing: lower() keeps combining marks, and NFC then composes them, so
+    # the NFD and NFC spellings of a name end up the same (RFC 6532 §3.1).
+    localpart = unicodedata.normalize("NFC", localpart.lower())
     if not localpart or len(localpart.encode()) > MAX_LOCALPART:
         raise AddressError("local part must be 1 to 64 octets")
     if not _LOCAL_ATOM.match(localpart) or localpart.startswith(".") or ".." in localpart:
