@@ -89,6 +89,7 @@ class Server:
             resolver=self.resolver,
             arc_trusted_domains=frozenset(s.emailauth.arc_trusted_domains),
             content_filter=FilterStage(s, app.directory),
+            default_quota=s.limits.default_quota,
         )
         self.signer = Signer(app.directory)
         self.srs = SRS(app.server_key.derive("srs"))

@@ -116,6 +116,7 @@ class InboundPipeline:
         content_filter: ContentFilter | None = None,
         forwarder: Forwarder | None = None,
         srs: SRS | None = None,
+        default_quota: int = 0,
     ) -> None:
         self.hostname = hostname
         self.directory = directory
@@ -125,6 +126,7 @@ class InboundPipeline:
         self.content_filter = content_filter
         self.forwarder = forwarder
         self.srs = srs
+        self.default_quota = default_quota  # for users without a quota of their own
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
@@ -178,10 +180,11 @@ class InboundPipeline:
         return RCPT_OK, Recipient(address, (), (original,))
 
     async def _over_quota(self, user: User) -> bool:
-        if not user.quota:
+        quota = user.quota or self.default_quota  # as IMAP's GETQUOTA reports it
+        if not quota:
             return False
         usage = await self.registry.usage_estimate(user)
-        return usage >= user.quota
+        return usage >= quota
 
     # -- DATA --------------------------------------------------------------------------
 
