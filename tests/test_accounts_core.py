@@ -4,7 +4,6 @@ through the warm-login cache."""
 
 from __future__ import annotations
 
-import imaplib
 import poplib
 import smtplib
 import time
@@ -15,6 +14,7 @@ import pyotp
 import pytest
 
 from harness import PASSWORDS, DataDir, ServerProcess, client_tls_context, make_data_dir
+from portal_kit import imap_login
 from postvern.accounts import policy
 from postvern.accounts.recovery_codes import CODE_COUNT, RecoveryCodes
 from postvern.accounts.sessions import FULL, SessionStore
@@ -78,7 +78,7 @@ def test_the_totp_secret_is_sealed_in_the_directory(app: App) -> None:
     assert enrolment.secret.encode() not in bytes(stored)
     # Bound to the user: another user's row cannot be swapped in.
     other = TOTP(AccountStore(app.directory), app.server_key.derive("other"), "mx.test")
-    with pytest.raises(Exception):  # noqa: B017 - cryptography's InvalidTag
+    with pytest.raises(Exception):
         other._open(user.id, bytes(stored))
 
 
@@ -143,17 +143,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataDir]:
         yield data
 
 
-def _imap(data: DataDir, user: str, secret: str) -> str:
-    host, port = data.addr("imaps")
-    with imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=20) as conn:
-        try:
-            conn.login(user, secret)
-        except imaplib.IMAP4.error as e:
-            return str(e)
-        conn.logout()
-    return "OK"
-
-
 def _pop3(data: DataDir, user: str, secret: str) -> str:
     host, port = data.addr("pop3s")
     conn = poplib.POP3_SSL(host, port, context=client_tls_context(), timeout=20)
@@ -199,22 +188,24 @@ def test_with_2fa_on_mail_protocols_take_only_app_passwords(server: DataDir) -> 
     finally:
         app.close()
     # Before: the password works everywhere, and is now in the warm-login cache.
-    assert _imap(server, bob, password) == "OK"
+    assert imap_login(server, bob, password) == "OK"
     assert _smtp(server, bob, password) == "OK"
     _turn_on_totp(server, bob)
     # After: a cached password is refused at once; the refusal says what to do.
-    refused = _imap(server, bob, password)
+    refused = imap_login(server, bob, password)
     assert "[AUTHENTICATIONFAILED] use an app password" in refused
     smtp = _smtp(server, bob, password)
     assert smtp.startswith("535 5.7.8") and "use an app password" in smtp
     assert "use an app password" in _pop3(server, bob, password)
     # A wrong password gets the same answer: the text is no oracle for the password.
-    assert "[AUTHENTICATIONFAILED] use an app password" in _imap(server, bob, "wrong-password-1")
-    for check in (_imap, _smtp, _pop3):
+    assert "[AUTHENTICATIONFAILED] use an app password" in imap_login(
+        server, bob, "wrong-password-1"
+    )
+    for check in (imap_login, _smtp, _pop3):
         assert check(server, bob, app_password) == "OK"
     # An account without 2FA is not told about app passwords.
-    assert "use an app password" not in _imap(server, ALICE, "wrong-password-1")
-    assert _imap(server, ALICE, PASSWORDS[ALICE]) == "OK"
+    assert "use an app password" not in imap_login(server, ALICE, "wrong-password-1")
+    assert imap_login(server, ALICE, PASSWORDS[ALICE]) == "OK"
 
 
 def test_migration_keeps_existing_slots(tmp_path: Path) -> None:

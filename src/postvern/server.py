@@ -40,6 +40,7 @@ from postvern.smtp.mx import MXHandler
 from postvern.smtp.session import serve_smtp
 from postvern.smtp.submission import SubmissionHandler
 from postvern.store.service import MailboxRegistry
+from postvern.web.portal.routes import account_routes
 from postvern.web.server import start_web_server
 
 log = logging.getLogger("postvern")
@@ -262,7 +263,10 @@ async def _start_web(server: Server, host: str, port: int) -> Listener:
         directory_check=server.pipeline.is_local_domain,
         ssl_context=server.tls_context,
         metrics=server.metrics,
-        routes=WKD(server.app.directory).routes(server.pipeline.is_local_domain),
+        routes=[
+            *WKD(server.app.directory).routes(server.pipeline.is_local_domain),
+            *account_routes(server.app, server.login, server.abuse, server.resolver),
+        ],
     )
 
 

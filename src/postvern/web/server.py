@@ -173,7 +173,9 @@ async def _harden(
         response = await handler(request)
     except web.HTTPException as e:
         response = e
-    response.headers.update(SECURITY_HEADERS)
+    for name, value in SECURITY_HEADERS.items():
+        # A page that needs a policy of its own (the account portal's CSP) sets it itself.
+        response.headers.setdefault(name, value)
     return response
 
 

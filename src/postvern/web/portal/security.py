@@ -1,0 +1,71 @@
+"""The portal's own defences: headers, the session cookie, CSRF, and the origin check.
+
+* Content-Security-Policy with no inline script or style at all (CSP Level 3): only the
+  one stylesheet and the one script file of ``/account/static/`` load; forms post only to
+  this origin; no framing (``frame-ancestors 'none'``, as X-Frame-Options DENY).
+* The session cookie is ``__Host-`` prefixed (RFC 6265bis §4.1.3.2: Secure, Path=/, no
+  Domain, so no sibling host can set or shadow it), HttpOnly and SameSite=Strict.
+* Every state-changing request carries the session's CSRF token (a hidden form field or,
+  for the passkey script's JSON, a header) compared in constant time, and a request whose
+  Origin (RFC 6454 §7) or Sec-Fetch-Site names another site is refused before that.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+COOKIE = "__Host-postvern"
+CSRF_FIELD = "csrf"
+CSRF_HEADER = "X-CSRF-Token"
+CSP = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+    ]
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    # Two years with subdomains, the HSTS preload list's requirement; the portal is only
+    # ever served over HTTPS.
+    "Strict-Transport-Security": "max-age=63072000; includeSubDomains",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+
+
+def harden(response: web.StreamResponse) -> web.StreamResponse:
+    response.headers.update(HEADERS)
+    return response
+
+
+def set_session_cookie(response: web.StreamResponse, token: str) -> None:
+    response.set_cookie(COOKIE, token, secure=True, httponly=True, samesite="Strict", path="/")
+
+
+def clear_session_cookie(response: web.StreamResponse) -> None:
+    response.del_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+
+
+def same_origin(request: web.Request) -> bool:
+    """False for a request another site's page made (a cross-site form post)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"https://{request.host}":
+        return False
+    site = request.headers.get("Sec-Fetch-Site")
+    return site is None or site in ("same-origin", "none")
+
+
+def csrf_ok(expected: str, given: str | None) -> bool:
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())

@@ -1,0 +1,200 @@
+"""The account portal over real HTTPS with a real HTTP client: login with and without a
+second factor, the session cookie and its rotation, CSRF, the security headers, no account
+enumeration, escaping, app passwords used over IMAP, the API's scoped tokens."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+
+import pyotp
+import pytest
+
+from harness import PASSWORDS, DataDir, ServerProcess, make_data_dir
+from portal_kit import Browser, imap_login
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataDir]:
+    data = make_data_dir(tmp_path_factory.mktemp("portal") / "data", listeners=("https", "imaps"))
+    with ServerProcess(data):
+        yield data
+
+
+@pytest.fixture
+async def browser(server: DataDir) -> AsyncIterator[Browser]:
+    b = Browser(server)
+    yield b
+    await b.close()
+
+
+async def test_headers_cookie_and_login_rotation(browser: Browser) -> None:
+    r = await browser.get("/account/login")
+    assert r.status == 200
+    csp = r.headers["Content-Security-Policy"]
+    for part in (
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+    ):
+        assert part in csp
+    assert "unsafe-inline" not in csp
+    assert r.headers["Strict-Transport-Security"].startswith("max-age=")
+    assert r.headers["Referrer-Policy"] == "no-referrer"
+    assert r.headers["X-Frame-Options"] == "DENY"
+    cookie = r.headers["Set-Cookie"]
+    assert cookie.startswith("__Host-postvern=")
+    for flag in ("Secure", "HttpOnly", "SameSite=Strict", "Path=/"):
+        assert flag in cookie
+    # No inline script or style anywhere on the page.
+    assert "<script>" not in browser.last and "style=" not in browser.last
+    before = cookie.split(";")[0]
+    r = await browser.post(
+        "/account/login", {"address": ALICE, "password": PASSWORDS[ALICE]}, allow_redirects=False
+    )
+    assert r.status == 303 and r.headers["Location"] == "/account/"
+    after = r.headers["Set-Cookie"].split(";")[0]
+    assert after != before  # a new session token at login
+    r = await browser.get("/account/")
+    assert r.status == 200 and "Recent logins" in browser.last
+
+
+async def test_csrf_token_and_origin_are_checked(browser: Browser) -> None:
+    await browser.login(ALICE, PASSWORDS[ALICE])
+    await browser.get("/account/app-passwords")
+    r = await browser.post("/account/app-passwords", {"label": "x", "csrf": "forged"})
+    assert r.status == 403
+    r = await browser.post(
+        "/account/app-passwords", {"label": "evil"}, origin="https://evil.example"
+    )
+    assert r.status == 403
+    await browser.get("/account/app-passwords")
+    assert "evil" not in browser.last
+
+
+async def test_no_account_enumeration(server: DataDir) -> None:
+    answers = []
+    for address in (ALICE, "nobody@example.test", "someone@elsewhere.test"):
+        b = Browser(server)
+        try:
+            r = await b.login(address, "not-the-password-1")
+            text = re.sub(r'(value|content)="[^"]*"', "", b.last)  # CSRF tokens, the address
+            answers.append((r.status, text.replace(address, "")))
+        finally:
+            await b.close()
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0][0] == 401
+
+
+async def test_output_is_escaped(browser: Browser) -> None:
+    await browser.login(BOB, PASSWORDS[BOB])
+    await browser.get("/account/app-passwords")
+    await browser.post("/account/app-passwords", {"label": "<script>alert(1)</script>"})
+    assert "<script>alert(1)</script>" not in browser.last
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in browser.last
+
+
+async def test_app_password_over_imap_then_revoked(server: DataDir, browser: Browser) -> None:
+    await browser.login(ALICE, PASSWORDS[ALICE])
+    await browser.get("/account/app-passwords")
+    await browser.post("/account/app-passwords", {"label": "laptop"})
+    found = re.search(r"data-new-app-password>([^<]+)<", browser.last)
+    assert found
+    secret = found.group(1)
+    assert imap_login(server, ALICE, secret) == "OK"
+    await browser.post("/account/app-passwords/revoke", {"label": "laptop"})
+    assert "AUTHENTICATIONFAILED" in imap_login(server, ALICE, secret)
+
+
+async def test_totp_second_factor_and_replay(server: DataDir) -> None:
+    address = "carol@example.test"
+    app = server.app()
+    try:
+        app.accounts.create_user(address, "carol-long-password")
+    finally:
+        app.close()
+    b = Browser(server)
+    try:
+        await b.login(address, "carol-long-password")
+        await b.get("/account/security")
+        await b.post("/account/security/totp/start")
+        secret = re.search(r"data-totp-secret>([A-Z2-7]+)<", b.last)
+        assert secret
+        otp = pyotp.TOTP(secret.group(1))
+        code = otp.now()
+        await b.post("/account/security/totp/confirm", {"code": code})
+        assert "data-recovery-codes" in b.last
+        codes = re.findall(r"<li><code>([a-z0-9-]+)</code></li>", b.last)
+        assert len(codes) == 10
+        await b.post("/account/logout")
+        # The password alone no longer logs in: a second factor is owed.
+        r = await b.login(address, "carol-long-password")
+        assert str(r.url).endswith("/account/login/second-factor")
+        r = await b.post("/account/login/second-factor", {"code": code})  # used at enrolment
+        assert r.status == 401 and "already used" in b.last
+        # A recovery code works once.
+        r = await b.post("/account/login/second-factor", {"code": codes[0]})
+        assert r.status == 200 and str(r.url).endswith("/account/")
+        assert imap_login(server, address, "carol-long-password").endswith(
+            "use an app password'"
+        ) or "use an app password" in imap_login(server, address, "carol-long-password")
+    finally:
+        await b.close()
+
+
+async def test_api_scoped_tokens(server: DataDir, browser: Browser) -> None:
+    await browser.login(BOB, PASSWORDS[BOB])
+    await browser.get("/account/tokens")
+    r = await browser.http.post(
+        browser.base + "/account/tokens",
+        data=[("csrf", browser.csrf), ("name", "aliases bot"), ("scope", "aliases:write")],
+        headers={"Origin": browser.base},
+    )
+    found = re.search(r"data-new-token>([^<]+)<", await r.text())
+    assert found
+    token = found.group(1)
+    auth = {"Authorization": f"Bearer {token}"}
+    api = browser.base + "/api/v1"
+    r = await browser.http.post(api + "/aliases", json={"localpart": "bob.shop"}, headers=auth)
+    assert r.status == 201 and (await r.json())["alias"] == "bob.shop@example.test"
+    r = await browser.http.get(api + "/aliases", headers=auth)
+    assert (await r.json())["aliases"] == ["bob.shop@example.test"]
+    # Beyond its scope: refused with the scope named (RFC 6750 §3.1).
+    r = await browser.http.get(api + "/spam", headers=auth)
+    assert r.status == 403 and "insufficient_scope" in r.headers["WWW-Authenticate"]
+    r = await browser.http.get(api + "/admin/users", headers=auth)
+    assert r.status == 403
+    r = await browser.http.get(api + "/aliases", headers={"Authorization": "Bearer pvt_nope"})
+    assert r.status == 401
+    r = await browser.http.get(api + "/openapi.json")
+    doc = await r.json()
+    assert doc["openapi"].startswith("3.") and "/aliases" in doc["paths"]
+    # Revoked in the portal: refused at once.
+    await browser.get("/account/tokens")
+    token_id = re.search(r'name="id" value="(\d+)"', browser.last)
+    assert token_id
+    await browser.post("/account/tokens/revoke", {"id": token_id.group(1)})
+    r = await browser.http.get(api + "/aliases", headers=auth)
+    assert r.status == 401
+
+
+async def test_pages_render_for_a_logged_in_user(browser: Browser) -> None:
+    await browser.login(ALICE, PASSWORDS[ALICE])
+    for path, text in [
+        ("/account/", "Storage"),
+        ("/account/password", "Change password"),
+        ("/account/security", "Two-factor authentication"),
+        ("/account/aliases", "Aliases"),
+        ("/account/spam", "Junk threshold"),
+        ("/account/sessions", "this one"),
+        ("/account/tokens", "API tokens"),
+    ]:
+        r = await browser.get(path)
+        assert r.status == 200 and text in browser.last, path
+    r = await browser.http.get(browser.base + "/account/export.mbox")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("application/mbox")
+    await r.read()
