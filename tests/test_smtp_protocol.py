@@ -29,7 +29,7 @@ Policy = Callable[[ev.Event], Reply | None]
 
 def standard_reply(event: ev.Event, conn: ServerConnection) -> Reply:
     """What a permissive server says; tests override single answers through a policy."""
-    if isinstance(event, ev.ProtocolError | ev.Refused | ev.MessageRejected):
+    if isinstance(event, ev.ProtocolError | ev.Refused | ev.MessageRejected | ev.Unsynchronized):
         return event.reply
     if isinstance(event, ev.Ehlo):
         return replies.ehlo("mx.test", event.domain, conn.extensions())
@@ -265,6 +265,57 @@ def test_rejected_recipients_do_not_count_for_data() -> None:
     d = greeted(policy=lambda e: Reply(550, "5.1.1", "no") if isinstance(e, ev.Rcpt) else None)
     d.feed(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
     assert d.codes() == ["250 2.1.0", "550 5.1.1", "554 5.5.1"]
+
+
+def test_text_pipelined_behind_a_refused_data_is_discarded_and_closes() -> None:
+    # RFC 2920 §3.1: the message may follow only the 354. Behind a refused DATA it is the
+    # text of a client that did not wait; its lines must never run as commands.
+    d = greeted(policy=lambda e: Reply(550, "5.1.1", "no") if isinstance(e, ev.Rcpt) else None)
+    events = d.feed(
+        b"MAIL FROM:<a@example.test>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\n"
+        b"RCPT TO:<alice@example.test>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
+    )
+    assert d.codes() == ["250 2.1.0", "550 5.1.1", "421 4.5.0"]
+    (unsynchronized,) = only(events, ev.Unsynchronized)
+    assert unsynchronized.command == "DATA" and unsynchronized.discarded > 0
+    assert [type(e) for e in events][-2:] == [ev.Unsynchronized, ev.ConnectionClosed]
+    assert d.conn.closed and len(only(events, ev.Rcpt)) == 1
+
+
+def test_data_without_mail_with_text_behind_it_closes() -> None:
+    d = greeted()
+    d.feed(b"DATA\r\nRCPT TO:<b@example.test>\r\n")
+    assert d.codes() == ["421 4.5.0"] and d.conn.closed
+
+
+def test_a_refused_data_alone_keeps_the_session() -> None:
+    # A pipelining client that waits for the reply to DATA (RFC 2920 §3.1) goes on.
+    d = greeted(policy=lambda e: Reply(550, "5.1.1", "no") if isinstance(e, ev.Rcpt) else None)
+    d.feed(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert d.conn.refusing_data is False  # answered
+    d.feed(b"RSET\r\nQUIT\r\n")
+    assert d.codes() == ["250 2.1.0", "550 5.1.1", "554 5.5.1", "250 2.0.0", "221 2.0.0"]
+
+
+def test_refusing_data_is_true_until_the_refusal_is_answered() -> None:
+    d = greeted()
+    d.conn.receive_data(b"MAIL FROM:<a@example.test>\r\n")
+    d.conn.send(standard_reply(d.conn.next_event(), d.conn))
+    d.conn.receive_data(b"DATA\r\n")
+    event = d.conn.next_event()
+    assert isinstance(event, ev.Refused) and d.conn.refusing_data
+    d.conn.send(event.reply)
+    assert not d.conn.refusing_data
+
+
+def test_text_pipelined_behind_an_accepted_data_is_the_message() -> None:
+    # Early text behind a DATA that gets its 354 is still read as the message (lenient).
+    d = greeted()
+    events = d.feed(
+        b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nhi\r\n.\r\n"
+    )
+    assert d.codes() == ["250 2.1.0", "250 2.1.5", "354 End", "250 2.0.0"]
+    assert only(events, ev.MessageBody) and not d.conn.closed
 
 
 def test_unknown_and_unimplemented_commands() -> None:
@@ -830,7 +881,8 @@ def test_refused_bdat_fails_the_transaction() -> None:
 
 def test_data_and_rcpt_cannot_follow_bdat() -> None:
     d = in_transaction()
-    d.feed(b"BDAT 1\r\nxDATA\r\nRCPT TO:<c@example.test>\r\n")
+    d.feed(b"BDAT 1\r\nxDATA\r\n")
+    d.feed(b"RCPT TO:<c@example.test>\r\n")
     assert d.codes() == ["250 2.0.0", "503 5.5.1", "503 5.5.1"]
 
 
@@ -1022,7 +1074,7 @@ def test_malformed_replies_are_programming_errors(code: int, status: str | None)
 def test_every_final_standard_reply_has_an_enhanced_code() -> None:
     # RFC 2034 exempts the greeting, the EHLO response and the intermediate 3xx replies.
     exempt = {"greeting", "ehlo", "helo", "start_data", "auth_challenge"}
-    arguments = {"hostname": "mx", "limit": 1, "size": 1}
+    arguments = {"hostname": "mx", "limit": 1, "size": 1, "command": "DATA"}
     factories = [
         (name, function)
         for name, function in inspect.getmembers(replies, inspect.isfunction)

@@ -128,6 +128,8 @@ class Recorder:
     auth_attempts: list[tuple[str, str, str]] = field(default_factory=list)
     disconnects: int = 0
     greeting: Reply | None = None  # what on_connect answers
+    rcpt_gate: asyncio.Event | None = None  # set: RCPT answers only once it is set
+    rcpt_waiting: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class RecordingHandler(BaseHandler):
@@ -148,6 +150,9 @@ class RecordingHandler(BaseHandler):
         return replies.sender_ok()
 
     async def on_rcpt(self, state: SessionState, recipient: Address, params: RcptParams) -> Reply:
+        if self.recorder.rcpt_gate is not None:
+            self.recorder.rcpt_waiting.set()
+            await self.recorder.rcpt_gate.wait()
         if recipient.local_part == "boom":
             raise RuntimeError("handler bug")
         if recipient.domain_lower != "example.test":
@@ -323,6 +328,22 @@ async def test_bdat_over_the_wire(start_server: Starter) -> None:
     assert codes == ["250 2.1.0", "250 2.1.5", "250 2.0.0", "250 2.0.0"]
     assert recorder.deliveries[0].message == b"line\r\n.\r\n\x00\xff\r\n."
     await client.close()
+
+
+async def test_text_sent_while_a_refused_data_waits_closes(start_server: Starter) -> None:
+    # The text arrives while the session waits on the handler, so the core has not seen it
+    # when it refuses DATA; the session finds it in what it received (RFC 2920 §3.1).
+    server, recorder = await start_server()
+    recorder.rcpt_gate = asyncio.Event()
+    client = await greeted_client(server.port)
+    await client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.test>\r\nDATA\r\n")
+    await asyncio.wait_for(recorder.rcpt_waiting.wait(), NETWORK_WAIT)
+    await client.send(b"RCPT TO:<u1@example.test>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    await asyncio.sleep(0.1)  # let the server's channel take the bytes in (not a timing test)
+    recorder.rcpt_gate.set()
+    assert [await client.code() for _ in range(3)] == ["250 2.1.0", "550 5.1.1", "421 4.5.0"]
+    assert await client.at_eof()
+    assert recorder.deliveries == []
 
 
 # --- SMTP smuggling -------------------------------------------------------------------------

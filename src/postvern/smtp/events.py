@@ -104,6 +104,18 @@ class StartTLS(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Unsynchronized(Event):
+    """The client sent more behind a command it must wait on (RFC 2920 §3.1): DATA that the
+    core refused. ``discarded`` bytes were thrown away, as after STARTTLS, for they are the
+    message text and would otherwise run as commands. Send ``reply`` (a 421: the
+    connection closes)."""
+
+    command: str
+    discarded: int
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
 class Auth(Event):
     """AUTH. ``initial_response`` is decoded from base64: ``None`` when absent, ``b""`` for "="."""
 

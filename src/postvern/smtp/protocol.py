@@ -41,6 +41,7 @@ from postvern.smtp.events import (
     Refused,
     Rset,
     StartTLS,
+    Unsynchronized,
     Vrfy,
 )
 from postvern.smtp.replies import Reply
@@ -148,6 +149,12 @@ class ServerConnection:
     * On STARTTLS every byte already buffered behind the command is discarded and reported
       (CVE-2011-0411), and :meth:`tls_started` forgets EHLO, AUTH and the transaction
       (RFC 3207 §4.2).
+    * DATA ends a pipelined group too (RFC 2920 §3.1): the text may follow only its 354. If
+      DATA is refused with bytes already buffered behind it, they are discarded the same
+      way and reported as :class:`Unsynchronized`, whose 421 closes the connection; read as
+      commands, the lines of that text would join the open transaction. While a refused
+      DATA awaits its reply, :attr:`refusing_data` is true, so that the caller can apply
+      the same rule to bytes that it holds and the core has not seen.
     * AUTH is offered only when mechanisms are configured, and only under TLS when
       ``auth_requires_tls`` (538 5.7.11 otherwise).
     * The N-th protocol error (``SMTPLimits.errors``) is answered with 421 4.7.0 instead and
@@ -190,6 +197,7 @@ class ServerConnection:
         self._greeted = False
         self._refused_session = False  # greeted with 554: only QUIT now (RFC 5321 §3.1)
         self._pending: Event | None = None
+        self._refusing_data = False  # the pending event refuses DATA (see refusing_data)
         self._transaction: _Transaction | None = None
         self._discard_chunks = False  # a BDAT transaction failed; skip its remaining chunks
 
@@ -226,6 +234,14 @@ class ServerConnection:
     def buffered(self) -> int:
         """Bytes received and not yet consumed (the message being built is not counted)."""
         return len(self._buffer)
+
+    @property
+    def refusing_data(self) -> bool:
+        """The pending event refuses DATA. The client must wait for that reply before it
+        sends more (RFC 2920 §3.1): bytes received before the reply is written were sent
+        without waiting, and the caller should answer :func:`replies.improper_pipelining`
+        instead, as the core does with an :class:`Unsynchronized` event."""
+        return self._refusing_data
 
     @property
     def auth_offered(self) -> bool:
@@ -296,6 +312,7 @@ class ServerConnection:
         if event is None:
             return self._send_unsolicited(reply)
         self._pending = None
+        self._refusing_data = False
         if reply.code == 421:  # RFC 5321 §3.8: 421 always closes the channel
             self._close()
         else:
@@ -447,6 +464,19 @@ class ServerConnection:
         return Rcpt(address, params)
 
     def _data(self, argument: str) -> Event:
+        refusal = self._data_refusal(argument)
+        if refusal is None:
+            return Data()
+        self._refusing_data = True
+        if self._buffer:
+            # RFC 2920 §3.1: the text may follow only a 354. What came behind a refused DATA
+            # is the message, sent without waiting; its lines must not run as commands.
+            return Unsynchronized(
+                "DATA", self._discard_buffer(), replies.improper_pipelining("DATA")
+            )
+        return refusal
+
+    def _data_refusal(self, argument: str) -> Event | None:
         if argument:
             return self._error(replies.argument_error("DATA takes no arguments"))
         transaction = self._transaction
@@ -456,7 +486,7 @@ class ServerConnection:
             return self._error(replies.bad_sequence("DATA cannot follow BDAT"))
         if transaction.recipients == 0:
             return Refused(replies.no_valid_recipients())
-        return Data()
+        return None
 
     def _bdat(self, argument: str) -> Event:
         if not self.chunking:
@@ -519,10 +549,7 @@ class ServerConnection:
             return self._error(replies.bad_sequence("Send EHLO first"))
         # STARTTLS ends a pipelined group (RFC 2920 §3.1). Plaintext behind it would be read
         # as if it came under TLS: the command-injection hole of CVE-2011-0411.
-        discarded = len(self._buffer)
-        self._buffer.clear()
-        self._scanned = 0
-        return StartTLS(discarded)
+        return StartTLS(self._discard_buffer())
 
     def _auth(self, argument: str) -> Event:
         if self.client_name is None or not self.esmtp:
@@ -598,6 +625,13 @@ class ServerConnection:
             self._overlong = False
             return _Frame.TOO_LONG
         return line
+
+    def _discard_buffer(self) -> int:
+        """Drop the bytes pipelined behind a command that ends a group; returns how many."""
+        discarded = len(self._buffer)
+        self._buffer.clear()
+        self._scanned = 0
+        return discarded
 
     def _closed_if_eof(self) -> Event:
         if self._eof:

@@ -229,6 +229,14 @@ def too_many_errors() -> Reply:
     return Reply(421, "4.7.0", "Too many errors, closing connection")
 
 
+def improper_pipelining(command: str) -> Reply:
+    # RFC 2920 §3.1: after DATA the client waits for the reply. Text sent behind a refused
+    # DATA would be read as commands, so the connection ends (like Postfix's
+    # smtpd_forbid_unauth_pipelining); 421 because the recipients' own replies stand and
+    # a greylisted one must be retried (RFC 5321 §3.8: 421 closes).
+    return Reply(421, "4.5.0", f"Data sent before the reply to {command}, closing connection")
+
+
 def too_many_connections() -> Reply:
     return Reply(421, "4.7.0", "Too many connections, try again later")
 

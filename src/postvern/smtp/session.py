@@ -49,6 +49,7 @@ from postvern.smtp.events import (
     Refused,
     Rset,
     StartTLS,
+    Unsynchronized,
     Vrfy,
 )
 from postvern.smtp.protocol import ServerConnection
@@ -324,6 +325,8 @@ class SMTPSession:
                     break
             else:
                 reply = await self._answer(event)
+                if self.conn.refusing_data:
+                    reply = self._synchronized(event, reply)
                 self._out.append(self.conn.send(reply))
                 self._record(event, reply)
         await self._flush()
@@ -378,13 +381,7 @@ class SMTPSession:
     async def _start_tls(self, event: StartTLS) -> bool:
         # Stop reading before the 220 goes out: the ClientHello that answers it belongs to the
         # TLS layer, and anything already received in plaintext must not survive the switch.
-        discarded = event.discarded + self._channel.discard_input()
-        if discarded:
-            logger.warning(
-                "smtp session %s: discarded %d bytes pipelined after STARTTLS",
-                self.state.session_id,
-                discarded,
-            )
+        self._discard_pipelined("STARTTLS", event.discarded)
         context = self._settings.ssl_context
         reply = replies.ready_to_start_tls() if context else replies.tls_not_available()
         self._out.append(self.conn.send(reply))
@@ -404,10 +401,32 @@ class SMTPSession:
         state.transaction = None
         return True
 
+    def _discard_pipelined(self, command: str, discarded: int) -> int:
+        """Drop what the client sent behind a command it must wait on (RFC 2920 §3.1): the
+        ``discarded`` bytes the core threw away, and what the channel holds besides, which
+        was received before the reply went out. Logged by count, never by content."""
+        discarded += self._channel.discard_input()
+        if discarded:
+            logger.warning(
+                "smtp session %s: discarded %d bytes pipelined after %s",
+                self.state.session_id,
+                discarded,
+                command,
+            )
+        return discarded
+
+    def _synchronized(self, event: Event, reply: Reply) -> Reply:
+        """The reply to a refused DATA, or 421 (which closes) if the message text came
+        behind it without waiting: as commands, its lines would join the transaction."""
+        in_core = event.discarded if isinstance(event, Unsynchronized) else 0
+        if not self._discard_pipelined("DATA", in_core):
+            return reply
+        return replies.improper_pipelining("DATA")
+
     async def _answer(self, event: Event) -> Reply:
         """The reply to one request: the core's own, a standard one, or the handler's."""
         state, handler, hostname = self.state, self._handler, self._settings.hostname
-        if isinstance(event, ProtocolError | Refused | MessageRejected):
+        if isinstance(event, ProtocolError | Refused | MessageRejected | Unsynchronized):
             return event.reply
         if isinstance(event, Ehlo | Helo):
             extended = isinstance(event, Ehlo)
