@@ -211,6 +211,7 @@ def _start_submission(implicit_tls: bool) -> Starter:
                 signer=server.signer,
                 queue=server.queue,
                 hostname=s.hostname,
+                primary_domain=s.primary_domain,
                 abuse=server.abuse,
             ),
             hostname=s.hostname,

@@ -70,6 +70,13 @@ class Address:
         return self.domain == "" and self.local_part.lower() == "postmaster"
 
     @property
+    def literal_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The IP address of an address-literal domain (RFC 5321 §4.1.3); None for a name."""
+        if not self.domain.startswith("["):
+            return None
+        return parse_address_literal(self.domain)
+
+    @property
     def is_utf8(self) -> bool:
         return not (self.local_part.isascii() and self.domain.isascii())
 

@@ -4,14 +4,23 @@ The handler is the seam between the SMTP session and the inbound pipeline: it re
 recipients outside our domains (no open relay) and unknown users at RCPT time (so nothing is
 bounced later to a forged sender), and hands the accepted message and its envelope to
 :class:`~postvern.delivery.pipeline.InboundPipeline`, whose reply it returns.
+
+A recipient may name its host by address instead of domain, ``user@[192.0.2.1]`` or
+``user@[IPv6:2001:db8::1]`` (RFC 5321 §4.1.3). Such a literal is ours when it is the address
+the client connected to: that is one the listener is bound to, or with a wildcard bind one
+of the host's own addresses, and a sender delivering to a literal connects to exactly that
+address (§5.1). The mailbox is then the same local part at the primary domain, as Postfix's
+``resolve_numeric_domain`` does. Any other literal is someone else's host: relaying, refused.
+Behind NAT or a proxy the public address is not the one connected to, and is refused.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 from postvern.abuse import Abuse, Refusal, subject
-from postvern.delivery.pipeline import InboundPipeline, Recipient, Transaction
+from postvern.delivery.pipeline import NOT_OURS, InboundPipeline, Recipient, Transaction
 from postvern.smtp import replies
 from postvern.smtp.address import Address
 from postvern.smtp.commands import MailParams, RcptParams
@@ -24,6 +33,27 @@ log = logging.getLogger(__name__)
 def refusal_reply(refusal: Refusal) -> Reply:
     """The SMTP reply for an abuse refusal (its code, enhanced status and text)."""
     return Reply(refusal.code, refusal.enhanced_status, refusal.text)
+
+
+def names_this_host(recipient: Address, state: SessionState) -> bool:
+    """Whether ``recipient``'s domain is an address literal naming this server: the address
+    this connection reached (see the module docstring). IPv4-mapped IPv6 counts as IPv4."""
+    literal = recipient.literal_ip
+    if literal is None:
+        return False
+    try:
+        local = ipaddress.ip_address(state.local_ip)
+    except ValueError:
+        return False
+    return _unmapped(literal) == _unmapped(local)
+
+
+def _unmapped(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 class MXHandler(BaseHandler):
@@ -59,8 +89,10 @@ class MXHandler(BaseHandler):
         if recipient.is_postmaster:
             # RFC 5321 §4.5.1: the bare <Postmaster> must be accepted.
             address = f"postmaster@{self.primary_domain}"
-        elif recipient.domain.startswith("["):
-            return Reply(550, "5.7.1", "address literals are not accepted here")
+        elif recipient.literal_ip is not None:
+            if not names_this_host(recipient, state):
+                return NOT_OURS
+            address = f"{recipient.local_part}@{self.primary_domain}"
         else:
             address = f"{recipient.local_part}@{recipient.domain_lower}"
         reply, resolved = await self.pipeline.check_recipient(address)

@@ -5,6 +5,16 @@ must be the user's own or an alias that lists them. Messages get a Date and Mess
 the client left them out (RFC 6409 §8), are DKIM-signed with both of the From domain's keys,
 then local recipients are delivered through the inbound pipeline and remote ones go to the
 durable outbound queue — all before 250.
+
+A refused attempt to send as someone else is logged at warning level with the account (as
+the logs' pseudonym), the refused address's domain and which check refused it; never the
+address itself. A recipient address literal (RFC 5321 §4.1.3) naming this server is the
+same local part at the primary domain, as on the MX (see :func:`names_this_host`); any
+other literal is refused at RCPT, since the MTA does not route literals (it would let a
+user aim it at any address, internal ones included).
+
+One transaction makes at most one queue entry, under the transaction's id: the id of the
+``250 OK queued as`` reply, of the Received header, of the logs and of ``postvern queue``.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from postvern import mime
-from postvern.abuse import Abuse
+from postvern.abuse import Abuse, subject
 from postvern.delivery import headers
 from postvern.delivery.pipeline import InboundPipeline, OutboundQueue, Recipient, Transaction
 from postvern.directory.addresses import AddressError, normalise_address
@@ -26,7 +36,7 @@ from postvern.login import LoginRefused, LoginService
 from postvern.smtp import replies
 from postvern.smtp.address import Address
 from postvern.smtp.commands import MailParams, RcptParams
-from postvern.smtp.mx import refusal_reply
+from postvern.smtp.mx import names_this_host, refusal_reply
 from postvern.smtp.replies import Reply
 from postvern.smtp.session import BaseHandler, SessionState
 
@@ -37,6 +47,10 @@ T = TypeVar("T")
 # of what we send on, as privacy-first providers do (a reserved .invalid name, RFC 2606).
 SUBMISSION_HELO = "submission.invalid"
 MAX_FROM_ADDRESSES = 10
+# The MTA refuses address literals (mta.destination), so they are refused before 250.
+LITERAL_NOT_ROUTED = Reply(550, "5.1.2", "address literals other than this server's are not routed")
+# A domain from a client goes into a log line: printable, bounded (RFC 5321 §4.5.3.1.2).
+MAX_LOGGED_DOMAIN = 255
 
 
 class SubmissionHandler(BaseHandler):
@@ -52,6 +66,7 @@ class SubmissionHandler(BaseHandler):
         signer: Signer,
         queue: OutboundQueue | None,
         hostname: str,
+        primary_domain: str,
         abuse: Abuse | None = None,
     ) -> None:
         self.abuse = abuse
@@ -61,6 +76,7 @@ class SubmissionHandler(BaseHandler):
         self.signer = signer
         self.queue = queue
         self.hostname = hostname
+        self.primary_domain = primary_domain
         self.user: User | None = None
         self._local: list[Recipient] = []
         self._remote: list[str] = []
@@ -101,8 +117,21 @@ class SubmissionHandler(BaseHandler):
         if sender is None:
             return Reply(550, "5.7.1", "a null sender cannot be submitted")
         if not await self._owns(str(sender)):
+            self._log_spoofing(state, "envelope sender", str(sender))
             return Reply(550, "5.7.1", f"you may not send as <{sender}>")
         return replies.sender_ok()
+
+    def _log_spoofing(self, state: SessionState, what: str, address: str) -> None:
+        """Log a refused sender: the account, the address's domain only, which check."""
+        assert self.user is not None
+        _, at, domain = address.rpartition("@")
+        shown = "".join(c for c in domain.lower() if c.isprintable())[:MAX_LOGGED_DOMAIN]
+        log.warning(
+            "submission refused: the account may not use this %s (domain %s)",
+            what,
+            shown if at and shown else "-",
+            extra=subject(ip=state.peer_ip, account=self.user.address),
+        )
 
     async def _owns(self, address: str) -> bool:
         assert self.user is not None
@@ -111,8 +140,13 @@ class SubmissionHandler(BaseHandler):
     async def on_rcpt(self, state: SessionState, recipient: Address, params: RcptParams) -> Reply:
         if self.user is None:
             return replies.auth_required()
+        domain = recipient.domain
+        if recipient.literal_ip is not None:
+            if not names_this_host(recipient, state):
+                return LITERAL_NOT_ROUTED
+            domain = self.primary_domain
         try:
-            address = normalise_address(f"{recipient.local_part}@{recipient.domain}")
+            address = normalise_address(f"{recipient.local_part}@{domain}")
         except AddressError:
             return replies.bad_recipient_syntax()
         if await self.pipeline.is_local_domain(address.rpartition("@")[2]):
@@ -131,7 +165,7 @@ class SubmissionHandler(BaseHandler):
             over_limit = await self.abuse.on_submission(self.user.address)
             if over_limit is not None:
                 return refusal_reply(over_limit)
-        bad_from = await self._check_from(message)
+        bad_from = await self._check_from(state, message)
         if bad_from is not None:
             return bad_from
         message = _complete_headers(message, self.hostname)
@@ -162,20 +196,24 @@ class SubmissionHandler(BaseHandler):
                 recipient=None,
                 tls=txn.tls,
             )
-            await queue.enqueue(txn.mail_from, targets, trace + msg)
+            await queue.enqueue(txn.mail_from, targets, trace + msg, queue_id=txn.queue_id)
 
-        reply = await self.pipeline.store(txn, signed, remote=self._remote, send_remote=send_remote)
+        # Outside addresses of local aliases go out with the remote recipients: the sender is
+        # our user and the message is signed by us, so no SRS is needed.
+        forwarded = (t for r in self._local for t in r.external)
+        remote = list(dict.fromkeys([*self._remote, *forwarded]))
+        reply = await self.pipeline.store(txn, signed, remote=remote, send_remote=send_remote)
         log.info(
             "submission %s: %d local, %d remote: %d",
             txn.queue_id,
             len(self._local),
-            len(self._remote),
+            len(remote),
             reply.code,
         )
         self._local, self._remote = [], []
         return reply
 
-    async def _check_from(self, message: bytes) -> Reply | None:
+    async def _check_from(self, state: SessionState, message: bytes) -> Reply | None:
         values = mime.header_values(message, "From")
         if len(values) != 1:
             return Reply(550, "5.6.0", "the message needs exactly one From header field")
@@ -184,6 +222,7 @@ class SubmissionHandler(BaseHandler):
             return Reply(550, "5.6.0", "the From header field names no usable address")
         for address in addresses:
             if not await self._owns(address):
+                self._log_spoofing(state, "From address", address)
                 return Reply(550, "5.7.1", f"you may not send with From: {address}")
         return None
 
