@@ -33,6 +33,7 @@ from postvern.encdb import SchemaTooNew, WrongKey
 from postvern.filters import FilterSettings, ScanContext, trial
 from postvern.mta import QUEUE_FILE, EntryNotFound, QueueError, QueueStore
 from postvern.mta import admin as mta_admin
+from postvern.mta import wake as mta_wake
 from postvern.ops import dnsrecords
 from postvern.web import clientservers, mtasts
 
@@ -278,7 +279,11 @@ def cmd_queue_show(app: App, args: argparse.Namespace) -> int:
 def cmd_queue_retry(app: App, args: argparse.Namespace) -> int:
     with _queue_store(app) as store:
         count = mta_admin.retry_entries(store, args.id)
+    # The running server's MTA is told through the FIFO in the data directory (mta.wake).
+    woken = mta_wake.wake(app.settings.path(mta_wake.WAKE_FILE))
     print(f"{count} entr{'y' if count == 1 else 'ies'} scheduled for delivery now")
+    if not woken:
+        print("no running server was reached; delivery starts when it runs")
     return 0
 
 

@@ -36,7 +36,8 @@ class AliasForwarder:
             message = await self.signer.arc_seal_async(message, domain, self.authserv_id)
         message = await self.signer.sign_async(message, domain)
         sender = self.srs.forward(txn.mail_from, domain)
-        await self.queue.enqueue(sender, list(targets), message)
+        # The transaction's id names the queue entry too: one id from the 250 to the queue.
+        await self.queue.enqueue(sender, list(targets), message, queue_id=txn.queue_id)
 
 
 def _forwarding_domain(txn: Transaction, targets: Sequence[str]) -> str:

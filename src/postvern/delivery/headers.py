@@ -11,10 +11,15 @@ import secrets
 
 from postvern.emailauth.headers import parse_header_block, remove_fields
 
+# 48 random bits: ids of entries in the queue at one time never meet in practice, and if
+# two did, the second enqueue would fail and its sender retry (no mail is mixed up).
+QUEUE_ID_BYTES = 6
+
 
 def new_queue_id() -> str:
-    """A short random id naming this transaction in Received and in the logs."""
-    return secrets.token_hex(6).upper()
+    """A short random id naming one transaction: in its reply (``250 OK queued as``), its
+    Received header, the logs, and its outbound queue entry (``postvern queue show``)."""
+    return secrets.token_hex(QUEUE_ID_BYTES).upper()
 
 
 def received(

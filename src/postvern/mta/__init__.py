@@ -22,7 +22,7 @@ Submitting (answer 250 only after this returns: the entry is committed and fsync
                         orcpt="rfc822;bob@example.net"), "carol@example.net"],
         message_bytes,
         envid=params.envid, ret=params.ret, smtputf8=params.smtputf8,
-        queue_id=txn.queue_id,                      # optional: reuse the Received id
+        queue_id=txn.queue_id,                      # the transaction's id (reply, logs)
     )
 
 The MTA learns of the new entry from the queue itself (no need to call ``mta.wake()``).
@@ -34,11 +34,12 @@ notice belongs in local delivery. An exception from the callback keeps the notic
 it is retried after ``retry_base`` seconds (owed notices are swept every minute).
 
 ``postvern queue list|show|retry|delete`` maps to :mod:`postvern.mta.admin`: open a
-:class:`QueueStore` on the same file with the same key (it works while the server runs;
-a running MTA notices ``retry`` within a minute), then ``admin.list_entries(store)`` +
-``admin.format_list(...)``, ``admin.show_entry`` + ``admin.format_detail``,
-``admin.retry_entries(store, id_or_None)``, ``admin.delete_entry(store, id)``; unknown ids
-raise :class:`EntryNotFound`.
+:class:`QueueStore` on the same file with the same key (it works while the server runs),
+then ``admin.list_entries(store)`` + ``admin.format_list(...)``, ``admin.show_entry`` +
+``admin.format_detail``, ``admin.retry_entries(store, id_or_None)`` followed by
+``wake.wake(settings.path(wake.WAKE_FILE))`` so that a running MTA acts at once,
+``admin.delete_entry(store, id)``; unknown ids raise :class:`EntryNotFound`. The ids are the
+submission's: the ``250 OK queued as`` reply names the entry.
 
 Test hooks (constructor arguments, not settings): ``policy_port`` (MTA-STS HTTPS port,
 default 443) and ``allow_loopback_mx`` (MX answers pointing at 127.0.0.0/8 are refused

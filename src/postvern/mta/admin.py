@@ -75,7 +75,8 @@ def retry_entries(store: QueueStore, entry_id: str | None = None) -> int:
     """Make pending recipients due now (one entry, or every entry with None).
 
     Returns how many recipients were rescheduled; raises :class:`EntryNotFound` for an
-    unknown id. A running MTA notices within a minute (or at once via ``OutboundMTA.wake``).
+    unknown id. Then :func:`postvern.mta.wake.wake` makes a running server's MTA act at once
+    (``OutboundMTA.wake`` in the same process); otherwise it notices within a minute.
     """
     with store.conn:
         if entry_id is not None and store.info(entry_id) is None:

@@ -19,7 +19,6 @@ import asyncio
 import collections
 import enum
 import json
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 
 import apsw
 
+from postvern.delivery.headers import new_queue_id
 from postvern.dns import DNSNameError
 from postvern.dns.resolver import name_text, to_name
 from postvern.encdb import open_encrypted
@@ -565,8 +565,11 @@ class Queue:
         ``mail_from`` is the envelope sender ("" for <>); each recipient is an address or a
         :class:`QueueRecipient` with NOTIFY/ORCPT. ``envid``/``ret`` are RFC 3461 MAIL FROM
         parameters (ret "FULL" or "HDRS"); ``smtputf8`` marks an RFC 6531 transaction.
-        ``queue_id`` lets the caller choose the id (for its Received header); by default a
-        random one is made. Returns after the commit (fsync), never before.
+        ``queue_id`` is the id of the transaction that made the entry (its reply, Received
+        header and logs name it), so ``postvern queue show`` finds what the sender was told;
+        by default a new one is made (notices). An id already in the queue raises
+        :class:`QueueError` and nothing is queued. Returns after the commit (fsync), never
+        before.
         """
         rcpts = _deduplicate(
             [r if isinstance(r, QueueRecipient) else QueueRecipient(r) for r in recipients]
@@ -577,7 +580,10 @@ class Queue:
         ret = ret.upper() if ret else None
 
         def insert(store: QueueStore) -> None:
-            store.insert(entry_id, mail_from, rcpts, message, envid, ret, smtputf8, now)
+            try:
+                store.insert(entry_id, mail_from, rcpts, message, envid, ret, smtputf8, now)
+            except apsw.ConstraintError:
+                raise QueueError("queue id already in use") from None
 
         await self.write(insert)
         due = [
@@ -679,11 +685,6 @@ def _settle_future(future: asyncio.Future[Any], value: Any, error: BaseException
         future.set_exception(error)
     else:
         future.set_result(value)
-
-
-def new_queue_id() -> str:
-    """A random id naming one entry in logs, Received headers and the admin commands."""
-    return secrets.token_hex(8).upper()
 
 
 def _deduplicate(recipients: list[QueueRecipient]) -> list[QueueRecipient]:

@@ -40,6 +40,7 @@ from postvern.mta.queue import (
     RecipientState,
     RecipientUpdate,
 )
+from postvern.mta.wake import WAKE_FILE, WakeListener
 from postvern.store import faults
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ MAX_CLAIMED = 2000
 MAX_CLAIMED_ROWS = 20_000
 # New due rows looked at per scan of the queue.
 SCAN_BATCH = 500
-# The queue is rescanned at least this often even when nothing woke the runner, so changes
-# made by another process (``postvern queue retry``) are noticed within a minute.
+# The queue is rescanned at least this often even when nothing woke the runner: a change
+# made by another process is noticed within a minute even if its wake-up (mta.wake) is lost.
 MAX_IDLE_SLEEP = 60.0
 # Back-off cap: like sendmail's and Postfix's (4000 s), a few hours at most between tries,
 # so a destination that comes back is tried again the same day.
@@ -116,7 +117,9 @@ class _Destination:
 class OutboundMTA:
     """Delivers the queue. ``start()`` once, ``stop()`` at shutdown. New entries arrive
     through the queue's subscription; ``wake()`` makes it rescan the database at once
-    (after ``admin.retry_entries`` in the same process, say).
+    (after ``admin.retry_entries`` in the same process, say), and so does
+    :func:`postvern.mta.wake.wake` from another process (``postvern queue retry``): while
+    it runs, the MTA listens on the FIFO ``mta.wake`` in the data directory.
 
     ``bounce(message, address)`` receives each notification and the address it must reach;
     it is sent from the null sender <>. By default it is queued here again, which suits a
@@ -164,6 +167,7 @@ class OutboundMTA:
         self._unsubscribe: Callable[[], None] | None = None
         self._slots: asyncio.Semaphore | None = None
         self._connector: Connector | None = None
+        self._wake_listener: WakeListener | None = None
         self.sts: STSResolver | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -191,6 +195,10 @@ class OutboundMTA:
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._stopping = False
         self._unsubscribe = self._queue.subscribe(self._enqueued)
+        try:
+            self._wake_listener = WakeListener.open(self._settings.path(WAKE_FILE), self.wake)
+        except OSError as e:  # the queue is still rescanned every MAX_IDLE_SLEEP
+            log.warning("mta: cannot listen for wake-ups from the CLI: %s", e.strerror or e)
         self._main = asyncio.get_running_loop().create_task(self._run(), name="mta-scheduler")
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
@@ -200,6 +208,9 @@ class OutboundMTA:
         self._stopping = True
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._wake_listener is not None:
+            self._wake_listener.close()
+            self._wake_listener = None
         self.wake()
         with contextlib.suppress(asyncio.CancelledError):
             await self._main
