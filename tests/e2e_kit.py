@@ -75,11 +75,10 @@ def smime_identity(
     kind: str = "rsa",
     key_usage: str = "keyEncipherment",
 ) -> tuple[Path, Path]:
-    """(certificate PEM, private key PEM) for ``name``; ``kind`` rsa | rsa1024 | ec."""
-    if kind == "ec":
-        key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = ec.generate_private_key(
-            ec.SECP256R1()
-        )
+    """(certificate PEM, private key PEM) for ``name``; ``kind`` rsa | rsa1024 | ec | ec-k256."""
+    if kind.startswith("ec"):
+        curve = ec.SECP256K1() if kind == "ec-k256" else ec.SECP256R1()
+        key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = ec.generate_private_key(curve)
     else:
         key = rsa.generate_private_key(65537, 1024 if kind == "rsa1024" else 2048)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])

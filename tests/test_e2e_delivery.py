@@ -4,7 +4,8 @@ One running server for the module. Users and their clients:
 
 * alice — a Curve25519 OpenPGP key made by gpg; the outer Subject hidden ("[...]")
 * bob — an RSA-3072 OpenPGP key made by gpg; the Subject kept
-* carol — an RSA S/MIME certificate; openssl decrypts
+* carol — an RSA S/MIME certificate (RSA-OAEP key transport); openssl decrypts
+* erin — a P-256 S/MIME certificate (ECDH key agreement); openssl decrypts
 * dave — no key: mail is stored as it came
 
 Mail goes in through the MX (smtplib), comes out through IMAP (imaplib) and is opened by gpg or
@@ -29,8 +30,8 @@ from e2e_kit import Gpg, mime_tree, parse, postvern, sent_fields, smime_identity
 from harness import DataDir, ServerProcess, client_tls_context, make_data_dir, set_config
 
 DOMAIN = "example.test"
-ALICE, BOB, CAROL, DAVE = (f"{n}@{DOMAIN}" for n in ("alice", "bob", "carol", "dave"))
-PASSWORDS = {a: f"{a.partition('@')[0]}-pass-phrase" for a in (ALICE, BOB, CAROL, DAVE)}
+ALICE, BOB, CAROL, DAVE, ERIN = (f"{n}@{DOMAIN}" for n in ("alice", "bob", "carol", "dave", "erin"))
+PASSWORDS = {a: f"{a.partition('@')[0]}-pass-phrase" for a in (ALICE, BOB, CAROL, DAVE, ERIN)}
 SENDER = "sender@far.test"
 
 
@@ -38,8 +39,7 @@ SENDER = "sender@far.test"
 class World:
     data: DataDir
     gpg: Gpg
-    carol_cert: Path
-    carol_key: Path
+    smime: dict[str, tuple[Path, Path]]  # address → (certificate, private key)
     tmp: Path
     counter: int = 0
 
@@ -86,21 +86,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     gpg.new_key(f"Alice <{ALICE}>", "ed25519", "cv25519")
     gpg.new_key(f"Bob <{BOB}>", "rsa3072", "rsa3072")
     gpg.new_key(f"Sender <{SENDER}>", "ed25519", "cv25519")
-    carol_cert, carol_key = smime_identity(tmp, CAROL)
+    smime = {
+        CAROL: smime_identity(tmp, CAROL),
+        ERIN: smime_identity(tmp, ERIN, kind="ec", key_usage="keyAgreement"),
+    }
     with DNSTestServer() as dns:
         data = make_data_dir(tmp / "data", passwords=PASSWORDS, listeners=("smtp", "imap"))
         set_config(data.path, "dns", {"nameservers": [dns.nameserver]})
         for address, key in ((ALICE, tmp / "alice.pgp"), (BOB, tmp / "bob.pgp")):
             key.write_bytes(gpg.export(address))
             assert postvern(data.path, "user", "key", "import", address, str(key)).returncode == 0
-        assert postvern(data.path, "user", "key", "import", CAROL, str(carol_cert)).returncode == 0
+        for address, (cert, _) in smime.items():
+            imported = postvern(data.path, "user", "key", "import", address, str(cert))
+            assert imported.returncode == 0, imported.stderr
         on = ("user", "key", "encrypt", "on")
         assert postvern(data.path, *on, ALICE, "--subject", "hidden").returncode == 0
         assert postvern(data.path, *on, BOB).returncode == 0
-        assert postvern(data.path, *on, CAROL, "--format", "smime").returncode == 0
+        for address in smime:
+            assert postvern(data.path, *on, address, "--format", "smime").returncode == 0
         server = ServerProcess(data).start()
         try:
-            yield World(data, gpg, carol_cert, carol_key, tmp)
+            yield World(data, gpg, smime, tmp)
         finally:
             server.stop()
             gpg.stop()
@@ -170,19 +176,27 @@ def test_imap_search_sees_outer_headers_only(world: World) -> None:
     imap.logout()
 
 
-def test_smime_decrypts_with_openssl_to_the_original(world: World) -> None:
-    mid, sent = world.message(CAROL, "Contract", MULTIPART[1], head=MULTIPART[0])
-    world.send(CAROL, sent)
-    stored = world.fetch(CAROL, mid)
+@pytest.mark.parametrize(
+    ("user", "key_transport"),
+    [(CAROL, "rsaesOaep"), (ERIN, "dhSinglePass-stdDH-sha256kdf-scheme")],
+    ids=["rsa-oaep", "ecdh"],
+)
+def test_smime_decrypts_with_openssl_to_the_original(
+    world: World, user: str, key_transport: str
+) -> None:
+    mid, sent = world.message(user, "Contract", MULTIPART[1], head=MULTIPART[0])
+    world.send(user, sent)
+    stored = world.fetch(user, mid)
     assert b"secret-body-marker" not in stored
     msg = parse(stored)
     assert msg.get_content_type() == "application/pkcs7-mime"
     assert msg.get_param("smime-type") == "enveloped-data"
-    path = world.tmp / "carol.eml"
+    path = world.tmp / f"{user}.eml"
     path.write_bytes(stored)
+    cert, key = world.smime[user]
     inner = subprocess.run(
-        ["openssl", "cms", "-decrypt", "-in", str(path), "-recip", str(world.carol_cert),
-         "-inkey", str(world.carol_key), "-binary"],
+        ["openssl", "cms", "-decrypt", "-in", str(path), "-recip", str(cert),
+         "-inkey", str(key), "-binary"],
         capture_output=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     _assert_same_message(inner, sent)
@@ -190,7 +204,7 @@ def test_smime_decrypts_with_openssl_to_the_original(world: World) -> None:
         ["openssl", "cms", "-cmsout", "-print", "-in", str(path)],
         capture_output=True, check=True, timeout=60, text=True,
     ).stdout  # fmt: skip
-    assert "aes-256-cbc" in cms
+    assert "aes-256-cbc" in cms and key_transport in cms
 
 
 def test_already_encrypted_mail_is_stored_as_it_came(world: World) -> None:
@@ -206,7 +220,7 @@ def test_already_encrypted_mail_is_stored_as_it_came(world: World) -> None:
     )
     inline = (b"Content-Type: text/plain\r\n", armored)
     smime_der = subprocess.run(
-        ["openssl", "cms", "-encrypt", "-aes256", "-outform", "SMIME", str(world.carol_cert)],
+        ["openssl", "cms", "-encrypt", "-aes256", "-outform", "SMIME", str(world.smime[CAROL][0])],
         input=b"Content-Type: text/plain\r\n\r\nsecret-body-marker\r\n",
         capture_output=True, check=True, timeout=60,
     ).stdout  # fmt: skip

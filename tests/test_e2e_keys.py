@@ -99,7 +99,7 @@ def test_publishing_needs_the_users_address_on_the_key(setup: tuple[DataDir, Gpg
         ("rsa", "digitalSignature", "does not allow keyEncipherment"),
         ("rsa1024", "keyEncipherment", "RSA key of 1024 bits"),
         ("ec", "digitalSignature", "does not allow keyAgreement"),
-        ("ec", "keyAgreement", "elliptic-curve (ECDH) S/MIME certificates are not supported"),
+        ("ec-k256", "keyAgreement", "elliptic curve secp256k1: S/MIME encryption needs P-256"),
     ],
 )
 def test_smime_certificate_refusals(

@@ -1,32 +1,46 @@
 """S/MIME: checking a user's certificate at upload, and enveloped-data encryption (RFC 8551).
 
-``cryptography``'s PKCS#7 envelope builder makes the CMS EnvelopedData (RFC 5652 §6): the
-content encrypted with AES-256-CBC (RFC 3565), the content key transported to an RSA
-recipient with RSAES-PKCS1-v1_5 (RFC 8551 §2.3: "MUST support RSA encryption"). The stored
-message is ``application/pkcs7-mime; smime-type=enveloped-data`` (RFC 8551 §3.3).
+The CMS EnvelopedData (RFC 5652 §6) is made by OpenSSL's CMS implementation (`openssl cms`,
+a maintained library made for exactly this; Python's `cryptography` builds only RSA
+PKCS#1 v1.5 recipients): the content encrypted with AES-256-CBC (RFC 3565), the content key
+given to the recipient as RFC 8551 §2.3 prefers —
 
-Not here yet, and refused at upload with that reason: certificates with an elliptic-curve
-key, which need ECDH key agreement (KeyAgreeRecipientInfo, RFC 5753). ``cryptography`` has
-no builder for it and no maintained CMS library offers one for mail; it is not hand-written
-here. RSA-OAEP key transport (RFC 8017, RFC 8551 §2.3 SHOULD+) waits on the same builder.
+* an RSA certificate: RSAES-OAEP with SHA-256 (RFC 8017, RFC 4055 §4);
+* an elliptic-curve certificate (P-256, P-384, P-521): ECDH key agreement, the ephemeral-
+  static dhSinglePass-stdDH scheme with the SHA-256 KDF (RFC 5753 §3.1, RFC 8551 §2.3).
+
+The plaintext reaches OpenSSL through a pipe and the result comes back the same way: no
+message text touches a file. The stored message is ``application/pkcs7-mime;
+smime-type=enveloped-data`` (RFC 8551 §3.3). AES-256-CBC rather than AES-256-GCM
+(AuthEnvelopedData, RFC 5083): every S/MIME client decrypts CBC, not all read GCM yet.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.ciphers import algorithms
-from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from postvern.e2e.protect import SubjectPolicy, split, wrap
 
 MIN_RSA_BITS = 2048
+# The curves RFC 5753 and RFC 8551 name for ECDH in CMS, which every S/MIME client knows.
+EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+OPENSSL = "openssl"
+# Encrypting a message of the largest size the MX takes is well under a second; a stuck
+# process must not hold a delivery for ever.
+OPENSSL_TIMEOUT = 60.0
+# How the content key reaches each kind of recipient (openssl cms -keyopt).
+RSA_OAEP_OPTIONS = ("rsa_padding_mode:oaep", "rsa_oaep_md:sha256", "rsa_mgf1_md:sha256")
+ECDH_OPTIONS = ("ecdh_kdf_md:sha256",)
 # RFC 2045 §6.8: base64 lines are at most 76 characters.
 BASE64_LINE = 76
 MAX_CERT_BYTES = 64 * 1024
@@ -112,10 +126,10 @@ def check_certificate(data: bytes, *, now: datetime.datetime | None = None) -> C
                 "the certificate does not allow keyAgreement: it can sign, not receive"
                 " encrypted mail"
             )
-        raise CertificateRefused(
-            "elliptic-curve (ECDH) S/MIME certificates are not supported yet: use an RSA"
-            " certificate or an OpenPGP key"
-        )
+        if not isinstance(key.curve, EC_CURVES):
+            raise CertificateRefused(
+                f"elliptic curve {key.curve.name}: S/MIME encryption needs P-256, P-384 or P-521"
+            )
     else:
         raise CertificateRefused("the certificate's key type cannot receive encrypted mail")
     san = _extension(cert, x509.SubjectAlternativeName)
@@ -134,18 +148,39 @@ def check_certificate(data: bytes, *, now: datetime.datetime | None = None) -> C
     )
 
 
+class EnvelopeFailed(Exception):
+    """OpenSSL could not make the envelope (the message says why, never the content)."""
+
+
 def encrypt_message(raw: bytes, cert_der: bytes, subject: SubjectPolicy) -> bytes:
     """``raw`` as an S/MIME enveloped-data message to the certificate, headers protected."""
     parts = split(raw, subject)
-    cert = x509.load_der_x509_certificate(cert_der)
-    der = (
-        pkcs7.PKCS7EnvelopeBuilder()
-        .set_data(parts.inner)
-        .add_recipient(cert)
-        .set_content_encryption_algorithm(algorithms.AES256)
-        # Binary: the payload is a MIME entity already, its line ends as they came.
-        .encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
-    )
+    der = envelope(parts.inner, x509.load_der_x509_certificate(cert_der))
     text = base64.b64encode(der)
     lines = [text[i : i + BASE64_LINE] for i in range(0, len(text), BASE64_LINE)]
     return wrap(parts, SMIME_FIELDS, [*lines, b""])
+
+
+def envelope(content: bytes, cert: x509.Certificate) -> bytes:
+    """The DER EnvelopedData of ``content`` for the certificate's holder."""
+    key = cert.public_key()
+    options = RSA_OAEP_OPTIONS if isinstance(key, rsa.RSAPublicKey) else ECDH_OPTIONS
+    # The certificate is public; it is the only thing written to a file (a private 0700
+    # folder, gone when this returns).
+    with tempfile.TemporaryDirectory(prefix="postvern-smime-") as folder:
+        recipient = Path(folder) / "recipient.pem"
+        recipient.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        command = [OPENSSL, "cms", "-encrypt", "-binary", "-aes-256-cbc", "-outform", "DER"]
+        command += ["-recip", str(recipient)]
+        for option in options:
+            command += ["-keyopt", option]
+        # Binary: the payload is a MIME entity already, its line ends as they came.
+        done = subprocess.run(
+            command, input=content, capture_output=True, timeout=OPENSSL_TIMEOUT, check=False
+        )
+    if done.returncode != 0 or not done.stdout:
+        first = done.stderr.decode(errors="replace").strip().splitlines()[:1]
+        raise EnvelopeFailed(
+            f"openssl cms -encrypt failed: {first[0] if first else done.returncode}"
+        )
+    return done.stdout
