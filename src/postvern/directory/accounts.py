@@ -85,14 +85,27 @@ class Accounts:
 
     # -- creation and removal ----------------------------------------------------------
 
-    def create_user(self, address: str, password: str | None, quota: int = 0) -> NewUser:
+    def check_new_address(self, address: str) -> str:
+        """The normalised address if a user can be created there; otherwise why not.
+
+        Checked before anything about the password, so that ``user add`` of a name that is
+        taken says so rather than complaining about the password (and the CLI asks before it
+        prompts for one).
+        """
         address = normalise_address(address)
+        domain = address.rpartition("@")[2]
+        if not self.directory.has_domain(domain):
+            raise DirectoryError(f"domain {domain} is not configured (postvern domain add)")
+        if self.directory.user(address) is not None:
+            raise DirectoryError(f"{address} already exists")
+        return address
+
+    def create_user(self, address: str, password: str | None, quota: int = 0) -> NewUser:
+        address = self.check_new_address(address)
         generated = password is None
         if password is None:
             password = keyslots.generate_secret(4)
         check_password(password)
-        if self.directory.user(address) is not None:
-            raise DirectoryError(f"{address} already exists")
         user_id = self.directory.new_user_id()
         mk = keyslots.new_mailbox_key()
         private, public = seal.generate_keypair()
