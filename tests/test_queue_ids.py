@@ -21,11 +21,20 @@ from dataclasses import dataclass
 import pytest
 
 from dnsserver import DNSTestServer
-from harness import DataDir, ServerProcess, client_tls_context, free_port, make_data_dir, set_config
+from harness import (
+    DataDir,
+    ServerProcess,
+    client_tls_context,
+    free_port,
+    mailbox_messages,
+    make_data_dir,
+    set_config,
+)
 from mta_kit import Sink
 from postvern.smtp.replies import Reply
 
 ALICE = "alice@example.test"
+BOB = "bob@example.test"
 SINK_ADDRESS = "127.0.0.5"
 WAIT_LIMIT = 30.0  # a bound for what should happen promptly; never asserted as a duration
 # Far beyond WAIT_LIMIT: a deferred recipient is tried again within the test only if
@@ -38,6 +47,7 @@ class ThreadedSink:
 
     def __init__(self, port: int) -> None:
         self.deferring: set[str] = set()
+        self.refusing: set[str] = set()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -47,6 +57,8 @@ class ThreadedSink:
     def _rcpt_reply(self, address: str) -> Reply | None:
         if address in self.deferring:
             return Reply(450, "4.2.0", "try again later")
+        if address in self.refusing:
+            return Reply(550, "5.1.1", "no such user")
         return None
 
     def received(self, subject: str) -> bool:
@@ -117,13 +129,13 @@ def queued_id(reply: bytes) -> str:
     return match[1].decode()
 
 
-def submit(world: World, recipient: str, subject: str) -> str:
+def submit(world: World, recipient: str, subject: str, sender: str = ALICE) -> str:
     """Submit over real SMTP; the id the 250 reply names."""
     host, port = world.data.addr("submissions")
-    message = f"From: {ALICE}\r\nTo: {recipient}\r\nSubject: {subject}\r\n\r\nHello.\r\n"
+    message = f"From: {sender}\r\nTo: {recipient}\r\nSubject: {subject}\r\n\r\nHello.\r\n"
     with smtplib.SMTP_SSL(host, port, context=client_tls_context(), timeout=30) as s:
-        s.login(ALICE, world.data.passwords[ALICE])
-        s.mail(ALICE)
+        s.login(sender, world.data.passwords[sender])
+        s.mail(sender)
         assert s.rcpt(recipient)[0] == 250
         code, reply = s.data(message.encode())
     assert code == 250, reply
@@ -208,3 +220,26 @@ def test_queue_retry_without_a_server_says_so(tmp_path) -> None:  # type: ignore
     retried = postvern(data, "queue", "retry")
     assert retried.returncode == 0, retried.stderr
     assert "no running server was reached" in retried.stdout
+
+
+def test_a_bounce_for_a_removed_sender_reaches_the_postmaster(world: World) -> None:
+    """Bob's message bounces after bob was removed: the notice goes to the postmaster (alice,
+    the first user) instead of nowhere. Last in the module: bob is gone afterwards."""
+    recipient = "zed-bounce@remote.test"
+    world.sink.deferring.add(recipient)
+    queue_id = submit(world, recipient, "bounce me", sender=BOB)
+    wait_until(deferred_once(world, queue_id))
+    removed = postvern(world.data, "user", "remove", BOB, "--yes")
+    assert removed.returncode == 0, removed.stderr
+    world.data.passwords.pop(BOB)
+    world.sink.deferring.discard(recipient)
+    world.sink.refusing.add(recipient)
+    assert postvern(world.data, "queue", "retry", queue_id).returncode == 0
+
+    def notice_for_postmaster() -> bool:
+        return any(
+            b"zed-bounce@remote.test" in raw and b"Content-Type: multipart/report" in raw
+            for raw in mailbox_messages(world.data, ALICE)
+        )
+
+    wait_until(notice_for_postmaster)

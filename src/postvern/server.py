@@ -158,9 +158,14 @@ class Server:
             await self.queue.enqueue("", [address], message)
             return
         reply, recipient = await self.pipeline.check_recipient(address)
+        if recipient is None and reply.code >= 500:
+            # The sender is gone (or its aliases lead nowhere): the notice goes to the
+            # postmaster, as a double bounce does in Postfix, rather than nowhere.
+            log.warning("a bounce for a local address nobody has any more goes to the postmaster")
+            postmaster = f"postmaster@{self.settings.primary_domain}"
+            reply, recipient = await self.pipeline.check_recipient(postmaster)
         if recipient is None:
-            log.warning("a bounce for a local address nobody has any more was dropped")
-            return
+            raise RuntimeError(f"local delivery of a bounce refused ({reply.code}); retried later")
         txn = Transaction(
             client_ip=None,
             helo=self.settings.hostname,
