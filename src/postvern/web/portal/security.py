@@ -7,7 +7,7 @@
   Domain, so no sibling host can set or shadow it), HttpOnly and SameSite=Strict.
 * Every state-changing request carries the session's CSRF token (a hidden form field or,
   for the passkey script's JSON, a header) compared in constant time, and a request whose
-  Origin (RFC 6454 §7) or Sec-Fetch-Site names another site is refused before that.
+  Origin (RFC 6454 §7) or Sec-Fetch-Site names another site is refused before that (Fetch Metadata, W3C; RFC 6454 §7).
 """
 
 from __future__ import annotations
@@ -59,12 +59,18 @@ def clear_session_cookie(response: web.StreamResponse) -> None:
 
 
 def same_origin(request: web.Request) -> bool:
-    """False for a request another site's page made (a cross-site form post)."""
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != f"https://{request.host}":
-        return False
+    """False for a request another site's page made (a cross-site form post).
+
+    Fetch Metadata's Sec-Fetch-Site, which every current browser sends, is asked first:
+    with ``Referrer-Policy: no-referrer`` Chromium sends ``Origin: null`` even for our own
+    forms, so Origin decides only when Sec-Fetch-Site is absent (and ``null`` then tells
+    nothing either way; the CSRF token still must match).
+    """
     site = request.headers.get("Sec-Fetch-Site")
-    return site is None or site in ("same-origin", "none")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    return origin in (None, "null") or origin == f"https://{request.host}"
 
 
 def csrf_ok(expected: str, given: str | None) -> bool:
