@@ -25,6 +25,7 @@ from postvern.directory.db import Directory, Resolution, User
 from postvern.dns import Resolver
 from postvern.e2e.inbound import protect_copy
 from postvern.emailauth import AuthVerdict
+from postvern.emailauth.headers import ParsedMessage
 from postvern.filters.verdict import HEADER_NAME as VERDICT_HEADER
 from postvern.smtp.replies import Reply
 from postvern.store.service import MailboxRegistry, Receipt
@@ -190,9 +191,14 @@ class InboundPipeline:
 
     async def deliver(self, txn: Transaction, raw: bytes) -> Reply:
         auth: AuthVerdict | None = None
+        # One parse of the header block travels the whole pipeline: SPF, DKIM, ARC, DMARC
+        # and the header rewriting read it (and DKIM's canonical bodies) instead of each
+        # parsing the bytes again.
+        parsed = ParsedMessage(raw)
+        del raw  # held once: ``parsed.raw`` from here on
         if self.resolver is not None and txn.authenticated is None and txn.client_ip:
             auth = await emailauth.authenticate(
-                raw,
+                parsed,
                 client_ip=txn.client_ip,
                 helo=txn.helo,
                 mail_from=txn.mail_from,
@@ -205,11 +211,12 @@ class InboundPipeline:
             if auth.policy == "tempfail":
                 return Reply(451, "4.7.0", auth.reason)
             # Our Authentication-Results first; any incoming one claiming our name removed.
-            raw = auth.apply(raw)
+            parsed = auth.apply_parsed(parsed)
         verdict: FilterVerdict | None = None
         if self.content_filter is not None:
-            raw = headers.without_fields(raw, VERDICT_HEADER)  # only our verdict counts
-            verdict = await self.content_filter.check(raw, txn, auth)
+            # Only our verdict counts: a sender's own X-Postvern-Spam goes.
+            parsed = parsed.rewritten(remove=parsed.block.get_all(VERDICT_HEADER))
+            verdict = await self.content_filter.check(parsed.raw, txn, auth)
             if verdict.action == "reject":
                 return Reply(554, "5.7.1", verdict.reason)  # RFC 5321 §4.2.3: refused
             if verdict.action == "tempfail":
@@ -217,7 +224,8 @@ class InboundPipeline:
         junk = (verdict is not None and verdict.action == "junk") or (
             auth is not None and auth.policy == "quarantine"
         )
-        message = (verdict.header if verdict else b"") + raw
+        message = (verdict.header if verdict else b"") + parsed.raw
+        del parsed
         external = list(dict.fromkeys(t for r in txn.recipients for t in r.external))
         forwarder = self.forwarder
 

@@ -19,6 +19,7 @@ from postvern.emailauth.arc import Result as ARCResult
 from postvern.emailauth.dkim import Result as DKIMResult
 from postvern.emailauth.dmarc import Result as DMARCResult
 from postvern.emailauth.domainkeys import Result as DomainKeysResult
+from postvern.emailauth.headers import ParsedMessage
 from postvern.emailauth.spf import Result as SPFResult
 
 __all__ = [
@@ -48,9 +49,14 @@ class AuthVerdict:
         """The message as delivered: our field first, forged ones claiming our id removed."""
         return self.header + results.remove_claiming(message, self.authserv_id)
 
+    def apply_parsed(self, message: ParsedMessage) -> ParsedMessage:
+        """``apply`` on a parsed message: the fields are moved, not parsed again."""
+        doomed = results.claiming(message, self.authserv_id)
+        return message.rewritten(prepend=self.header, remove=doomed)
+
 
 async def authenticate(
-    message: bytes,
+    message: bytes | ParsedMessage,
     *,
     client_ip: str,
     helo: str,
@@ -68,7 +74,10 @@ async def authenticate(
     DMARC pass for the same From domain, are all trusted (RFC 7489 §6.7 local policy,
     RFC 8617 §7.2). Empty (the default) means report only.
     ``dmarc_sample`` draws for DMARC pct= sampling; tests inject a fixed value.
+    Pass a ``ParsedMessage`` and every check reads its one parse of the header block and
+    its canonical bodies (bytes are parsed once here).
     """
+    message = ParsedMessage.of(message)
     spf_mailfrom, spf_helo, dkim_results, dk_results, arc_result = await asyncio.gather(
         spf.verify_mailfrom(
             resolver, ip=client_ip, mail_from=mail_from, helo=helo, receiver=authserv_id

@@ -21,7 +21,7 @@ from publicsuffixlist import PublicSuffixList
 
 from postvern.dns import DNSNameError, DNSTempError, Resolver
 from postvern.emailauth import dkim, spf
-from postvern.emailauth.headers import parse_header_block
+from postvern.emailauth.headers import ParsedMessage
 
 # RFC 7489 §6.1: policy records live under this label.
 RECORD_LABEL = "_dmarc"
@@ -157,9 +157,9 @@ def aligned(identifier: str, from_domain: str, strict: bool) -> bool:
     return a == b if strict else organizational_domain(a) == organizational_domain(b)
 
 
-def from_domains(message: bytes) -> list[str] | str:
+def from_domains(message: bytes | ParsedMessage) -> list[str] | str:
     """The RFC 5322.From domains (A-labels), or the reason there are none usable."""
-    fields = parse_header_block(message).get_all("From")
+    fields = ParsedMessage.of(message).block.get_all("From")
     if len(fields) != 1:
         # §6.6.1: RFC 5322 requires exactly one From field; anything else is not mail we
         # can attribute to a domain.
@@ -210,7 +210,7 @@ async def discover(resolver: Resolver, from_domain: str) -> tuple[Record | None,
 
 
 async def evaluate(
-    message: bytes,
+    message: bytes | ParsedMessage,
     spf_result: spf.Result,
     dkim_results: Sequence[dkim.Result],
     resolver: Resolver,

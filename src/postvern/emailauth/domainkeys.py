@@ -26,7 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from postvern.dns import DNSNameError, DNSTempError, Resolver
-from postvern.emailauth.headers import MAX_HEADER_FIELDS, Field, HeaderBlock, parse_header_block
+from postvern.emailauth.headers import (
+    MAX_HEADER_FIELDS,
+    Field,
+    HeaderBlock,
+    ParsedMessage,
+)
 
 FIELD_NAME = "DomainKey-Signature"
 # Signatures checked per message. Each costs a DNS query and an RSA operation; RFC 4870
@@ -368,10 +373,11 @@ def _label(value: bytes) -> Result:
 
 
 async def verify(
-    message: bytes, resolver: Resolver, *, min_rsa_bits: int = MIN_RSA_BITS
+    message: bytes | ParsedMessage, resolver: Resolver, *, min_rsa_bits: int = MIN_RSA_BITS
 ) -> list[Result]:
     """Check every DomainKey-Signature (up to MAX_SIGNATURES); one Result each, top first."""
-    block = parse_header_block(message)
+    parsed = ParsedMessage.of(message)
+    block, message = parsed.block, parsed.raw
     entries: list[tuple[Result, Signature | None]] = []
     for position, field in enumerate(block.fields):
         if field.name.lower() != FIELD_NAME.lower():
@@ -387,6 +393,8 @@ async def verify(
             entries.append((label, signature))
         except SignatureError as e:
             entries.append((replace(label, status=Status.PERMERROR, reason=str(e)), None))
+    if not entries:
+        return []  # no DomainKey-Signature: the usual case, no thread needed
     names = sorted({s.key_name for _, s in entries if s is not None})
     fetched = await asyncio.gather(*(_fetch_key(resolver, name) for name in names))
     keys = dict(zip(names, fetched, strict=True))

@@ -7,9 +7,12 @@ out of the message without touching anything else (RFC 5322 §2.2, §2.2.3).
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from postvern.emailauth import canon
 from postvern.mime.headers import header_end, iter_fields
 
 # A header block with more fields than this is not mail any MTA would send; scanning stops
@@ -81,3 +84,72 @@ def remove_fields(message: bytes, doomed: list[Field]) -> bytes:
         pos = field.end
     pieces.append(message[pos:])
     return b"".join(pieces)
+
+
+class ParsedMessage:
+    """A message with its header block parsed once, to travel the whole pipeline.
+
+    SPF, DKIM, ARC, DMARC, the Authentication-Results rewriting and signing all read the same
+    fields and body view instead of each parsing the bytes again. The canonical bodies DKIM
+    and ARC hash are computed once per canonicalisation and kept here, so the two signatures
+    of a dual-signed message (RFC 8463) share one; rewriting the header block (adding our
+    field, removing forged ones) keeps them, since the body does not change.
+    """
+
+    __slots__ = ("_canonical", "block", "body_start", "raw")
+
+    def __init__(self, raw: bytes, block: HeaderBlock | None = None) -> None:
+        self.raw = raw
+        self.block = block if block is not None else parse_header_block(raw)
+        # Where the body starts even when the block was cut at MAX_HEADER_FIELDS.
+        self.body_start = header_end(raw, 0, len(raw))[1]
+        self._canonical: dict[bytes, bytes] = {}
+
+    @classmethod
+    def of(cls, message: bytes | ParsedMessage) -> ParsedMessage:
+        return message if isinstance(message, ParsedMessage) else cls(message)
+
+    @property
+    def header_bytes(self) -> bytes:
+        """The header block with its empty line: all a header hash or a parser needs."""
+        return self.raw[: self.body_start]
+
+    @property
+    def body(self) -> bytes:
+        """The body with every line break CRLF (what DKIM canonicalises)."""
+        cached = self._canonical.get(b"")
+        if cached is None:
+            cached = canon.normalise_line_breaks(self.raw[self.body_start :])
+            self._canonical[b""] = cached
+        return cached
+
+    def canonical_body(self, method: bytes) -> bytes:
+        """The body under DKIM's ``simple`` or ``relaxed`` canonicalisation, computed once."""
+        method = method.lower()
+        cached = self._canonical.get(method)
+        if cached is None:
+            cached = canon.CANONICALISERS[method](self.body)
+            self._canonical[method] = cached
+        return cached
+
+    def rewritten(self, prepend: bytes = b"", remove: Sequence[Field] = ()) -> ParsedMessage:
+        """The message with ``prepend`` (whole fields) first and ``remove`` cut out; the
+        fields are moved, not parsed again, and the body (and its canonical forms) kept."""
+        if not prepend and not remove:
+            return self
+        doomed = {f.start for f in remove}
+        added = parse_header_block(prepend).fields if prepend else []
+        fields = list(added)
+        shift = len(prepend)
+        for f in self.block.fields:
+            if f.start in doomed:
+                shift -= f.end - f.start
+                continue
+            fields.append(dataclasses.replace(f, start=f.start + shift, end=f.end + shift))
+        block = HeaderBlock(fields, self.block.body_start + shift, self.block.malformed)
+        result = ParsedMessage.__new__(ParsedMessage)
+        result.raw = prepend + remove_fields(self.raw, list(remove))
+        result.block = block
+        result.body_start = self.body_start + shift
+        result._canonical = self._canonical
+        return result

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from postvern.emailauth.headers import parse_header_block, remove_fields
+from postvern.emailauth.headers import Field, ParsedMessage, remove_fields
 
 if TYPE_CHECKING:
     from postvern.emailauth import arc, dkim, dmarc, domainkeys, spf
@@ -214,10 +214,10 @@ def split_resinfos(field_value: str) -> tuple[str | None, list[str]]:
     return authserv, [p for p in normalised[1:] if p and p.lower() != "none"]
 
 
-def our_resinfos(message: bytes, authserv_id: str) -> list[str]:
+def our_resinfos(message: bytes | ParsedMessage, authserv_id: str) -> list[str]:
     """Every result in the message's A-R fields that carry our authserv-id, in order."""
     results: list[str] = []
-    for f in parse_header_block(message).get_all(FIELD_NAME):
+    for f in ParsedMessage.of(message).block.get_all(FIELD_NAME):
         claimed, resinfos = split_resinfos(f.text())
         if claimed is not None and claimed.lower() == authserv_id.lower():
             results.extend(resinfos)
@@ -229,10 +229,15 @@ def remove_claiming(message: bytes, authserv_id: str) -> bytes:
 
     ARC-Authentication-Results fields are kept: ARC seals cover them (RFC 8617 §4.1.1).
     """
+    return remove_fields(message, claiming(ParsedMessage(message), authserv_id))
+
+
+def claiming(parsed: ParsedMessage, authserv_id: str) -> list[Field]:
+    """The Authentication-Results fields ``remove_claiming`` drops."""
     doomed = []
-    for f in parse_header_block(message).get_all(FIELD_NAME):
+    for f in parsed.block.get_all(FIELD_NAME):
         claimed = authserv_id_of(f.text())
         # An unreadable authserv-id cannot be shown not to be ours: remove it as well.
         if claimed is None or claimed.lower() == authserv_id.lower():
             doomed.append(f)
-    return remove_fields(message, doomed)
+    return doomed
