@@ -29,6 +29,7 @@ from postvern.delivery.srs import SRS
 from postvern.dns import Resolver
 from postvern.e2e.wkd import WKD
 from postvern.emailauth.signing import Signer
+from postvern.filters.clamd import ClamdClient, ClamdError
 from postvern.filters.learning import JunkLearner
 from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
@@ -49,6 +50,11 @@ READY_LINE = "postvern: ready"
 # On SIGTERM, sessions get this long to finish what they are doing before the loop stops.
 SHUTDOWN_GRACE_SECONDS = 5.0
 PR_SET_DUMPABLE = 4  # prctl(2) option, <linux/prctl.h>
+# The certificate is looked at on start and then this often, so a warning about its expiry
+# (tls.EXPIRY_WARNING_DAYS) reaches the log daily while there is time to renew it.
+CERTIFICATE_CHECK_SECONDS = 86400.0
+# How long start-up waits for clamd to answer PING: one that is up answers in milliseconds.
+CLAMD_PROBE_SECONDS = 2.0
 
 
 class Listener(Protocol):
@@ -97,6 +103,7 @@ class Server:
         self.queue: Queue | None = None
         self.mta: OutboundMTA | None = None
         self.servers: list[tuple[str, Listener]] = []
+        self._certificate_watch: asyncio.Task[None] | None = None
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -117,6 +124,9 @@ class Server:
         return admit
 
     async def start(self) -> None:
+        self._check_certificate()
+        self._certificate_watch = asyncio.create_task(self._watch_certificate())
+        await self._check_scanner()
         await self.abuse.start()
         await self._start_outbound()
         listen = self.settings.listen
@@ -132,6 +142,41 @@ class Server:
                 raise StartupError(f"cannot listen for {name} on {address}: {e.strerror}") from None
             self.servers.append((name, server))
             log.info("listening for %s on %s", name, address)
+
+    def _check_certificate(self) -> None:
+        """Warn in the log when the certificate is near its end (or past it)."""
+        s = self.settings
+        try:
+            problem = tls.read_certificate(s.path(s.tls.cert)).expiry_problem()
+        except tls.TLSConfigError as e:
+            problem = str(e)
+        if problem is not None:
+            log.warning("%s", problem)
+
+    async def _watch_certificate(self) -> None:
+        while True:
+            await asyncio.sleep(CERTIFICATE_CHECK_SECONDS)
+            self._check_certificate()
+
+    async def _check_scanner(self) -> None:
+        """Say once, at start, when mail is not being scanned for viruses, and why."""
+        f = self.settings.filters
+        if f.clamd is None:
+            log.warning(
+                "mail is NOT scanned for viruses: no clamd configured"
+                " (install clamav-daemon and set [filters] clamd)"
+            )
+            return
+        try:
+            client = ClamdClient(
+                f.clamd, timeout=CLAMD_PROBE_SECONDS, connect_timeout=CLAMD_PROBE_SECONDS
+            )
+            await client.ping()
+        except ClamdError as e:
+            outcome = "accepted unscanned" if f.on_scanner_failure == "accept" else "deferred"
+            log.warning("%s at %s: mail will be %s until it answers", e, f.clamd, outcome)
+        else:
+            log.info("scanning mail for viruses with clamd at %s", f.clamd)
 
     async def _start_outbound(self) -> None:
         """The queue, the MTA that empties it, and the forwarding that fills it."""
@@ -178,6 +223,8 @@ class Server:
             raise RuntimeError("local delivery of a bounce failed; it will be retried")
 
     async def stop(self) -> None:
+        if self._certificate_watch is not None:
+            self._certificate_watch.cancel()
         await asyncio.gather(
             *(server.shutdown(SHUTDOWN_GRACE_SECONDS) for _, server in self.servers),
             return_exceptions=True,
