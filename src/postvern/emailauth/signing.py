@@ -13,6 +13,7 @@ import time
 
 from postvern.directory.db import Directory, DKIMKey
 from postvern.emailauth import arc, dkim
+from postvern.emailauth.headers import ParsedMessage
 
 ALGORITHMS = ("ed25519-sha256", "rsa-sha256")
 _SUFFIX = {"ed25519-sha256": "e", "rsa-sha256": "r"}
@@ -51,8 +52,9 @@ class Signer:
     def sign(self, message: bytes, domain: str) -> bytes:
         """Prepend one DKIM-Signature per active key (none if the domain has no keys)."""
         headers = b""
+        parsed = ParsedMessage(message)  # one header parse and one canonical body for all keys
         for key in self._keys(domain):
-            headers += dkim.sign(message, domain, key.selector, key.private_key, key.algorithm)
+            headers += dkim.sign(parsed, domain, key.selector, key.private_key, key.algorithm)
         return headers + message
 
     def arc_seal(self, message: bytes, domain: str, authserv_id: str) -> bytes:
