@@ -166,22 +166,37 @@ def services(data: DataDir) -> Services:
 
 
 class ServerProcess:
-    """``postvern serve`` as a real subprocess; waits for the ready line, stops with SIGTERM."""
+    """``postvern serve`` as a real subprocess; waits for the ready line, stops with SIGTERM.
 
-    def __init__(self, data: DataDir, env: dict[str, str] | None = None) -> None:
+    ``command`` runs another long-lived command instead (``("demo",)``); ``umask`` is set in
+    the child before it starts, as the caller's shell would have it.
+    """
+
+    def __init__(
+        self,
+        data: DataDir,
+        env: dict[str, str] | None = None,
+        *,
+        command: tuple[str, ...] = ("serve",),
+        umask: int | None = None,
+    ) -> None:
         self.data = data
         self.env = env or {}
+        self.command = command
+        self.umask = umask
         self.proc: subprocess.Popen[bytes] | None = None
         self.output: list[str] = []
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVERN_")}
         env.update(self.env)
+        umask = self.umask
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "postvern.cli", "--data", str(self.data.path), "serve"],
+            [sys.executable, "-m", "postvern.cli", "--data", str(self.data.path), *self.command],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=None if umask is None else lambda: os.umask(umask),
         )
         ready = threading.Event()
 

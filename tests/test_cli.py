@@ -85,6 +85,8 @@ def test_init_creates_layout_and_refuses_overwrite(initialised: Path) -> None:
         ["ban", "list"],
         ["ban", "add"],
         ["ban", "remove"],
+        ["tls"],
+        ["tls", "status"],
     ],
 )
 def test_every_command_has_help(tmp_path: Path, command: list[str]) -> None:

@@ -1,9 +1,12 @@
 """``postvern …``: set up a data directory, run the server, administer domains and users.
 
-Every command has ``--help``. Errors print one line on stderr and exit non-zero. Secrets
-are read from a terminal prompt or, with ``--password-stdin``, one per line from standard
-input; they are never taken from the command line, where any local user could read them
-in the process list.
+Every command has ``--help`` and takes ``--data`` before or after its name. Errors print one
+line on stderr and exit non-zero. Every list prints one line per item on stdout; an empty
+list prints nothing there, says so in one line on stderr and exits 0, while a list of
+something that does not exist (``dkim list unknown.example``) is an error. Secrets are read
+from a terminal prompt or, with ``--password-stdin``, one per line from standard input; they
+are never taken from the command line, where any local user could read them in the process
+list. Everything a command writes is private to the server's user (umask 077).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import asyncio
 import datetime
 import getpass
 import os
+import shlex
+import stat
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from postvern import config
 from postvern.abuse import Abuse, BanError, parse_duration, utc_text
@@ -23,14 +29,20 @@ from postvern.abuse import admin as abuse_admin
 from postvern.app import App
 from postvern.crypto.keyslots import BadSlot
 from postvern.crypto.serverkey import KEY_FILE, ServerKey, ServerKeyError
-from postvern.crypto.tls import TLSConfigError, make_self_signed
+from postvern.crypto.tls import (
+    EXPIRY_WARNING_DAYS,
+    TLSConfigError,
+    make_self_signed,
+    read_certificate,
+)
 from postvern.directory.accounts import AuthFailed
 from postvern.directory.addresses import AddressError
-from postvern.directory.db import Directory, DirectoryError
+from postvern.directory.db import AliasChange, Directory, DirectoryError
 from postvern.e2e import admin as e2e_admin
 from postvern.emailauth import signing
 from postvern.encdb import SchemaTooNew, WrongKey
 from postvern.filters import FilterSettings, ScanContext, trial
+from postvern.filters.clamd import ClamdClient, ClamdError
 from postvern.mta import QUEUE_FILE, EntryNotFound, QueueError, QueueStore
 from postvern.mta import admin as mta_admin
 from postvern.mta import wake as mta_wake
@@ -43,6 +55,15 @@ DEMO_DOMAIN = "postvern.test"
 DEMO_USER = f"demo@{DEMO_DOMAIN}"
 # Printed on every start and in the README: the demo is for trying clients, not for real mail.
 DEMO_PASSWORD = "postvern-demo-password"  # noqa: S105
+# Files 0600 and folders 0700 whatever the caller's umask: the data directory holds keys,
+# sealed mail and databases that are nobody else's business, even inside a 0700 folder.
+PRIVATE_UMASK = 0o077
+# Where Debian's clamav-daemon listens; init and the demo look there (or at the path in
+# CLAMD_SOCKET_ENV, for tests and other layouts) for a clamd to scan mail with.
+CLAMD_SOCKET = "/run/clamav/clamd.ctl"
+CLAMD_SOCKET_ENV = "POSTVERN_CLAMD_SOCKET"
+# A clamd that is up answers PING in milliseconds.
+CLAMD_PROBE_SECONDS = 2.0
 
 STANDARD_PORTS = {
     "smtp": "0.0.0.0:25",
@@ -79,6 +100,7 @@ EXPECTED = (
     QueueError,
     BanError,
     trial.TrialError,
+    ClamdError,
     FileNotFoundError,
     PermissionError,
 )
@@ -112,22 +134,94 @@ class Secrets:
 # -- commands ------------------------------------------------------------------------------
 
 
+def _hint(args: argparse.Namespace, *words: str) -> str:
+    """The whole command to type next, with ``--data`` when this one was given it."""
+    data = ["--data", str(args.data)] if args.data_given else []
+    return shlex.join(["postvern", *data, *words])
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     data: Path = args.data
     ports = HIGH_PORTS if args.ports == "high" else STANDARD_PORTS
-    init_data_dir(data, args.hostname, args.domain, ports)
+    clamd = _init_clamd(args.clamd)
+    init_data_dir(data, args.hostname, args.domain, ports, clamd=clamd)
     print(f"Created {data} for {args.hostname}, domain {args.domain}.")
-    print("Next: `postvern user add USER@DOMAIN`, then `postvern dns DOMAIN` and `postvern serve`.")
+    if clamd is None:
+        print(
+            "Mail will NOT be scanned for viruses: no clamd found at"
+            f" {_clamd_socket()}. Install clamav-daemon and set [filters] clamd."
+        )
+    else:
+        problem = _clamd_problem(clamd)
+        late = (
+            f" It does not answer yet ({problem}): mail is deferred until it does."
+            if problem
+            else ""
+        )
+        print(f"Mail will be scanned for viruses by clamd at {clamd}.{late}")
+    user = _hint(args, "user", "add", f"USER@{args.domain}")
+    dns, serve = _hint(args, "dns", args.domain), _hint(args, "serve")
+    print(f"Next: `{user}`, then `{dns}` and `{serve}`.")
     return 0
 
 
-def init_data_dir(data: Path, hostname: str, domain: str, ports: dict[str, str]) -> None:
+# -- the virus scanner ---------------------------------------------------------------------
+
+
+def _clamd_socket() -> str:
+    return os.environ.get(CLAMD_SOCKET_ENV) or CLAMD_SOCKET
+
+
+def _clamd_problem(address: str) -> str | None:
+    """None when clamd at *address* answers PING; otherwise why not."""
+    client = ClamdClient(address, timeout=CLAMD_PROBE_SECONDS, connect_timeout=CLAMD_PROBE_SECONDS)
+    try:
+        asyncio.run(client.ping())
+    except ClamdError as e:
+        return str(e)
+    return None
+
+
+def local_clamd(*, answering: bool) -> str | None:
+    """``unix:<socket>`` of the local clamd (CLAMD_SOCKET or $POSTVERN_CLAMD_SOCKET), if its
+    socket exists and, with *answering*, it answers PING; None otherwise."""
+    path = _clamd_socket()
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    address = f"unix:{path}"
+    if answering and _clamd_problem(address) is not None:
+        return None
+    return address
+
+
+def _init_clamd(option: str | None) -> str | None:
+    """The [filters] clamd that init writes: the --clamd given, or the local one found.
+
+    A socket that exists is taken even if clamd does not answer yet: it may still be
+    loading its signatures, or wait to be started by its socket unit (Debian).
+    """
+    if option is None:
+        return local_clamd(answering=False)
+    if option.lower() == "none":
+        return None
+    address = f"unix:{option}" if option.startswith("/") else option
+    ClamdClient(address)  # raises ClamdError when the address cannot be one
+    return address
+
+
+def init_data_dir(
+    data: Path, hostname: str, domain: str, ports: dict[str, str], *, clamd: str | None = None
+) -> None:
     if data.exists() and any(data.iterdir()):
         raise CLIError(f"{data} already exists and is not empty; refusing to overwrite it")
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data, 0o700)
     settings = config.Settings(data_dir=data, hostname=hostname, primary_domain=domain)
     settings.listen = config.Listen(**ports)
+    settings.filters.clamd = clamd
     (data / config.CONFIG_NAME).write_text(config.render(settings))
     key = ServerKey.generate()
     key.write(data / KEY_FILE)
@@ -141,9 +235,18 @@ def init_data_dir(data: Path, hostname: str, domain: str, ports: dict[str, str])
         directory.close()
 
 
+def _require_data_dir(args: argparse.Namespace) -> Path:
+    """The data directory, or an error naming the command that creates it."""
+    data: Path = args.data
+    if not (data / config.CONFIG_NAME).exists():
+        init = _hint(args, "init", "--hostname", "HOST", "--domain", "DOMAIN")
+        raise CLIError(f"no data directory at {data} (create one with `{init}`)")
+    return data
+
+
 def with_app(fn: Callable[[App, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        app = App.open(args.data)
+        app = App.open(_require_data_dir(args))
         try:
             return fn(app, args)
         finally:
@@ -157,15 +260,33 @@ def cmd_domain_add(app: App, args: argparse.Namespace) -> int:
     domain = app.directory.add_domain(args.domain)
     keys = signing.new_key_pair(app.directory, domain)
     print(f"added domain {domain} with DKIM selectors {', '.join(k.selector for k in keys)}")
-    print(f"publish its DNS records: postvern dns {domain}")
+    print(f"publish its DNS records: {_hint(args, 'dns', domain)}")
     return 0
+
+
+def print_list(lines: Iterable[str], nothing: str) -> int:
+    """How every list command answers: one line per item on stdout; when there is none,
+    nothing on stdout and *nothing* (e.g. "no aliases") as one line on stderr. Either way
+    the exit status is 0: an empty list is an answer. A list of something that does not
+    exist (an unknown domain or user) is an error, raised before this is reached."""
+    empty = True
+    for line in lines:
+        print(line)
+        empty = False
+    if empty:
+        print(nothing, file=sys.stderr)
+    return 0
+
+
+def _known_domain(app: App, domain: str) -> str:
+    if not app.directory.has_domain(domain):
+        raise CLIError(f"no such domain: {domain}")
+    return domain
 
 
 @with_app
 def cmd_domain_list(app: App, args: argparse.Namespace) -> int:
-    for name in app.directory.domains():
-        print(name)
-    return 0
+    return print_list(app.directory.domains(), "no domains")
 
 
 @with_app
@@ -186,20 +307,24 @@ def cmd_domain_remove(app: App, args: argparse.Namespace) -> int:
 
 @with_app
 def cmd_dkim_list(app: App, args: argparse.Namespace) -> int:
-    for key in app.directory.dkim_keys(args.domain):
-        state = "signing" if key.active else "retired"
-        print(f"{key.selector}\t{key.algorithm}\t{state}\tcreated {_date(key.created)}")
-    return 0
+    keys = app.directory.dkim_keys(_known_domain(app, args.domain))
+    return print_list(
+        (
+            f"{key.selector}\t{key.algorithm}\t{'signing' if key.active else 'retired'}"
+            f"\tcreated {_date(key.created)}"
+            for key in keys
+        ),
+        f"no DKIM selectors for {args.domain}",
+    )
 
 
 @with_app
 def cmd_dkim_rotate(app: App, args: argparse.Namespace) -> int:
-    if not app.directory.has_domain(args.domain):
-        raise CLIError(f"no such domain: {args.domain}")
-    keys = signing.new_key_pair(app.directory, args.domain)
+    keys = signing.new_key_pair(app.directory, _known_domain(app, args.domain))
     print(f"new selectors {', '.join(k.selector for k in keys)} now sign for {args.domain}")
-    print("Publish them (postvern dns), keep the old ones published for a few days, then")
-    print("remove them with `postvern dkim remove DOMAIN SELECTOR`.")
+    print(f"Publish them (`{_hint(args, 'dns', args.domain)}`), keep the old ones published")
+    print("for a few days, then remove each old one with")
+    print(f"`{_hint(args, 'dkim', 'remove', args.domain, 'SELECTOR')}`.")
     return 0
 
 
@@ -212,15 +337,33 @@ def cmd_dkim_remove(app: App, args: argparse.Namespace) -> int:
 
 @with_app
 def cmd_dns(app: App, args: argparse.Namespace) -> int:
-    if not app.directory.has_domain(args.domain):
-        raise CLIError(f"no such domain: {args.domain}")
-    keys = app.directory.dkim_keys(args.domain)
+    keys = app.directory.dkim_keys(_known_domain(app, args.domain))
     s = app.settings
     policy = mtasts.policy_text([s.hostname], s.mta.sts_mode)
     servers = clientservers.client_servers(s)
     domain = args.domain.lower()
     print(dnsrecords.records(domain, s.hostname, keys, mtasts.policy_id(policy), servers), end="")
     return 0
+
+
+@with_app
+def cmd_doctor(app: App, args: argparse.Namespace) -> int:
+    """Check the live installation (ops/doctor.py); non-zero when any check fails."""
+    from postvern.ops import doctor
+
+    unknown = set(args.skip) - set(doctor.CHECKS)
+    if unknown:
+        raise CLIError(f"no such check: {sorted(unknown)[0]} (checks: {' '.join(doctor.CHECKS)})")
+    host = doctor.Host(args.root)
+    results = asyncio.run(doctor.run(app, host=host, skip=frozenset(args.skip)))
+    if args.json:
+        import json
+
+        print(json.dumps([r.as_dict() for r in results], indent=1))
+    else:
+        for result in results:
+            print(result.line())
+    return 1 if doctor.failed(results) else 0
 
 
 def _filter_context(args: argparse.Namespace) -> ScanContext:
@@ -308,11 +451,7 @@ def _abuse_command(app: App, action: Callable[[Abuse], Awaitable[int]]) -> int:
 def cmd_ban_list(app: App, args: argparse.Namespace) -> int:
     async def action(abuse: Abuse) -> int:
         bans = abuse.bans(include_expired=args.all)
-        if not bans:
-            print("No bans.")
-        for line in abuse_admin.ban_table(bans):
-            print(line)
-        return 0
+        return print_list(abuse_admin.ban_table(bans), "no bans" if args.all else "no active bans")
 
     return _abuse_command(app, action)
 
@@ -361,6 +500,7 @@ def _quota(text: str | None) -> int:
 
 @with_app
 def cmd_user_add(app: App, args: argparse.Namespace) -> int:
+    app.accounts.check_new_address(args.address)  # before asking for a password
     password = None
     if args.password_stdin or not args.generate:
         if args.password_stdin or sys.stdin.isatty():
@@ -380,10 +520,15 @@ def cmd_user_add(app: App, args: argparse.Namespace) -> int:
 
 @with_app
 def cmd_user_list(app: App, args: argparse.Namespace) -> int:
-    for user in app.directory.users(args.domain):
-        quota = "unlimited" if not user.quota else f"{user.quota} bytes"
-        print(f"{user.address}\tquota {quota}")
-    return 0
+    if args.domain is not None:
+        _known_domain(app, args.domain)
+    return print_list(
+        (
+            f"{user.address}\tquota {f'{user.quota} bytes' if user.quota else 'unlimited'}"
+            for user in app.directory.users(args.domain)
+        ),
+        "no users" if args.domain is None else f"no users in {args.domain}",
+    )
 
 
 @with_app
@@ -414,9 +559,19 @@ def cmd_user_recover(app: App, args: argparse.Namespace) -> int:
 def cmd_user_remove(app: App, args: argparse.Namespace) -> int:
     if not args.yes:
         raise CLIError("removing a user deletes their mail for good; repeat with --yes")
-    app.accounts.remove_user(args.address)
+    changes = app.accounts.remove_user(args.address)
     print(f"removed {args.address} and their mailbox")
+    _print_alias_changes(changes)
     return 0
+
+
+def _print_alias_changes(changes: list[AliasChange]) -> None:
+    for change in changes:
+        dropped = ", ".join(change.dropped)
+        if change.removed:
+            print(f"removed alias {change.alias}: its only target(s) {dropped} no longer exist")
+        else:
+            print(f"removed {dropped} from alias {change.alias}")
 
 
 @with_app
@@ -428,15 +583,23 @@ def cmd_alias_add(app: App, args: argparse.Namespace) -> int:
 
 @with_app
 def cmd_alias_list(app: App, args: argparse.Namespace) -> int:
+    broken = 0
     for alias in app.directory.aliases():
         print(f"{alias.address}\t{', '.join(alias.targets)}")
+        for problem in app.directory.alias_problems(alias):
+            broken += 1
+            print(f"  problem: {problem}")
+    if broken:
+        # Listing worked, so the exit status is 0; the warning goes where an operator sees it.
+        print(f"warning: {broken} alias problem(s), see above", file=sys.stderr)
     return 0
 
 
 @with_app
 def cmd_alias_remove(app: App, args: argparse.Namespace) -> int:
-    app.directory.remove_alias(args.address)
+    changes = app.directory.remove_alias(args.address)
     print(f"removed alias {args.address}")
+    _print_alias_changes(changes)
     return 0
 
 
@@ -454,11 +617,14 @@ def cmd_app_password_add(app: App, args: argparse.Namespace) -> int:
 
 @with_app
 def cmd_app_password_list(app: App, args: argparse.Namespace) -> int:
-    for slot in app.accounts.app_passwords(args.address):
-        created = _date(slot.created)
-        used = _date(slot.last_used) if slot.last_used else "never"
-        print(f"{slot.label}\tcreated {created}\tlast used {used}")
-    return 0
+    return print_list(
+        (
+            f"{slot.label}\tcreated {_date(slot.created)}"
+            f"\tlast used {_date(slot.last_used) if slot.last_used else 'never'}"
+            for slot in app.accounts.app_passwords(args.address)
+        ),
+        f"no app passwords for {args.address}",
+    )
 
 
 @with_app
@@ -472,17 +638,34 @@ def _date(epoch: int) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def cmd_tls_status(args: argparse.Namespace) -> int:
+    """The certificate's names and days left; an error when under EXPIRY_WARNING_DAYS."""
+    settings = config.load(_require_data_dir(args))
+    cert = read_certificate(settings.path(settings.tls.cert))
+    days = cert.days_left()
+    print(f"certificate  {cert.path}")
+    print(f"names        {', '.join(cert.names)}")
+    print(f"expires      {cert.expires} ({f'{days} days left' if days >= 0 else 'expired'})")
+    problem = cert.expiry_problem()
+    if problem is not None:
+        raise CLIError(problem)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from postvern.server import run
 
-    return run(args.data)
+    return run(_require_data_dir(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Create (once) and run the demo: a domain, a user, high ports on 127.0.0.1."""
     data: Path = args.data
     if not (data / config.CONFIG_NAME).exists():
-        init_data_dir(data, "localhost", DEMO_DOMAIN, HIGH_PORTS)
+        # Scan the demo's mail when clamd is installed and up; a clamd that does not answer
+        # would only defer every message.
+        clamd = local_clamd(answering=True)
+        init_data_dir(data, "localhost", DEMO_DOMAIN, HIGH_PORTS, clamd=clamd)
         app = App.open(data)
         try:
             new = app.accounts.create_user(DEMO_USER, DEMO_PASSWORD)
@@ -494,41 +677,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(data, banner=demo_banner)
 
 
+DEMO_LISTENERS = (
+    ("imaps", "IMAP, TLS"),
+    ("imap", "IMAP, STARTTLS"),
+    ("pop3s", "POP3, TLS"),
+    ("pop3", "POP3, STARTTLS"),
+    ("submissions", "SMTP submission, TLS"),
+    ("submission", "SMTP submission, STARTTLS"),
+    ("smtp", "SMTP (MX, inbound)"),
+    ("https", "HTTPS (autoconfig, MTA-STS)"),
+)
+
+
 def demo_banner(settings: config.Settings) -> str:
-    listen = settings.listen
+    """How to connect: the certificate's name (clients check it) with each listener's port."""
     lines = [
         "",
         "Postvern demo is running. Connect a mail client with:",
         f"  user      {DEMO_USER}",
         f"  password  {DEMO_PASSWORD}   (demo only: anyone reading this README knows it)",
     ]
-    for name, label in (
-        ("imaps", "IMAP, TLS"),
-        ("imap", "IMAP, STARTTLS"),
-        ("pop3s", "POP3, TLS"),
-        ("submissions", "SMTP submission, TLS"),
-        ("submission", "SMTP submission, STARTTLS"),
-        ("smtp", "SMTP (MX, inbound)"),
-    ):
-        addr = getattr(listen, name)
+    width = max(len(label) for _, label in DEMO_LISTENERS)
+    for name, label in DEMO_LISTENERS:
+        addr = getattr(settings.listen, name)
         if addr:
-            lines.append(f"  {label:<27} {addr}")
-    lines.append("The certificate is self-signed: accept it in the client. Stop with Ctrl-C.")
+            port = config.parse_hostport(addr)[1]
+            lines.append(f"  {label:<{width}}  {settings.hostname}:{port}")
+    clamd = settings.filters.clamd
+    lines.append(
+        f"Virus scanning: clamd at {clamd}."
+        if clamd
+        else f"Virus scanning: off (no clamd answering at {_clamd_socket()})."
+    )
+    cert = settings.path(settings.tls.cert)
+    lines.append(
+        f"The certificate is self-signed for {settings.hostname}: accept it in the client,"
+    )
+    lines.append(f"or trust {cert} (mbsync CertificateFile). Stop with Ctrl-C.")
     return "\n".join(lines)
 
 
 # -- argument parsing ----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="postvern", description="A self-hosted mail server with zero-access storage."
-    )
-    parser.add_argument(
+def _data_option() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
         "--data",
         type=Path,
-        default=None,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
         help=f"data directory (default: $POSTVERN_DATA or ./{DEFAULT_DATA})",
+    )
+    return parent
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the command tree (subparsers are made of the same class) takes
+    ``--data`` as a parent, so it may stand before or after the subcommand. Its default is
+    SUPPRESS: a parser that was not given it sets nothing, so it does not overwrite the one
+    given earlier; given twice, the later wins."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**{**kw, "parents": [*kw.get("parents", ()), _data_option()]})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="postvern", description="A self-hosted mail server with zero-access storage."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -540,6 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("standard", "high"),
         default="standard",
         help="listen on the standard ports on all addresses, or high ports on 127.0.0.1",
+    )
+    p.add_argument(
+        "--clamd",
+        metavar="SOCKET",
+        help=f"the clamd that scans mail: a unix socket path or host:port (default: {CLAMD_SOCKET}"
+        f" or ${CLAMD_SOCKET_ENV}, if that socket exists); 'none' scans nothing",
     )
     p.set_defaults(func=cmd_init)
 
@@ -557,9 +779,20 @@ def build_parser() -> argparse.ArgumentParser:
     _queue_commands(sub)
     _ban_commands(sub)
     _filter_commands(sub)
+    g = _group(sub, "tls", "the TLS certificate")
+    p = g.add_parser(
+        "status",
+        help=f"its names and days left; fails when under {EXPIRY_WARNING_DAYS} days or expired",
+    )
+    p.set_defaults(func=cmd_tls_status)
     p = sub.add_parser("dns", help="print every DNS record a domain needs")
     p.add_argument("domain")
     p.set_defaults(func=cmd_dns)
+    p = sub.add_parser("doctor", help="check the live installation; non-zero on any failure")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--skip", action="append", default=[], metavar="CHECK", help="leave a check out")
+    p.add_argument("--root", type=Path, default=Path("/"), help="read kernel state under ROOT")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -715,9 +948,11 @@ def _filter_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.data is None:
+    args.data_given = hasattr(args, "data")
+    if not args.data_given:
         default = DEMO_DATA if getattr(args, "demo", False) else DEFAULT_DATA
         args.data = Path(os.environ.get("POSTVERN_DATA", default))
     try:

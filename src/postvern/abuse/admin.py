@@ -31,7 +31,13 @@ async def opened(settings: Settings, data_dir: Path, key: bytes) -> AsyncIterato
 
 
 def ban_table(bans: Sequence[Ban], now: float | None = None) -> list[str]:
-    """Aligned lines for ``postvern ban list``: address, until (or "expired"), offences, reason."""
+    """Aligned lines for ``postvern ban list``: address, until (or "expired"), offences, reason.
+
+    A header comes first when there are bans; no bans make no lines at all (the command
+    then says "no bans" on stderr, as every empty list does).
+    """
+    if not bans:
+        return []
     moment = time.time() if now is None else now
     rows = [HEADER] + [
         (
