@@ -56,6 +56,10 @@ class Browser:
 
     async def login(self, address: str, password: str) -> aiohttp.ClientResponse:
         await self.get("/account/login")
+        return await self.login_post(address, password)
+
+    async def login_post(self, address: str, password: str) -> aiohttp.ClientResponse:
+        """Post the login form of the page already loaded (and follow to where it leads)."""
         return await self.post("/account/login", {"address": address, "password": password})
 
 

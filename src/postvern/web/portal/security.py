@@ -7,7 +7,8 @@
   Domain, so no sibling host can set or shadow it), HttpOnly and SameSite=Strict.
 * Every state-changing request carries the session's CSRF token (a hidden form field or,
   for the passkey script's JSON, a header) compared in constant time, and a request whose
-  Origin (RFC 6454 §7) or Sec-Fetch-Site names another site is refused before that (Fetch Metadata, W3C; RFC 6454 §7).
+  Sec-Fetch-Site (W3C Fetch Metadata) or Origin (RFC 6454 §7) names another site is
+  refused before that.
 """
 
 from __future__ import annotations
