@@ -198,3 +198,62 @@ async def test_pages_render_for_a_logged_in_user(browser: Browser) -> None:
     r = await browser.http.get(browser.base + "/account/export.mbox")
     assert r.status == 200 and r.headers["Content-Type"].startswith("application/mbox")
     await r.read()
+
+
+async def test_admin_invitation_disable_and_admin_api(server: DataDir, browser: Browser) -> None:
+    """The postmaster (here the first user, alice) administers: an invited user sets their
+    own password; a disabled user is refused everywhere; admin scopes reach admin routes."""
+    await browser.login(ALICE, PASSWORDS[ALICE])
+    r = await browser.get("/account/admin/")
+    assert r.status == 200 and "Invite a user" in browser.last
+    await browser.post(
+        "/account/admin/users/invite", {"address": "dave@example.test", "quota": "5"}
+    )
+    link = re.search(r"data-invitation-link>([^<]+)<", browser.last)
+    assert link
+    path = "/" + link.group(1).split("/", 3)[3]
+    invited = Browser(server)
+    try:
+        await invited.get(path)
+        assert "dave@example.test" in invited.last
+        await invited.post(path, {"password": "dave-own-password", "repeat": "dave-own-password"})
+        assert "recovery key" in invited.last
+        assert (await invited.get(path)).status == 404  # the link works once
+        r = await invited.login("dave@example.test", "dave-own-password")
+        assert str(r.url).endswith("/account/")
+        # Not an administrator: the admin pages do not exist for dave.
+        assert (await invited.get("/account/admin/")).status == 404
+    finally:
+        await invited.close()
+    assert imap_login(server, "dave@example.test", "dave-own-password") == "OK"
+    await browser.get("/account/admin/")
+    await browser.post(
+        "/account/admin/users", {"address": "dave@example.test", "action": "disable"}
+    )
+    assert "AUTHENTICATIONFAILED" in imap_login(server, "dave@example.test", "dave-own-password")
+    again = Browser(server)
+    try:
+        assert (await again.login("dave@example.test", "dave-own-password")).status == 401
+    finally:
+        await again.close()
+    # An admin token reaches the admin API; a user token with admin scope cannot be made.
+    await browser.get("/account/tokens")
+    r = await browser.http.post(
+        browser.base + "/account/tokens",
+        data=[("csrf", browser.csrf), ("name", "ops"), ("scope", "admin:read")],
+        headers={"Origin": browser.base},
+    )
+    token = re.search(r"data-new-token>([^<]+)<", await r.text())
+    assert token
+    r = await browser.http.get(
+        browser.base + "/api/v1/admin/users", headers={"Authorization": f"Bearer {token.group(1)}"}
+    )
+    users = {u["address"]: u for u in (await r.json())["users"]}
+    assert users["dave@example.test"]["disabled"] is True
+    assert users["dave@example.test"]["quota"] == 5 * 1024 * 1024
+    r = await browser.http.post(
+        browser.base + "/api/v1/admin/domains",
+        json={"domain": "new.test"},
+        headers={"Authorization": f"Bearer {token.group(1)}"},
+    )
+    assert r.status == 403  # admin:read does not write

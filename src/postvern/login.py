@@ -128,10 +128,15 @@ class LoginService:
         return unlocked
 
     async def _allowed(self, unlocked: Unlocked, protocol: str) -> bool:
-        """The second-factor rule: may the slot this secret opened log in over ``protocol``?"""
-        directory = self.accounts.directory
-        two_factor = await self._thread(policy.two_factor_on, directory, unlocked.user.id)
-        return policy.secret_allowed(unlocked.slot.kind, protocol, two_factor)
+        """May the slot this secret opened log in over ``protocol``? Not for a disabled
+        account, nor with the account password over mail protocols once 2FA is on."""
+        return await self._thread(
+            policy.login_allowed,
+            self.accounts.directory,
+            unlocked.user.id,
+            unlocked.slot.kind,
+            protocol,
+        )
 
     async def _refuse(self, address: str, peer_ip: str, protocol: str) -> NoReturn:
         """Count the failure, wait, and refuse (saying so if the account wants an app password)."""

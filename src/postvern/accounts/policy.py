@@ -26,6 +26,22 @@ def two_factor_on(directory: Directory, user_id: str) -> bool:
     return bool(rows[0][0])
 
 
+def disabled(directory: Directory, user_id: str) -> bool:
+    """Whether an administrator disabled the account: then no secret opens it anywhere."""
+    rows = directory._rows(
+        "SELECT disabled FROM account_settings WHERE user_id=? AND disabled", (user_id,)
+    )
+    return bool(rows)
+
+
+def login_allowed(directory: Directory, user_id: str, slot_kind: str, protocol: str) -> bool:
+    """The whole rule for one login: the account is not disabled, and the secret's kind may
+    be used over ``protocol`` given the account's second factors."""
+    if disabled(directory, user_id):
+        return False
+    return secret_allowed(slot_kind, protocol, two_factor_on(directory, user_id))
+
+
 def two_factor_on_address(directory: Directory, address: str) -> bool:
     """Same, by address; False for an address that is no user."""
     user = directory.user(address)

@@ -86,10 +86,7 @@ class AccountService:
                 if e.reason == "banned"
                 else "The address or the password is not right."
             ) from None
-        user = unlocked.user
-        if (await self.run(self.settings.get, user.id)).disabled:
-            await self.login.gate.login_failed(ip, address, policy.WEB)
-            raise AccountError("The address or the password is not right.")
+        user = unlocked.user  # the login service refuses a disabled account
         session.user_id, session.address = user.id, user.address
         session.mailbox_key = unlocked.mailbox_key
         session.tries = 0

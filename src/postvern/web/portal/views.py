@@ -477,7 +477,7 @@ class Portal:
         try:
             token = await s.run(
                 lambda: s.tokens.create(
-                    user.id, ctx.field("name"), scopes, admin=s.settings.get(user.id).admin
+                    user.id, ctx.field("name"), scopes, admin=s._is_admin(user.id)
                 )
             )
         except TokenError as e:
