@@ -253,11 +253,15 @@ def run_sink(root: Path, ca: TestCA, jobs: list[Job], connections: int) -> Figur
 # --- Postvern ---------------------------------------------------------------------------------
 
 
-def postvern_data(root: Path, dns: DNSTestServer, connections: int, total: int) -> DataDir:
+def postvern_data(
+    root: Path, dns: DNSTestServer, connections: int, total: int, filter_processes: int = 0
+) -> DataDir:
     data = make_data_dir(
         root / "postvern", passwords={RECIPIENT: PASSWORD}, listeners=("smtp",), hostname=HOSTNAME
     )
     set_config(data.path, "dns", {"nameservers": [dns.nameserver], "timeout": 2.0})
+    if filter_processes:
+        set_config(data.path, "filters", {"processes": filter_processes})
     set_config(
         data.path,
         "limits",
@@ -327,14 +331,22 @@ def verify_postvern(data: DataDir, jobs: list[Job]) -> Verification:
 
 
 def run_postvern(
-    root: Path, dns: DNSTestServer, jobs: list[Job], connections: int, profile: bool
+    root: Path,
+    dns: DNSTestServer,
+    jobs: list[Job],
+    connections: int,
+    profile: bool,
+    filter_processes: int = 0,
+    event_loop: str = "asyncio",
 ) -> tuple[Figures, Verification, str]:
     """The load against ``postvern serve``; with ``profile``, py-spy samples it during the
     timed load (or, without py-spy, cProfile records its event-loop thread throughout)."""
-    data = postvern_data(root, dns, connections, len(jobs))
+    data = postvern_data(root, dns, connections, len(jobs), filter_processes)
     use_spy = profile and common.find_py_spy() is not None
     cprofile_out = root / "postvern.prof"
     env = cprofile_env(root, cprofile_out) if profile and not use_spy else {}
+    if event_loop == "uvloop":
+        env = uvloop_env(root, env)
     with ServerProcess(data, env=env) as server:
         assert server.proc is not None
         pid = server.proc.pid
@@ -367,6 +379,18 @@ def cprofile_env(root: Path, out: Path) -> dict[str, str]:
         f"atexit.register(lambda: (_p.disable(), _p.dump_stats({str(out)!r})))\n"
     )
     return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def uvloop_env(root: Path, env: dict[str, str]) -> dict[str, str]:
+    """Run the server on uvloop (measuring it before it becomes a setting): a sitecustomize
+    module sets uvloop's event-loop policy, which ``asyncio.run`` then uses."""
+    site = root / "uvloop-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import asyncio, uvloop\nasyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
+    )
+    path = os.pathsep.join([str(site), env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))])
+    return {**env, "PYTHONPATH": path}
 
 
 def summarise_cprofile(path: Path, top: int = 25) -> str:
@@ -608,6 +632,13 @@ def main() -> None:
         action="store_true",
         help="profile Postvern: py-spy if installed (beside this Python or on PATH), else cProfile",
     )
+    parser.add_argument(
+        "--filter-processes",
+        type=int,
+        default=0,
+        help="[filters] processes for Postvern (0: the filter in a thread)",
+    )
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
     systems = [s.strip() for s in args.only.split(",") if s.strip()]
     if "postfix" in systems and (os.geteuid() != 0 or not Path(POSTFIX).exists()):
@@ -639,7 +670,15 @@ def main() -> None:
             if system == "sink":
                 rows.append(run_sink(root, ca, jobs, args.connections))
             elif system == "postvern":
-                fig, check, report = run_postvern(root, dns, jobs, args.connections, args.profile)
+                fig, check, report = run_postvern(
+                    root,
+                    dns,
+                    jobs,
+                    args.connections,
+                    args.profile,
+                    args.filter_processes,
+                    args.event_loop,
+                )
                 rows.append(fig)
             elif system == "postfix":
                 rows.append(run_postfix(root, ca, jobs, args.connections))

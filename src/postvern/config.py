@@ -146,6 +146,9 @@ class Filters:
     spam_reject_score: float = 15.0
     url_blocklist: str | None = None
     attachment_policy: str = "reject"  # or "quarantine"
+    # Child processes that run the content filter (delivery/filtering.py); 0 runs it in a
+    # thread of the server process, where its Python holds the GIL beside the event loop.
+    processes: int = 0
 
 
 @dataclass

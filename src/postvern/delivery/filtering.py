@@ -5,12 +5,19 @@ model, the phishing and attachment rules, clamd and the authentication results; 
 per-user model re-files the message when the spool is imported at the next unlock. Any
 ``X-Postvern-Spam`` field a sender put in the message is removed before ours is added, so
 a user only ever sees our verdict.
+
+The scan is CPU work in Python: in a thread it holds the GIL and competes with every
+connection's event loop. With ``[filters] processes`` > 0 it runs instead in that many
+child processes (spawned, never forked from a threaded server), each with its own event
+loop for clamd, so the filter uses the other cores and never stalls a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import multiprocessing
 from typing import Literal
 
 from postvern import filters
@@ -19,11 +26,36 @@ from postvern.delivery.pipeline import FilterVerdict, Transaction
 from postvern.directory.db import Directory
 from postvern.emailauth import AuthVerdict
 
+# A child's own event loop, for clamd (filters.scan is async); one per process, reused.
+_CHILD_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def _warm_child() -> None:
+    """Pool initialiser: load the shipped model once, before the first message waits."""
+    global _CHILD_LOOP
+    _CHILD_LOOP = asyncio.new_event_loop()
+    filters.shipped_model()
+
+
+def _scan_in_child(raw: bytes, ctx: filters.ScanContext) -> filters.Verdict:
+    assert _CHILD_LOOP is not None
+    return _CHILD_LOOP.run_until_complete(filters.scan(raw, ctx))
+
 
 class FilterStage:
     def __init__(self, settings: Settings, directory: Directory) -> None:
         self.settings = filters.FilterSettings.from_config(settings)
         self.directory = directory
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        processes = getattr(settings.filters, "processes", 0)
+        if processes > 0:
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                processes, multiprocessing.get_context("spawn"), initializer=_warm_child
+            )
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _settings_for(self, domains: tuple[str, ...]) -> filters.FilterSettings:
         """Each recipient domain may set its own attachment policy; one SMTP reply covers
@@ -48,7 +80,11 @@ class FilterStage:
             client_ip=txn.client_ip or "",
             settings=settings,
         )
-        verdict = await filters.scan(raw, ctx)
+        if self.pool is not None:
+            loop = asyncio.get_running_loop()
+            verdict = await loop.run_in_executor(self.pool, _scan_in_child, raw, ctx)
+        else:
+            verdict = await filters.scan(raw, ctx)
         reason = "; ".join(verdict.reasons[:3]) or verdict.action
         if verdict.action == "tempfail":
             reason = "message could not be scanned, try again later"
