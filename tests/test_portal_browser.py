@@ -225,3 +225,44 @@ class EvilSite:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def test_passkey_without_prf_is_a_second_factor(server: DataDir, page: object) -> None:
+    """An authenticator without PRF: the passkey is a second factor after the password, and
+    alone it cannot log in (it holds no key to the mailbox)."""
+    p: object = page
+    base = base_url(server)
+    address, password = "erin@example.test", "erin-long-password"
+    app = server.app()
+    try:
+        app.accounts.create_user(address, password)
+    finally:
+        app.close()
+    cdp = p.context.new_cdp_session(p)  # type: ignore[attr-defined]
+    cdp.send("WebAuthn.enable")
+    options = {
+        "protocol": "ctap2",
+        "transport": "internal",
+        "hasResidentKey": True,
+        "hasUserVerification": True,
+        "isUserVerified": True,
+        "automaticPresenceSimulation": True,
+        "hasPrf": False,
+    }
+    cdp.send("WebAuthn.addVirtualAuthenticator", {"options": options})
+    log_in(p, base, address, password)
+    p.wait_for_url("**/account/")  # type: ignore[attr-defined]
+    p.goto(base + "/account/security")  # type: ignore[attr-defined]
+    p.fill("[data-passkey-name]", "Plain key")  # type: ignore[attr-defined]
+    p.click("[data-passkey-register]")  # type: ignore[attr-defined]
+    p.wait_for_selector("text=added as a second factor")  # type: ignore[attr-defined]
+    log_out(p)
+    # Alone: refused, with the reason.
+    p.click("[data-passkey-login]")  # type: ignore[attr-defined]
+    p.wait_for_selector("[data-passkey-error]:has-text('second factor only')")  # type: ignore[attr-defined]
+    # After the password: accepted as the second factor.
+    log_in(p, base, address, password)
+    p.wait_for_url("**/login/second-factor")  # type: ignore[attr-defined]
+    p.click("[data-passkey-login]")  # type: ignore[attr-defined]
+    p.wait_for_url("**/account/")  # type: ignore[attr-defined]
+    assert "password + passkey" in p.inner_text("table")  # type: ignore[attr-defined]

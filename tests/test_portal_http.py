@@ -4,14 +4,18 @@ enumeration, escaping, app passwords used over IMAP, the API's scoped tokens."""
 
 from __future__ import annotations
 
+import imaplib
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pyotp
 import pytest
 
-from harness import PASSWORDS, DataDir, ServerProcess, make_data_dir
+from harness import PASSWORDS, DataDir, ServerProcess, make_data_dir, set_config
 from portal_kit import Browser, imap_login
+from postvern.accounts.store import AccountStore
+from postvern.accounts.totp import TOTP
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -257,3 +261,43 @@ async def test_admin_invitation_disable_and_admin_api(server: DataDir, browser: 
         headers={"Authorization": f"Bearer {token.group(1)}"},
     )
     assert r.status == 403  # admin:read does not write
+
+
+async def test_failed_second_factors_count_toward_bans(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Wrong codes are failed logins to abuse/: enough of them ban the client, which then
+    cannot even try a password (loopback is not allowlisted here)."""
+    data = make_data_dir(
+        tmp_path_factory.mktemp("bans") / "data",
+        passwords={ALICE: PASSWORDS[ALICE]},
+        listeners=("https", "imaps"),
+    )
+    set_config(data.path, "abuse", {"allowlist": [], "auth_failures_per_ip": 3})
+    app = data.app()
+    try:
+        user = app.directory.user(ALICE)
+        assert user is not None
+        totp = TOTP(AccountStore(app.directory), app.server_key.derive("totp secrets"), "mx")
+        secret = totp.begin(user.id, ALICE).secret
+        assert totp.confirm(user.id, pyotp.TOTP(secret).now(), time.time())
+    finally:
+        app.close()
+    with ServerProcess(data):
+        b = Browser(data)
+        try:
+            await b.login(ALICE, PASSWORDS[ALICE])
+            for _ in range(3):
+                r = await b.post("/account/login/second-factor", {"code": "000000"})
+                assert r.status in (401, 200)
+            b2 = Browser(data)
+            try:
+                r = await b2.login(ALICE, PASSWORDS[ALICE])
+                assert r.status == 401 and "Too many failed attempts" in b2.last
+            finally:
+                await b2.close()
+            # The same ban closes IMAP to the client: one set of limits for every door.
+            with pytest.raises(imaplib.IMAP4.error, match="blocked"):
+                imap_login(data, ALICE, PASSWORDS[ALICE])
+        finally:
+            await b.close()
