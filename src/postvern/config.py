@@ -135,6 +135,15 @@ class Abuse:
     greylist_delay: float = 300.0
     greylist_window: float = 86400.0
     greylist_pass_period: float = 36 * 86400.0
+    # Port-scan and garbage detection (abuse/portscan.py): this many offences (a connection
+    # that never completed a protocol exchange, spoke another protocol, or failed its TLS
+    # handshake) within the window, or this many listeners touched without an exchange,
+    # earn a ban through the ordinary ban logic. 0 turns the detection off.
+    scan_offences: int = 10
+    scan_listeners: int = 3
+    scan_window: float = 600.0
+    # "inet postvern banned": keep this nftables set in step with the bans (abuse/nftables.py).
+    nftables_set: str | None = None
 
 
 @dataclass
@@ -172,6 +181,31 @@ class Log:
     level: str = "info"
     # Client addresses cut to /24 (IPv4) or /48 (IPv6), accounts as daily pseudonyms.
     anonymise: bool = True
+    format: str = "text"  # or "json": one JSON object per line
+    # Log files (besides stderr) go here, one per day, removed after retention_days; so are
+    # the daily pseudonym keys, after which old lines can no longer be linked to anyone.
+    directory: str | None = None
+    retention_days: int = 30
+
+
+@dataclass
+class Ops:
+    """The watchdog and ``postvern doctor`` (ops/)."""
+
+    # Below this share of free space on the data directory's file system: an alert.
+    disk_free_min_percent: float = 10.0
+    # An outbound message queued longer than this means delivery is stuck: an alert.
+    queue_max_age_hours: float = 24.0
+    # Certificate expiry closer than this: an alert (doctor warns from 30 days).
+    certificate_alert_days: int = 14
+    watchdog_interval: float = 300.0
+    # Bans added within one watchdog interval that make a spike; failed share of deliveries.
+    ban_spike: int = 50
+    delivery_failure_ratio: float = 0.5
+    # POSTed a JSON alert as well as mailing the postmaster (an https:// URL), when set.
+    webhook: str | None = None
+    # Shown in /.well-known/security.txt (RFC 9116 §2.5.3); empty: mailto:postmaster@.
+    security_contact: str = ""
 
 
 @dataclass
@@ -192,6 +226,7 @@ class Settings:
     filters: Filters = field(default_factory=Filters)
     mta: MTA = field(default_factory=MTA)
     log: Log = field(default_factory=Log)
+    ops: Ops = field(default_factory=Ops)
 
     def path(self, relative: str | os.PathLike[str]) -> Path:
         """Resolve a path from the config relative to the data directory."""
