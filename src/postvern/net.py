@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import ssl
+import typing
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ class Channel(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; uvloop's is not a subclass of asyncio.Transport, so no isinstance.
+        self.transport = typing.cast(asyncio.Transport, transport)
         self._on_open(self)
 
     def data_received(self, data: bytes) -> None:
