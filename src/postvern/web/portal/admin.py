@@ -66,6 +66,7 @@ class AdminPages:
         s = self.service
         users = await s.run(s.directory.users)
         states = {u.id: await s.run(s.settings.get, u.id) for u in users}
+        admins = {u.id for u in users if await s.run(s._is_admin, u.id)}
         queue: list[mta_admin.EntrySummary] = []
         try:
             queue = await s.run(self._queue)
@@ -78,6 +79,7 @@ class AdminPages:
             domains=await s.run(s.directory.domains),
             users=users,
             states=states,
+            admins=admins,
             invitations=await s.run(s.invitations.pending),
             bans=self.abuse.bans() if self.abuse is not None else [],
             queue=queue,
