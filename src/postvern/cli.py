@@ -46,6 +46,7 @@ from postvern.filters.clamd import ClamdClient, ClamdError
 from postvern.mta import QUEUE_FILE, EntryNotFound, QueueError, QueueStore
 from postvern.mta import admin as mta_admin
 from postvern.mta import wake as mta_wake
+from postvern.ops import commands as ops_commands
 from postvern.ops import dnsrecords
 from postvern.web import clientservers, mtasts
 
@@ -793,6 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], metavar="CHECK", help="leave a check out")
     p.add_argument("--root", type=Path, default=Path("/"), help="read kernel state under ROOT")
     p.set_defaults(func=cmd_doctor)
+    ops_commands.register(sub)
     return parser
 
 

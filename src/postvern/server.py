@@ -35,7 +35,7 @@ from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
 from postvern.mta import QUEUE_FILE, OutboundMTA, Queue
 from postvern.net import Admission
-from postvern.ops import logs
+from postvern.ops import retention
 from postvern.pop3.server import start_pop3_server
 from postvern.smtp.mx import MXHandler
 from postvern.smtp.session import serve_smtp
@@ -374,11 +374,7 @@ def _no_core_dumps() -> None:
 def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) -> int:
     _no_core_dumps()
     app = App.open(data_dir)
-    logs.configure(
-        app.settings.log.level,
-        app.server_key.derive("log pseudonyms"),
-        anonymise=app.settings.log.anonymise,
-    )
+    retention.configure(app.settings)
     try:
         return asyncio.run(_serve(app, banner))
     finally:
