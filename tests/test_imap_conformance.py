@@ -4,14 +4,21 @@ MOVE within one mailbox), each against the real server on loopback with raw clie
 
 from __future__ import annotations
 
+import asyncio
+import random
 import re
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postvern.crypto import keyslots, seal
+from postvern.imap.fetch import FetchPlan, render_batch
+from postvern.imap.grammar import commands as c
 from postvern.imap.grammar.lexer import ASTRING_CHARS
 from postvern.imap.protocol import (
     NEED_DATA,
@@ -21,7 +28,10 @@ from postvern.imap.protocol import (
     ImapConnection,
     ProtocolConfig,
 )
+from postvern.imap.selected import SYSTEM_FLAGS, SelectedView
 from postvern.imap.serialize import Completion
+from postvern.imap.wire import WireContext
+from postvern.store.mailbox import Folder, Mailbox
 from test_imap_session import ALICE, Env, Wire, in_thread, make_env, message
 
 
@@ -29,6 +39,14 @@ from test_imap_session import ALICE, Env, Wire, in_thread, make_env, message
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     async for e in make_env(tmp_path):
         yield e
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[Mailbox]:
+    private, _ = seal.generate_keypair()
+    mailbox = Mailbox.create(tmp_path / "m.sqlite", keyslots.new_mailbox_key(), private)
+    yield mailbox
+    mailbox.close()
 
 
 def listed(lines: list[bytes]) -> set[str]:
@@ -266,3 +284,134 @@ def test_mailbox_arguments_never_break_the_core(
         assert answer in (b"", b"+ Ready for literal data\r\n") or answer.startswith(b"+ ")
     else:
         assert re.fullmatch(rb"(\+ [^\r]*\r\n)?T (BAD|NO) [^\r\n]+\r\n", answer), answer
+
+
+# -- keywords are announced before use and never dropped while in use (RFC 9051 §7.3.5) ------
+
+SHARED_FOLDERS = ("INBOX", "Shared1", "Shared2", "Shared3")
+SESSIONS = 10
+ROUNDS = 12
+_FLAGS_LINE = re.compile(rb"\* FLAGS \(([^)]*)\)")
+_PERMANENT_LINE = re.compile(rb"\* OK \[PERMANENTFLAGS \(([^)]*)\)\]")
+_FETCH_FLAGS = re.compile(rb"\* \d+ FETCH \(.*FLAGS \(([^)]*)\)")
+
+
+def keywords_of(flags: bytes) -> set[str]:
+    return {f for f in flags.decode().split() if not f.startswith("\\")}
+
+
+def keyword_problems(transcript: list[bytes]) -> list[str]:
+    """Where a session's transcript shows a keyword its last FLAGS (or PERMANENTFLAGS) did
+    not list, or a FLAGS that leaves out a keyword the session has seen on a message (the
+    test never removes a keyword, so each one seen stays in use)."""
+    announced: set[str] | None = None
+    permanent: set[str] | None = None
+    in_use: set[str] = set()
+    problems = []
+    for line in transcript:
+        if m := _FLAGS_LINE.match(line):
+            announced = keywords_of(m.group(1))
+            if in_use - announced:
+                problems.append(f"FLAGS drops {sorted(in_use - announced)}: {line!r}")
+        elif m := _PERMANENT_LINE.match(line):
+            permanent = keywords_of(m.group(1))
+            if in_use - permanent:
+                problems.append(f"PERMANENTFLAGS drops {sorted(in_use - permanent)}: {line!r}")
+        elif m := _FETCH_FLAGS.match(line):
+            shown = keywords_of(m.group(1))
+            in_use |= shown
+            for name, known in (("FLAGS", announced), ("PERMANENTFLAGS", permanent)):
+                if known is None or shown - known:
+                    problems.append(f"FETCH before {name} listed it: {line!r}")
+    return problems
+
+
+def keyword_session(env: Env, index: int, start: threading.Barrier) -> list[bytes]:
+    """One client of the stress load: set a new keyword, look, let others' changes in."""
+    rng = random.Random(index)
+    wire = env.wire()
+    transcript: list[bytes] = []
+
+    def run(line: str) -> None:
+        untagged, done = wire.command(line)
+        assert b" OK " in done, (line, done)
+        transcript.extend(untagged)
+
+    run(f"SELECT {SHARED_FOLDERS[index % len(SHARED_FOLDERS)]}")
+    start.wait()
+    for turn in range(ROUNDS):
+        number = rng.randint(1, 3)
+        run(f"STORE {number} +FLAGS ($S{index}R{turn})")
+        step = rng.choice(["noop", "fetch", "idle", "silent"])
+        if step == "noop":
+            run("NOOP")
+        elif step == "fetch":
+            run("FETCH 1:* (FLAGS)")
+        elif step == "silent":
+            run(f"UID STORE 1:* +FLAGS.SILENT ($Quiet{index})")
+            run("FETCH 1:* (UID FLAGS)")
+        else:
+            wire.send(b"I1 IDLE\r\n")
+            while not (line := wire.line()).startswith(b"+ "):
+                transcript.append(line)
+            wire.send(b"DONE\r\n")
+            untagged, _ = wire.until(b"I1")
+            transcript.extend(untagged)
+    run("FETCH 1:* (FLAGS)")
+    wire.close()
+    return transcript
+
+
+async def test_concurrent_sessions_announce_every_keyword_before_use(env: Env) -> None:
+    def seed() -> None:
+        wire = env.wire()
+        for folder in SHARED_FOLDERS:
+            if folder != "INBOX":
+                wire.ok(f"CREATE {folder}")
+            for n in range(3):
+                raw = message(f"m{n}")
+                wire.ok(f"APPEND {folder} {{{len(raw)}+}}\r\n".encode() + raw)
+            wire.ok(f"SELECT {folder}")
+            wire.ok("STORE 1 +FLAGS ($Before)")  # in use before any session selects
+        wire.close()
+
+    await in_thread(seed)
+    start = threading.Barrier(SESSIONS)
+    loop = asyncio.get_running_loop()
+    # A thread per client: the default pool may be smaller than the barrier.
+    with ThreadPoolExecutor(max_workers=SESSIONS) as pool:
+        tasks = [
+            loop.run_in_executor(pool, keyword_session, env, i, start) for i in range(SESSIONS)
+        ]
+        transcripts = await asyncio.gather(*tasks)
+    problems = {i: keyword_problems(t) for i, t in enumerate(transcripts)}
+    assert {i: p for i, p in problems.items() if p} == {}
+    # Each session did see others' keywords arrive (the load really was shared).
+    assert all(any(b"$S" in line and b"FLAGS" in line for line in t) for t in transcripts)
+
+
+def test_selected_view_announces_the_folders_keywords_and_only_grows() -> None:
+    folder_row = Folder(1, "INBOX", None, 1, 4, 9, True)
+    view = SelectedView(folder_row, [1, 2, 3], read_only=False, keywords={"$Before", "Work"})
+    assert view.flags_list() == [*SYSTEM_FLAGS, "$Before", "Work"]
+    assert view.permanent_flags() == [*SYSTEM_FLAGS, "$Before", "Work", "\\*"]
+    assert not view.learn_keywords(["\\Seen", "$Before"])
+    assert view.learn_keywords(["\\Seen", "$Label3"])
+    assert view.flags_list() == [*SYSTEM_FLAGS, "$Before", "$Label3", "Work"]
+    examined = SelectedView(folder_row, [1], read_only=True, keywords={"Work"})
+    assert examined.flags_list() == [*SYSTEM_FLAGS, "Work"]
+    assert examined.permanent_flags() == []
+
+
+def test_fetch_batch_names_the_keywords_it_shows(box: Mailbox) -> None:
+    """FETCH renders off the event loop; each batch says which keywords its FLAGS show, so
+    the executor can send FLAGS before the batch even if another session set one just now."""
+    inbox = box.folder("INBOX")
+    box.append(inbox.id, message("one"), ["\\Seen", "$Label3"])
+    box.append(inbox.id, message("two"), ["Work"])
+    assert box.keywords(inbox.id) == {"$Label3", "Work"}
+    plan = FetchPlan.build([c.FetchItem(name="FLAGS")], read_only=True)
+    result = render_batch(box, inbox, [(1, 1), (2, 2)], plan, WireContext(utf8=False))
+    assert result.keywords == {"$Label3", "Work"}
+    plain = FetchPlan.build([c.FetchItem(name="UID")], read_only=True)
+    assert render_batch(box, inbox, [(1, 1)], plain, WireContext(utf8=False)).keywords == set()

@@ -601,7 +601,11 @@ async def test_store_copy_move_expunge(env: Env) -> None:
     out = await in_thread(session)
     lines, _ = out["store"]
     assert b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Important)" in lines[0]
-    assert lines[1:] == [
+    assert (
+        b"[PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Important \\*)]"
+        in lines[1]
+    )
+    assert lines[2:] == [
         b"* 1 FETCH (FLAGS ($Important \\Flagged))\r\n",
         b"* 2 FETCH (FLAGS ($Important \\Flagged))\r\n",
     ]

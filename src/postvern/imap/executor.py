@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from postvern.config import Limits
@@ -23,7 +23,7 @@ from postvern.imap.grammar import commands as c
 from postvern.imap.grammar.parse import UndecodableName
 from postvern.imap.protocol import ImapConnection
 from postvern.imap.searchexec import Universe, evaluate
-from postvern.imap.selected import PERMANENT_FLAGS, SelectedView
+from postvern.imap.selected import SelectedView
 from postvern.imap.sequence import SequenceSet
 from postvern.imap.serialize import (
     Code,
@@ -209,15 +209,17 @@ class Executor:
         return Completion.ok(command.tag, f"{command.name} completed", ResponseCode(code))
 
     def _opened(
-        self, folder: Folder, uids: list[int], first_unseen: int | None, command: c.Select
+        self,
+        folder: Folder,
+        uids: list[int],
+        first_unseen: int | None,
+        keywords: set[str],
+        command: c.Select,
     ) -> SelectedView:
         """The view of a selected folder, and the untagged data SELECT owes the client
         (RFC 9051 §6.3.2; RFC 3501 §6.3.1 for RECENT and UNSEEN)."""
-        read_only = command.read_only
-        view = SelectedView(folder, uids, read_only=read_only)
-        self.send(FlagsData(view.flags_list()))
-        permanent = () if read_only else PERMANENT_FLAGS
-        self.send(Condition(Status.OK, "flags", ResponseCode.permanent_flags(permanent)))
+        view = SelectedView(folder, uids, read_only=command.read_only, keywords=keywords)
+        self._announce_flags(view)
         self.send(ExistsData(view.exists))
         if not self.conn.rev2:
             self.send(RecentData(0))
@@ -231,6 +233,18 @@ class Executor:
         if self.conn.rev2:
             self.send(ListData(folder.name, _special(folder)))  # RFC 9051 §6.3.2
         return view
+
+    def _announce_flags(self, view: SelectedView) -> None:
+        """FLAGS and PERMANENTFLAGS as the session knows them (RFC 9051 §7.3.5, §7.1)."""
+        self.send(FlagsData(view.flags_list()))
+        permanent = ResponseCode.permanent_flags(view.permanent_flags())
+        self.send(Condition(Status.OK, "flags", permanent))
+
+    def _show_keywords(self, view: SelectedView, flags: Iterable[str]) -> None:
+        """Before a FETCH shows ``flags``: announce the keywords among them that the client
+        has not been told of (RFC 9051 §7.3.5: FLAGS first, then the FETCH that uses them)."""
+        if view.learn_keywords(flags):
+            self._announce_flags(view)
 
     async def _qresync(self, view: SelectedView, params: c.QResyncParams) -> None:
         """RFC 7162 §3.2.5.1: what vanished and what changed since the client's MODSEQ (if
@@ -246,6 +260,7 @@ class Executor:
             changed = [m for m in changed if any(lo <= m.uid <= hi for lo, hi in ranges)]
         if vanished:
             self.send(VanishedData(vanished, earlier=True))
+        self._show_keywords(view, (f for info in changed for f in info.flags))
         for info in changed:
             number = view.map.number(info.uid)
             if number is not None:
@@ -483,6 +498,7 @@ class Executor:
         async for result in self._rendered(view, present, plan, command.changed_since):
             missing += len(result.missing)
             unknown_cte |= result.unknown_cte
+            self._show_keywords(view, result.keywords)
             if result.data:
                 self.send(Rendered(result.data))
                 await self.flush()
@@ -566,8 +582,9 @@ class Executor:
             command.unchanged_since,
             self,
         )
-        if view.learn_keywords(command.flags):
-            self.send(FlagsData(view.flags_list()))
+        # The answers show each message's flags, whoever set them: the new keyword of this
+        # STORE, and one another session set a moment ago.
+        self._show_keywords(view, (f for info in infos.values() for f in info.flags))
         self._store_answers(command, view, pairs, infos, modified)
         if modified:
             by_uid = dict((u, n) for n, u in pairs)
@@ -660,8 +677,7 @@ class Executor:
             self._flag_updates(view, infos)
 
     def _flag_updates(self, view: SelectedView, infos: Sequence[MessageInfo]) -> None:
-        if view.learn_keywords(f for info in infos for f in info.flags):
-            self.send(FlagsData(view.flags_list()))
+        self._show_keywords(view, (f for info in infos for f in info.flags))
         condstore = self.conn.condstore_enabled
         for info in infos:
             number = view.map.number(info.uid)
@@ -705,14 +721,15 @@ class Executor:
 
 def _select_snapshot(
     box: Mailbox, folder_id: int, want_unseen: bool
-) -> tuple[Folder, list[int], int | None]:
-    """The folder, its UIDs and (for IMAP4rev1's [UNSEEN n]) its first unseen message."""
+) -> tuple[Folder, list[int], int | None, set[str]]:
+    """The folder, its UIDs, (for IMAP4rev1's [UNSEEN n]) its first unseen message, and the
+    keywords in use in it."""
     folder = box.folder_by_id(folder_id)
     uids = box.uids(folder_id)
     first_unseen = None
     if want_unseen and box.status(folder_id).unseen:
         first_unseen = _first_unseen(box, folder_id, uids)
-    return folder, uids, first_unseen
+    return folder, uids, first_unseen, box.keywords(folder_id)
 
 
 # Metadata is read in slices while looking for the first unseen message: the oldest mail is

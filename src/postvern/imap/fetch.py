@@ -103,6 +103,7 @@ class BatchResult:
     data: bytes = b""
     missing: list[int] = field(default_factory=list)  # UIDs expunged meanwhile
     unknown_cte: bool = False
+    keywords: set[str] = field(default_factory=set)  # in the FLAGS shown: announce them first
 
 
 def render_batch(
@@ -126,6 +127,9 @@ def render_batch(
             uids = [u for _, u in pairs]
         if plan.sets_seen:
             _set_seen(box, folder.id, uids, infos, origin)
+        if any(item.name == "FLAGS" for item in plan.items):
+            flags = {f for u in uids if u in infos for f in infos[u].flags}
+            result.keywords = {f for f in flags if not f.startswith("\\")}
     if plan.fast:
         _render_fast(box, folder, pairs, plan, ctx, infos, result)
         return result

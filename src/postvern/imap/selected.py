@@ -22,7 +22,7 @@ from postvern.store.mailbox import Change, Folder
 # and never stored.
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 # Keywords may be created by STORE and APPEND (RFC 9051 §7.1: "\*" in PERMANENTFLAGS).
-PERMANENT_FLAGS = (*SYSTEM_FLAGS, "\\*")
+NEW_KEYWORDS = "\\*"
 
 
 class UidMap:
@@ -143,7 +143,14 @@ class Pending:
 class SelectedView:
     """The selected folder: its number map (announced messages only) and pending changes."""
 
-    def __init__(self, folder: Folder, uids: Iterable[int], *, read_only: bool) -> None:
+    def __init__(
+        self,
+        folder: Folder,
+        uids: Iterable[int],
+        *,
+        read_only: bool,
+        keywords: Iterable[str] = (),
+    ) -> None:
         self.folder = folder
         self.read_only = read_only
         self.map = UidMap(uids)
@@ -151,7 +158,10 @@ class SelectedView:
         self.highest_modseq = folder.highestmodseq
         # Everything up to this MODSEQ has been accounted for (the base of a resync).
         self.resync_from = folder.highestmodseq
-        self.keywords: set[str] = set()  # keywords announced in FLAGS beyond the system flags
+        # Keywords announced in FLAGS beyond the system flags: at SELECT every keyword in use
+        # in the folder, then each one the session meets before it is shown. The set only
+        # grows, so no FLAGS ever leaves out a keyword still set on a message (§7.3.5).
+        self.keywords: set[str] = set(keywords)
         self.saved: list[int] = []  # RFC 5182 SEARCHRES: UIDs of the last SAVE
 
     @property
@@ -161,8 +171,16 @@ class SelectedView:
     def flags_list(self) -> list[str]:
         return [*SYSTEM_FLAGS, *sorted(self.keywords, key=str.lower)]
 
+    def permanent_flags(self) -> list[str]:
+        """RFC 9051 §7.1 PERMANENTFLAGS: nothing in a read-only session; otherwise the flags
+        announced and any new keyword."""
+        if self.read_only:
+            return []
+        return [*self.flags_list(), NEW_KEYWORDS]
+
     def learn_keywords(self, flags: Iterable[str]) -> bool:
-        """Note keywords the client has not been told about; True if FLAGS must be resent."""
+        """Note keywords the client has not been told about; True if FLAGS must be resent
+        before a FETCH that shows them (RFC 9051 §7.3.5)."""
         new = {f for f in flags if not f.startswith("\\")} - self.keywords
         self.keywords |= new
         return bool(new)
