@@ -31,12 +31,21 @@ def peak_tree_mib(root: int) -> float:
     return sum(common.peak_rss_kib(pid) for pid in common.process_tree(root)) / 1024
 
 
-def one_burst(root: Path, dns: DNSTestServer, jobs: list[common.Job], processes: int) -> float:
+def one_burst(
+    root: Path,
+    dns: DNSTestServer,
+    jobs: list[common.Job],
+    processes: int,
+    env: dict[str, str],
+    warm: common.Job | None = None,
+) -> float:
     data = postvern_data(root, dns, len(jobs) + 4, len(jobs) * 4, processes)
     set_config(data.path, "limits", {"connections_per_ip": len(jobs) + 4, "connections": 1000})
-    with ServerProcess(data) as server:
+    with ServerProcess(data, env=env) as server:
         assert server.proc is not None
         target = Target("127.0.0.1", data.addr("smtp")[1])
+        if warm is not None:  # one message first: what loads lazily is loaded once
+            asyncio.run(common.send_all(target, [warm], 1))
         result = asyncio.run(common.send_all(target, jobs, len(jobs)))
         time.sleep(SETTLE)
         if result.accepted != len(jobs):
@@ -50,7 +59,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--filter-processes", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--warm", action="store_true", help="one delivery before the burst (not a first one)"
+    )
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")
     args = parser.parse_args()
+    env = dict(e.split("=", 1) for e in args.env)
     print(f"First deliveries: 1 against {args.concurrent} at once\n{common.machine_load()}")
     domains = sender_domains(4)
     jobs = make_jobs(args.concurrent, args.size, domains)
@@ -59,8 +73,9 @@ def main() -> None:
             for name, txt in d.zone().items():
                 dns.add(name, "TXT", txt, ttl=DNS_TTL)
         for n in range(args.rounds):
-            one = one_burst(Path(tmp) / f"one-{n}", dns, jobs[:1], args.filter_processes)
-            many = one_burst(Path(tmp) / f"many-{n}", dns, jobs, args.filter_processes)
+            warm = jobs[-1] if args.warm else None
+            one = one_burst(Path(tmp) / f"one-{n}", dns, jobs[:1], args.filter_processes, env, warm)
+            many = one_burst(Path(tmp) / f"many-{n}", dns, jobs, args.filter_processes, env, warm)
             print(
                 f"  peak RSS: 1 delivery {one:.1f} MiB, {args.concurrent} concurrent "
                 f"{many:.1f} MiB: {many / one:.2f}× ({common.machine_load()})",

@@ -14,6 +14,7 @@ import enum
 import functools
 import random
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -137,9 +138,20 @@ def parse_record(text: str) -> Record | None:
 # -- domains and alignment (§3.2, §3.1) ------------------------------------------------------
 
 
+# Parsing the list once: many messages arriving together after a start would otherwise
+# each parse their own copy in a worker thread (several MiB each) before the cache fills.
+_PSL_LOCK = threading.Lock()
+
+
 @functools.cache
 def _public_suffixes() -> PublicSuffixList:
     # The list ships inside the publicsuffixlist package: no network access, ever.
+    with _PSL_LOCK:
+        return _parsed_once()
+
+
+@functools.cache
+def _parsed_once() -> PublicSuffixList:
     return PublicSuffixList()
 
 
