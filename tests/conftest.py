@@ -12,9 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from clamd import clamd_fixture
 from dnsserver import dns_server
 from harness import DataDir, make_data_dir
+from seaweed import seaweed
 
-# Shared fixtures defined in helper modules: a real clamd, a loopback DNS server.
-__all__ = ["clamd_fixture", "data_dir", "dns_server"]
+# Shared fixtures defined in helper modules: a real clamd, a loopback DNS server, SeaweedFS.
+__all__ = ["clamd_fixture", "data_dir", "dns_server", "seaweed"]
 
 
 @pytest.fixture

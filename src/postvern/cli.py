@@ -27,6 +27,7 @@ from postvern import config
 from postvern.abuse import Abuse, BanError, parse_duration, utc_text
 from postvern.abuse import admin as abuse_admin
 from postvern.app import App
+from postvern.backup import commands as backup_commands
 from postvern.crypto.keyslots import BadSlot
 from postvern.crypto.serverkey import KEY_FILE, ServerKey, ServerKeyError
 from postvern.crypto.tls import (
@@ -780,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     _queue_commands(sub)
     _ban_commands(sub)
     _filter_commands(sub)
+    backup_commands.register(sub)
     g = _group(sub, "tls", "the TLS certificate")
     p = g.add_parser(
         "status",

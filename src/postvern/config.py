@@ -209,6 +209,27 @@ class Ops:
 
 
 @dataclass
+class Backup:
+    """Encrypted snapshots and continuous replication (backup/, docs/disaster-recovery.md)."""
+
+    # Where snapshots go, all at once: "file:///path" or "s3://bucket/prefix?endpoint=URL&
+    # region=NAME" (credentials from boto3's usual chain). Empty: no backups.
+    targets: list[str] = field(default_factory=list)
+    # A full snapshot this often (unchanged pieces are referenced, not uploaded again).
+    full_interval_hours: float = 24.0
+    # Changes are shipped this often (0: no continuous replication): the RPO is this plus
+    # the time one replication takes.
+    replicate_seconds: float = 15.0
+    # The server restores its newest snapshot into a scratch directory and checks it.
+    verify_interval_hours: float = 168.0
+    keep_daily: int = 7
+    keep_weekly: int = 4
+    keep_monthly: int = 12
+    # Replication points kept for point-in-time restores of one user.
+    keep_points_hours: float = 48.0
+
+
+@dataclass
 class Settings:
     data_dir: Path
     hostname: str = "localhost"
@@ -226,6 +247,7 @@ class Settings:
     filters: Filters = field(default_factory=Filters)
     mta: MTA = field(default_factory=MTA)
     log: Log = field(default_factory=Log)
+    backup: Backup = field(default_factory=Backup)
     ops: Ops = field(default_factory=Ops)
 
     def path(self, relative: str | os.PathLike[str]) -> Path:
