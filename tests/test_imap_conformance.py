@@ -31,7 +31,7 @@ from postvern.imap.protocol import (
 from postvern.imap.selected import SYSTEM_FLAGS, SelectedView
 from postvern.imap.serialize import Completion
 from postvern.imap.wire import WireContext
-from postvern.store.mailbox import Folder, Mailbox
+from postvern.store.mailbox import Change, Folder, Mailbox
 from test_imap_session import ALICE, Env, Wire, in_thread, make_env, message
 
 
@@ -415,3 +415,98 @@ def test_fetch_batch_names_the_keywords_it_shows(box: Mailbox) -> None:
     assert result.keywords == {"$Label3", "Work"}
     plain = FetchPlan.build([c.FetchItem(name="UID")], read_only=True)
     assert render_batch(box, inbox, [(1, 1)], plain, WireContext(utf8=False)).keywords == set()
+
+
+# -- CONDSTORE enabled by use, and ESEARCH MODSEQ (RFC 7162 §3.1, §3.1.5) ---------------------
+
+
+async def test_first_condstore_command_reports_highestmodseq(env: Env) -> None:
+    for n in range(1, 4):
+        await env.deliver(ALICE, message(f"m{n}"))
+
+    def session() -> dict[str, tuple[list[bytes], bytes]]:
+        out = {}
+        for name, first in {
+            "fetch": "FETCH 1 (MODSEQ)",
+            "changedsince": "FETCH 1:* (FLAGS) (CHANGEDSINCE 1)",
+            "search": "SEARCH MODSEQ 1",
+            "store": "STORE 1 (UNCHANGEDSINCE 1) +FLAGS ($Late)",
+        }.items():
+            wire = env.wire()
+            selected = wire.ok("SELECT INBOX")
+            out[name + ":select"] = (selected, b"")
+            out[name] = wire.command(first)
+            out[name + ":again"] = wire.command(first)
+            wire.close()
+        return out
+
+    out = await in_thread(session)
+    highest = re.search(rb"HIGHESTMODSEQ (\d+)", b"".join(out["fetch:select"][0]))
+    assert highest is not None
+    code = b"[HIGHESTMODSEQ " + highest.group(1) + b"]"
+    for name in ("fetch", "changedsince", "search"):
+        assert out[name][1].startswith(b"W3 OK " + code), (name, out[name])
+        assert b"HIGHESTMODSEQ" not in out[name + ":again"][1], name
+    # A conditional STORE that failed has MODIFIED in its tagged OK: HIGHESTMODSEQ goes before.
+    lines, done = out["store"]
+    assert done.startswith(b"W3 OK [MODIFIED 1]"), done
+    assert lines[-1].startswith(b"* OK " + code), lines
+
+
+async def test_esearch_min_or_max_modseq_is_that_messages(env: Env) -> None:
+    for n in range(1, 4):
+        await env.deliver(ALICE, message(f"m{n}"))
+
+    def session() -> tuple[dict[int, int], dict[str, bytes]]:
+        wire = env.wire()
+        wire.ok("SELECT INBOX")
+        wire.ok("STORE 3 +FLAGS (\\Flagged)")
+        wire.ok("STORE 1 +FLAGS (\\Answered)")
+        wire.ok("STORE 2 +FLAGS (\\Draft)")
+        fetched = wire.ok("FETCH 1:* (MODSEQ)")
+        modseqs = {
+            int(m.group(1)): int(m.group(2))
+            for line in fetched
+            if (m := re.match(rb"\* (\d+) FETCH \(MODSEQ \((\d+)\)\)", line))
+        }
+        answers = {
+            options: b"".join(wire.ok(f"SEARCH RETURN ({options}) MODSEQ 1"))
+            for options in ("MIN", "MAX", "MIN MAX", "COUNT", "ALL")
+        }
+        wire.close()
+        return modseqs, answers
+
+    modseqs, answers = await in_thread(session)
+    assert modseqs[2] > modseqs[1] > modseqs[3]
+
+    def modseq_of(answer: bytes) -> int:
+        match = re.search(rb"MODSEQ (\d+)", answer)
+        assert match is not None, answer
+        return int(match.group(1))
+
+    assert modseq_of(answers["MIN"]) == modseqs[1]
+    assert modseq_of(answers["MAX"]) == modseqs[3]
+    assert modseq_of(answers["MIN MAX"]) == modseqs[1]
+    assert modseq_of(answers["COUNT"]) == modseqs[2]
+    assert modseq_of(answers["ALL"]) == modseqs[2]
+
+
+def test_held_back_expunge_keeps_reported_modseq_below_it() -> None:
+    view = SelectedView(Folder(1, "INBOX", None, 1, 4, 9, True), [1, 2, 3], read_only=False)
+    view.note(Change("flags", 1, (1,), 10), own_flags=False)
+    view.note(Change("expunge", 1, (2,), 11), own_flags=False)
+    view.note(Change("flags", 1, (3,), 12), own_flags=False)
+    assert view.reported_modseq == 10  # FETCH by number may not send the EXPUNGE yet
+    view.take_expunged()
+    assert view.reported_modseq == 12
+
+
+def test_condstore_enabled_by_use_is_flagged_for_highestmodseq() -> None:
+    conn = ImapConnection(ProtocolConfig(), tls_active=True)
+    for line, tag in ((b"L LOGIN u p", "L"), (b"S SELECT INBOX", "S"), (b"F FETCH 1 MODSEQ", None)):
+        conn.receive_data(line + b"\r\n")
+        event = conn.next_event()
+        assert isinstance(event, CommandReceived)
+        if tag is not None:
+            conn.send(Completion.ok(tag, "done"))
+    assert conn.condstore_enabled and conn.condstore_enabling_tag == "F"

@@ -146,7 +146,22 @@ class Executor:
             completion = Completion.no(command.tag, str(e), ResponseCode(Code.CANNOT))
         if self.view is not None:
             await self.report_changes(allow_expunge=not _forbids_expunge(command))
+        if self.conn.condstore_enabling_tag == command.tag:
+            self.conn.condstore_enabling_tag = None
+            completion = self._with_highest_modseq(completion)
         return completion
+
+    def _with_highest_modseq(self, completion: Completion) -> Completion:
+        """RFC 7162 §3.1: the first command that enables CONDSTORE in the selected state
+        reports the mailbox's HIGHESTMODSEQ in its tagged OK (in an untagged OK before it
+        when the tagged one already carries a code, such as MODIFIED)."""
+        if self.view is None or completion.status is not Status.OK:
+            return completion
+        code = ResponseCode.highest_modseq(self.view.reported_modseq)
+        if completion.code is not None:
+            self.send(Condition(Status.OK, "highest mod-sequence", code))
+            return completion
+        return Completion(completion.tag, completion.status, completion.text, code)
 
     def _handlers(self) -> dict[type, Callable[[Any], Awaitable[Completion]]]:
         return {
@@ -462,9 +477,9 @@ class Executor:
             if options and "SAVE" in options:
                 view.saved = []  # RFC 5182 §2.1: a failed SEARCH (SAVE) empties $
             raise
-        modseq = _highest_modseq(command.criteria, infos, matched)
         numbers = [uid if command.uid else number for number, uid in matched]
         if options is None and not self.conn.rev2:
+            modseq = _highest_modseq(command.criteria, infos, matched)
             self.send(SearchData(numbers, modseq))
             return Completion.ok(command.tag, f"{command.name} completed")
         options = options or ("ALL",)
@@ -472,6 +487,7 @@ class Executor:
             view.saved = [uid for _, uid in matched]
         shown = set(options) - {"SAVE"}
         if shown:
+            modseq = _highest_modseq(command.criteria, infos, _returned(matched, shown))
             self.send(_esearch(command, numbers, shown, modseq))
         return Completion.ok(command.tag, f"{command.name} completed")
 
@@ -801,6 +817,14 @@ def _highest_modseq(
     if not any(isinstance(key, s.ModSeqTest) for key in s.walk(criteria)):
         return None
     return max(infos[uid].modseq for _, uid in matched if uid in infos)
+
+
+def _returned(matched: list[tuple[int, int]], options: set[str]) -> list[tuple[int, int]]:
+    """The messages an ESEARCH answer is about: all matches for ALL or COUNT; with only MIN
+    and/or MAX, just those (RFC 7162 §3.1.5: then MODSEQ is theirs, not the highest of all)."""
+    if options & {"ALL", "COUNT"} or not matched:
+        return matched
+    return [p for p, name in ((matched[0], "MIN"), (matched[-1], "MAX")) if name in options]
 
 
 def _esearch(

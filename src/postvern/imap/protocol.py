@@ -292,6 +292,9 @@ class ImapConnection:
         self.enabled: set[str] = set()
         self.selected_read_only = False
         self.client_id: tuple[tuple[str, str | None], ...] | None = None
+        # The tag of the selected-state command that enabled CONDSTORE by using it, until
+        # the session has answered it (see _note_condstore).
+        self.condstore_enabling_tag: str | None = None
         self.bad_commands = 0
         self._advertised = frozenset(self.config.capabilities)
         self._framer = CommandFramer(
@@ -784,6 +787,10 @@ class ImapConnection:
     def _note_condstore(self, command: c.Command) -> None:
         """RFC 7162 §3.1: using a CONDSTORE feature enables CONDSTORE for the session."""
         if self.has_capability("CONDSTORE") and "CONDSTORE" in _needed_capabilities(command):
+            if "CONDSTORE" not in self.enabled and self.state is _SEL:
+                # RFC 7162 §3.1: this command's tagged OK must carry [HIGHESTMODSEQ] (a
+                # SELECT (CONDSTORE) announces it among the SELECT data instead).
+                self.condstore_enabling_tag = command.tag
             self.enabled.add("CONDSTORE")
 
 

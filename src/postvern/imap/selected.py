@@ -158,6 +158,9 @@ class SelectedView:
         self.highest_modseq = folder.highestmodseq
         # Everything up to this MODSEQ has been accounted for (the base of a resync).
         self.resync_from = folder.highestmodseq
+        # The lowest MODSEQ among expunges noted but not yet reported (RFC 9051 §7.5.1 may
+        # hold them back), or None.
+        self._held_expunge_modseq: int | None = None
         # Keywords announced in FLAGS beyond the system flags: at SELECT every keyword in use
         # in the folder, then each one the session meets before it is shown. The set only
         # grows, so no FLAGS ever leaves out a keyword still set on a message (§7.3.5).
@@ -204,10 +207,23 @@ class SelectedView:
             # A message that arrived and left before EXISTS was sent is simply never shown.
             if self.pending.appended:
                 self.pending.appended = [u for u in self.pending.appended if u not in fresh]
-            self.pending.expunged |= {u for u in fresh if self.map.number(u) is not None}
+            shown = {u for u in fresh if self.map.number(u) is not None}
+            if shown:
+                held = self._held_expunge_modseq
+                self._held_expunge_modseq = min(held or change.modseq, change.modseq)
+            self.pending.expunged |= shown
             self.pending.flags -= fresh
         elif change.kind == "flags" and not own_flags:
             self.pending.flags.update(change.uids)
+
+    @property
+    def reported_modseq(self) -> int:
+        """The HIGHESTMODSEQ the client may be told: every change up to it has been reported
+        (or is reported with it). An expunge still held back keeps it below that expunge's
+        MODSEQ, lest a client that caches it never learn of the expunge (RFC 7162 §3.1.2.1)."""
+        if self._held_expunge_modseq is None:
+            return self.highest_modseq
+        return min(self.highest_modseq, self._held_expunge_modseq - 1)
 
     def take_appended(self) -> list[int]:
         """Put the new messages into the map; the caller sends EXISTS for ``exists``."""
@@ -223,6 +239,7 @@ class SelectedView:
         reads it (RFC 9051 §7.5.1: every EXPUNGE renumbers the messages after it).
         """
         gone, self.pending.expunged = self.pending.expunged, set()
+        self._held_expunge_modseq = None
         pairs = [(n, uid) for uid in gone if (n := self.map.number(uid)) is not None]
         pairs.sort(reverse=True)
         self.map.remove(gone)
