@@ -106,14 +106,8 @@ class Weed:
         self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        """At the end of the session nothing stored is needed again: no graceful wait."""
+        self.kill()
 
     def ensure_running(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
