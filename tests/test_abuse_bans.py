@@ -225,6 +225,7 @@ class CountingAccounts:
 
     def __init__(self, accounts: Any) -> None:
         self._accounts = accounts
+        self.directory = accounts.directory  # the login service reads the 2FA state there
         self.calls = 0
 
     def authenticate(self, address: str, secret: str) -> Any:
