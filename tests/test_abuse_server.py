@@ -53,7 +53,8 @@ def metrics(data: DataDir) -> dict[str, float]:
     conn = http.client.HTTPSConnection(host, port, context=client_tls_context(), timeout=10)
     conn.request("GET", "/metrics")
     body = conn.getresponse().read().decode()
-    return {k: float(v) for k, v in (line.split() for line in body.splitlines())}
+    lines = (line.split() for line in body.splitlines() if not line.startswith("#"))
+    return {k: float(v) for k, v in lines}
 
 
 def imap_login(data: DataDir, password: str) -> str:

@@ -14,6 +14,7 @@ import logging
 import resource
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -34,8 +35,11 @@ from postvern.filters.learning import JunkLearner
 from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
 from postvern.mta import QUEUE_FILE, OutboundMTA, Queue
+from postvern.mta.runner import AttemptReport
 from postvern.net import Admission
 from postvern.ops import retention
+from postvern.ops.metrics import Metrics, Snapshot
+from postvern.ops.watchdog import Watchdog
 from postvern.pop3.server import start_pop3_server
 from postvern.smtp.mx import MXHandler
 from postvern.smtp.session import serve_smtp
@@ -104,6 +108,57 @@ class Server:
         self.mta: OutboundMTA | None = None
         self.servers: list[tuple[str, Listener]] = []
         self._certificate_watch: asyncio.Task[None] | None = None
+        self.exporter = Metrics(self.snapshot)  # ops/metrics.py: /metrics
+        self.watchdog = Watchdog(
+            s,
+            self.exporter,
+            self.snapshot,
+            self._ban_times,
+            self._mail_postmaster,
+            refresh=self.refresh_metrics,
+        )
+        self._queue_stats = (0, 0.0)  # entries, age of the oldest (refreshed per scrape)
+        self._certificate_expiry = self._read_certificate_expiry()
+
+    # -- operations (ops/): metrics, watchdog ---------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        entries, oldest = self._queue_stats
+        return Snapshot(
+            sessions={n: getattr(srv, "active_sessions", 0) for n, srv in self.servers},
+            kdf_runs=self.login.kdf_runs,
+            warm_logins=self.login.warm_logins,
+            mailboxes_unlocked=self.registry.unlocked_count,
+            bans_active=len(self.abuse.bans()),
+            outbound_in_flight=self.mta.in_flight if self.mta else 0,
+            queue_entries=entries,
+            queue_oldest_seconds=oldest,
+            certificate_expiry_timestamp=self._certificate_expiry,
+        )
+
+    async def refresh_metrics(self) -> bytes:
+        if self.queue is not None:
+            created = await self.queue.call(lambda st: [e.created for e in st.list_entries()])
+            oldest = time.time() - min(created) if created else 0.0
+            self._queue_stats = (len(created), oldest)
+        return self.exporter.render()
+
+    def _ban_times(self) -> list[tuple[str, float]]:
+        return [(b.network, b.updated) for b in self.abuse.bans()]
+
+    async def _mail_postmaster(self, message: bytes) -> None:
+        await self._bounce(message, f"postmaster@{self.settings.primary_domain}")
+
+    def _count_delivery(self, report: AttemptReport) -> None:
+        for outcome in report.outcomes.values():
+            self.exporter.deliveries.labels(str(outcome)).inc()
+
+    def _read_certificate_expiry(self) -> float:
+        s = self.settings
+        try:
+            return tls.read_certificate(s.path(s.tls.cert)).not_after.timestamp()
+        except tls.TLSConfigError:
+            return 0.0
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -142,6 +197,7 @@ class Server:
                 raise StartupError(f"cannot listen for {name} on {address}: {e.strerror}") from None
             self.servers.append((name, server))
             log.info("listening for %s on %s", name, address)
+        self.watchdog.start()
 
     def _check_certificate(self) -> None:
         """Warn in the log when the certificate is near its end (or past it)."""
@@ -193,6 +249,7 @@ class Server:
             bounce=self._bounce,
             policy_port=s.mta.sts_policy_port,
             allow_loopback_mx=s.mta.allow_loopback_mx,
+            on_report=self._count_delivery,
         )
         await self.mta.start()
 
@@ -223,6 +280,7 @@ class Server:
             raise RuntimeError("local delivery of a bounce failed; it will be retried")
 
     async def stop(self) -> None:
+        await self.watchdog.stop()
         if self._certificate_watch is not None:
             self._certificate_watch.cancel()
         await asyncio.gather(
@@ -315,7 +373,7 @@ async def _start_web(server: Server, host: str, port: int) -> Listener:
         settings=server.settings,
         directory_check=server.pipeline.is_local_domain,
         ssl_context=server.tls_context,
-        metrics=server.metrics,
+        metrics=server.refresh_metrics,
         routes=[
             *WKD(server.app.directory).routes(server.pipeline.is_local_domain),
             *account_routes(server.app, server.login, server.abuse, server.resolver),

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from postvern.config import Settings
 from postvern.directory.addresses import AddressError, normalise_address
+from postvern.ops import metrics, securitytxt
 from postvern.web import autoconfig, autodiscover, mobileconfig, mtasts
 from postvern.web.clientservers import client_servers
 
@@ -34,7 +35,8 @@ SECURITY_HEADERS = {
 MAX_REQUEST_BYTES = 16 * 1024
 
 DomainCheck = Callable[[str], Awaitable[bool]]
-Metrics = Callable[[], dict[str, float]]
+# Old style: a dict of values; or (ops/metrics.py) a coroutine rendering the exposition.
+Metrics = Callable[[], dict[str, float]] | Callable[[], Awaitable[bytes]]
 
 
 def _domain_from_host(request: web.Request, prefix: str) -> str | None:
@@ -117,8 +119,17 @@ class WebApp:
         """Counters in the Prometheus text format, for a scraper on this machine only."""
         if self.metrics is None or not _is_loopback(request.remote):
             raise web.HTTPNotFound()
-        lines = [f"{name} {value:g}" for name, value in sorted(self.metrics().items())]
+        found = self.metrics()
+        if not isinstance(found, dict):
+            body = await found
+            return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+        lines = [f"{name} {value:g}" for name, value in sorted(found.items())]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def security_txt(self, request: web.Request) -> web.Response:
+        """RFC 9116: the administrator's contact for vulnerability reports."""
+        text = securitytxt.text(self.settings)
+        return web.Response(text=text, content_type=securitytxt.CONTENT_TYPE, charset="utf-8")
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_harden])
@@ -130,6 +141,7 @@ class WebApp:
         app.router.add_get(mobileconfig.PATH, self.apple_profile)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get(securitytxt.PATH, self.security_txt)
         app.add_routes(self.routes)
         return app
 
