@@ -30,6 +30,9 @@ MAX_ATTACHMENT_BYTES = 48 * 1024 * 1024
 MAX_HEADER_CHARS = 4096
 # A returned header block (text/rfc822-headers) beyond this is not a header block.
 MAX_HEADER_BLOCK = 64 * 1024
+# Header fields kept for the header rules (postvern.filters.headers). A long Received chain
+# has a few dozen; past this the rest are not read.
+MAX_FIELDS = 200
 
 _TEXT_TYPES = ("text/plain", "text/html")
 # RFC 6522 §3: the optional third part of a multipart/report carries the message that
@@ -100,6 +103,14 @@ class Extracted:
     text: str = ""
     html: str = ""
     attachments: list[Attachment] = field(default_factory=list)
+    # The top-level fields in order, (lower-cased name, value as written, bounded), for
+    # the header rules; the first MAX_FIELDS only.
+    fields: tuple[tuple[str, str], ...] = ()
+    # Content types of the leaf parts, in order (at most MAX_PARTS).
+    leaf_types: tuple[str, ...] = ()
+    # A text part sent as base64 although its text is plain ASCII (SpamAssassin's
+    # MIME_BASE64_TEXT): mail software uses base64 for text only when it must.
+    ascii_text_in_base64: bool = False
     truncated: bool = False  # a limit above cut something off
     defective: bool = False  # the parser recorded defects or failed outright
     # A mail system's report about another message: the report-type of a multipart/report
@@ -189,6 +200,8 @@ def _read_plain_bounce(msg: Message, out: Extracted) -> None:
 
 
 def _read_headers(msg: Message, out: Extracted) -> None:
+    items = msg.items()[:MAX_FIELDS]
+    out.fields = tuple((k.lower(), _header_str(v)) for k, v in items)
     out.header_names = frozenset(k.lower() for k in msg.keys())
     out.subject = decode_header_value(msg.get("Subject"))
     from_field = _header_str(msg.get("From"))
@@ -205,6 +218,7 @@ def _read_parts(msg: Message, out: Extracted) -> None:
     htmls: list[str] = []
     charsets: set[str] = set()
     kept = 0
+    leaf_types: list[str] = []
     for count, part in enumerate(msg.walk()):
         if count >= MAX_PARTS:
             out.truncated = True
@@ -212,10 +226,13 @@ def _read_parts(msg: Message, out: Extracted) -> None:
         if part.is_multipart():
             continue
         ctype = part.get_content_type()
+        leaf_types.append(ctype)
         filename = _filename(part)
         payload = part.get_payload(decode=True)
         data = payload if isinstance(payload, bytes) else b""
         if ctype in _TEXT_TYPES and not filename and not _is_attachment(part):
+            if data and data.isascii() and _is_base64(part):
+                out.ascii_text_in_base64 = True
             charset = _charset(part)
             charsets.add(charset)
             # Lines end in CRLF on the wire (RFC 5322 §2.1) and in LF in most stored
@@ -229,6 +246,7 @@ def _read_parts(msg: Message, out: Extracted) -> None:
         kept += len(data)
         out.attachments.append(Attachment(filename, ctype, data))
     out.charsets = frozenset(charsets)
+    out.leaf_types = tuple(leaf_types)
     out.text, cut_text = _bounded("\n".join(texts))
     out.html, cut_html = _bounded("\n".join(htmls))
     out.truncated = out.truncated or cut_text or cut_html
@@ -307,6 +325,11 @@ def _filename(part: Message) -> str:
 def _is_attachment(part: Message) -> bool:
     disposition = part.get("Content-Disposition", "")
     return isinstance(disposition, str) and disposition.strip().lower().startswith("attachment")
+
+
+def _is_base64(part: Message) -> bool:
+    encoding = part.get("Content-Transfer-Encoding", "")
+    return isinstance(encoding, str) and encoding.strip().lower() == "base64"
 
 
 def _charset(part: Message) -> str:
