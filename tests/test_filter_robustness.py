@@ -15,6 +15,7 @@ import pytest
 
 from postvern.filters import AuthSummary, ScanContext, analyse, decide
 from postvern.filters.content import read_content
+from postvern.filters.spam import MODEL_POINTS_MAX
 from postvern.filters.verdict import Action
 
 DMARC_PASS_ENFORCED = AuthSummary(
@@ -404,9 +405,17 @@ def test_mail_from_a_domain_with_enforced_dmarc_reaches_the_inbox(kind: str) -> 
     assert action(note(*AUTHENTICATED_MAIL[kind]), DMARC_PASS_ENFORCED) == "inbox"
 
 
-def test_obvious_spam_is_junked_even_when_its_own_domain_authenticates() -> None:
+def test_obvious_spam_is_junked_when_a_second_family_agrees() -> None:
+    # The model is sure, and the opt-out line without List-Unsubscribe (RFC 2369) agrees.
     assert action(SPAM) == "junk"
-    assert action(SPAM, DMARC_PASS_ENFORCED) == "junk"
+    # Authenticated, the same words are the model's opinion against the domain's own
+    # record: the model alone never junks, so it stays at the model's full voice (#13).
+    ctx = ScanContext(auth=DMARC_PASS_ENFORCED, macro_checker=None)
+    verdict = decide(analyse(SPAM, ctx), ctx.settings)
+    assert verdict.score >= MODEL_POINTS_MAX - 1.0
+    # ... and a second family's word junks it (here, a link to a bare IP address).
+    with_ip = SPAM.replace(b"click here.", b"click http://192.0.2.7/stop here.")
+    assert action(with_ip, DMARC_PASS_ENFORCED) == "junk"
 
 
 PHISH_HTML = (
@@ -433,15 +442,22 @@ def test_brand_phishing_is_caught() -> None:
 
 
 def test_phishing_in_another_language_is_caught_by_its_claims() -> None:
-    raw = html_mail(
-        "Sparkasse Kundenservice <service@sicherheit-konto.example.com>",
-        "Ihr Konto wurde gesperrt",
-        "Sehr geehrter Kunde, bitte bestätigen Sie Ihre Daten.",
-        "<html><body><p>Sehr geehrter Kunde,</p><p>Ihr Konto wurde vorübergehend gesperrt. "
-        "Bitte bestätigen Sie Ihre Daten innerhalb von 24 Stunden.</p>"
-        '<p><a href="http://198.51.100.7/sparkasse/login">https://www.paypal.com/de/signin</a>'
-        "</p></body></html>",
-    )
+    def lure(sender: str) -> bytes:
+        return html_mail(
+            sender,
+            "Ihr Konto wurde gesperrt",
+            "Sehr geehrter Kunde, bitte bestätigen Sie Ihre Daten.",
+            "<html><body><p>Sehr geehrter Kunde,</p><p>Ihr Konto wurde vorübergehend gesperrt. "
+            "Bitte bestätigen Sie Ihre Daten innerhalb von 24 Stunden.</p>"
+            '<p><a href="http://198.51.100.7/sparkasse/login">https://www.paypal.com/de/signin</a>'
+            "</p></body></html>",
+        )
+
+    # The model cannot read German (it abstains); the link's claim alone is one family,
+    # capped below the junk score (#13) ...
+    assert action(lure("Kundenservice <service@sicherheit-konto.example.com>")) == "inbox"
+    # ... and the sender's claim to be the brand agrees with it.
+    raw = lure("PayPal Kundenservice <service@sicherheit-konto.example.com>")
     assert action(raw) in ("junk", "reject")
 
 

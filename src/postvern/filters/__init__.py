@@ -2,9 +2,11 @@
 
 :func:`scan` reads a message once (:mod:`.content`), scores it with the shipped spam model
 and the user's own learning (:mod:`.spam`), applies the phishing rules (:mod:`.phishing`),
-inspects attachments (:mod:`.attachments`) and asks clamd about viruses (:mod:`.clamd`),
-then sums everything into a :class:`~.verdict.Verdict`. CPU work runs in a thread; the
-virus scan runs beside it on the event loop.
+the header and structure rules (:mod:`.headers`) and the wanted-mail evidence
+(:mod:`.wanted`), inspects attachments (:mod:`.attachments`) and asks clamd about viruses
+(:mod:`.clamd`), then sums everything into a :class:`~.verdict.Verdict`, each family of
+evidence within its bounds (:mod:`.families`: no one family junks a message alone). CPU
+work runs in a thread; the virus scan runs beside it on the event loop.
 """
 
 from __future__ import annotations
@@ -26,18 +28,22 @@ from postvern.filters.blocklist import Blocklist
 from postvern.filters.clamd import MAX_STREAM_BYTES, ClamdClient, ClamdError
 from postvern.filters.content import Content, read_content
 from postvern.filters.extract import extract
+from postvern.filters.families import caps
 from postvern.filters.features import spam_features
+from postvern.filters.headers import check_headers
 from postvern.filters.macros import check_macros
 from postvern.filters.phishing import PhishingContext, check_phishing
 from postvern.filters.sender import SenderIdentity, identity_from_message
 from postvern.filters.spam import (
-    JUNK_POINTS,
     ShippedModel,
     UserModel,
     UserModelError,
+    abstains,
     shipped_model,
+    user_points,
 )
 from postvern.filters.verdict import Action, Hit, Verdict
+from postvern.filters.wanted import Authenticated, Correspondence, check_wanted
 
 if TYPE_CHECKING:
     from postvern.config import Settings
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthSummary",
+    "Correspondence",
     "FilterSettings",
     "ScanContext",
     "SenderIdentity",
@@ -59,25 +66,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Authentication results, in points. DMARC fail is the domain owner saying "not us"; SPF
-# and DKIM alone fail for forwarded mail too, so they weigh less.
+# and DKIM alone fail for forwarded mail too, so they weigh less. A DMARC pass proves who
+# sent a message, not that it is honest (spammers authenticate their own domains), so its
+# credit is small, as in rspamd (DMARC_POLICY_ALLOW, -0.5); a domain that publishes an
+# enforcing policy (p=quarantine or p=reject) runs its mail deliberately and earns a little
+# more. The credit is withheld when a phishing rule matched, since a look-alike domain
+# authenticates as well as any other.
 AUTH_POINTS = {
     "AUTH_DMARC_FAIL": 3.0,
     "AUTH_SPF_FAIL": 1.5,
     "AUTH_SPF_SOFTFAIL": 0.5,
     "AUTH_DKIM_FAIL": 1.0,
-}
-# A DMARC pass proves the From domain sent the message, so its words alone must be clearly
-# spam to junk it: the credit is what keeps the model from junking it below these log-odds
-# of spam (4.0 is odds of 55 to 1; 5.2, 180 to 1, for a domain that also publishes an
-# enforcing policy, p=quarantine or p=reject, the mark of an operator that runs its mail
-# deliberately). In cross-validation 89% and 83% of the spam still clear them. The bars are
-# log-odds, not multiples of the junk threshold, so that where the threshold for mail of
-# unknown origin is set does not move them. A pass proves who sent a message, not that it
-# is honest: the credit is withheld when a phishing rule matched, since a look-alike
-# domain authenticates as well as any other.
-DMARC_PASS_BAR_LOGIT = {
-    "AUTH_DMARC_PASS": 4.0,
-    "AUTH_DMARC_PASS_ENFORCED": 5.2,
+    "AUTH_DMARC_PASS": -0.5,
+    "AUTH_DMARC_PASS_ENFORCED": -1.0,
 }
 ENFORCING_DMARC_POLICIES = frozenset({"quarantine", "reject"})
 DANGEROUS_ATTACHMENT_POINTS = 10.0
@@ -132,6 +133,14 @@ class AuthSummary:
     dkim_domains: tuple[str, ...] = ()  # d= of the signatures that verified
     spf_domain: str = ""  # the MAIL FROM (or HELO) domain, when SPF passed
     dmarc_policy: str = "none"  # the From domain's requested policy (p= or sp=)
+    arc_sealers: tuple[str, ...] = ()  # d= of the ARC-Seals of a chain that validated
+
+    def authenticated(self) -> Authenticated:
+        """The identities a wanted-mail rule may trust."""
+        signers = (self.dkim_domains if self.dkim == "pass" else ()) + self.arc_sealers
+        return Authenticated(
+            signers=signers, from_verified=self.dmarc == "pass", from_failed=self.dmarc == "fail"
+        )
 
     @classmethod
     def from_verdict(cls, auth: AuthVerdict) -> AuthSummary:
@@ -142,6 +151,7 @@ class AuthSummary:
         spf_domain = auth.spf.domain if spf == "pass" else ""
         if not spf_domain and spf in ("none", "neutral") and str(auth.spf_helo.status) == "pass":
             spf_domain = auth.spf_helo.domain  # a null sender: the HELO identity vouches
+        arc_ok = str(auth.arc.status) == "pass"
         return cls(
             spf=spf,
             dkim=dkim,
@@ -149,6 +159,7 @@ class AuthSummary:
             dkim_domains=tuple(dict.fromkeys(d.lower() for d in passed)),
             spf_domain=spf_domain.lower(),
             dmarc_policy=str(auth.dmarc.requested),
+            arc_sealers=tuple(d.lower() for _, d in auth.arc.sealers) if arc_ok else (),
         )
 
 
@@ -167,11 +178,15 @@ class ScanContext:
 
     recipient_domains: tuple[str, ...] = ()
     user_model: UserModel | None = None  # the recipient's, when their mailbox is open
+    # Whom the recipient wrote to, from their Sent folder (postvern.filters.wanted).
+    correspondence: Correspondence | None = None
     auth: AuthSummary = field(default_factory=AuthSummary)
     client_ip: str = ""
     settings: FilterSettings = field(default_factory=FilterSettings)
     # Tests and tools may replace the olevba child process (None: skip macro analysis).
     macro_checker: MacroChecker | None = check_macros
+    # The benchmark tries models trained without a source (None: the shipped model).
+    model: ShippedModel | None = None
 
 
 @dataclass(slots=True)
@@ -239,7 +254,9 @@ def analyse(raw: bytes, ctx: ScanContext) -> Analysis:
     )
     phishing = check_phishing(content, phishing_ctx)
     analysis.hits += phishing
-    analysis.hits += _auth_hits(ctx.auth, claims_identity=bool(phishing), model=shipped_model())
+    analysis.hits += _auth_hits(ctx.auth, claims_identity=bool(phishing))
+    analysis.hits += check_headers(content)
+    analysis.hits += check_wanted(content, ctx.auth.authenticated(), ctx.correspondence)
     analysis.findings = inspect_attachments(content.message.attachments, ctx.macro_checker)
     analysis.hits += _attachment_hits(analysis.findings, content)
     return analysis
@@ -260,34 +277,36 @@ def sender_identity(content: Content, ctx: ScanContext) -> SenderIdentity:
 def _spam_hits(
     content: Content, ctx: ScanContext, sender: SenderIdentity, analysis: Analysis
 ) -> list[Hit]:
-    model = shipped_model()
+    model = ctx.model or shipped_model()
     features = spam_features(content)
     base = model.score(features)
-    hits = [Hit("SPAM_MODEL", base.points, f"spam probability {base.probability:.0%}")]
     analysis.spam_probability = base.probability
+    if abstains(base.known):
+        detail = f"abstains: {base.known} known features"
+    else:
+        detail = f"spam probability {base.probability:.0%}"
+    hits = [Hit("SPAM_MODEL", base.points, detail)]
     if ctx.user_model is None:
         return hits
     evidence = ctx.user_model.evidence(content, sender)
     if evidence.token_logit:
-        personal = model.score(features, extra_logit=evidence.token_logit)
-        analysis.spam_probability = personal.probability
-        delta = personal.points - base.points
-        hits.append(Hit("USER_LEARNED", delta, f"your marks: {personal.probability:.0%}"))
+        # The user's marks are their own family, one point per unit of log-odds.
+        points = user_points(evidence.token_logit)
+        hits.append(Hit("USER_LEARNED", points, "your Junk/Not-Junk marks"))
     if evidence.reputation_points:
         points = evidence.reputation_points
         hits.append(Hit("SENDER_REPUTATION", points, evidence.reputation_reason))
     return hits
 
 
-def _auth_hits(auth: AuthSummary, *, claims_identity: bool, model: ShippedModel) -> list[Hit]:
+def _auth_hits(auth: AuthSummary, *, claims_identity: bool) -> list[Hit]:
     hits = []
     if auth.dmarc == "fail":
         hits.append(Hit("AUTH_DMARC_FAIL", AUTH_POINTS["AUTH_DMARC_FAIL"], "DMARC failed"))
     elif auth.dmarc == "pass" and not claims_identity:
         enforced = auth.dmarc_policy in ENFORCING_DMARC_POLICIES
         code = "AUTH_DMARC_PASS_ENFORCED" if enforced else "AUTH_DMARC_PASS"
-        credit = JUNK_POINTS - model.points(DMARC_PASS_BAR_LOGIT[code])
-        hits.append(Hit(code, min(0.0, credit), f"DMARC passed (p={auth.dmarc_policy})"))
+        hits.append(Hit(code, AUTH_POINTS[code], f"DMARC passed (p={auth.dmarc_policy})"))
     if auth.spf == "fail":
         hits.append(Hit("AUTH_SPF_FAIL", AUTH_POINTS["AUTH_SPF_FAIL"], "SPF failed"))
     elif auth.spf == "softfail":
@@ -325,6 +344,9 @@ def decide(
         hits.append(Hit("SCAN_INCOMPLETE", 0.0, error))
     if virus:
         hits.append(Hit("VIRUS", 100.0, virus))
+    # No family junks alone: each is capped (postvern.filters.families), and the cap is a
+    # hit of its own so that the score stays the sum of the hits.
+    hits += caps(hits)
     # The action follows the exact sum; the verdict shows it rounded.
     total = sum(h.points for h in hits)
     dangerous = [str(f) for f in analysis.findings if f.dangerous]

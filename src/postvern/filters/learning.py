@@ -11,6 +11,11 @@ the mailbox's change feed and learns from what the user did, never from deliveri
   Mail and others) mark spam and ham.
 
 A message is learned once per label; flipping the label unlearns the old one first.
+
+Messages the user puts in the Sent folder (their mail client's copy of what it sent) teach
+the wanted-mail evidence (:class:`~postvern.filters.wanted.Correspondence`): whom the user
+writes to and which Message-IDs are theirs, so that replies and correspondents are not
+junked on content alone. It is kept in the mailbox too, and applied with the model.
 """
 
 from __future__ import annotations
@@ -21,37 +26,49 @@ import logging
 import re
 
 from postvern.filters.content import read_content
-from postvern.filters.features import spam_features
+from postvern.filters.families import caps
 from postvern.filters.sender import identity_from_message
-from postvern.filters.spam import UserModel, UserModelError, shipped_model
-from postvern.filters.verdict import HEADER_NAME
+from postvern.filters.spam import UserModel, UserModelError, user_points
+from postvern.filters.verdict import HEADER_NAME, Hit
+from postvern.filters.wanted import (
+    Authenticated,
+    Correspondence,
+    CorrespondenceError,
+    check_wanted,
+)
 from postvern.store.mailbox import INBOX, Change, Mailbox
 
 log = logging.getLogger(__name__)
 
 MODEL_BLOB = "filter-model"
 LEARNED_BLOB = "filter-learned"
-JUNK, TRASH = "\\Junk", "\\Trash"
+CORRESPONDENCE_BLOB = "filter-correspondence"
+JUNK, TRASH, SENT = "\\Junk", "\\Trash", "\\Sent"
 SPAM_KEYWORD, HAM_KEYWORD = "$junk", "$notjunk"
 # Remember which messages were learned, to learn each once; the oldest are forgotten first.
 MAX_LEARNED_RECORDS = 20_000
 _SCORE = re.compile(rb"score=(-?\d+(?:\.\d+)?)")
 
 
-def personal_points(raw: bytes, model: UserModel, authserv_id: str) -> float:
-    """What the user's own marks add to a message's score (tokens and sender reputation)."""
+def personal_points(
+    raw: bytes, model: UserModel, authserv_id: str, correspondence: Correspondence | None = None
+) -> float:
+    """What the user's own marks and correspondence add to a message's score: each family
+    (their word marks, sender reputation, wanted-mail evidence) within its bounds."""
     content = read_content(raw)
     sender = identity_from_message(raw, authserv_id)
     evidence = model.evidence(content, sender)
-    points = evidence.reputation_points
+    hits: list[Hit] = []
     if evidence.token_logit:
-        shipped = shipped_model()
-        features = spam_features(content)
-        points += (
-            shipped.score(features, extra_logit=evidence.token_logit).points
-            - shipped.score(features).points
-        )
-    return points
+        hits.append(Hit("USER_LEARNED", user_points(evidence.token_logit)))
+    if evidence.reputation_points:
+        hits.append(Hit("SENDER_REPUTATION", evidence.reputation_points))
+    if correspondence:
+        # Replies and correspondents only: a list's own credit was given at delivery.
+        auth = Authenticated(from_verified=sender.from_verified)
+        hits += check_wanted(content, auth, correspondence)
+    hits += caps(hits)
+    return sum(h.points for h in hits)
 
 
 def recorded_score(raw: bytes) -> float | None:
@@ -85,6 +102,23 @@ class JunkLearner:
             log.warning("user filter model unreadable; starting afresh")
             return UserModel()
 
+    def load_correspondence(self) -> Correspondence:
+        data = self.box.get_blob(CORRESPONDENCE_BLOB)
+        if data is None:
+            return Correspondence()
+        try:
+            return Correspondence.from_bytes(data)
+        except CorrespondenceError:
+            log.warning("correspondence record unreadable; starting afresh")
+            return Correspondence()
+
+    def learn_sent(self, folder_id: int, uids: tuple[int, ...] | list[int]) -> None:
+        """Record whom the user wrote to and which Message-IDs they sent."""
+        correspondence = self.load_correspondence()
+        for uid in uids:
+            correspondence.learn_sent(self.box.raw(folder_id, uid))
+        self.box.set_blob(CORRESPONDENCE_BLOB, correspondence.to_bytes())
+
     def _learned(self) -> dict[str, str]:
         data = self.box.get_blob(LEARNED_BLOB)
         return json.loads(data) if data else {}
@@ -103,7 +137,9 @@ class JunkLearner:
         if change.kind == "append":
             use = self._use(change.folder_id)
             source = self._use(change.source) if change.source is not None else None
-            if use == JUNK and source != JUNK:
+            if use == SENT:
+                self.learn_sent(change.folder_id, change.uids)
+            elif use == JUNK and source != JUNK:
                 self.learn(change.folder_id, change.uids, is_spam=True)
             elif source == JUNK and use not in (JUNK, TRASH):
                 self.learn(change.folder_id, change.uids, is_spam=False)
@@ -156,7 +192,9 @@ class JunkLearner:
     def refile(self, items: list[tuple[int, int]]) -> int:
         """Move imported messages between INBOX and Junk by the user's model; returns moves."""
         model = self.load()
-        if model.ham_messages + model.spam_messages == 0 and not model.senders:
+        correspondence = self.load_correspondence()
+        learned = model.ham_messages + model.spam_messages or model.senders
+        if not learned and not correspondence:
             return 0  # nothing learned yet: the MX verdict stands
         junk = self.box.folder_by_use(JUNK)
         inbox = self.box.folder(INBOX)
@@ -171,7 +209,8 @@ class JunkLearner:
             base = recorded_score(raw)
             if base is None:
                 continue
-            is_junk = base + personal_points(raw, model, self.authserv_id) >= self.junk_score
+            personal = personal_points(raw, model, self.authserv_id, correspondence)
+            is_junk = base + personal >= self.junk_score
             if is_junk and folder_id == inbox.id:
                 to_junk.append(uid)
             elif not is_junk and folder_id == junk.id:

@@ -28,29 +28,29 @@ MODEL_RESOURCE = "spam_model.json.gz"
 MODEL_FORMAT = "postvern-spam-4"
 
 # The shipped model's log-odds are mapped to points in proportion: "don't know" (even odds)
-# is 0 points and the junk threshold (chosen at training for a false-positive rate well
-# under 0.2%) lands on the default junk score, so the model alone junks exactly what it
-# was calibrated to junk, and a model that does not know adds nothing to the other rules.
+# is 0 points, and the model's threshold (chosen at training on sources each model never
+# saw) is its full voice, MODEL_POINTS_MAX. The model is one family of evidence
+# (postvern.filters.families): its points stop below the junk score, so it never junks a
+# message alone; another family (links, headers, sender, attachments) must agree. Its
+# negative points are capped too: ham-looking text must not cancel a phishing rule or a
+# bad attachment entirely.
 JUNK_POINTS = 5.0
-# The model may push a message far into spam, but ham-looking text must not cancel a
-# phishing rule or a bad attachment entirely: its negative points are capped. Its positive
-# points stop at twice the junk score: far enough that authenticated mail can still be
-# junked for strong content (see postvern.filters.DMARC_PASS_BAR_LOGIT), short of the default
-# reject score even with an authentication failure, so that words never refuse a message
-# at SMTP time without a phishing rule, a virus or an attachment finding.
 MODEL_POINTS_MIN = -3.0
-MODEL_POINTS_MAX = 10.0
+MODEL_POINTS_MAX = 4.0
+# ... and it speaks fully only when it is also at least this sure (odds of 9 to 1, a
+# calibrated 90%): the threshold chosen on unseen sources lies near even odds, where a
+# two-line note the model half-recognises would otherwise earn three points for "55%".
+FULL_VOICE_LOGIT = math.log(9.0)
 
 # Even odds: the calibration is fitted with both classes weighed equally, so a message the
 # model has no evidence about sits here, not at the training corpora's spam share.
 NO_EVIDENCE_LOGIT = 0.0
-# A message with fewer known features than this has its logit pulled toward
-# NO_EVIDENCE_LOGIT in proportion, and kept within that share of the junk threshold: the
-# model alone never junks a two-line note, or a foreign message of which it can read a
-# "20%!" and little else. (The SVM's rows are L2-normalised, so a handful of features
-# weigh as much as a whole message; in the training corpora short mail is mostly stripped
-# image spam, so the raw model is sure of itself there without reason.) Such a message is
-# junked only with another rule's help. Cross-validated cost: 0.5% of spam recall.
+# A message with fewer known features than this is out of what the model can judge: it
+# abstains (even odds, no points) rather than guess. A two-line note, or a foreign message
+# of which it can read a "20%!" and little else, is judged by the other families alone.
+# (The SVM's rows are L2-normalised, so a handful of features weigh as much as a whole
+# message; in the training corpora short mail is mostly stripped image spam, so the raw
+# model is sure of itself there without reason.)
 MIN_EVIDENCE_FEATURES = 10
 
 # UserModel bounds. Counts of this many tokens and senders cover years of one user's
@@ -65,6 +65,7 @@ MAX_USER_MODEL_BYTES = 8 * 1024 * 1024
 USER_TOKENS_CONSIDERED = 40
 USER_TOKEN_SHRINK = 3.0
 USER_MAX_LOGIT = 8.0
+USER_POINTS_PER_LOGIT = 1.0
 # Sender reputation, in points for a sender whose every mark was spam (or negative for
 # ham), reached after this many marks; kinds are weighed by how hard they are to forge.
 REPUTATION_FULL_AFTER = 3
@@ -100,7 +101,8 @@ def sigmoid(z: float) -> float:
 class ModelScore:
     logit: float  # calibrated log-odds of spam
     probability: float
-    points: float  # on the SpamAssassin-like scale (JUNK_POINTS = the model's threshold)
+    points: float  # on the SpamAssassin-like scale (MODEL_POINTS_MAX at the threshold)
+    known: int = 0  # features the model knew (fewer than MIN_EVIDENCE_FEATURES: abstains)
 
 
 class ShippedModel:
@@ -108,9 +110,10 @@ class ShippedModel:
 
     Features are binary, so both parts reduce to sums over the features a message has:
     ``z = bias + Σa / sqrt(Σidf²) + nb_scale · Σnb`` (the SVM's tf-idf row is L2-normalised);
-    ``platt_a · z + platt_b`` calibrates z to log-odds at equal class priors, which
-    :func:`weigh_evidence` then pulls toward even odds for messages with little known text.
-    The junk threshold is on that final logit.
+    ``platt_a · z + platt_b`` calibrates z to log-odds at equal class priors (fitted on
+    scores of sources each model never saw), and :func:`weigh_evidence` sets even odds for
+    messages with too little known text (the model abstains). The threshold, where the
+    model's points reach MODEL_POINTS_MAX, is on that final logit.
 
     The model file lists the languages its training ham *and* spam were written in. A
     message in any other language (German when the ham was all English; Korean; Russian)
@@ -172,32 +175,48 @@ class ShippedModel:
 
     def logit(self, features: Collection[str]) -> float:
         """The model's log-odds of spam (the training tool reproduces this number)."""
+        return self.judge(features)[0]
+
+    def judge(self, features: Collection[str]) -> tuple[float, int]:
+        """The model's log-odds of spam and how many features it knew."""
         z, known = self.raw_score(self.readable(features))
-        return weigh_evidence(self.platt_a * z + self.platt_b, known, self.threshold_logit)
+        return weigh_evidence(self.platt_a * z + self.platt_b, known, self.threshold_logit), known
 
     def score(self, features: Collection[str], extra_logit: float = 0.0) -> ModelScore:
-        logit = self.logit(features) + extra_logit
-        return ModelScore(logit, sigmoid(logit), self.points(logit))
+        logit, known = self.judge(features)
+        logit += extra_logit
+        return ModelScore(logit, sigmoid(logit), self.points(logit), known)
 
     def points(self, logit: float) -> float:
         return logit_points(logit, self.threshold_logit)
 
 
 def logit_points(logit: float, threshold_logit: float) -> float:
-    """The points of a model *logit* for a model whose junk threshold is *threshold_logit*."""
-    points = JUNK_POINTS * (logit - NO_EVIDENCE_LOGIT) / (threshold_logit - NO_EVIDENCE_LOGIT)
-    return max(MODEL_POINTS_MIN, min(MODEL_POINTS_MAX, points))
+    """The points of a model *logit* for a model whose threshold is *threshold_logit*:
+    in proportion to the log-odds, MODEL_POINTS_MAX from the threshold or FULL_VOICE_LOGIT,
+    whichever is higher."""
+    full = max(threshold_logit, FULL_VOICE_LOGIT)
+    share = (logit - NO_EVIDENCE_LOGIT) / (full - NO_EVIDENCE_LOGIT)
+    return max(MODEL_POINTS_MIN, min(MODEL_POINTS_MAX, MODEL_POINTS_MAX * share))
 
 
 def weigh_evidence(logit: float, known: int, threshold_logit: float) -> float:
-    """Pull *logit* toward even odds when fewer than MIN_EVIDENCE_FEATURES are known, and
-    keep it short of *threshold_logit* by the share of features missing."""
-    if known >= MIN_EVIDENCE_FEATURES:
-        return logit
-    share = known / MIN_EVIDENCE_FEATURES
-    limit = (threshold_logit - NO_EVIDENCE_LOGIT) * share
-    evidence = max(-limit, min(limit, (logit - NO_EVIDENCE_LOGIT) * share))
-    return NO_EVIDENCE_LOGIT + evidence
+    """*logit*, or even odds (the model abstains) when fewer than MIN_EVIDENCE_FEATURES
+    are known. (*threshold_logit* is kept for the training tool's calls.)"""
+    del threshold_logit
+    return logit if known >= MIN_EVIDENCE_FEATURES else NO_EVIDENCE_LOGIT
+
+
+def user_points(token_logit: float) -> float:
+    """The points of the log-odds a user's own marks add (postvern.filters.families bounds
+    them): one point per unit, so that USER_MAX_LOGIT, a user who has marked the kind of
+    mail many times, outweighs the shipped model's most negative opinion by the junk score."""
+    return USER_POINTS_PER_LOGIT * token_logit
+
+
+def abstains(known: int) -> bool:
+    """Whether the model gives no opinion on a message with *known* known features."""
+    return known < MIN_EVIDENCE_FEATURES
 
 
 def _column(document: dict[str, object], key: str, length: int) -> list[float]:
@@ -281,7 +300,12 @@ class UserModel:
         return UserEvidence(token_logit, points, reason)
 
     def token_logit(self, tokens: Iterable[str]) -> float:
-        """Log-odds the user's own marks add: Laplace-smoothed token ratios, shrunk."""
+        """Log-odds the user's own marks add (Robinson's form of Graham's ratios): per token,
+        its rate in the user's spam against its rate in their ham, shrunk toward neutral
+        until seen a few times. Rates, not smoothed probabilities: a user who has marked
+        only spam so far has no ham to compare with, and an unseen-in-ham token must not
+        read as evidence of ham (with a ham prior of one half, a word seen in one of forty
+        spam marks would)."""
         ham_n, spam_n = self.ham_messages, self.spam_messages
         if ham_n + spam_n == 0:
             return 0.0
@@ -291,10 +315,14 @@ class UserModel:
             if counts is None:
                 continue
             ham, spam = counts
-            p_spam = (spam + 1.0) / (spam_n + 2.0)
-            p_ham = (ham + 1.0) / (ham_n + 2.0)
+            spam_rate = spam / spam_n if spam_n else 0.0
+            ham_rate = ham / ham_n if ham_n else 0.0
+            if spam_rate + ham_rate == 0:
+                continue
+            p = spam_rate / (spam_rate + ham_rate)
             seen = ham + spam
-            scored.append(math.log(p_spam / p_ham) * seen / (seen + USER_TOKEN_SHRINK))
+            f = (USER_TOKEN_SHRINK * 0.5 + seen * p) / (USER_TOKEN_SHRINK + seen)
+            scored.append(math.log(f / (1.0 - f)))
         scored.sort(key=abs, reverse=True)
         total = sum(scored[:USER_TOKENS_CONSIDERED])
         return max(-USER_MAX_LOGIT, min(USER_MAX_LOGIT, total))

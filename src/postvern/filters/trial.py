@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from postvern.filters import FilterSettings, ScanContext, analyse, decide
-from postvern.filters.spam import JUNK_POINTS, shipped_model
+from postvern.filters.spam import MODEL_POINTS_MAX, shipped_model
 from postvern.filters.verdict import Verdict
 
 # A message larger than this is skipped (and counted): the SMTP server refuses such mail
@@ -120,19 +120,19 @@ class Tally:
     messages: int = 0
     skipped: int = 0  # too large to judge
     failed: int = 0  # the filter raised: counted and named, the trial goes on
-    junked_by_model: int = 0  # the spam model's points alone reach the junk score
+    junked_by_model: int = 0  # the spam model alone is past its threshold
     junked: int = 0  # the whole verdict: junk or reject
     seconds: float = 0.0  # CPU time of judging
     misjudged: list[tuple[str, str]] = field(default_factory=list)  # (name, verdict header)
 
 
 def judge(raw: bytes, ctx: ScanContext) -> tuple[Verdict, bool]:
-    """The verdict on *raw*, and whether the model's points alone reach its junk threshold
-    (JUNK_POINTS, where the model was calibrated)."""
+    """The verdict on *raw*, and whether the model alone is past its threshold (its full
+    voice, MODEL_POINTS_MAX: what would junk the message if the model junked alone)."""
     analysis = analyse(raw, ctx)
     verdict = decide(analysis, ctx.settings)
     model = sum(h.points for h in analysis.hits if h.code == "SPAM_MODEL")
-    return verdict, model >= JUNK_POINTS
+    return verdict, model >= MODEL_POINTS_MAX
 
 
 def run_trial(
