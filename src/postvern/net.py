@@ -16,13 +16,18 @@ import logging
 import ssl
 import typing
 from collections.abc import Awaitable, Callable
+from typing import ClassVar
 
 log = logging.getLogger(__name__)
+
+EdgeObserver = Callable[[str, str, bytes, bool], None]
 
 # Bytes read from the socket but not yet handed to the session. Past this we stop reading, so a
 # client that sends faster than we answer is held back by TCP rather than by our memory: a
 # channel holds at most this plus one transport read (asyncio reads up to 256 KiB at a time).
 READ_HIGH_WATER = 64 * 1024
+# Enough of a connection's first bytes to tell HTTP or a TLS ClientHello from a mail protocol.
+FIRST_BYTES_KEPT = 8
 # A TLS handshake (implicit or after STARTTLS) that has not finished by then never will;
 # without a bound, half-open handshakes would hold connection slots for ever (asyncio's
 # default is 60 s; a real client needs well under one).
@@ -72,6 +77,9 @@ class Channel(asyncio.Protocol):
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
+        # What the edge's scan detection looks at when the connection ends (abuse/portscan.py).
+        self.first_bytes = b""
+        self.tls_failed = False
 
     @property
     def peer_ip(self) -> str:
@@ -86,6 +94,8 @@ class Channel(asyncio.Protocol):
         self._on_open(self)
 
     def data_received(self, data: bytes) -> None:
+        if not self.first_bytes:
+            self.first_bytes = data[:FIRST_BYTES_KEPT]
         self._received.append(data)
         self._buffered += len(data)
         if self._buffered >= READ_HIGH_WATER:
@@ -162,6 +172,7 @@ class Channel(asyncio.Protocol):
         # Synchronously before the handshake starts: nothing can arrive in between.
         self.discard_input()
         loop = asyncio.get_running_loop()
+        self.tls_failed = True  # until the handshake is done
         upgraded = await loop.start_tls(
             self.transport,
             self,
@@ -169,6 +180,7 @@ class Channel(asyncio.Protocol):
             server_side=True,
             ssl_handshake_timeout=handshake_timeout,
         )
+        self.tls_failed = upgraded is None
         if upgraded is None:
             raise ConnectionError("connection closed during the TLS handshake")
         self.transport = upgraded
@@ -224,6 +236,10 @@ Admission = Callable[[str], Awaitable[str | None]]
 
 class ChannelServer:
     """A listening socket and the sessions it runs; end it with :meth:`shutdown`."""
+
+    # Told of every session that ended: (listener, client address, the first bytes it sent,
+    # whether its STARTTLS handshake failed). The server sets it (abuse/portscan.py).
+    observer: ClassVar[EdgeObserver | None] = None
 
     def __init__(
         self,
@@ -295,6 +311,8 @@ class ChannelServer:
         def ended(task: asyncio.Task[None]) -> None:
             self._sessions.pop(task, None)
             self._caps.leave(ip)
+            if ChannelServer.observer is not None:
+                ChannelServer.observer(self.name, ip, channel.first_bytes, channel.tls_failed)
 
         task.add_done_callback(ended)
 

@@ -21,6 +21,8 @@ from typing import Protocol
 
 from postvern import config
 from postvern.abuse import Abuse
+from postvern.abuse.nftables import NftablesError, NftablesSet
+from postvern.abuse.portscan import ScanDetector
 from postvern.app import App
 from postvern.crypto import tls
 from postvern.delivery.filtering import FilterStage
@@ -36,7 +38,7 @@ from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
 from postvern.mta import QUEUE_FILE, OutboundMTA, Queue
 from postvern.mta.runner import AttemptReport
-from postvern.net import Admission
+from postvern.net import Admission, ChannelServer
 from postvern.ops import retention
 from postvern.ops.metrics import Metrics, Snapshot
 from postvern.ops.watchdog import Watchdog
@@ -118,6 +120,15 @@ class Server:
             refresh=self.refresh_metrics,
         )
         self._queue_stats = (0, 0.0)  # entries, age of the oldest (refreshed per scrape)
+        self.scans = ScanDetector(
+            self.abuse,
+            offences=s.abuse.scan_offences,
+            listeners=s.abuse.scan_listeners,
+            window=s.abuse.scan_window,
+            on_offence=lambda kind: self.exporter.scan_offences.labels(kind.value).inc(),
+        )
+        spec = s.abuse.nftables_set
+        self.nftables = NftablesSet(spec, self.abuse.bans, time.time) if spec else None
         self._certificate_expiry = self._read_certificate_expiry()
 
     # -- operations (ops/): metrics, watchdog ---------------------------------------------
@@ -183,6 +194,12 @@ class Server:
         self._certificate_watch = asyncio.create_task(self._watch_certificate())
         await self._check_scanner()
         await self.abuse.start()
+        ChannelServer.observer = self.scans.observe  # abuse/portscan.py
+        if self.nftables is not None:
+            try:
+                await self.nftables.start()
+            except NftablesError as e:
+                log.warning("bans are not enforced in nftables: %s", e)
         await self._start_outbound()
         listen = self.settings.listen
         for name, starter in STARTERS.items():
@@ -281,6 +298,9 @@ class Server:
 
     async def stop(self) -> None:
         await self.watchdog.stop()
+        ChannelServer.observer = None
+        if self.nftables is not None:
+            await self.nftables.stop()
         if self._certificate_watch is not None:
             self._certificate_watch.cancel()
         await asyncio.gather(

@@ -198,6 +198,13 @@ class Abuse:
         log.info("ban removed by operator", extra=subject(ip=client))
         return removed
 
+    async def on_scan(self, ip: str, reason: str) -> Ban | None:
+        """Scanning or garbage seen at the edge (abuse/portscan.py): ban like any offence."""
+        client = self._client_or_none(ip)
+        if client is None or ip in self.allowlist:
+            return None
+        return await self._offend(client, reason)
+
     async def _offend(self, client: str, reason: str) -> Ban:
         """A client offended: ban it for the next, longer, period."""
         async with self._ban_lock:
