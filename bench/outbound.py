@@ -12,7 +12,11 @@ validated STARTTLS). The same messages then go:
     the instance) over C reused connections; Postvern checks the sender, adds Date, signs
     with the domain's Ed25519 and RSA keys, queues each durably before 250, and its MTA
     (``concurrency_per_domain`` connections per domain) delivers them to the sink. The
-    clock runs until the sink has accepted the last one.
+    clock runs until the sink has accepted the last one;
+  * postfix (reference) — a private Postfix 3.7 instance relays them: its smtpd takes them on
+    implicit TLS from mynetworks (no AUTH, no signing), its smtp client sends them to the
+    sink as relayhost with validated TLS, connections reused through tlsproxy. CPU and peak
+    RSS are summed over its processes (RSS counts shared pages once per process).
 
 Prints messages per second end to end, the submission (250) rate, latency, the server's CPU
 per message and its peak RSS (VmHWM), and checks that the sink accepted every message with
@@ -294,18 +298,22 @@ def end_to_end(
     connections: int,
     server_pid: int,
     spy_on: Path | None = None,
+    *,
+    tree: bool = False,
 ) -> tuple[EndToEnd, str]:
-    """Warm up, then the timed load; the clock stops at the sink's last acceptance."""
+    """Warm up, then the timed load; the clock stops at the sink's last acceptance. With
+    ``tree``, the server's CPU and peak RSS are its whole process tree's (Postfix)."""
     warm, timed = jobs[:WARMUP], jobs[WARMUP:]
     asyncio.run(send_all(target, warm, 1))
     wait_for_sink(sink, len(warm))
     spy = common.PySpy(server_pid, spy_on) if spy_on else contextlib.nullcontext()
-    with MemorySampler(server_pid), spy:
-        cpu0 = common.cpu_seconds(server_pid)
+    cpu_of = common.tree_cpu_seconds if tree else common.cpu_seconds
+    with MemorySampler(server_pid) as sampler, spy:
+        cpu0 = cpu_of(server_pid)
         sink_cpu0 = common.cpu_seconds(sink.pid)
         result: LoadResult = asyncio.run(send_all(target, timed, connections))
         stats = wait_for_sink(sink, len(jobs))
-        cpu = common.cpu_seconds(server_pid) - cpu0
+        cpu = cpu_of(server_pid) - cpu0
         sink_cpu = common.cpu_seconds(sink.pid) - sink_cpu0
     seconds = stats["last"] - result.started  # both time.monotonic(): one clock per machine
     n = max(1, result.accepted)
@@ -318,7 +326,8 @@ def end_to_end(
         p50_ms=result.percentile(50) * 1000,
         p99_ms=result.percentile(99) * 1000,
         server_cpu_ms=cpu / n * 1000,
-        server_peak_rss_mib=common.peak_rss_kib(server_pid) / 1024,
+        server_peak_rss_mib=(sampler.peak_rss_kib if tree else common.peak_rss_kib(server_pid))
+        / 1024,
         sink_cpu_ms=sink_cpu / n * 1000,
         sink_peak_rss_mib=common.peak_rss_kib(sink.pid) / 1024,
         arrived=int(stats["accepted"]),
@@ -397,6 +406,114 @@ def run_submission(
             )
 
 
+# Postfix as the reference relay: its smtpd takes the messages on implicit TLS from
+# mynetworks (no AUTH: Debian's Postfix has no SASL without Dovecot or Cyrus) and its smtp
+# client relays every one to the sink with mandatory, validated TLS. It neither signs nor
+# checks senders. Its DNS client would ask the system resolver, not the loopback DNS server,
+# so the sink is its relayhost: the MX lookup is the one step it skips.
+POSTFIX_RELAY_MAIN = """\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+mail_owner = {owner}
+setgid_group = {setgid}
+myhostname = out.example.test
+mydomain = example.test
+myorigin = example.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+local_recipient_maps =
+relayhost = [127.0.0.1]:{sink_port}
+default_transport = smtp
+relay_transport = smtp
+smtp_destination_concurrency_limit = {concurrency}
+smtp_tls_security_level = secure
+smtp_tls_secure_cert_match = {sink_name}
+smtp_tls_CAfile = {ca}
+# Postfix at its best: TLS connections to the sink reused (through tlsproxy), as Postvern's
+# MTA reuses its own, and no inflow throttle.
+smtp_tls_connection_reuse = yes
+in_flow_delay = 0
+smtpd_peername_lookup = no
+smtpd_tls_cert_file = {cert}
+smtpd_tls_key_file = {key}
+smtpd_client_connection_count_limit = 0
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+biff = no
+"""
+
+
+def postfix_relay_class() -> type:
+    from smtp_ingest import POSTFIX_MASTER, PostfixInstance
+
+    class PostfixRelay(PostfixInstance):  # type: ignore[misc, valid-type]
+        def __init__(self, root: Path, world: Loopback, sink_port: int, concurrency: int):
+            cert, key = world.ca.issue("out.example.test")
+            super().__init__(root, cert, key)
+            self.extra = {
+                "sink_port": sink_port, "sink_name": SINK_NAME, "ca": world.ca.path,
+                "concurrency": concurrency,
+            }  # fmt: skip
+
+        def configure(self) -> None:
+            super().configure()
+            values = {
+                "root": self.root, "owner": "postfix", "setgid": self.setgid,
+                "cert": self.cert, "key": self.key, "port": self.port, **self.extra,
+            }  # fmt: skip
+            (self.conf / "main.cf").write_text(POSTFIX_RELAY_MAIN.format(**values))
+            master = POSTFIX_MASTER.format(**values).replace(
+                " smtpd\n",
+                " smtpd -o smtpd_tls_wrappermode=yes -o smtpd_tls_security_level=encrypt\n",
+                1,
+            )
+            (self.conf / "master.cf").write_text(
+                master
+                + "smtp      unix  -       -       n       -       -       smtp\n"
+                + "tlsproxy  unix  -       -       n       -       0       tlsproxy\n"
+            )
+
+        def _greets(self) -> bool:  # implicit TLS: a TCP accept is enough here
+            import socket
+
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+                    return True
+            except OSError:
+                return False
+
+    return PostfixRelay
+
+
+def run_postfix(world: Loopback, jobs: list[Job], args: argparse.Namespace) -> EndToEnd | None:
+    if os.geteuid() != 0 or not Path("/usr/sbin/postfix").exists():
+        print("postfix: needs root and /usr/sbin/postfix; left out")
+        return None
+    concurrency = args.domains * args.concurrency
+    with world.sink(concurrency) as sink:
+        relay = postfix_relay_class()(world.root / "postfix", world, sink.port, concurrency)
+        relay.start()
+        try:
+            target = Target(MX_ADDRESS, relay.port, tls="implicit", helo="client.example.test")
+            figures, _ = end_to_end(
+                "postfix 3.7 relay → sink",
+                jobs,
+                sink,
+                target,
+                args.connections,
+                relay.master_pid,
+                tree=True,
+            )
+        finally:
+            relay.stop()
+    return figures
+
+
 def submission_jobs(count: int, size: int, domains: list[str]) -> list[Job]:
     return [
         Job(s.mail_from, s.recipients, s.message)
@@ -404,22 +521,27 @@ def submission_jobs(count: int, size: int, domains: list[str]) -> list[Job]:
     ]
 
 
-def main_figure(args: argparse.Namespace) -> tuple[EndToEnd, EndToEnd, str]:
+def main_figure(args: argparse.Namespace) -> tuple[EndToEnd, EndToEnd, EndToEnd | None, str]:
     with tempfile.TemporaryDirectory(prefix="postvern-outbound-") as tmp, DNSTestServer() as dns:
-        world = loopback_world(Path(tmp), dns, args.domains)
+        root = Path(tmp)
+        root.chmod(0o755)  # Postfix's daemons run as the postfix user below it
+        world = loopback_world(root, dns, args.domains)
         jobs = submission_jobs(args.messages + WARMUP, args.size, world.domains)
         direct = run_direct(world, jobs, args.connections)
+        postfix = run_postfix(world, jobs, args) if not args.no_postfix else None
         submission, profile = run_submission(world, jobs, args)
-    return direct, submission, profile
+    return direct, submission, postfix, profile
 
 
-def print_main(direct: EndToEnd, submission: EndToEnd, total: int) -> list[str]:
+def print_main(
+    direct: EndToEnd, submission: EndToEnd, total: int, postfix: EndToEnd | None = None
+) -> list[str]:
     print(
         f"{'':34}{'msg/s':>8}{'250/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
         f"{'CPU ms/msg':>11}{'peak RSS':>11}{'arrived':>9}{'signed':>8}"
     )
     problems = []
-    for f in (direct, submission):
+    for f in (direct, *([postfix] if postfix else []), submission):
         print(
             f"{f.path:34}{f.per_second:>8.0f}{f.accepted_per_second:>8.0f}{f.p50_ms:>8.1f}"
             f"{f.p99_ms:>8.1f}{f.server_cpu_ms:>11.2f}{f.server_peak_rss_mib:>7.1f} MiB"
@@ -444,6 +566,15 @@ def print_main(direct: EndToEnd, submission: EndToEnd, total: int) -> list[str]:
         f"messages per second; Postvern {submission.server_cpu_ms:.2f} ms CPU and "
         f"{submission.server_peak_rss_mib:.1f} MiB peak RSS"
     )
+    if postfix is not None:
+        print(
+            f"ratio submission→MTA / Postfix relay: "
+            f"{submission.per_second / postfix.per_second:.3g}× messages per second, "
+            f"{submission.server_cpu_ms / postfix.server_cpu_ms:.3g}× CPU per message, "
+            f"{submission.server_peak_rss_mib / postfix.server_peak_rss_mib:.3g}× peak RSS "
+            "(Postfix: no AUTH, no signing, relayhost instead of MX lookups; its CPU and RSS "
+            "summed over its processes)"
+        )
     return problems
 
 
@@ -558,6 +689,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the server during the submission load"
     )
+    parser.add_argument("--no-postfix", action="store_true", help="leave out the Postfix relay")
     parser.add_argument("--child", dest="mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
@@ -572,13 +704,15 @@ def main() -> None:
         f"sink\n{common.machine_load()} at the start\n"
     )
     started = time.perf_counter()
-    direct, submission, profile = main_figure(args)
-    problems = print_main(direct, submission, total)
+    direct, submission, postfix, profile = main_figure(args)
+    problems = print_main(direct, submission, total, postfix)
     secondary = None if args.skip_mta_only else mta_only(args)
     print(f"\n{common.machine_load()} at the end; {time.perf_counter() - started:.0f} s in all")
     if profile:
         print("\n" + profile)
     result: dict[str, object] = {"direct": asdict(direct), "submission": asdict(submission)}
+    if postfix is not None:
+        result["postfix"] = asdict(postfix)
     if secondary:
         result["mta_only"] = {"baseline": asdict(secondary[0]), "mta": asdict(secondary[1])}
     print(json.dumps(result))
