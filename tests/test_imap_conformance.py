@@ -99,9 +99,10 @@ async def test_move_to_the_selected_mailbox_is_copy_and_expunge(env: Env) -> Non
     assert b" OK " in done and b" OK " in uid_done
     # COPYUID first, in an untagged OK (RFC 6851 §4.3), then the expunge and the new EXISTS.
     assert moved[0].startswith(b"* OK [COPYUID ") and b" 2 4]" in moved[0], moved
-    assert moved[1:] == [b"* 2 EXPUNGE\r\n", b"* 3 EXISTS\r\n"], moved
+    # The new copy is recent in this session (RFC 3501), as the original was.
+    assert moved[1:] == [b"* 2 EXPUNGE\r\n", b"* 3 EXISTS\r\n", b"* 3 RECENT\r\n"], moved
     assert b" 1 5]" in uid_moved[0], uid_moved
-    assert uid_moved[1:] == [b"* 1 EXPUNGE\r\n", b"* 3 EXISTS\r\n"], uid_moved
+    assert uid_moved[1:] == [b"* 1 EXPUNGE\r\n", b"* 3 EXISTS\r\n", b"* 3 RECENT\r\n"]
     uids = [int(m) for line in flags for m in re.findall(rb"UID (\d+)", line)]
     assert uids == [3, 4, 5]
     assert b"$Keep" in next(line for line in flags if b"UID 4" in line)
@@ -120,7 +121,7 @@ async def test_move_to_itself_with_qresync_answers_vanished(env: Env) -> None:
 
     moved = await in_thread(session)
     assert moved[0].startswith(b"* OK [COPYUID ") and b" 1 2]" in moved[0], moved
-    assert moved[1:] == [b"* VANISHED 1\r\n", b"* 1 EXISTS\r\n"], moved
+    assert moved[1:] == [b"* VANISHED 1\r\n", b"* 1 EXISTS\r\n", b"* 1 RECENT\r\n"], moved
 
 
 # -- unusual atom characters and malformed modified UTF-7 (RFC 9051 §9, RFC 3501 §5.1.3) ------
@@ -510,3 +511,83 @@ def test_condstore_enabled_by_use_is_flagged_for_highestmodseq() -> None:
         if tag is not None:
             conn.send(Completion.ok(tag, "done"))
     assert conn.condstore_enabled and conn.condstore_enabling_tag == "F"
+
+
+# -- \Recent and RECENT for IMAP4rev1 sessions (RFC 3501 §2.3.2, §7.3.2) ----------------------
+
+
+async def test_recent_belongs_to_exactly_one_rev1_session(env: Env) -> None:
+    await env.deliver(ALICE, message("early1"))
+    await env.deliver(ALICE, message("early2"))
+
+    def session() -> dict[str, list[bytes]]:
+        out: dict[str, list[bytes]] = {}
+        rev2 = env.wire()
+        rev2.ok("ENABLE IMAP4rev2")
+        out["rev2_select"] = rev2.ok("SELECT INBOX")  # sees none of it, takes none of it
+        out["rev2_fetch"] = rev2.ok("FETCH 1:* (FLAGS)")
+        out["rev2_status"] = rev2.ok("STATUS INBOX (RECENT)")
+        examine, first, second = env.wire(), env.wire(), env.wire()
+        out["status_before"] = second.ok("STATUS INBOX (RECENT MESSAGES)")
+        out["examine"] = examine.ok("EXAMINE INBOX")  # sees them, takes nothing away
+        out["first"] = first.ok("SELECT INBOX")
+        out["first_fetch"] = first.ok("FETCH 1:* (FLAGS)")
+        out["first_search"] = [
+            *first.ok("SEARCH RECENT"),
+            *first.ok("SEARCH NEW"),
+            *first.ok("SEARCH OLD"),
+        ]
+        out["first_store"] = first.ok("STORE 1 +FLAGS (\\Seen)")
+        out["first_new"] = first.ok("SEARCH NEW")
+        out["second"] = second.ok("SELECT INBOX")
+        out["second_fetch"] = second.ok("FETCH 1:* (FLAGS)")
+        out["status_examined"] = examine.ok("STATUS INBOX (RECENT)")
+        other = env.wire()
+        out["status_after"] = other.ok("STATUS INBOX (RECENT)")
+        other.close()
+        out["refused"] = [first.command("STORE 1 +FLAGS (\\Recent)")[1]]
+        for wire in (rev2, examine, first, second):
+            wire.close()
+        return out
+
+    out = await in_thread(session)
+    assert not any(b"RECENT" in line for line in out["rev2_select"])
+    assert not any(b"\\Recent" in line for line in out["rev2_fetch"])
+    assert out["rev2_status"] == [b'* STATUS "INBOX" (RECENT 0)\r\n']
+    assert out["status_before"] == [b'* STATUS "INBOX" (RECENT 2 MESSAGES 2)\r\n']
+    assert b"* 2 RECENT\r\n" in out["examine"]
+    assert b"* 2 RECENT\r\n" in out["first"]
+    assert out["first_fetch"] == [
+        b"* 1 FETCH (FLAGS (\\Recent))\r\n",
+        b"* 2 FETCH (FLAGS (\\Recent))\r\n",
+    ]
+    assert out["first_search"] == [b"* SEARCH 1 2\r\n", b"* SEARCH 1 2\r\n", b"* SEARCH\r\n"]
+    assert b"* 1 FETCH (FLAGS (\\Seen \\Recent))\r\n" in out["first_store"]
+    assert out["first_new"] == [b"* SEARCH 2\r\n"]
+    assert b"* 0 RECENT\r\n" in out["second"]
+    assert not any(b"\\Recent" in line for line in out["second_fetch"])
+    assert out["status_after"] == [b'* STATUS "INBOX" (RECENT 0)\r\n']
+    assert b'* STATUS "INBOX" (RECENT 2)\r\n' in out["status_examined"]  # recent in it
+    assert b" BAD " in out["refused"][0]
+
+
+async def test_new_mail_is_recent_for_the_first_session_told(env: Env) -> None:
+    def session() -> dict[str, list[bytes]]:
+        first, second = env.wire(), env.wire()
+        first.ok("SELECT INBOX")
+        second.ok("SELECT INBOX")
+        raw = message("late")
+        env_out: dict[str, list[bytes]] = {}
+        env_out["append"] = first.ok(b"APPEND INBOX {%d+}\r\n" % len(raw) + raw)
+        env_out["second"] = second.ok("NOOP")
+        env_out["first_search"] = first.ok("SEARCH RECENT")
+        env_out["second_search"] = second.ok("SEARCH RECENT")
+        first.close()
+        second.close()
+        return env_out
+
+    out = await in_thread(session)
+    assert out["append"] == [b"* 1 EXISTS\r\n", b"* 1 RECENT\r\n"]
+    assert out["second"] == [b"* 1 EXISTS\r\n", b"* 0 RECENT\r\n"]
+    assert out["first_search"] == [b"* SEARCH 1\r\n"]
+    assert out["second_search"] == [b"* SEARCH\r\n"]

@@ -433,7 +433,7 @@ async def test_status_append_and_quota(env: Env) -> None:
     status = out["status"][0]
     size = len(message("one"))
     assert re.search(rb"MESSAGES 1 UIDNEXT 2 UIDVALIDITY \d+ UNSEEN 1 DELETED 0", status)
-    assert f"SIZE {size} ".encode() in status and b"RECENT 0" in status
+    assert f"SIZE {size} ".encode() in status and b"RECENT 1" in status  # nobody saw it yet
     assert b"APPENDLIMIT 52428800" in status
     assert out["quotaroot"] == [[b'"INBOX" ""'], [b'"" ()']]  # no limit: no resource
     assert out["quota"] == [b'"" ()']
@@ -606,11 +606,11 @@ async def test_store_copy_move_expunge(env: Env) -> None:
         in lines[1]
     )
     assert lines[2:] == [
-        b"* 1 FETCH (FLAGS ($Important \\Flagged))\r\n",
-        b"* 2 FETCH (FLAGS ($Important \\Flagged))\r\n",
+        b"* 1 FETCH (FLAGS ($Important \\Flagged \\Recent))\r\n",
+        b"* 2 FETCH (FLAGS ($Important \\Flagged \\Recent))\r\n",
     ]
     assert out["silent"][0] == []
-    assert out["replace"][0] == [b"* 3 FETCH (FLAGS (\\Deleted) UID 3)\r\n"]
+    assert out["replace"][0] == [b"* 3 FETCH (FLAGS (\\Deleted \\Recent) UID 3)\r\n"]
     assert re.search(rb"OK \[COPYUID \d+ 1:2 1:2\]", out["copy"][1])
     assert b"NO [TRYCREATE]" in out["copy_missing"][1]
     move_lines, move_done = out["move"]
@@ -620,8 +620,8 @@ async def test_store_copy_move_expunge(env: Env) -> None:
     assert out["status"][0] == [b'* STATUS "Archive" (MESSAGES 2)\r\n']
     assert out["uid_expunge"][0] == []
     assert out["archive"][0] == [
-        b"* 1 FETCH (UID 1 FLAGS ($Important))\r\n",
-        b"* 2 FETCH (UID 2 FLAGS ($Important \\Flagged))\r\n",
+        b"* 1 FETCH (UID 1 FLAGS ($Important \\Recent))\r\n",
+        b"* 2 FETCH (UID 2 FLAGS ($Important \\Flagged \\Recent))\r\n",
     ]
     assert b"OK" in out["close"][1] and b"BAD" in out["after_close"][1]
 
@@ -647,7 +647,8 @@ async def test_condstore_unchangedsince_conflict(env: Env) -> None:
     out = await in_thread(session)
     lines, done = out["conflict"]
     assert b"OK [MODIFIED 2]" in done
-    assert any(line.startswith(b"* 1 FETCH (FLAGS (\\Seen) MODSEQ (") for line in lines)
+    # The first SELECT made the delivered messages its own recent ones (RFC 3501 §2.3.2).
+    assert any(line.startswith(b"* 1 FETCH (FLAGS (\\Seen \\Recent) MODSEQ (") for line in lines)
     assert not any(line.startswith(b"* 2 FETCH (FLAGS (\\Answered \\Seen)") for line in lines)
     changed = out["changed"][0]
     assert {line.split(b" ")[1] for line in changed if b"FETCH" in line} == {b"1", b"2", b"3"}
@@ -872,7 +873,7 @@ async def test_changes_reported_between_sessions(env: Env) -> None:
     out = await in_thread(session)
     fetch_lines = out["fetch"][0]
     assert b"EXPUNGE" not in b"".join(fetch_lines)
-    assert b"* 4 FETCH (FLAGS (\\Answered) UID 4)\r\n" in fetch_lines
+    assert b"* 4 FETCH (FLAGS (\\Answered \\Recent) UID 4)\r\n" in fetch_lines
     assert not [line for line in fetch_lines if b"(UID 2 " in line]
     assert b"OK [EXPUNGEISSUED]" in out["fetch"][1]
     assert out["noop"][0] == [b"* 2 EXPUNGE\r\n"]
@@ -881,7 +882,7 @@ async def test_changes_reported_between_sessions(env: Env) -> None:
         b"* 2 FETCH (UID 3)\r\n",
         b"* 3 FETCH (UID 4)\r\n",
     ]
-    assert out["idle_exists"][0] == [b"* 4 EXISTS\r\n"]
+    assert out["idle_exists"][0] == [b"* 4 EXISTS\r\n", b"* 3 RECENT\r\n"]
 
 
 async def test_qresync_after_another_session_expunged(env: Env) -> None:
@@ -1002,9 +1003,9 @@ async def test_multiappend_binary_append_check_unselect(env: Env) -> None:
     assert re.search(rb"OK \[APPENDUID \d+ 1\]", out["binary"][1])
     assert b"NO" in out["empty"][1]
     assert b"OK" in out["check"][1]
-    assert out["drafts"][0][0].startswith(b"* 1 FETCH (FLAGS (\\Draft) INTERNALDATE ")
+    assert out["drafts"][0][0].startswith(b"* 1 FETCH (FLAGS (\\Draft \\Recent) INTERNALDATE ")
     assert out["drafts"][0][1] == (
-        b'* 2 FETCH (FLAGS (\\Seen) INTERNALDATE "05-Feb-2024 06:07:08 +0100")\r\n'
+        b'* 2 FETCH (FLAGS (\\Seen \\Recent) INTERNALDATE "05-Feb-2024 06:07:08 +0100")\r\n'
     )
     assert b"NO [READ-ONLY]" in out["store_read_only"][1]
     assert b"OK" in out["unselect"][1] and b"BAD" in out["after_unselect"][1]

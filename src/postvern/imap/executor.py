@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from postvern.config import Limits
 from postvern.directory.db import User
 from postvern.imap import folders as names
 from postvern.imap import search as s
-from postvern.imap.fetch import BatchResult, FetchPlan, Rendered, render_batch
+from postvern.imap.fetch import RECENT, BatchResult, FetchPlan, Rendered, render_batch
 from postvern.imap.grammar import commands as c
 from postvern.imap.grammar.parse import UndecodableName
 from postvern.imap.protocol import ImapConnection
@@ -213,7 +214,9 @@ class Executor:
         folder = await self._folder(command.mailbox)
         self.feed = self.handle.feed()  # before the snapshot: no change falls between
         try:
-            snapshot = await self.run(_select_snapshot, self.box, folder.id, not self.conn.rev2)
+            rev1 = not self.conn.rev2
+            claim = None if not rev1 else not command.read_only
+            snapshot = await self.run(_select_snapshot, self.box, folder.id, rev1, claim)
             self.view = self._opened(*snapshot, command)
             if command.qresync is not None:
                 await self._qresync(self.view, command.qresync)
@@ -229,15 +232,17 @@ class Executor:
         uids: list[int],
         first_unseen: int | None,
         keywords: set[str],
+        recent: list[int],
         command: c.Select,
     ) -> SelectedView:
         """The view of a selected folder, and the untagged data SELECT owes the client
         (RFC 9051 §6.3.2; RFC 3501 §6.3.1 for RECENT and UNSEEN)."""
         view = SelectedView(folder, uids, read_only=command.read_only, keywords=keywords)
+        view.recent.update(recent)
         self._announce_flags(view)
         self.send(ExistsData(view.exists))
         if not self.conn.rev2:
-            self.send(RecentData(0))
+            self.send(RecentData(len(view.recent)))
             if first_unseen is not None:
                 number = view.map.number(first_unseen)
                 self.send(Condition(Status.OK, "first unseen", ResponseCode("UNSEEN", (number,))))
@@ -248,6 +253,11 @@ class Executor:
         if self.conn.rev2:
             self.send(ListData(folder.name, _special(folder)))  # RFC 9051 §6.3.2
         return view
+
+    def _flags(self, view: SelectedView, info: MessageInfo) -> tuple[str, ...]:
+        """A message's flags as this session shows them: with \\Recent if it is one of the
+        session's recent messages (RFC 3501 §2.3.2; never stored)."""
+        return (*info.flags, RECENT) if info.uid in view.recent else info.flags
 
     def _announce_flags(self, view: SelectedView) -> None:
         """FLAGS and PERMANENTFLAGS as the session knows them (RFC 9051 §7.3.5, §7.1)."""
@@ -279,7 +289,8 @@ class Executor:
         for info in changed:
             number = view.map.number(info.uid)
             if number is not None:
-                items = [("UID", info.uid), ("FLAGS", info.flags), ("MODSEQ", info.modseq)]
+                flags = self._flags(view, info)
+                items = [("UID", info.uid), ("FLAGS", flags), ("MODSEQ", info.modseq)]
                 self.send(FetchData(number, items))
 
     def _deselect(self) -> None:
@@ -400,6 +411,11 @@ class Executor:
     async def status(self, command: c.Status) -> Completion:
         folder = await self._folder(command.mailbox)
         status = await self.run(self.box.status, folder.id)
+        if self.conn.rev2:
+            status = replace(status, recent=0)  # RFC 9051 Appendix E: no \Recent
+        elif self.view is not None and self.view.folder.id == folder.id:
+            # The messages this session claimed are recent too (RFC 3501 §6.3.10).
+            status = replace(status, recent=status.recent + len(self.view.recent))
         items = names.status_items(command.items, status, append_limit=self.limits.imap_literal)
         self.send(StatusData(folder.name, items))
         return Completion.ok(command.tag, "STATUS completed")
@@ -470,8 +486,9 @@ class Executor:
         view = self._selected()
         options = command.return_options
         try:
+            criteria = _bind_recent(command.criteria, view.recent)
             matched, infos = await self.run(
-                evaluate, self.box, view.folder.id, command.criteria, self._universe(view)
+                evaluate, self.box, view.folder.id, criteria, self._universe(view)
             )
         except Exception:
             if options and "SAVE" in options:
@@ -494,6 +511,7 @@ class Executor:
     async def sort_or_thread(self, command: c.Sort | c.Thread) -> Completion:
         view = self._selected()
         folder_id, universe = view.folder.id, self._universe(view)
+        command = replace(command, search=_bind_recent(command.search, view.recent))
         if isinstance(command, c.Sort):
             order = await self.run(sort_messages, self.box, folder_id, command, universe)
             self.send(SortData(order))
@@ -553,6 +571,7 @@ class Executor:
                     self.conn.wire_context,
                     changed_since=changed_since,
                     origin=self,
+                    recent=frozenset(view.recent),
                 )
             )
 
@@ -631,7 +650,7 @@ class Executor:
                 continue
             items: list[tuple[str, object]] = []
             if not command.silent:
-                items.append(("FLAGS", info.flags))
+                items.append(("FLAGS", self._flags(view, info)))
             if command.uid or self.conn.qresync_enabled:
                 items.append(("UID", uid))
             if condstore:
@@ -685,8 +704,15 @@ class Executor:
                 for number, _ in gone:
                     self.send(ExpungeData(number))
         if view.pending.appended:
-            view.take_appended()
+            new = view.take_appended()
+            if not self.conn.rev2:
+                # RFC 3501 §7.3.2: the first session told of new mail has it as recent.
+                claim = not view.read_only
+                claimed = await self.run(self.box.take_recent, view.folder.id, new, claim=claim)
+                view.recent.update(claimed)
             self.send(ExistsData(view.exists))
+            if not self.conn.rev2:
+                self.send(RecentData(len(view.recent)))
         changed = view.take_flag_changes()
         if changed:
             infos = await self.run(self.box.messages, view.folder.id, changed)
@@ -699,7 +725,10 @@ class Executor:
             number = view.map.number(info.uid)
             if number is None:
                 continue
-            items: list[tuple[str, object]] = [("FLAGS", info.flags), ("UID", info.uid)]
+            items: list[tuple[str, object]] = [
+                ("FLAGS", self._flags(view, info)),
+                ("UID", info.uid),
+            ]
             if condstore:
                 items.append(("MODSEQ", info.modseq))  # RFC 7162 §3.1.4
             self.send(FetchData(number, items))
@@ -736,16 +765,20 @@ class Executor:
 
 
 def _select_snapshot(
-    box: Mailbox, folder_id: int, want_unseen: bool
-) -> tuple[Folder, list[int], int | None, set[str]]:
-    """The folder, its UIDs, (for IMAP4rev1's [UNSEEN n]) its first unseen message, and the
-    keywords in use in it."""
+    box: Mailbox, folder_id: int, want_unseen: bool, claim_recent: bool | None
+) -> tuple[Folder, list[int], int | None, set[str], list[int]]:
+    """The folder, its UIDs, (for IMAP4rev1's [UNSEEN n]) its first unseen message, the
+    keywords in use in it, and the messages recent in this session (None: IMAP4rev2, which
+    has no \\Recent; True: claim them, as a read-write SELECT does)."""
     folder = box.folder_by_id(folder_id)
     uids = box.uids(folder_id)
     first_unseen = None
     if want_unseen and box.status(folder_id).unseen:
         first_unseen = _first_unseen(box, folder_id, uids)
-    return folder, uids, first_unseen, box.keywords(folder_id)
+    recent = []
+    if claim_recent is not None:
+        recent = box.take_recent(folder_id, uids, claim=claim_recent)
+    return folder, uids, first_unseen, box.keywords(folder_id), recent
 
 
 # Metadata is read in slices while looking for the first unseen message: the oldest mail is
@@ -792,6 +825,34 @@ def _resync_state(box: Mailbox, folder_id: int, modseq: int) -> tuple[list[int],
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _bind_recent(key: s.SearchKey, recent: set[int]) -> s.SearchKey:
+    """RFC 3501 RECENT, NEW and OLD test \\Recent, which only the session knows: each such
+    test becomes a test of the session's recent UIDs (none in IMAP4rev2)."""
+    if isinstance(key, s.FlagTest) and key.flag.lower() == RECENT.lower():
+        test = _uid_test(recent)
+        return test if key.present else s.Not(test)
+    if isinstance(key, s.Not):
+        return s.Not(_bind_recent(key.key, recent))
+    if isinstance(key, s.Or):
+        return s.Or(_bind_recent(key.left, recent), _bind_recent(key.right, recent))
+    if isinstance(key, s.And):
+        return s.And(tuple(_bind_recent(k, recent) for k in key.keys))
+    return key
+
+
+def _uid_test(uids: set[int]) -> s.SearchKey:
+    """A search key matching exactly ``uids`` (as runs of consecutive UIDs)."""
+    if not uids:
+        return s.Not(s.All())
+    runs: list[tuple[int | None, int | None]] = []
+    for uid in sorted(uids):
+        if runs and runs[-1][1] == uid - 1:
+            runs[-1] = (runs[-1][0], uid)
+        else:
+            runs.append((uid, uid))
+    return s.SequenceTest(SequenceSet(tuple(runs)), uid=True)
 
 
 def _check_new_name(name: str) -> None:

@@ -14,7 +14,7 @@ import re
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from postvern.imap.grammar import commands as c
 from postvern.imap.serialize import FetchData, Response
@@ -25,6 +25,7 @@ from postvern.mime.model import BodyPart, body_from_json, envelope_from_json
 from postvern.store.mailbox import CachedStructure, Folder, Mailbox, MessageInfo, StoreError
 
 SEEN = "\\Seen"
+RECENT = "\\Recent"
 # Messages per worker-thread batch when only metadata and cached structures are needed:
 # large enough to amortise the thread hop and the SQL, small enough to keep a batch's
 # output (~300 bytes per message for FLAGS ENVELOPE) well under a megabyte.
@@ -115,8 +116,10 @@ def render_batch(
     *,
     changed_since: int | None = None,
     origin: object = None,
+    recent: frozenset[int] = frozenset(),
 ) -> BatchResult:
-    """Render ``* n FETCH`` for (number, uid) ``pairs``; runs in a store worker thread."""
+    """Render ``* n FETCH`` for (number, uid) ``pairs``; runs in a store worker thread.
+    ``recent``: the UIDs whose FLAGS show \\Recent (RFC 3501, the session's own)."""
     result = BatchResult(consumed=len(pairs))
     uids = [uid for _, uid in pairs]
     infos: dict[int, MessageInfo] = {}
@@ -127,6 +130,8 @@ def render_batch(
             uids = [u for _, u in pairs]
         if plan.sets_seen:
             _set_seen(box, folder.id, uids, infos, origin)
+        for uid in recent.intersection(infos):
+            infos[uid] = replace(infos[uid], flags=(*infos[uid].flags, RECENT))
         if any(item.name == "FLAGS" for item in plan.items):
             flags = {f for u in uids if u in infos for f in infos[u].flags}
             result.keywords = {f for f in flags if not f.startswith("\\")}

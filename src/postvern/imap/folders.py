@@ -221,7 +221,7 @@ def status_items(
     items: Iterable[str], status: FolderStatus, *, append_limit: int
 ) -> list[tuple[str, int]]:
     """RFC 9051 §6.3.11 STATUS data, with RFC 8438 SIZE, RFC 7162 HIGHESTMODSEQ and RFC 7889
-    APPENDLIMIT; RECENT (IMAP4rev1 only) is always 0, since no session has it any more."""
+    APPENDLIMIT; RECENT (RFC 3501 only) counts the messages no session has seen as recent."""
     values = {
         "MESSAGES": status.messages,
         "UIDNEXT": status.uidnext,
@@ -230,7 +230,7 @@ def status_items(
         "DELETED": status.deleted,
         "SIZE": status.size,
         "HIGHESTMODSEQ": status.highestmodseq,
-        "RECENT": 0,
+        "RECENT": status.recent,
         "APPENDLIMIT": append_limit,
     }
     return [(item, values[item]) for item in items]

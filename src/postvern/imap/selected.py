@@ -166,6 +166,8 @@ class SelectedView:
         # grows, so no FLAGS ever leaves out a keyword still set on a message (§7.3.5).
         self.keywords: set[str] = set(keywords)
         self.saved: list[int] = []  # RFC 5182 SEARCHRES: UIDs of the last SAVE
+        # RFC 3501 §2.3.2: the UIDs this session is the first to be told of (IMAP4rev1 only).
+        self.recent: set[int] = set()
 
     @property
     def exists(self) -> int:
@@ -244,6 +246,7 @@ class SelectedView:
         pairs.sort(reverse=True)
         self.map.remove(gone)
         self.pending.flags -= gone
+        self.recent -= gone
         return pairs
 
     def take_flag_changes(self) -> list[int]:

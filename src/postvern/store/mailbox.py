@@ -104,6 +104,7 @@ class FolderStatus:
     uidnext: int
     uidvalidity: int
     highestmodseq: int
+    recent: int = 0  # RFC 3501: messages no session has been shown as recent yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,9 +500,10 @@ class Mailbox:
         with self._lock:
             folder = self.folder_by_id(folder_id)
             row = self._q(
-                "SELECT count(*), total(size), count(*) - total(seen), total(deleted) "
+                "SELECT count(*), total(size), count(*) - total(seen), total(deleted), "
+                "total(uid >= (SELECT recent_floor FROM folders WHERE id=?)) "
                 "FROM messages WHERE folder_id=?",
-                (folder_id,),
+                (folder_id, folder_id),
             )[0]
         return FolderStatus(
             messages=int(row[0]),
@@ -511,9 +513,30 @@ class Mailbox:
             uidnext=folder.uidnext,
             uidvalidity=folder.uidvalidity,
             highestmodseq=folder.highestmodseq,
+            recent=int(row[4]),
         )
 
     # -- reading messages --------------------------------------------------------------
+
+    def take_recent(self, folder_id: int, uids: Sequence[int], *, claim: bool) -> list[int]:
+        """RFC 3501 §2.3.2 \\Recent: which of ``uids`` no session has been shown as recent.
+
+        With ``claim`` (a read-write IMAP4rev1 session) they become the caller's alone: the
+        folder's recent floor moves above them in the same transaction, so no other session,
+        in this process or another, ever sees them recent. Without it (EXAMINE) nothing
+        changes (RFC 3501 §6.3.2: EXAMINE does not take \\Recent away).
+        """
+        with self._tx():
+            rows = self._q("SELECT recent_floor FROM folders WHERE id=?", (folder_id,))
+            if not rows or not uids:
+                return []
+            floor = int(rows[0][0])
+            recent = [uid for uid in uids if uid >= floor]
+            if claim and recent:
+                self._conn.execute(
+                    "UPDATE folders SET recent_floor=? WHERE id=?", (max(recent) + 1, folder_id)
+                )
+        return recent
 
     def keywords(self, folder_id: int) -> set[str]:
         """Every keyword set on some message of the folder (RFC 9051 §2.3.2), as spelled."""

@@ -100,4 +100,15 @@ def _v3(conn: apsw.Connection) -> None:
     )
 
 
-MIGRATIONS = [_v1, _v2, _v3]
+def _v4(conn: apsw.Connection) -> None:
+    """RFC 3501 \\Recent: each folder's recent floor, the lowest UID no IMAP4rev1 session
+    has been shown as recent yet. Mail stored before this migration is not recent."""
+    conn.execute(
+        """
+        ALTER TABLE folders ADD COLUMN recent_floor INTEGER NOT NULL DEFAULT 1;
+        UPDATE folders SET recent_floor = uidnext;
+        """
+    )
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4]
