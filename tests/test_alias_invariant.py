@@ -365,3 +365,15 @@ def test_every_report_address_that_dns_publishes_is_accepted(server: DataDir) ->
     for address in sorted(addresses):
         code, text = send_one(server, address, f"report to {address}")
         assert code == 250, (address, code, text)
+
+
+def test_init_names_the_postmaster(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    base = ["init", "--hostname", "mx.example.test", "--domain", DOMAIN, "--clamd", "none"]
+    refused = cli(data, *base, "--postmaster", "admin@elsewhere.test")
+    assert refused.returncode != 0 and "--postmaster must be an address at" in refused.stderr
+    made = cli(data, *base, "--postmaster", "Admin@Example.TEST")
+    assert made.returncode == 0, made.stderr
+    assert f"go to admin@{DOMAIN}" in made.stdout
+    assert f"user add admin@{DOMAIN}" in made.stdout  # the next step names that user
+    assert f'postmaster = "admin@{DOMAIN}"' in (data / "postvern.toml").read_text()

@@ -245,18 +245,10 @@ def test_ban_list(data: Path) -> None:
 
 # alias list and queue list print through code owned elsewhere; these state the convention
 # they are to follow, and pass once they do.
-CONVENTION_PENDING = pytest.mark.xfail(
-    reason="alias/queue list output is owned elsewhere; the convention is reported",
-    strict=False,
-)
-
-
-@CONVENTION_PENDING
 def test_alias_list_empty(data: Path) -> None:
     empty_list(postvern("--data", str(data), "alias", "list"), "no aliases")
 
 
-@CONVENTION_PENDING
 def test_queue_list_empty(data: Path) -> None:
     empty_list(postvern("--data", str(data), "queue", "list"), "no queued messages")
 

@@ -19,7 +19,7 @@ import os
 import shlex
 import stat
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from postvern.crypto.tls import (
     read_certificate,
 )
 from postvern.directory.accounts import AuthFailed
-from postvern.directory.addresses import AddressError
+from postvern.directory.addresses import AddressError, normalise_address, normalise_domain
 from postvern.directory.db import AliasChange, Directory, DirectoryError
 from postvern.e2e import admin as e2e_admin
 from postvern.emailauth import signing
@@ -146,7 +146,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     data: Path = args.data
     ports = HIGH_PORTS if args.ports == "high" else STANDARD_PORTS
     clamd = _init_clamd(args.clamd)
-    init_data_dir(data, args.hostname, args.domain, ports, clamd=clamd)
+    postmaster = _postmaster(args.postmaster, args.domain)
+    init_data_dir(data, args.hostname, args.domain, ports, clamd=clamd, postmaster=postmaster)
     print(f"Created {data} for {args.hostname}, domain {args.domain}.")
     if clamd is None:
         print(
@@ -161,7 +162,12 @@ def cmd_init(args: argparse.Namespace) -> int:
             else ""
         )
         print(f"Mail will be scanned for viruses by clamd at {clamd}.{late}")
-    user = _hint(args, "user", "add", f"USER@{args.domain}")
+    if postmaster:
+        print(f"postmaster@ and abuse@ of every domain go to {postmaster}: create that user next.")
+        user = _hint(args, "user", "add", postmaster)
+    else:
+        print("postmaster@ and abuse@ of every domain go to the first user you create.")
+        user = _hint(args, "user", "add", f"USER@{args.domain}")
     dns, serve = _hint(args, "dns", args.domain), _hint(args, "serve")
     print(f"Next: `{user}`, then `{dns}` and `{serve}`.")
     return 0
@@ -214,8 +220,27 @@ def _init_clamd(option: str | None) -> str | None:
     return address
 
 
+def _postmaster(address: str | None, domain: str) -> str:
+    """The admin address given at init, normalised; it must be in a domain we host."""
+    if not address:
+        return ""
+    try:
+        address = normalise_address(address)
+    except AddressError as e:
+        raise CLIError(f"--postmaster: {e}") from None
+    if address.rpartition("@")[2] != normalise_domain(domain):
+        raise CLIError(f"--postmaster must be an address at {domain} (the only domain so far)")
+    return address
+
+
 def init_data_dir(
-    data: Path, hostname: str, domain: str, ports: dict[str, str], *, clamd: str | None = None
+    data: Path,
+    hostname: str,
+    domain: str,
+    ports: dict[str, str],
+    *,
+    clamd: str | None = None,
+    postmaster: str = "",
 ) -> None:
     if data.exists() and any(data.iterdir()):
         raise CLIError(f"{data} already exists and is not empty; refusing to overwrite it")
@@ -224,6 +249,7 @@ def init_data_dir(
     settings = config.Settings(data_dir=data, hostname=hostname, primary_domain=domain)
     settings.listen = config.Listen(**ports)
     settings.filters.clamd = clamd
+    settings.postmaster = postmaster
     (data / config.CONFIG_NAME).write_text(config.render(settings))
     key = ServerKey.generate()
     key.write(data / KEY_FILE)
@@ -409,8 +435,8 @@ def _queue_store(app: App) -> QueueStore:
 @with_app
 def cmd_queue_list(app: App, args: argparse.Namespace) -> int:
     with _queue_store(app) as store:
-        print(mta_admin.format_list(mta_admin.list_entries(store)), end="")
-    return 0
+        entries = mta_admin.list_entries(store)
+    return print_list(mta_admin.format_list(entries).splitlines(), "no queued messages")
 
 
 @with_app
@@ -585,15 +611,20 @@ def cmd_alias_add(app: App, args: argparse.Namespace) -> int:
 
 @with_app
 def cmd_alias_list(app: App, args: argparse.Namespace) -> int:
-    broken = 0
-    for alias in app.directory.aliases():
-        print(f"{alias.address}\t{', '.join(alias.targets)}")
-        for problem in app.directory.alias_problems(alias):
-            broken += 1
-            print(f"  problem: {problem}")
-    if broken:
+    problems = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal problems
+        for alias in app.directory.aliases():
+            yield f"{alias.address}\t{', '.join(alias.targets)}"
+            for problem in app.directory.alias_problems(alias):
+                problems += 1
+                yield f"  problem: {problem}"
+
+    print_list(lines(), "no aliases")
+    if problems:
         # Listing worked, so the exit status is 0; the warning goes where an operator sees it.
-        print(f"warning: {broken} alias problem(s), see above", file=sys.stderr)
+        print(f"warning: {problems} alias problem(s), see above", file=sys.stderr)
     return 0
 
 
@@ -764,6 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOCKET",
         help=f"the clamd that scans mail: a unix socket path or host:port (default: {CLAMD_SOCKET}"
         f" or ${CLAMD_SOCKET_ENV}, if that socket exists); 'none' scans nothing",
+    )
+    p.add_argument(
+        "--postmaster",
+        metavar="ADDRESS",
+        help="the administrator's address, which postmaster@ and abuse@ of every domain reach"
+        " (default: the first user created)",
     )
     p.set_defaults(func=cmd_init)
 

@@ -98,7 +98,7 @@ def delete_entry(store: QueueStore, entry_id: str) -> None:
 def format_list(entries: list[EntrySummary], *, now: float | None = None) -> str:
     """Postfix ``mailq``-like text: one block per entry, one line per recipient."""
     if not entries:
-        return "Queue is empty.\n"
+        return ""  # the CLI says "no queued messages" on stderr, as every empty list does
     now = time.time() if now is None else now
     lines = []
     for e in entries:
