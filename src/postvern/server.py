@@ -24,6 +24,7 @@ from postvern.abuse import Abuse
 from postvern.abuse.nftables import NftablesError, NftablesSet
 from postvern.abuse.portscan import ScanDetector
 from postvern.app import App
+from postvern.backup.replicate import BackupTask
 from postvern.crypto import tls
 from postvern.delivery.filtering import FilterStage
 from postvern.delivery.forward import AliasForwarder
@@ -130,6 +131,7 @@ class Server:
         spec = s.abuse.nftables_set
         self.nftables = NftablesSet(spec, self.abuse.bans, time.time) if spec else None
         self._certificate_expiry = self._read_certificate_expiry()
+        self.backup = BackupTask(app, self.registry, self._mail_postmaster)  # backup/
 
     # -- operations (ops/): metrics, watchdog ---------------------------------------------
 
@@ -145,6 +147,7 @@ class Server:
             queue_entries=entries,
             queue_oldest_seconds=oldest,
             certificate_expiry_timestamp=self._certificate_expiry,
+            extra=self.backup.metrics(),
         )
 
     async def refresh_metrics(self) -> bytes:
@@ -201,6 +204,7 @@ class Server:
             except NftablesError as e:
                 log.warning("bans are not enforced in nftables: %s", e)
         await self._start_outbound()
+        await self.backup.start()
         listen = self.settings.listen
         for name, starter in STARTERS.items():
             address = getattr(listen, name)
@@ -301,6 +305,7 @@ class Server:
         ChannelServer.observer = None
         if self.nftables is not None:
             await self.nftables.stop()
+        await self.backup.stop()
         if self._certificate_watch is not None:
             self._certificate_watch.cancel()
         await asyncio.gather(

@@ -50,6 +50,7 @@ from typing import Protocol, TypeVar
 
 import apsw
 
+from postvern.abuse.personal import derive_key
 from postvern.backup import keys
 from postvern.backup.manifest import (
     BODY_PREFIX,
@@ -76,11 +77,17 @@ PACK_BYTES = 4 << 20  # objects up to 4 MiB: few requests, bounded memory per up
 MIN_OBJECT_PAD = 64 << 10  # the smallest size class of an object
 UPLOAD_THREADS = 8
 MAX_PACKS_IN_FLIGHT = 16  # bounds memory: 16 × 4 MiB × targets
-# The databases that the server key opens, and the purpose of the subkey for each.
-SERVER_DATABASES = {
-    "directory.sqlite": "directory database",
-    "queue.sqlite": "queue",
-    "abuse.sqlite": "abuse",
+
+
+def _abuse_database_key(server_key: ServerKey) -> bytes:
+    return derive_key(server_key.derive("abuse"), "database")  # as abuse/service.py does
+
+
+# The databases that the server key opens, and how each one's key is derived from it.
+SERVER_DATABASES: dict[str, Callable[[ServerKey], bytes]] = {
+    "directory.sqlite": lambda k: k.derive("directory database"),
+    "queue.sqlite": lambda k: k.derive("queue"),
+    "abuse.sqlite": _abuse_database_key,
 }
 MAILBOX_DIR = "mailboxes"
 SPOOL_DIR = "spool"
@@ -364,7 +371,7 @@ class Snapshotter:
                     return True
                 return False
 
-            for rel, purpose in SERVER_DATABASES.items():
+            for rel, database_key in SERVER_DATABASES.items():
                 src = self.data_dir / rel
                 if not src.exists():
                     continue
@@ -374,7 +381,7 @@ class Snapshotter:
                 if unchanged(rel, stamp):
                     continue
                 staged = staging / rel
-                version = _copy_server_db(src, self.server_key.derive(purpose), staged)
+                version = _copy_server_db(src, database_key(self.server_key), staged)
                 if rel == "directory.sqlite":
                     schema["directory"] = version
                 add_file(rel, staged, stamp)

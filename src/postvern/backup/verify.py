@@ -100,13 +100,13 @@ def check_restored(
     """Structural checks of a restored data directory; (problems, number of users)."""
     problems: list[str] = []
     users: set[str] = set()
-    for rel, purpose in SERVER_DATABASES.items():
+    for rel, database_key in SERVER_DATABASES.items():
         path = root / rel
         if not path.exists():
             if rel == "directory.sqlite":
                 problems.append("the directory database is missing")
             continue
-        problem, version, conn = _integrity(path, server_key.derive(purpose))
+        problem, version, conn = _integrity(path, database_key(server_key))
         if problem is not None:
             problems.append(f"{rel}: {problem}")
             continue
