@@ -63,7 +63,13 @@ MAX_USER_MODEL_BYTES = 8 * 1024 * 1024
 # do), each shrunk toward neutral until seen a few times, and the total capped so that a
 # handful of marks cannot outvote the shipped model forever.
 USER_TOKENS_CONSIDERED = 40
-USER_TOKEN_SHRINK = 3.0
+# Pseudo-messages of prior per class: a token's rate in a class the user has marked fewer
+# messages of than this stays near its rate in mail at large.
+USER_PRIOR_MESSAGES = 10.0
+# The background rate of a token the shipped model does not know (a name, a rare word):
+# one message in a hundred, so that one mark of it is weak evidence.
+UNKNOWN_TOKEN_RATE = 0.01
+MAX_BACKGROUND_RATE = 0.9
 USER_MAX_LOGIT = 8.0
 USER_POINTS_PER_LOGIT = 1.0
 # Sender reputation, in points for a sender whose every mark was spam (or negative for
@@ -154,6 +160,15 @@ class ShippedModel:
         if not isinstance(document, dict):
             raise ModelError("malformed spam model")
         return cls(document)
+
+    def background_rate(self, feature: str) -> float:
+        """The share of training messages with *feature* (from its idf, which the training
+        tool computes as ln((1 + n) / (1 + df)) + 1), or UNKNOWN_TOKEN_RATE."""
+        i = self._index.get(feature)
+        if i is None:
+            return UNKNOWN_TOKEN_RATE
+        rate = math.exp(1.0 - math.sqrt(self._idf2[i]))
+        return max(UNKNOWN_TOKEN_RATE / 10, min(MAX_BACKGROUND_RATE, rate))
 
     def readable(self, features: Collection[str]) -> Collection[str]:
         """The features the model reads: all of them in a language it was trained on,
@@ -300,29 +315,27 @@ class UserModel:
         return UserEvidence(token_logit, points, reason)
 
     def token_logit(self, tokens: Iterable[str]) -> float:
-        """Log-odds the user's own marks add (Robinson's form of Graham's ratios): per token,
-        its rate in the user's spam against its rate in their ham, shrunk toward neutral
-        until seen a few times. Rates, not smoothed probabilities: a user who has marked
-        only spam so far has no ham to compare with, and an unseen-in-ham token must not
-        read as evidence of ham (with a ham prior of one half, a word seen in one of forty
-        spam marks would)."""
+        """Log-odds the user's own marks add: per token, the log ratio of its rate in the
+        user's spam to its rate in their ham, each rate estimated with USER_PRIOR_MESSAGES
+        pseudo-messages at the token's rate in mail at large (the shipped model's document
+        frequency). A class with few marks stays near that background, so neither a
+        one-sided history (only spam marked) nor a handful of ham marks makes every shared
+        word evidence; the most telling tokens are summed, the total capped."""
         ham_n, spam_n = self.ham_messages, self.spam_messages
         if ham_n + spam_n == 0:
             return 0.0
+        model = shipped_model()
+        prior = USER_PRIOR_MESSAGES
         scored = []
         for token in tokens:
             counts = self.tokens.get(token)
             if counts is None:
                 continue
             ham, spam = counts
-            spam_rate = spam / spam_n if spam_n else 0.0
-            ham_rate = ham / ham_n if ham_n else 0.0
-            if spam_rate + ham_rate == 0:
-                continue
-            p = spam_rate / (spam_rate + ham_rate)
-            seen = ham + spam
-            f = (USER_TOKEN_SHRINK * 0.5 + seen * p) / (USER_TOKEN_SHRINK + seen)
-            scored.append(math.log(f / (1.0 - f)))
+            background = prior * model.background_rate(token)
+            spam_rate = (spam + background) / (spam_n + prior)
+            ham_rate = (ham + background) / (ham_n + prior)
+            scored.append(math.log(spam_rate / ham_rate))
         scored.sort(key=abs, reverse=True)
         total = sum(scored[:USER_TOKENS_CONSIDERED])
         return max(-USER_MAX_LOGIT, min(USER_MAX_LOGIT, total))
