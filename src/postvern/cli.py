@@ -44,6 +44,7 @@ from postvern.emailauth import signing
 from postvern.encdb import SchemaTooNew, WrongKey
 from postvern.filters import FilterSettings, ScanContext, trial
 from postvern.filters.clamd import ClamdClient, ClamdError
+from postvern.hardening import no_core_dumps
 from postvern.mta import QUEUE_FILE, EntryNotFound, QueueError, QueueStore
 from postvern.mta import admin as mta_admin
 from postvern.mta import wake as mta_wake
@@ -990,6 +991,7 @@ def _filter_commands(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.umask(PRIVATE_UMASK)
+    no_core_dumps()  # passwords and mailbox keys pass through admin commands too
     parser = build_parser()
     args = parser.parse_args(argv)
     args.data_given = hasattr(args, "data")

@@ -9,9 +9,7 @@ mailbox, close the databases).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import resource
 import signal
 import sys
 import time
@@ -35,6 +33,7 @@ from postvern.e2e.wkd import WKD
 from postvern.emailauth.signing import Signer
 from postvern.filters.clamd import ClamdClient, ClamdError
 from postvern.filters.learning import JunkLearner
+from postvern.hardening import no_core_dumps
 from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
 from postvern.mta import QUEUE_FILE, OutboundMTA, Queue
@@ -56,7 +55,6 @@ log = logging.getLogger("postvern")
 READY_LINE = "postvern: ready"
 # On SIGTERM, sessions get this long to finish what they are doing before the loop stops.
 SHUTDOWN_GRACE_SECONDS = 5.0
-PR_SET_DUMPABLE = 4  # prctl(2) option, <linux/prctl.h>
 # The certificate is looked at on start and then this often, so a warning about its expiry
 # (tls.EXPIRY_WARNING_DAYS) reaches the log daily while there is time to renew it.
 CERTIFICATE_CHECK_SECONDS = 86400.0
@@ -438,24 +436,8 @@ async def _serve(app: App, banner: Callable[[config.Settings], str] | None) -> i
     return 0
 
 
-def _no_core_dumps() -> None:
-    """Mailbox keys and messages live in this process's memory: never write it to disk.
-
-    RLIMIT_CORE 0 stops core files; PR_SET_DUMPABLE 0 also stops other users' ptrace and
-    /proc/<pid>/mem reads of the process (Linux prctl(2)).
-    """
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        refused = libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
-    except (OSError, AttributeError):
-        refused = True
-    if refused:
-        log.warning("could not mark the process non-dumpable")
-
-
 def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) -> int:
-    _no_core_dumps()
+    no_core_dumps()
     app = App.open(data_dir)
     retention.configure(app.settings)
     try:
