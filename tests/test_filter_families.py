@@ -100,8 +100,9 @@ def test_short_plain_personal_mail_scores_near_zero() -> None:
     ]
     for subject, body in notes:
         verdict = decide(analyse(plain(subject, body), CTX), SETTINGS)
-        # nothing pushes it toward Junk; the model may lean to ham, within its bound
-        assert MODEL_POINTS_MIN <= verdict.score < 1.0, (subject, verdict.header())
+        # nothing but the model's weak lean (a calibrated 55-60% gives about a point) moves
+        # it; it may lean to ham, within the model's bound
+        assert MODEL_POINTS_MIN <= verdict.score < 1.5, (subject, verdict.header())
 
 
 def test_the_model_abstains_below_its_evidence_bar() -> None:

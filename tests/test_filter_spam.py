@@ -85,7 +85,7 @@ def test_model_scores_held_out_ham_and_spam(held_out: list[train_spam.Sample]) -
     for kind, source in (("ham", "enron"), ("ham", "csdmc"), ("spam", "enron"), ("spam", "csdmc")):
         chosen = [s for s in held_out if s.kind == kind and s.source == source][::37][:25]
         # the model leans the right way by half its voice (it never junks alone, and
-        # speaks fully only at odds of 9 to 1: postvern.filters.spam)
+        # speaks fully only at odds of 4 to 1: postvern.filters.spam)
         as_spam = [model_points(s.raw) >= MODEL_POINTS_MAX / 2 for s in chosen]
         right = sum(as_spam) if kind == "spam" else len(as_spam) - sum(as_spam)
         assert right >= len(chosen) - 2, (kind, source, right, len(chosen))
