@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from postvern import config
-from postvern.backup import keys
+from postvern.backup import importer, keys
 from postvern.backup.catalog import Catalog
 from postvern.backup.manifest import ManifestError, Opening
 from postvern.backup.restore import RestoreError, restore_all, restore_user
@@ -24,8 +24,11 @@ from postvern.backup.service import BackupBusy, BackupService
 from postvern.backup.snapshot import BackupError
 from postvern.backup.targets import TargetError, Targets
 from postvern.crypto.serverkey import ServerKey, ServerKeyError
+from postvern.directory.accounts import AuthFailed
 
 FAILURES = (
+    importer.ImportError_,
+    AuthFailed,
     BackupError,
     BackupBusy,
     TargetError,
@@ -48,6 +51,9 @@ def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
+        except AuthFailed:
+            print("postvern: wrong address or password", file=sys.stderr)
+            return 1
         except (CommandError, *FAILURES) as e:
             print(f"postvern: {e}", file=sys.stderr)
             return 1

@@ -55,6 +55,16 @@ def _flock(path: Path, mode: int) -> Iterator[None]:
         os.close(fd)
 
 
+def server_running(data_dir: Path) -> bool:
+    """Whether a server on ``data_dir`` holds ``backup/serving`` (it does while it runs)."""
+    path = keys.backup_dir(data_dir) / SERVING_FILE
+    try:
+        with _flock(path, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            return False
+    except BackupBusy:
+        return True
+
+
 class BackupService:
     def __init__(
         self,
@@ -92,15 +102,11 @@ class BackupService:
             self._serving_fd = None
 
     def refuse_if_serving(self) -> None:
-        path = keys.backup_dir(self.data_dir) / SERVING_FILE
-        try:
-            with _flock(path, fcntl.LOCK_EX | fcntl.LOCK_NB):
-                pass
-        except BackupBusy:
+        if server_running(self.data_dir):
             raise BackupBusy(
                 "the server is running and takes its own snapshots ([backup]); stop it to take"
                 " one from the command line"
-            ) from None
+            )
 
     # -- operations --------------------------------------------------------------------
 
