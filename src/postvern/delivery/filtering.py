@@ -106,4 +106,4 @@ class FilterStage:
             reason = "message contains a dangerous attachment"
         elif verdict.action == "reject":
             reason = f"message refused as spam ({reason})"
-        return FilterVerdict(verdict.action, verdict.header_line(), reason)
+        return FilterVerdict(verdict.action, verdict.header_line(), reason, verdict.score)

@@ -21,10 +21,11 @@ from typing import Any, Protocol, TypeVar
 from postvern import emailauth
 from postvern.delivery import headers
 from postvern.delivery.srs import SRS, ForgedSRS, is_srs
+from postvern.delivery.userrules import Filing, SharedVerdict, UserRules, sender_of
 from postvern.directory.db import Directory, Resolution, User
 from postvern.dns import Resolver
 from postvern.e2e.inbound import protect_copy
-from postvern.emailauth import AuthVerdict
+from postvern.emailauth import AuthVerdict, dmarc
 from postvern.emailauth.headers import ParsedMessage
 from postvern.filters.verdict import HEADER_NAME as VERDICT_HEADER
 from postvern.smtp.replies import Reply
@@ -77,6 +78,7 @@ class FilterVerdict:
     action: str  # inbox | junk | reject | tempfail
     header: bytes  # X-Postvern-Spam field, CRLF-terminated (may be empty)
     reason: str
+    score: float | None = None  # the filter's points, for each user's own Junk threshold
 
 
 class ContentFilter(Protocol):
@@ -95,6 +97,9 @@ class OutboundQueue(Protocol):
 
 
 RemoteSender = Callable[[bytes, list[str]], Awaitable[None]]
+# Where one user's copy goes, after their own rules (delivery/userrules.py).
+FilingRule = Callable[[User], Awaitable[Filing]]
+INBOX = Filing(junk=False, header=b"")
 
 
 class Forwarder(Protocol):
@@ -128,6 +133,7 @@ class InboundPipeline:
         self.forwarder = forwarder
         self.srs = srs
         self.default_quota = default_quota  # for users without a quota of their own
+        self.user_rules = UserRules(directory)
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
@@ -221,11 +227,25 @@ class InboundPipeline:
                 return Reply(554, "5.7.1", verdict.reason)  # RFC 5321 §4.2.3: refused
             if verdict.action == "tempfail":
                 return Reply(451, "4.7.0", verdict.reason)
-        junk = (verdict is not None and verdict.action == "junk") or (
-            auth is not None and auth.policy == "quarantine"
+        quarantined = auth is not None and auth.policy == "quarantine"
+        shared = SharedVerdict(
+            junk=(verdict is not None and verdict.action == "junk") or quarantined,
+            score=verdict.score if verdict is not None else None,
+            quarantined=quarantined,
+        )
+        sender = sender_of(
+            [f.text() for f in parsed.block.get_all("From")],
+            txn.mail_from,
+            authenticated=txn.authenticated is not None
+            or (auth is not None and auth.dmarc.status is dmarc.Status.PASS),
         )
         message = (verdict.header if verdict else b"") + parsed.raw
         del parsed
+        rules = self.user_rules
+
+        async def filing(user: User) -> Filing:
+            return await self._thread(rules.file, user.id, shared, sender)
+
         external = list(dict.fromkeys(t for r in txn.recipients for t in r.external))
         forwarder = self.forwarder
 
@@ -233,18 +253,20 @@ class InboundPipeline:
             assert forwarder is not None
             await forwarder.forward(msg, txn, targets, auth)
 
-        return await self.store(txn, message, junk=junk, remote=external, send_remote=forward)
+        return await self.store(txn, message, filing=filing, remote=external, send_remote=forward)
 
     async def store(
         self,
         txn: Transaction,
         message: bytes,
         *,
-        junk: bool = False,
+        filing: FilingRule | None = None,
         remote: Sequence[str] = (),
         send_remote: RemoteSender | None = None,
     ) -> Reply:
         """Every local copy, then the remote hand-off, all or nothing.
+
+        ``filing`` decides, per user, whether their copy goes to Junk (None: the inbox).
 
         Local copies come first because they can be withdrawn; the remote hand-off (the
         durable outbound queue) comes last, so if it fails nothing stays behind.
@@ -257,10 +279,11 @@ class InboundPipeline:
                     if user.id in seen:
                         continue  # one copy per mailbox, however many of its names were used
                     seen.add(user.id)
-                    copy = self._trace(txn, rcpt.address) + message
+                    filed = await filing(user) if filing is not None else INBOX
+                    copy = self._trace(txn, rcpt.address) + filed.header + message
                     # Encrypted to the user's own key if they chose it, before it is stored.
                     copy = await self._thread(protect_copy, self.directory, user, copy)
-                    item = SpoolItem(copy, "\\Junk" if junk else None)
+                    item = SpoolItem(copy, "\\Junk" if filed.junk else None)
                     done.append(await self.registry.deliver_undoable(user, item))
             if remote:
                 assert send_remote is not None
