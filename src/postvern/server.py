@@ -38,7 +38,7 @@ from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
 from postvern.mta import QUEUE_FILE, OutboundMTA, Queue
 from postvern.mta.runner import AttemptReport
-from postvern.net import Admission, ChannelServer
+from postvern.net import Admission, ChannelServer, event_loop_factory
 from postvern.ops import retention
 from postvern.ops.metrics import Metrics, Snapshot
 from postvern.ops.watchdog import Watchdog
@@ -441,6 +441,8 @@ def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) 
     app = App.open(data_dir)
     retention.configure(app.settings)
     try:
-        return asyncio.run(_serve(app, banner))
+        loop_factory = event_loop_factory(app.settings.server.event_loop)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_serve(app, banner))
     finally:
         app.close()
