@@ -123,6 +123,22 @@ def test_session_tokens_rotate_and_expire() -> None:
     assert store.get(rotated) is None
 
 
+def test_recent_authentication_is_a_window_from_the_last_proof() -> None:
+    clock = [1000.0]
+    store = SessionStore(clock=lambda: clock[0])
+    _, session = store.new()
+    assert not store.recently_authenticated(session, 600)  # not logged in
+    session.stage = FULL
+    store.mark_authenticated(session)
+    clock[0] += 599
+    assert store.recently_authenticated(session, 600)
+    clock[0] += 1
+    assert not store.recently_authenticated(session, 600)
+    store.mark_authenticated(session)  # confirmed again
+    assert store.recently_authenticated(session, 600)
+    assert not store.recently_authenticated(session, 0)
+
+
 def test_policy_rule() -> None:
     assert policy.secret_allowed("password", "imap", two_factor=False)
     assert not policy.secret_allowed("password", "imap", two_factor=True)

@@ -301,3 +301,51 @@ async def test_failed_second_factors_count_toward_bans(
                 imap_login(data, ALICE, PASSWORDS[ALICE])
         finally:
             await b.close()
+
+
+async def test_turning_codes_off_or_renewing_recovery_codes_asks_again(server: DataDir) -> None:
+    """A session left open is not enough to weaken the account: turning authenticator codes
+    off and making new recovery codes need the password or a current code again."""
+    address, password = "erin@example.test", "erin-long-password"
+    app = server.app()
+    try:
+        app.accounts.create_user(address, password)
+    finally:
+        app.close()
+    b = Browser(server)
+    try:
+        await b.login(address, password)
+        await b.get("/account/security")
+        await b.post("/account/security/totp/start")
+        secret = re.search(r"data-totp-secret>([A-Z2-7]+)<", b.last)
+        assert secret
+        otp = pyotp.TOTP(secret.group(1))
+        enrolment_code = otp.now()
+        await b.post("/account/security/totp/confirm", {"code": enrolment_code})
+        assert "Codes from your authenticator app are on" in b.last
+        first_codes = re.findall(r"<li><code>([a-z0-9-]+)</code></li>", b.last)
+
+        # New recovery codes: nothing, a wrong password and a recovery code are refused.
+        for confirm in ("", "not-the-password", first_codes[0]):
+            r = await b.post("/account/security/recovery-codes", {"confirm": confirm})
+            assert r.status == 403 and "data-recovery-codes" not in b.last, confirm
+        r = await b.post("/account/security/recovery-codes", {"confirm": password})
+        assert r.status == 200 and "data-recovery-codes" in b.last
+        new_codes = re.findall(r"<li><code>([a-z0-9-]+)</code></li>", b.last)
+        assert len(new_codes) == 10 and not set(new_codes) & set(first_codes)
+
+        # Turning codes off: a replayed code and a wrong password are refused.
+        for confirm in (enrolment_code, "not-the-password"):
+            r = await b.post("/account/security/totp/disable", {"confirm": confirm})
+            assert r.status == 403 and "neither your password" in b.last, confirm
+            assert "Codes from your authenticator app are on" in b.last
+        # A current code (the next step: one step of clock skew is allowed) does.
+        r = await b.post("/account/security/totp/disable", {"confirm": otp.at(time.time() + 30)})
+        assert r.status == 200 and "Authenticator codes are off" in b.last
+        assert "Set up an authenticator app" in b.last
+        # The account password alone logs in again, with no second step.
+        await b.post("/account/logout")
+        r = await b.login(address, password)
+        assert str(r.url).endswith("/account/")
+    finally:
+        await b.close()

@@ -184,6 +184,15 @@ class Server:
 
 
 @dataclass
+class AccountsPolicy:
+    """What users may do for themselves in the account portal and API (accounts/)."""
+
+    # Exporting all mail needs a login or a confirmation (password or authenticator code)
+    # this recent: a session left open on a shared machine cannot walk off with the mailbox.
+    reauth_minutes: float = 10.0
+
+
+@dataclass
 class Log:
     level: str = "info"
     # Client addresses cut to /24 (IPv4) or /48 (IPv6), accounts as daily pseudonyms.
@@ -253,6 +262,7 @@ class Settings:
     abuse: Abuse = field(default_factory=Abuse)
     filters: Filters = field(default_factory=Filters)
     mta: MTA = field(default_factory=MTA)
+    accounts: AccountsPolicy = field(default_factory=AccountsPolicy)
     server: Server = field(default_factory=Server)
     log: Log = field(default_factory=Log)
     backup: Backup = field(default_factory=Backup)

@@ -23,6 +23,7 @@ from postvern.accounts.sessions import FULL, PENDING, Session, SessionStore
 from postvern.accounts.settings import Settings
 from postvern.accounts.store import AccountStore
 from postvern.accounts.tokens import APITokens
+from postvern.accounts.totp import DIGITS as TOTP_DIGITS
 from postvern.accounts.totp import TOTP
 from postvern.app import App
 from postvern.directory.accounts import Accounts, check_password
@@ -135,6 +136,7 @@ class AccountService:
         assert session.user_id is not None and session.address is not None
         session.stage = FULL
         session.method = method
+        self.sessions.mark_authenticated(session)
         await self.login.gate.login_succeeded(ip, session.address, policy.WEB)
         await self.run(self.history.record, session.user_id, ip, f"web: {method}")
 
@@ -144,6 +146,33 @@ class AccountService:
             raise AccountError("This passkey cannot log in.")
         session.user_id, session.address, session.mailbox_key = user.id, user.address, mk
         await self._complete(session, ip, "passkey")
+
+    async def reauthenticate(self, session: Session, secret: str, ip: str) -> None:
+        """The user proves again that it is them, before an action that weakens the account
+        or reads all of it: the account password, or a current authenticator code.
+
+        A recovery code does not do (it is for a lost factor, not a confirmation). A wrong
+        secret counts as a failed login toward the client's limits and bans, as at login.
+        """
+        assert session.address is not None and session.user_id is not None
+        code = "".join(secret.split())
+        if len(code) == TOTP_DIGITS and code.isdigit():
+            allowed = await self.login.gate.login_allowed(ip, session.address)
+            if allowed is not None:
+                raise AccountError("Too many failed attempts. Try again later.")
+            if not await self.run(self.totp.verify, session.user_id, code, time.time()):
+                await self.second_factor_failed_quiet(ip, session.address)
+                raise AccountError("That is neither your password nor a current code.")
+        else:
+            try:
+                await self.login.verify(session.address, secret, ip, policy.WEB)
+            except LoginRefused as e:
+                raise AccountError(
+                    "Too many failed attempts. Try again later."
+                    if e.reason == "banned"
+                    else "That is neither your password nor a current code."
+                ) from None
+        self.sessions.mark_authenticated(session)
 
     # -- the account -------------------------------------------------------------------
 

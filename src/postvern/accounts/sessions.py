@@ -49,6 +49,7 @@ class Session:
     created: float = 0.0
     last_seen: float = 0.0
     tries: int = 0
+    authenticated_at: float = 0.0  # the last password, second factor or confirmation
     scratch: dict[str, Any] = field(default_factory=dict)  # WebAuthn challenges, enrolments
 
     @property
@@ -100,6 +101,14 @@ class SessionStore:
         session.created = session.last_seen = self._clock()
         self._sessions[session.key] = session
         return token
+
+    def mark_authenticated(self, session: Session) -> None:
+        """The user just proved who they are (logged in, or confirmed with a secret)."""
+        session.authenticated_at = self._clock()
+
+    def recently_authenticated(self, session: Session, window: float) -> bool:
+        """Whether the user proved who they are less than ``window`` seconds ago."""
+        return session.logged_in and self._clock() - session.authenticated_at < window
 
     def drop(self, session: Session) -> None:
         self._sessions.pop(session.key, None)

@@ -33,6 +33,9 @@ from postvern.web.portal.export import junk_this_week, stream_mbox
 PREFIX = "/account"
 HERE = Path(__file__).parent
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Actions that need the user to have proved who they are recently (login, or the confirm
+# page: password or a current code), and where the confirm page sends them back.
+CONFIRMED_ACTIONS = {"export": f"{PREFIX}/export.mbox"}
 MAX_FORM_FIELD = 4096  # no field of ours is longer; a longer one is refused, not cut
 # What templates may show when a handler has it (an error, a secret shown once, …).
 OPTIONAL: dict[str, Any] = dict.fromkeys(
@@ -266,10 +269,22 @@ class Portal:
             codes = await s.run(s.recovery_codes.generate, user.id)
         return await self._security(ctx, codes=codes, flash_now="Two-factor authentication is on.")
 
+    async def _confirmed(self, ctx: Ctx) -> str | None:
+        """Check the form's ``confirm`` field (the password or a current code); the error
+        to show if it is not right, None if it is."""
+        try:
+            await self.service.reauthenticate(ctx.session, ctx.field("confirm"), ctx.ip)
+        except AccountError as e:
+            return str(e)
+        return None
+
     async def totp_disable(self, request: web.Request) -> web.StreamResponse:
         ctx = await self._enter(request)
         s = self.service
         user = await s.user(ctx.session)
+        error = await self._confirmed(ctx)
+        if error is not None:
+            return await self._security(ctx, 403, error=error)
         await s.run(s.totp.disable, user.id)
         await s.two_factor_changed(user)
         raise self._done(ctx, f"{PREFIX}/security", "Authenticator codes are off.")
@@ -278,6 +293,9 @@ class Portal:
         ctx = await self._enter(request)
         s = self.service
         user = await s.user(ctx.session)
+        error = await self._confirmed(ctx)
+        if error is not None:
+            return await self._security(ctx, 403, error=error)
         codes = await s.run(s.recovery_codes.generate, user.id)
         return await self._security(ctx, codes=codes)
 
@@ -589,10 +607,39 @@ class Portal:
         ended = self.sessions.drop_user(ctx.session.user_id, keep=ctx.session)
         raise self._done(ctx, f"{PREFIX}/sessions", f"{ended} other session(s) ended.")
 
+    async def confirm_page(self, request: web.Request) -> web.StreamResponse:
+        ctx = await self._enter(request)
+        action = request.query.get("action", "")
+        if action not in CONFIRMED_ACTIONS:
+            raise web.HTTPNotFound()
+        return await self.render(ctx, "confirm.html", action=action)
+
+    async def confirm(self, request: web.Request) -> web.StreamResponse:
+        """The password or a current code again; then on to the action that asked for it."""
+        ctx = await self._enter(request)
+        action = ctx.field("action")
+        if action not in CONFIRMED_ACTIONS:
+            raise web.HTTPBadRequest()
+        error = await self._confirmed(ctx)
+        if error is not None:
+            return await self.render(ctx, "confirm.html", 403, action=action, error=error)
+        # Good for that action once even if the window is shorter than one request.
+        ctx.session.scratch["confirmed"] = action
+        raise self._redirect(ctx, CONFIRMED_ACTIONS[action])
+
+    def _fresh(self, ctx: Ctx, action: str) -> bool:
+        """Logged in or confirmed recently enough for ``action``, or confirmed just for it."""
+        window = self.service.app.settings.accounts.reauth_minutes * 60
+        if ctx.session.scratch.pop("confirmed", None) == action:
+            return True
+        return self.sessions.recently_authenticated(ctx.session, window)
+
     async def export(self, request: web.Request) -> web.StreamResponse:
         ctx = await self._enter(request)
         if ctx.session.mailbox_key is None:
             raise web.HTTPForbidden()
+        if not self._fresh(ctx, "export"):
+            raise self._redirect(ctx, f"{PREFIX}/confirm?action=export")
         user = await self.service.user(ctx.session)
         return await stream_mbox(self.service, user, ctx.session.mailbox_key, request)
 
@@ -637,6 +684,8 @@ class Portal:
             post(f"{p}/spam", self.spam_update),
             get(f"{p}/sessions", self.sessions_page),
             post(f"{p}/sessions/revoke", self.sessions_revoke),
+            get(f"{p}/confirm", self.confirm_page),
+            post(f"{p}/confirm", self.confirm),
             get(f"{p}/export.mbox", self.export),
         ]
 
