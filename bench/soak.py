@@ -17,10 +17,14 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import aiosmtplib
 
 import common  # first: it puts tests/ on sys.path for the imports below
 from common import Job, Target
@@ -30,8 +34,53 @@ from smtp_ingest import DNS_TTL, make_jobs, postvern_data, sender_domains
 
 # Distinct signed messages cycled through: enough that no cache sees only a handful.
 POOL = 400
+# Seconds the server gets to start (allocation tracing makes it several times slower).
+START_TIMEOUT = 300.0
 # Messages sent before the first sample: the model, DNS answers and code paths load lazily.
 WARMUP = 40
+
+
+# The server side of --tracemalloc: a sitecustomize module that traces allocations (10
+# frames), takes a baseline snapshot once the warm-up is over and then, at every interval,
+# writes the allocation sites that grew most since the baseline.
+TRACEMALLOC_SITE = """\
+import os, threading, time, tracemalloc
+tracemalloc.start(10)
+def _watch(out=os.environ["SOAK_TRACEMALLOC_OUT"], every=float(os.environ["SOAK_INTERVAL"])):
+    time.sleep(float(os.environ["SOAK_BASELINE_AFTER"]))
+    base = tracemalloc.take_snapshot()
+    while True:
+        time.sleep(every)
+        diff = tracemalloc.take_snapshot().compare_to(base, "traceback")
+        with open(out + ".tmp", "w") as f:
+            for stat in diff[:12]:
+                f.write(f"{stat.size_diff / 1024:+10.1f} KiB {stat.count_diff:+8d} blocks\\n")
+                for line in stat.traceback.format()[-8:]:
+                    f.write("      " + line + "\\n")
+        os.replace(out + ".tmp", out)
+threading.Thread(target=_watch, daemon=True).start()
+"""
+
+
+def tracemalloc_env(root: Path, interval: float, baseline_after: float) -> dict[str, str]:
+    site = root / "tracemalloc-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(TRACEMALLOC_SITE)
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+        "SOAK_TRACEMALLOC_OUT": str(root / "tracemalloc.txt"),
+        "SOAK_INTERVAL": str(interval),
+        "SOAK_BASELINE_AFTER": str(baseline_after),
+    }
+
+
+@contextlib.contextmanager
+def started(server: ServerProcess, timeout: float) -> Iterator[ServerProcess]:
+    server.start(timeout=timeout)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def rss_mib(root: int) -> float:
@@ -74,14 +123,25 @@ class Pacer:
 
 
 async def steady_load(target: Target, jobs: list[Job], connections: int, pacer: Pacer) -> None:
+    """Each connection is kept and reused (a steady rate needs no handshake per message);
+    one that drops is opened again."""
     cycle = itertools.cycle(jobs)
+    context = common.trust_anything()
 
     async def connection() -> None:
+        smtp = await common._connect(target, context)
         while await pacer.slot():
             job = next(cycle)
-            result = await common.send_all(target, [job], 1)
-            pacer.sent += result.accepted
-            pacer.refused += sum(result.refused.values())
+            try:
+                await smtp.sendmail(job.mail_from, job.recipients, job.data)
+                pacer.sent += 1
+            except aiosmtplib.SMTPServerDisconnected:
+                pacer.refused += 1
+                smtp = await common._connect(target, context)
+            except aiosmtplib.SMTPException:
+                pacer.refused += 1
+        with contextlib.suppress(aiosmtplib.SMTPException):
+            await smtp.quit()
 
     await asyncio.gather(*(connection() for _ in range(connections)))
 
@@ -94,6 +154,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--filter-processes", type=int, default=0, help="[filters] processes")
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace the server's allocations; print the sites that grew most after warm-up",
+    )
     args = parser.parse_args()
     print(
         f"Soak: {args.rate:g} msg/s of ~{args.size} bytes for {args.minutes:g} min over "
@@ -111,7 +176,9 @@ def main() -> None:
         data = postvern_data(Path(tmp), dns, args.connections, total)
         if args.filter_processes:
             set_config(data.path, "filters", {"processes": args.filter_processes})
-        with ServerProcess(data) as server:
+        env = tracemalloc_env(Path(tmp), 60.0, 60.0) if args.tracemalloc else {}
+        # Tracing allocations slows the start (the spam model is many small objects).
+        with started(ServerProcess(data, env=env), START_TIMEOUT) as server:
             assert server.proc is not None
             pid = server.proc.pid
             target = Target("127.0.0.1", data.addr("smtp")[1])
@@ -141,6 +208,10 @@ def main() -> None:
             stop.set()
             sampler.join()
             elapsed = time.monotonic() - start
+            traced = Path(tmp) / "tracemalloc.txt"
+            if traced.exists():
+                print("\nallocation sites grown most since the first minute (tracemalloc):")
+                print(traced.read_text())
     print(f"\n{common.machine_load()} at the end")
     if not samples:
         return
