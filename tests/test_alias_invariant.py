@@ -33,19 +33,24 @@ from harness import (
     set_config,
 )
 from postvern.directory.db import Directory, DirectoryError
+from postvern.directory.forwarding import Forwarding, ForwardingPolicy
 from postvern.mta import QUEUE_FILE, QueueStore
 from postvern.mta import admin as mta_admin
 
 DOMAIN = "example.test"
 CATCH = "catch.test"  # a second domain, with a catch-all
 ALICE, BOB, CAROL, DAVE = (f"{n}@{DOMAIN}" for n in ("alice", "bob", "carol", "dave"))
+ERIN, FRANK = f"erin@{DOMAIN}", f"frank@{DOMAIN}"  # forward their own mail outside
 PASSWORDS = {
     ALICE: "alice-correct-horse",  # created first: postmaster and abuse reach her
     BOB: "bob-battery-staple",
     CAROL: "carol-staple-battery",
     DAVE: "dave-horse-correct",
+    ERIN: "erin-staple-horse",
+    FRANK: "frank-battery-horse",
 }
 OUTSIDE = "friend@outside.test"
+FRANKS = "franks.test"  # a domain whose catch-all reaches frank
 
 
 def cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -96,6 +101,15 @@ def running(
         d.add_alias(f"mixed@{DOMAIN}", [BOB, OUTSIDE])
         d.add_alias(f"diamond@{DOMAIN}", [f"team@{DOMAIN}", ALICE])  # two paths, no loop
         d.add_alias(f"@{CATCH}", [DAVE])
+        # Users' own forwarding (the portal's): erin keeps a copy, frank does not.
+        erin, frank = d.user(ERIN), d.user(FRANK)
+        assert erin is not None and frank is not None
+        d.set_forwarding(erin.id, [OUTSIDE], keep_copy=True)
+        d.set_forwarding(frank.id, [OUTSIDE], keep_copy=False)
+        d.add_alias(f"relay@{DOMAIN}", [FRANK, BOB])
+        d.add_alias(f"onlyfrank@{DOMAIN}", [FRANK])
+        d.add_domain(FRANKS)
+        d.add_alias(f"@{FRANKS}", [f"frank+catch@{DOMAIN}"])
     finally:
         app.close()
     # The realistic path to a dead end: the alias's only user is removed afterwards.
@@ -196,6 +210,15 @@ ROUTES: dict[str, set[str]] = {
     f"abuse@{DOMAIN}": {ALICE},
     f"Postmaster@{CATCH}": {ALICE},  # the role comes before the catch-all
     f"abuse+report@{CATCH}": {ALICE},
+    # A user's own forwarding composes with +tags, aliases and catch-alls; without a kept
+    # copy the queue alone holds the mail (frank's mailbox must not have it).
+    ERIN: {ERIN, "queue"},
+    f"erin+list@{DOMAIN}": {ERIN, "queue"},
+    FRANK: {"queue"},
+    f"frank+x@{DOMAIN}": {"queue"},
+    f"relay@{DOMAIN}": {BOB, "queue"},
+    f"onlyfrank@{DOMAIN}": {"queue"},
+    f"anyone@{FRANKS}": {"queue"},
 }
 # recipient → the refusal it must get instead of a 250 that loses the mail.
 REFUSED: dict[str, tuple[int, str]] = {
@@ -232,6 +255,71 @@ def test_every_accepted_recipient_ends_in_a_mailbox_or_the_queue(server: DataDir
         # And exactly where the routing says.
         assert local == ROUTES[rcpt] - {"queue"}, (rcpt, local)
         assert remote == ({OUTSIDE} if "queue" in ROUTES[rcpt] else set()), (rcpt, remote)
+
+
+def test_forwarded_mail_leaves_with_srs_and_arc(server: DataDir) -> None:
+    """A user's forward goes through the alias forwarder: SRS sender, ARC set, DKIM."""
+    subject = "forwarded by frank"
+    assert send_one(server, FRANK, subject)[0] == 250
+    app = server.app()
+    try:
+        store = QueueStore.open(
+            app.settings.path(QUEUE_FILE), app.server_key.derive("queue"), create=False
+        )
+        try:
+            for entry in store.list_entries():
+                head = mta_admin.show_entry(store, entry.id).headers
+                if f"Subject: {subject}" in head:
+                    break
+            else:
+                raise AssertionError("not queued")
+        finally:
+            store.close()
+    finally:
+        app.close()
+    assert entry.mail_from.startswith("SRS0=") and entry.mail_from.endswith(f"@{DOMAIN}")
+    assert [r.address for r in entry.recipients] == [OUTSIDE]
+    assert "ARC-Seal:" in head and "DKIM-Signature:" in head
+
+
+def test_user_forwarding_rules(tmp_path: Path) -> None:
+    """Only outside addresses, at most the allowed number, only while the administrator
+    allows it; a forward that stops applying leaves the mail in the mailbox."""
+    data = make_data_dir(tmp_path / "d", passwords={ALICE: PASSWORDS[ALICE], BOB: PASSWORDS[BOB]})
+    set_config(data.path, "accounts", {"max_forwards": 2})
+    app = data.app()
+    try:
+        d = app.directory
+        alice = d.user(ALICE)
+        assert alice is not None
+        for own in (BOB, f"alias@{DOMAIN}", ALICE):
+            with pytest.raises(DirectoryError, match="this server's own address"):
+                d.set_forwarding(alice.id, [own], keep_copy=False)
+        with pytest.raises(DirectoryError, match="at most 2"):
+            d.set_forwarding(alice.id, ["a@x.test", "b@x.test", "c@x.test"], keep_copy=True)
+        d.set_forwarding(alice.id, ["Me@Later.TEST", OUTSIDE], keep_copy=False)
+        got = d.resolve(ALICE)
+        assert got is not None and got.users == () and got.external == ("me@later.test", OUTSIDE)
+        # A target's domain becomes ours: that forward stops, the other goes on.
+        d.add_domain("later.test")
+        got = d.resolve(ALICE)
+        assert got is not None and got.users == () and got.external == (OUTSIDE,)
+        # The administrator turns forwarding off: the mail stays in the mailbox.
+        d.forwarding_policy = ForwardingPolicy(allowed=False)
+        got = d.resolve(f"alice+x@{DOMAIN}")
+        assert got is not None and [u.address for u in got.users] == [ALICE]
+        assert got.external == ()
+        with pytest.raises(DirectoryError, match="turned off"):
+            d.set_forwarding(alice.id, [OUTSIDE], keep_copy=True)
+        d.set_forwarding(alice.id, [], keep_copy=True)  # clearing is always allowed
+        assert d.forwarding(alice.id) == Forwarding()
+        # Removing the user removes their forwarding with them.
+        d.forwarding_policy = ForwardingPolicy()
+        d.set_forwarding(alice.id, [OUTSIDE], keep_copy=True)
+        d.delete_user(alice.id)
+        assert d._rows("SELECT count(*) FROM forwards")[0][0] == 0
+    finally:
+        app.close()
 
 
 def test_submission_refuses_an_alias_that_leads_nowhere(server: DataDir) -> None:

@@ -349,3 +349,65 @@ async def test_turning_codes_off_or_renewing_recovery_codes_asks_again(server: D
         assert str(r.url).endswith("/account/")
     finally:
         await b.close()
+
+
+async def test_forwarding_in_the_portal_and_the_api(server: DataDir, browser: Browser) -> None:
+    """A user forwards their own mail outside, with or without a copy, in the portal and
+    through the API with the forwarding scopes; addresses of this server are refused."""
+    await browser.login(BOB, PASSWORDS[BOB])
+    r = await browser.get("/account/forwarding")
+    assert r.status == 200 and "at most 5" in browser.last
+    r = await browser.post("/account/forwarding", {"targets": ALICE, "keep_copy": "on"})
+    assert r.status == 400 and "this server&#39;s own address" in browser.last
+    r = await browser.post("/account/forwarding", {"targets": "Bob.Away@Outside.TEST"})
+    assert r.status == 200 and "no copy is kept here" in browser.last
+    app = server.app()
+    try:
+        got = app.directory.resolve(f"bob+news@{ALICE.split('@')[1]}")
+        assert got is not None and got.users == () and got.external == ("bob.away@outside.test",)
+    finally:
+        app.close()
+
+    await browser.get("/account/tokens")
+    r = await browser.http.post(
+        browser.base + "/account/tokens",
+        data=[("csrf", browser.csrf), ("name", "forwarder"), ("scope", "forwarding:write")],
+        headers={"Origin": browser.base},
+    )
+    found = re.search(r"data-new-token>([^<]+)<", await r.text())
+    assert found
+    auth = {"Authorization": f"Bearer {found.group(1)}"}
+    api = browser.base + "/api/v1/forwarding"
+    r = await browser.http.get(api, headers=auth)
+    assert await r.json() == {
+        "targets": ["bob.away@outside.test"],
+        "keep_copy": False,
+        "allowed": True,
+        "max_targets": 5,
+    }
+    wanted = {"targets": ["one@outside.test", "two@outside.test"], "keep_copy": True}
+    r = await browser.http.put(api, json=wanted, headers=auth)
+    assert r.status == 200 and (await r.json())["targets"] == wanted["targets"]
+    too_many = {"targets": [f"n{i}@outside.test" for i in range(6)]}
+    r = await browser.http.put(api, json=too_many, headers=auth)
+    assert r.status == 400 and "at most 5 forwarding" in (await r.json())["message"]
+    r = await browser.http.put(api, json={"targets": [f"x@{ALICE.split('@')[1]}"]}, headers=auth)
+    assert r.status == 400
+    await browser.get("/account/forwarding")
+    assert "one@outside.test" in browser.last and "a copy is kept here" in browser.last
+    # The aliases scopes do not reach forwarding.
+    await browser.get("/account/tokens")
+    r = await browser.http.post(
+        browser.base + "/account/tokens",
+        data=[("csrf", browser.csrf), ("name", "aliases only"), ("scope", "aliases:write")],
+        headers={"Origin": browser.base},
+    )
+    other = re.search(r"data-new-token>([^<]+)<", await r.text())
+    assert other
+    r = await browser.http.get(api, headers={"Authorization": f"Bearer {other.group(1)}"})
+    assert r.status == 403 and 'scope="forwarding:read"' in r.headers["WWW-Authenticate"]
+    # Stopped through the API: the mail stays home.
+    r = await browser.http.put(api, json={"targets": []}, headers=auth)
+    assert (await r.json())["targets"] == []
+    await browser.get("/account/forwarding")
+    assert "data-forwarding-now" not in browser.last

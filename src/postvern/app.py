@@ -11,6 +11,7 @@ from postvern.crypto.serverkey import ServerKey
 from postvern.directory.accounts import Accounts
 from postvern.directory.addresses import AddressError, normalise_address
 from postvern.directory.db import Directory
+from postvern.directory.forwarding import ForwardingPolicy
 
 
 @dataclass
@@ -34,6 +35,9 @@ class App:
             data_dir,
             server_key.derive("directory database"),
             postmaster=postmaster,
+            forwarding=ForwardingPolicy(
+                settings.accounts.forwarding, settings.accounts.max_forwards
+            ),
         )
         kdf = KDFParams(settings.kdf.time_cost, settings.kdf.memory_kib, settings.kdf.parallelism)
         return cls(settings, server_key, directory, Accounts(data_dir, directory, server_key, kdf))

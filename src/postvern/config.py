@@ -190,6 +190,10 @@ class AccountsPolicy:
     # Exporting all mail needs a login or a confirmation (password or authenticator code)
     # this recent: a session left open on a shared machine cannot walk off with the mailbox.
     reauth_minutes: float = 10.0
+    # Users may forward their own mail to outside addresses (SRS and ARC keep it passing
+    # SPF and DMARC at the next hop), to at most this many; false ignores forwards set.
+    forwarding: bool = True
+    max_forwards: int = 5
 
 
 @dataclass

@@ -27,7 +27,9 @@ from postvern.accounts.totp import DIGITS as TOTP_DIGITS
 from postvern.accounts.totp import TOTP
 from postvern.app import App
 from postvern.directory.accounts import Accounts, check_password
+from postvern.directory.addresses import AddressError
 from postvern.directory.db import DirectoryError, User
+from postvern.directory.forwarding import Forwarding, ForwardingPolicy
 from postvern.login import LoginRefused, LoginService
 
 T = TypeVar("T")
@@ -268,3 +270,19 @@ class AccountService:
         if address not in await self.own_aliases(user):
             raise AccountError("No such alias of yours.")
         await self.run(self.directory.remove_alias, address)
+
+    # -- forwarding of the user's own mail ---------------------------------------------
+
+    @property
+    def forwarding_policy(self) -> ForwardingPolicy:
+        return self.directory.forwarding_policy
+
+    async def forwarding(self, user: User) -> Forwarding:
+        return await self.run(self.directory.forwarding, user.id)
+
+    async def set_forwarding(self, user: User, targets: list[str], keep_copy: bool) -> Forwarding:
+        """Forward the user's mail to outside addresses (none: stop), within the policy."""
+        try:
+            return await self.run(self.directory.set_forwarding, user.id, targets, keep_copy)
+        except (DirectoryError, AddressError) as e:
+            raise AccountError(f"{e}.") from None

@@ -21,8 +21,10 @@ MAX_TOKENS = 20  # per user; a script per purpose is plenty
 MAX_NAME = 64
 SCOPES = {
     "account:read": "see the account's settings",
-    "aliases:read": "list your aliases and forwarding",
-    "aliases:write": "add and remove your aliases and forwarding",
+    "aliases:read": "list your aliases",
+    "aliases:write": "add and remove your aliases",
+    "forwarding:read": "see where your mail is forwarded",
+    "forwarding:write": "forward your mail to outside addresses, or stop",
     "app-passwords:read": "list app passwords",
     "app-passwords:write": "revoke app passwords",
     "spam:read": "read the Junk threshold and sender lists",

@@ -29,6 +29,7 @@ from postvern.directory.addresses import (
     normalise_domain,
     split_address,
 )
+from postvern.directory.forwarding import Forwarding, ForwardingPolicy, migrate_v7
 from postvern.encdb import open_encrypted
 
 DB_NAME = "directory.sqlite"
@@ -235,24 +236,43 @@ def _v6(conn: apsw.Connection) -> None:
     migrate_v6(conn)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(conn: apsw.Connection) -> None:
+    # Users' own forwarding to outside addresses (directory/forwarding.py).
+    migrate_v7(conn)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 ATTACHMENT_POLICIES = ("reject", "quarantine")
 
 
 class Directory:
-    def __init__(self, conn: apsw.Connection, *, postmaster: str | None = None) -> None:
+    def __init__(
+        self,
+        conn: apsw.Connection,
+        *,
+        postmaster: str | None = None,
+        forwarding: ForwardingPolicy | None = None,
+    ) -> None:
         self._conn = conn
         self._lock = threading.RLock()
         # Where role addresses (ROLE_LOCALPARTS) go when a domain defines none of its own;
         # None means the first user created.
         self.postmaster = postmaster
+        # What users may forward ([accounts] forwarding, max_forwards).
+        self.forwarding_policy = forwarding or ForwardingPolicy()
 
     @classmethod
     def open(
-        cls, data_dir: Path, key: bytes, *, create: bool = False, postmaster: str | None = None
+        cls,
+        data_dir: Path,
+        key: bytes,
+        *,
+        create: bool = False,
+        postmaster: str | None = None,
+        forwarding: ForwardingPolicy | None = None,
     ) -> Directory:
         conn = open_encrypted(data_dir / DB_NAME, key, MIGRATIONS, create=create)
-        return cls(conn, postmaster=postmaster)
+        return cls(conn, postmaster=postmaster, forwarding=forwarding)
 
     def close(self) -> None:
         with self._lock:
@@ -653,6 +673,51 @@ class Directory:
         )
         return tuple(json.loads(str(rows[0][0]))) if rows else None
 
+    # -- users' own forwarding ------------------------------------------------------------
+
+    def forwarding(self, user_id: str) -> Forwarding:
+        """The user's forwarding as they set it (whether it applies: :meth:`_forwards_of`)."""
+        rows = self._rows("SELECT targets, keep_copy FROM forwards WHERE user_id=?", (user_id,))
+        if not rows:
+            return Forwarding()
+        return Forwarding(tuple(json.loads(str(rows[0][0]))), bool(rows[0][1]))
+
+    def set_forwarding(self, user_id: str, targets: Sequence[str], keep_copy: bool) -> Forwarding:
+        """Replace the user's forwarding; no targets turns it off. Only outside addresses,
+        at most the policy's number, and only while the administrator allows forwarding."""
+        policy = self.forwarding_policy
+        clean = tuple(dict.fromkeys(normalise_address(t) for t in targets if t.strip()))
+        if clean and not policy.allowed:
+            raise DirectoryError("forwarding is turned off on this server")
+        if len(clean) > policy.max_targets:
+            raise DirectoryError(f"at most {policy.max_targets} forwarding addresses")
+        for target in clean:
+            if self.has_domain(split_address(target)[1]):
+                raise DirectoryError(
+                    f"{target} is this server's own address: forward only to outside "
+                    "addresses (an alias reaches local users)"
+                )
+        with self._tx() as c:
+            if not c.execute("SELECT 1 FROM users WHERE id=?", (user_id,)).fetchall():
+                raise DirectoryError("no such user")
+            c.execute("DELETE FROM forwards WHERE user_id=?", (user_id,))
+            if clean:
+                c.execute(
+                    "INSERT INTO forwards(user_id, targets, keep_copy, updated) VALUES(?, ?, ?, ?)",
+                    (user_id, json.dumps(clean), int(keep_copy), int(time.time())),
+                )
+        return Forwarding(clean, keep_copy) if clean else Forwarding()
+
+    def _forwards_of(self, user_id: str) -> Forwarding:
+        """The forwarding that applies now: none while the administrator forbids it, and
+        only targets still outside our domains, at most the policy's number."""
+        policy = self.forwarding_policy
+        if not policy.allowed:
+            return Forwarding()
+        stored = self.forwarding(user_id)
+        live = tuple(t for t in stored.targets if not self.has_domain(split_address(t)[1]))
+        return Forwarding(live[: policy.max_targets], stored.keep_copy)
+
     # -- routing -----------------------------------------------------------------------
 
     def resolve(self, address: str) -> Resolution | None:
@@ -694,8 +759,7 @@ class Directory:
                     (candidate, domain),
                 )
                 if rows:
-                    user = self._user(rows[0])
-                    walk.users.setdefault(user.id, user)
+                    self._reach_user(self._user(rows[0]), walk)
                     return True
             targets = self._alias_targets(candidate, domain)
             if targets is not None:
@@ -705,6 +769,15 @@ class Directory:
                 self._expand_role(candidate, domain, walk, path)
                 return True
         return False
+
+    def _reach_user(self, user: User, walk: _Expansion) -> None:
+        """The user's mailbox and their own forwards. Without a kept copy the mailbox is
+        left out — unless no forward applies, so the mail never goes nowhere."""
+        forwards = self._forwards_of(user.id)
+        for target in forwards.targets:
+            walk.external.setdefault(target, None)
+        if forwards.keep_copy or not forwards.targets:
+            walk.users.setdefault(user.id, user)
 
     def _expand_alias(
         self,

@@ -118,6 +118,28 @@ class API:
         await self.service.remove_alias(user, request.match_info["address"])
         return web.Response(status=204)
 
+    async def forwarding(self, request: web.Request, token: Token, user: User) -> web.Response:
+        forwarding = await self.service.forwarding(user)
+        policy = self.service.forwarding_policy
+        return _ok(
+            {
+                "targets": list(forwarding.targets),
+                "keep_copy": forwarding.keep_copy,
+                "allowed": policy.allowed,
+                "max_targets": policy.max_targets,
+            }
+        )
+
+    async def forwarding_set(self, request: web.Request, token: Token, user: User) -> web.Response:
+        body = await _body(request)
+        targets, keep_copy = body.get("targets", []), body.get("keep_copy", True)
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ValueError("targets must be a list of addresses")
+        if not isinstance(keep_copy, bool):
+            raise ValueError("keep_copy must be true or false")
+        await self.service.set_forwarding(user, targets, keep_copy)
+        return await self.forwarding(request, token, user)
+
     async def app_passwords(self, request: web.Request, token: Token, user: User) -> web.Response:
         slots = await self.service.run(self.service.directory.slots, user.id, "app")
         return _ok(
@@ -223,6 +245,8 @@ class API:
             web.get(f"{b}/aliases", s("aliases:read", self.aliases)),
             web.post(f"{b}/aliases", s("aliases:write", self.alias_add)),
             web.delete(f"{b}/aliases/{{address}}", s("aliases:write", self.alias_remove)),
+            web.get(f"{b}/forwarding", s("forwarding:read", self.forwarding)),
+            web.put(f"{b}/forwarding", s("forwarding:write", self.forwarding_set)),
             web.get(f"{b}/app-passwords", s("app-passwords:read", self.app_passwords)),
             web.delete(
                 f"{b}/app-passwords/{{name}}", s("app-passwords:write", self.app_password_revoke)
@@ -314,6 +338,17 @@ def openapi_document() -> dict[str, Any]:
                 "post": _op("Add an alias in your domain", "aliases:write", {"localpart": string}),
             },
             "/aliases/{address}": {"delete": _op("Remove one of your aliases", "aliases:write")},
+            "/forwarding": {
+                "get": _op("Where your mail is forwarded", "forwarding:read"),
+                "put": _op(
+                    "Forward your mail to outside addresses (an empty list stops)",
+                    "forwarding:write",
+                    {
+                        "targets": {"type": "array", "items": string},
+                        "keep_copy": {"type": "boolean"},
+                    },
+                ),
+            },
             "/app-passwords": {"get": _op("Your app passwords", "app-passwords:read")},
             "/app-passwords/{name}": {
                 "delete": _op("Revoke an app password", "app-passwords:write")

@@ -543,6 +543,43 @@ class Portal:
             return await self._aliases(ctx, 400, str(e))
         raise self._done(ctx, f"{PREFIX}/aliases", "The alias is removed.")
 
+    async def forwarding_page(self, request: web.Request) -> web.StreamResponse:
+        ctx = await self._enter(request)
+        return await self._forwarding(ctx)
+
+    async def _forwarding(
+        self, ctx: Ctx, status: int = 200, error: str | None = None, entered: str | None = None
+    ) -> web.Response:
+        user = await self.service.user(ctx.session)
+        forwarding = await self.service.forwarding(user)
+        return await self.render(
+            ctx,
+            "forwarding.html",
+            status,
+            forwarding=forwarding,
+            entered="\n".join(forwarding.targets) if entered is None else entered,
+            policy=self.service.forwarding_policy,
+            error=error,
+        )
+
+    async def forwarding_update(self, request: web.Request) -> web.StreamResponse:
+        ctx = await self._enter(request)
+        user = await self.service.user(ctx.session)
+        text = ctx.field("targets") if ctx.field("action") != "stop" else ""
+        targets = [t for t in text.replace(",", "\n").splitlines() if t.strip()]
+        keep_copy = ctx.field("keep_copy") == "on"
+        try:
+            done = await self.service.set_forwarding(user, targets, keep_copy)
+        except AccountError as e:
+            return await self._forwarding(ctx, 400, str(e), entered=text)
+        flash = (
+            f"Your mail is forwarded to {', '.join(done.targets)}"
+            + (", and a copy is kept here." if done.keep_copy else "; no copy is kept here.")
+            if done.targets
+            else "Your mail is no longer forwarded."
+        )
+        raise self._done(ctx, f"{PREFIX}/forwarding", flash)
+
     async def spam_page(self, request: web.Request) -> web.StreamResponse:
         ctx = await self._enter(request)
         return await self._spam(ctx)
@@ -680,6 +717,8 @@ class Portal:
             get(f"{p}/aliases", self.aliases_page),
             post(f"{p}/aliases", self.alias_add),
             post(f"{p}/aliases/remove", self.alias_remove),
+            get(f"{p}/forwarding", self.forwarding_page),
+            post(f"{p}/forwarding", self.forwarding_update),
             get(f"{p}/spam", self.spam_page),
             post(f"{p}/spam", self.spam_update),
             get(f"{p}/sessions", self.sessions_page),
