@@ -266,3 +266,25 @@ def test_passkey_without_prf_is_a_second_factor(server: DataDir, page: object) -
     p.click("[data-passkey-login]")  # type: ignore[attr-defined]
     p.wait_for_url("**/account/")  # type: ignore[attr-defined]
     assert "password + passkey" in p.inner_text("table")  # type: ignore[attr-defined]
+
+
+def test_forwarding_is_set_and_stopped(server: DataDir, page: object, screens: Path) -> None:
+    p: object = page
+    base = base_url(server)
+    address, password = "frank@example.test", "frank-long-password"
+    app = server.app()
+    try:
+        app.accounts.create_user(address, password)
+    finally:
+        app.close()
+    log_in(p, base, address, password)
+    p.wait_for_url("**/account/")  # type: ignore[attr-defined]
+    p.click("nav >> text=Forwarding")  # type: ignore[attr-defined]
+    p.fill("textarea[name=targets]", "frank@outside.test")  # type: ignore[attr-defined]
+    p.uncheck("input[name=keep_copy]")  # type: ignore[attr-defined]
+    p.click("text=Save")  # type: ignore[attr-defined]
+    assert "no copy is kept here" in p.inner_text("[data-forwarding-now]")  # type: ignore[attr-defined]
+    p.screenshot(path=str(screens / "09-forwarding.png"), full_page=True)  # type: ignore[attr-defined]
+    p.click("text=Stop forwarding")  # type: ignore[attr-defined]
+    assert "no longer forwarded" in p.inner_text("[role=status]")  # type: ignore[attr-defined]
+    assert p.locator("[data-forwarding-now]").count() == 0  # type: ignore[attr-defined]
