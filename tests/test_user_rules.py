@@ -112,3 +112,21 @@ def test_one_message_filed_per_user(server: DataDir) -> None:
     assert any(b"rules-1@shop.example" in m and b"your block list" in m for m in in_junk)
     inbox = mailbox_messages(server, BOB, "INBOX")
     assert any(b"rules-1@shop.example" in m and RULE_HEADER not in m for m in inbox)
+
+
+def test_a_message_that_went_round_too_often_is_refused(server: DataDir) -> None:
+    """RFC 5321 §6.3: a forwarding loop through outside servers ends at the hop limit."""
+    hops = b"".join(
+        b"Received: from relay%d.example by relay%d.example; Mon, 7 Dec 2026 10:00:00 +0000\r\n"
+        % (i, i + 1)
+        for i in range(101)
+    )
+    raw = hops + b"From: a@loop.example\r\nTo: bob@example.test\r\nSubject: again\r\n\r\nx\r\n"
+    host, port = server.addr("smtp")
+    with smtplib.SMTP(host, port, timeout=30) as s:
+        s.starttls(context=client_tls_context())
+        s.ehlo("client.test")
+        s.mail("a@loop.example")
+        assert s.rcpt(BOB)[0] == 250
+        code, text = s.data(raw)
+    assert code == 554 and text.startswith(b"5.4.6")

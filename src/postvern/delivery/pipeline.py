@@ -45,6 +45,11 @@ DEAD_END = Reply(550, "5.1.1", "no mailbox here by that name (the alias leads no
 # RFC 5321 §6.3: a message caught in a routing loop is refused with a permanent error;
 # 5.4.6 is RFC 3463's "routing loop detected".
 ROUTING_LOOP = Reply(550, "5.4.6", "routing loop detected for this address")
+# RFC 5321 §6.3: a message whose Received fields show it has passed through too many hops
+# is in a loop (forwards to the outside that forward back) and must be refused, not sent
+# round again. 100 is RFC 5321's own example of a large value; Postfix uses 50.
+MAX_HOPS = 100
+TOO_MANY_HOPS = Reply(554, "5.4.6", f"too many hops (over {MAX_HOPS} Received fields): mail loop")
 TEMP_LOOKUP = Reply(451, "4.3.0", "temporary failure looking up the recipient, try again")
 MAILBOX_FULL = Reply(452, "4.2.2", "mailbox full, try again later")
 STORE_FAILED = Reply(451, "4.3.0", "temporary failure storing the message, try again")
@@ -202,6 +207,9 @@ class InboundPipeline:
         # parsing the bytes again.
         parsed = ParsedMessage(raw)
         del raw  # held once: ``parsed.raw`` from here on
+        if len(parsed.block.get_all("Received")) > MAX_HOPS:
+            log.warning("message refused: more than %d Received fields (a mail loop)", MAX_HOPS)
+            return TOO_MANY_HOPS
         if self.resolver is not None and txn.authenticated is None and txn.client_ip:
             auth = await emailauth.authenticate(
                 parsed,
