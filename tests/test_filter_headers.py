@@ -116,3 +116,9 @@ def test_bulk_mail_without_list_unsubscribe() -> None:
 
 def test_content_only_text_is_not_judged() -> None:
     assert check_headers(read_content(b"Subject: hi\n\nno header to judge")) == []
+
+
+def test_undisclosed_recipients_and_mime_without_version() -> None:
+    raw = message().replace(b"To: alice@example.net", b"To: undisclosed-recipients:;")
+    assert "HDR_TO_UNDISCLOSED" in codes(raw)
+    assert "MIME_NO_VERSION" in codes(message().replace(b"MIME-Version: 1.0\r\n", b""))

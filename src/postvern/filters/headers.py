@@ -45,6 +45,11 @@ POINTS = {
     "RCVD_DYNAMIC_CLIENT": 1.0,
     "RCVD_NO_RDNS": 0.5,  # the client's address has no reverse name (RDNS_NONE)
     "RCVD_HELO_NOT_FQDN": 1.0,  # RFC 5321 §4.1.1.1: EHLO names a fully-qualified domain
+    # To: undisclosed-recipients (RFC 5322 §3.6.3's empty group), no other recipient: a
+    # copy sent blind to many (SpamAssassin's UNDISC_RECIPS).
+    "HDR_TO_UNDISCLOSED": 1.0,
+    # Content-Type without MIME-Version (RFC 2045 §4 requires it): hand-made MIME.
+    "MIME_NO_VERSION": 0.5,
     "MIME_HTML_ONLY_SHORT": 1.0,  # HTML without a text part, and little to read
     "MIME_IMAGE_ONLY": 2.0,  # pictures and almost no text: text a filter cannot read
     "MIME_BASE64_TEXT": 1.0,  # plain ASCII text sent as base64
@@ -102,6 +107,16 @@ def check_headers(content: Content) -> list[Hit]:
     duplicated = [f for f in UNIQUE_FIELDS if names.count(f) > 1]
     if duplicated:
         hits.append(_hit("HDR_DUPLICATE", f"{duplicated[0]} appears {names.count(duplicated[0])}x"))
+    to = _first(msg, "to") or ""
+    if "undisclosed" in to.lower() and "@" not in to and "cc" not in msg.header_names:
+        hits.append(_hit("HDR_TO_UNDISCLOSED", "To: undisclosed recipients"))
+    # (Only in a message with a From: an archive's excerpt is not a sender's MIME.)
+    if (
+        msg.from_addr
+        and "content-type" in msg.header_names
+        and "mime-version" not in msg.header_names
+    ):
+        hits.append(_hit("MIME_NO_VERSION", "Content-Type without MIME-Version"))
     received = [v for n, v in msg.fields if n == "received"][:MAX_RECEIVED]
     if received:
         hits += _trace_rules(msg, received)
