@@ -41,13 +41,15 @@ WARMUP = 40
 
 
 # The server side of --tracemalloc: a sitecustomize module that traces allocations (10
-# frames), takes a baseline snapshot once the warm-up is over and then, at every interval,
-# writes the allocation sites that grew most since the baseline.
+# frames), takes a baseline snapshot when the load generator says the warm-up is over (the
+# file OUT.go appears) and then, at every interval, writes the allocation sites that grew
+# most since the baseline.
 TRACEMALLOC_SITE = """\
 import os, threading, time, tracemalloc
 tracemalloc.start(10)
 def _watch(out=os.environ["SOAK_TRACEMALLOC_OUT"], every=float(os.environ["SOAK_INTERVAL"])):
-    time.sleep(float(os.environ["SOAK_BASELINE_AFTER"]))
+    while not os.path.exists(out + ".go"):
+        time.sleep(0.5)
     base = tracemalloc.take_snapshot()
     while True:
         time.sleep(every)
@@ -62,7 +64,7 @@ threading.Thread(target=_watch, daemon=True).start()
 """
 
 
-def tracemalloc_env(root: Path, interval: float, baseline_after: float) -> dict[str, str]:
+def tracemalloc_env(root: Path, interval: float) -> dict[str, str]:
     site = root / "tracemalloc-site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(TRACEMALLOC_SITE)
@@ -70,7 +72,6 @@ def tracemalloc_env(root: Path, interval: float, baseline_after: float) -> dict[
         "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
         "SOAK_TRACEMALLOC_OUT": str(root / "tracemalloc.txt"),
         "SOAK_INTERVAL": str(interval),
-        "SOAK_BASELINE_AFTER": str(baseline_after),
     }
 
 
@@ -176,13 +177,14 @@ def main() -> None:
         data = postvern_data(Path(tmp), dns, args.connections, total)
         if args.filter_processes:
             set_config(data.path, "filters", {"processes": args.filter_processes})
-        env = tracemalloc_env(Path(tmp), 60.0, 60.0) if args.tracemalloc else {}
+        env = tracemalloc_env(Path(tmp), 60.0) if args.tracemalloc else {}
         # Tracing allocations slows the start (the spam model is many small objects).
         with started(ServerProcess(data, env=env), START_TIMEOUT) as server:
             assert server.proc is not None
             pid = server.proc.pid
             target = Target("127.0.0.1", data.addr("smtp")[1])
             asyncio.run(common.send_all(target, jobs[:WARMUP], 1))
+            (Path(tmp) / "tracemalloc.txt.go").touch()  # the baseline, after the warm-up
             start = time.monotonic()
             pacer = Pacer(args.rate, start + args.minutes * 60)
             samples: list[tuple[float, float]] = []
@@ -210,7 +212,7 @@ def main() -> None:
             elapsed = time.monotonic() - start
             traced = Path(tmp) / "tracemalloc.txt"
             if traced.exists():
-                print("\nallocation sites grown most since the first minute (tracemalloc):")
+                print("\nallocation sites grown most since the warm-up (tracemalloc):")
                 print(traced.read_text())
     print(f"\n{common.machine_load()} at the end")
     if not samples:
