@@ -12,6 +12,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from postvern.cli import STANDARD_PORTS
+
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "postvern.service"
 MAX_EXPOSURE = 2.0
 
@@ -53,3 +55,22 @@ def test_the_promised_directives_are_there() -> None:
     assert "@system-service" in d["SystemCallFilter"]
     # The server reads its data directory from the environment, as the README documents.
     assert "POSTVERN_DATA=/var/lib/postvern" in d["Environment"]
+
+
+SOCKET_UNIT = UNIT.with_name("postvern.socket")
+
+
+def test_the_service_reloads_with_sighup() -> None:
+    assert directives()["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_the_socket_unit_holds_every_default_listener() -> None:
+    """Each ListenStream= is an address `init` configures, so handoff.py matches it to its
+    [listen] entry; every standard listener is there."""
+    found: dict[str, list[str]] = {}
+    for line in SOCKET_UNIT.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    assert sorted(found["ListenStream"]) == sorted(STANDARD_PORTS.values())
+    assert found["Service"] == ["postvern.service"]

@@ -18,6 +18,8 @@ import typing
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
+from postvern import handoff
+
 log = logging.getLogger(__name__)
 
 # [server] event_loop: asyncio's own loop, or uvloop's (libuv), which costs less CPU per
@@ -303,14 +305,19 @@ class ChannelServer:
         ssl_context: ssl.SSLContext | None,
         handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
     ) -> None:
-        """Accept on ``host:port``; with ``ssl_context`` TLS starts at connect."""
+        """Accept on ``host:port``; with ``ssl_context`` TLS starts at connect. A socket
+        inherited for that address (systemd, a predecessor: handoff.py) is used as it is."""
+        inherited = handoff.take(host, port)
+        where: dict[str, typing.Any] = (
+            {"sock": inherited}
+            if inherited is not None
+            else {"host": host, "port": port, "reuse_address": True}
+        )
         self._server = await asyncio.get_running_loop().create_server(
             lambda: Channel(self._opened),
-            host,
-            port,
             ssl=ssl_context,
             ssl_handshake_timeout=handshake_timeout if ssl_context is not None else None,
-            reuse_address=True,
+            **where,
         )
 
     def _opened(self, channel: Channel) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from postvern import config
+from postvern import config, handoff
 from postvern.abuse import Abuse
 from postvern.abuse.nftables import NftablesError, NftablesSet
 from postvern.abuse.portscan import ScanDetector
@@ -41,6 +41,7 @@ from postvern.mta.runner import AttemptReport
 from postvern.net import Admission, ChannelServer, event_loop_factory
 from postvern.ops import retention
 from postvern.ops.metrics import Metrics, Snapshot
+from postvern.ops.reload import Reloader
 from postvern.ops.watchdog import Watchdog
 from postvern.pop3.server import start_pop3_server
 from postvern.smtp.mx import MXHandler
@@ -171,6 +172,11 @@ class Server:
             return tls.read_certificate(s.path(s.tls.cert)).not_after.timestamp()
         except tls.TLSConfigError:
             return 0.0
+
+    def certificate_reloaded(self) -> None:
+        """After SIGHUP (ops/reload.py): the expiry metric and warning follow the new one."""
+        self._certificate_expiry = self._read_certificate_expiry()
+        self._check_certificate()
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -423,16 +429,22 @@ async def _serve(app: App, banner: Callable[[config.Settings], str] | None) -> i
     except StartupError as e:
         print(f"postvern: {e}", file=sys.stderr)
         return 1
+    handoff.close_unclaimed()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, Reloader(server).reload)  # ops/reload.py
+    loop.add_signal_handler(signal.SIGUSR2, handoff.Restart(server, stop.set).request)
     if banner is not None:
         print(banner(app.settings), flush=True)
+    handoff.write_pid_file(app.settings.data_dir)
     print(READY_LINE, flush=True)
+    handoff.tell_predecessor()  # after a SIGUSR2 restart: the old server stops accepting now
     await stop.wait()
     log.info("shutting down")
     await server.stop()
+    handoff.remove_pid_file(app.settings.data_dir)
     return 0
 
 
@@ -440,6 +452,7 @@ def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) 
     no_core_dumps()
     app = App.open(data_dir)
     retention.configure(app.settings)
+    handoff.inherit(app.settings.listen)  # systemd's or a predecessor's sockets (handoff.py)
     try:
         loop_factory = event_loop_factory(app.settings.server.event_loop)
         with asyncio.Runner(loop_factory=loop_factory) as runner:

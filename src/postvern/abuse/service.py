@@ -110,6 +110,17 @@ class Abuse:
         self._stopping = asyncio.Event()
         self._data_version = -1
 
+    def apply_settings(self, settings: Settings) -> None:
+        """A reloaded ``[abuse]`` (SIGHUP, ops/reload.py): the allowlist, ban lengths,
+        greylisting and rate limits change at once; counts and bans so far are kept. Redis,
+        DNSBL zones and the scan detection are set up at start only."""
+        config = settings.abuse
+        self.allowlist = Allowlist(config.allowlist)
+        self.policy = BanPolicy(config.ban_seconds, config.ban_max_seconds)
+        self.greylisting = config.greylisting
+        self.greylist_policy = GreylistPolicy.from_settings(config)
+        self._limits.limits = limits_from_settings(config)
+
     # -- life cycle ----------------------------------------------------------------------
 
     async def start(self) -> None:

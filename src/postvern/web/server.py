@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
+from postvern import handoff
 from postvern.config import Settings
 from postvern.directory.addresses import AddressError, normalise_address
 from postvern.ops import metrics, securitytxt
@@ -192,8 +194,9 @@ async def _harden(
 
 
 class WebListener:
-    def __init__(self, runner: web.AppRunner) -> None:
+    def __init__(self, runner: web.AppRunner, sock: socket.socket) -> None:
         self.runner = runner
+        self.sockets = (sock,)  # what a restart hands to the successor (handoff.py)
 
     async def shutdown(self, grace: float = 5.0) -> None:
         await self.runner.cleanup()
@@ -212,6 +215,8 @@ async def start_web_server(
     app = WebApp(settings, directory_check, metrics, routes).application()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, shutdown_timeout=5.0)
+    # The socket is ours (inherited, or bound here), so a restart can hand it over.
+    sock = handoff.take(host, port) or handoff.bind(host, port)
+    site = web.SockSite(runner, sock, ssl_context=ssl_context, shutdown_timeout=5.0)
     await site.start()
-    return WebListener(runner)
+    return WebListener(runner, sock)
