@@ -212,6 +212,18 @@ def test_sighup_reloads_certificate_and_settings_and_keeps_sessions(
         assert served_serial(data) == serial
 
 
+def test_a_successor_that_cannot_start_leaves_the_server_serving(data: DataDir) -> None:
+    with FollowedServer(data) as server:
+        first = server.pid()
+        (data.path / "postvern.toml").write_text("[limits\n")  # the successor cannot start
+        mark = len(server.output)
+        server.send(signal.SIGUSR2)
+        server.wait_for_line("did not become ready; still serving", mark)
+        assert server.pid() == first
+        assert send_one(data.addr("smtp"), "still-served") == 250
+        assert served_serial(data) > 0
+
+
 # -- the load test --------------------------------------------------------------------------
 
 
@@ -378,7 +390,8 @@ def test_load_across_reload_and_restart_refuses_and_loses_nothing(
 
     stored = b"\n".join(mailbox_messages(data, ALICE, folder=None))
     missing = [tag for tag in tally.accepted if tag.encode() not in stored]
-    figures = dict(tally.outcomes) | {"missing": len(missing), "after restart": after_restart}
+    figures = {"refused": 0, "lost": 0} | dict(tally.outcomes)
+    figures |= {"missing": len(missing), "accepted after restart": after_restart}
     print(f"\nzero-downtime load: {figures}")
     assert tally.outcomes["refused"] == 0, tally.problems[:10]
     assert tally.outcomes["lost"] == 0, tally.problems[:10]

@@ -305,7 +305,12 @@ class Restart:
         mta = self.server.mta
         if mta is not None:
             await mta.stop()
-        if await start_successor(descriptors) is not None:
+        try:
+            ready = await start_successor(descriptors) is not None
+        except Exception:
+            log.exception("restart failed; still serving")
+            ready = False
+        if ready:
             log.info("restart: the successor is ready; this server stops accepting")
             self.done()
         elif mta is not None:
