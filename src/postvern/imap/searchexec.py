@@ -227,7 +227,9 @@ def _info_test(key: s.SearchKey, now: datetime.datetime) -> Callable[[MessageInf
     if isinstance(key, s.FlagTest):
         flag = key.flag.lower()
         if flag == "\\recent":
-            # No session has \Recent (RFC 9051 dropped it; this server never sets it).
+            # Reached only by IMAP4rev2 sessions, which never see \Recent (RFC 9051
+            # Appendix E): for IMAP4rev1 sessions the executor rewrites RECENT into a set of
+            # the session's recent UIDs before the search runs.
             return lambda info: not key.present
         return lambda info: (flag in (f.lower() for f in info.flags)) == key.present
     if isinstance(key, s.SizeTest):
