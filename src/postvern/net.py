@@ -11,6 +11,7 @@ session per channel until :meth:`ChannelServer.shutdown`.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import collections
 import logging
 import ssl
@@ -21,6 +22,15 @@ from typing import ClassVar
 from postvern import handoff
 
 log = logging.getLogger(__name__)
+
+# asyncio's TLS transport reads into a buffer of SSLProtocol.max_size, allocated (and
+# zero-filled, so resident) for every TLS connection: 256 KiB by default, which made an idle
+# IMAP session over TLS cost 382 KiB of RSS against 16 KiB in plaintext. One TLS record
+# carries at most 16 KiB of plaintext (RFC 8446 §5.1), so a read of 16 KiB takes a whole
+# record; larger transfers take more reads. With it, 172 KiB per TLS session (1,000 IDLE
+# sessions measured; the rest is OpenSSL's own state). uvloop has its own TLS code.
+TLS_READ_BUFFER = 16 * 1024
+asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 # [server] event_loop: asyncio's own loop, or uvloop's (libuv), which costs less CPU per
 # connection event; the same code runs on both.
