@@ -20,6 +20,7 @@ from harness import free_port
 # SeaweedFS needs no credentials unless configured; boto3 insists on some.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "postvern-test", "AWS_SECRET_ACCESS_KEY": "postvern-test"}
 START_TIMEOUT = 90.0
+BUCKET = "postvern-tests"
 
 
 def weed_binary() -> str:
@@ -43,8 +44,10 @@ class Weed:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3']}"
 
-    def url(self, bucket: str) -> str:
-        return f"s3://{bucket}/pv?endpoint={self.endpoint}"
+    def url(self, name: str) -> str:
+        """A target of its own for one test: a prefix in the session's one bucket (SeaweedFS
+        gives every bucket its own volumes, so a bucket per test would soon fill a server)."""
+        return f"s3://{BUCKET}/{name}?endpoint={self.endpoint}"
 
     def start(self) -> Weed:
         if not self.ports:
@@ -60,7 +63,7 @@ class Weed:
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.volumeSizeLimitMB=256", "-volume.max=40",
+            "-master.volumeSizeLimitMB=256", "-volume.max=200",
         ]  # fmt: skip
         log = (self.root / "weed.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

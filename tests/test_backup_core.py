@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import boto3
@@ -27,17 +28,23 @@ def _client(endpoint: str):  # type: ignore[no-untyped-def]
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
 
 
-def _objects(endpoint: str, bucket: str) -> dict[str, bytes]:
-    target = open_target(f"s3://{bucket}/pv?endpoint={endpoint}")
+def _where(url: str) -> tuple[str, str]:
+    """(bucket, key prefix) of an s3:// target URL."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.netloc, parts.path.strip("/") + "/"
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    target = open_target(url)
     return {name: target.get(name) for prefix in ("m/", "b/", "o/") for name in target.list(prefix)}
 
 
 @pytest.fixture
 def backed(tmp_path: Path, seaweed) -> tuple[DataDir, Path, list[str]]:  # type: ignore[no-untyped-def]
     a, b = seaweed
-    bucket = f"core-{tmp_path.name[-12:].lower().replace('_', '-')}-{time.time_ns() % 10**9}"
+    name = f"core-{tmp_path.name[-12:].lower().replace('_', '-')}-{time.time_ns() % 10**9}"
     data = make_data_dir(tmp_path / "data")
-    targets = [a.url(bucket), b.url(bucket)]
+    targets = [a.url(name), b.url(name)]
     configure(data, targets)
     key_file = tmp_path / "offline.key"
     init_key(data, key_file)
@@ -59,9 +66,7 @@ def test_snapshot_holds_nothing_readable_and_restores_on_a_new_machine(
     assert listed.returncode == 0 and "full" in listed.stdout
 
     # The bucket: random names, nothing readable, no user id or name anywhere.
-    a, _b = seaweed
-    bucket = targets[0].split("/")[2]
-    stored = _objects(a.endpoint, bucket)
+    stored = _objects(targets[0])
     assert any(n.startswith("o/") for n in stored) and any(n.startswith("m/") for n in stored)
     secrets_to_look_for = [
         b"stored-in-the-mailbox-1234", b"sealed-in-the-spool-5678", b"alice", b"example.test",
@@ -103,10 +108,10 @@ def test_a_flipped_byte_is_named_by_verify(
     append(data, ALICE, [message(f"m{i}", 20_000) for i in range(20)])
     assert postvern("--data", str(data.path), "backup", "run").returncode == 0
     _a, b = seaweed
-    bucket = targets[1].split("/")[2]
+    bucket, prefix = _where(targets[1])
     client = _client(b.endpoint)
     victim = sorted(
-        k["Key"] for k in client.list_objects_v2(Bucket=bucket, Prefix="pv/o/")["Contents"]
+        k["Key"] for k in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}o/")["Contents"]
     )[0]
     blob = bytearray(client.get_object(Bucket=bucket, Key=victim)["Body"].read())
     blob[len(blob) // 2] ^= 0x01
@@ -115,7 +120,7 @@ def test_a_flipped_byte_is_named_by_verify(
     verify = postvern("--data", str(data.path), "backup", "verify")
     assert verify.returncode == 1
     failed = [line for line in verify.stdout.splitlines() if line.startswith("FAILED")]
-    assert failed and all(victim.removeprefix("pv/") in line for line in failed), verify.stdout
+    assert failed and all(victim.removeprefix(prefix) in line for line in failed), verify.stdout
     assert all("region" not in line or b.endpoint in line for line in failed)
 
 
@@ -125,9 +130,9 @@ def test_a_tampered_manifest_fails_its_signature(
     data, _key, targets = backed
     assert postvern("--data", str(data.path), "backup", "run").returncode == 0
     a, _b = seaweed
-    bucket = targets[0].split("/")[2]
+    bucket, prefix = _where(targets[0])
     client = _client(a.endpoint)
-    key = client.list_objects_v2(Bucket=bucket, Prefix="pv/m/")["Contents"][0]["Key"]
+    key = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}m/")["Contents"][0]["Key"]
     header = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     header[20] ^= 0x01
     client.put_object(Bucket=bucket, Key=key, Body=bytes(header))
@@ -143,14 +148,14 @@ def test_a_region_killed_mid_upload_fails_loudly_and_a_retry_completes(
     for batch in range(8):
         append(data, ALICE, [message(f"big-{batch}-{i}", 600_000) for i in range(10)])
     a, b = seaweed
-    bucket = targets[0].split("/")[2]
+    bucket, prefix = _where(targets[0])
     client = _client(a.endpoint)
 
     def kill_when_uploading() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                listed = client.list_objects_v2(Bucket=bucket, Prefix="pv/o/")
+                listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}o/")
             except Exception:
                 listed = {}
             if listed.get("KeyCount", 0) >= 1:

@@ -32,6 +32,7 @@ from postvern.backup.targets import TargetError
 
 if TYPE_CHECKING:
     from postvern.app import App
+    from postvern.store.mailbox import Mailbox
     from postvern.store.service import MailboxRegistry
 
 log = logging.getLogger(__name__)
@@ -60,25 +61,38 @@ class RegistryGuard:
     def __init__(self, registry: MailboxRegistry, loop: asyncio.AbstractEventLoop) -> None:
         self.registry = registry
         self.loop = loop
+        self._holders: set[asyncio.Task[None]] = set()
 
     def still(self, user_id: str, work: Callable[[], T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(self._still(user_id, work), self.loop)
-        return future.result()
+        # The lock is taken on the loop; the copy runs here, in the backup thread, and the
+        # lock is given back on the loop when it is done (one hop each way, no executor).
+        held = asyncio.run_coroutine_threadsafe(self._acquire(user_id), self.loop).result()
+        box, release = held
+        try:
+            if box is None:
+                return work()
+            with box._lock:
+                box._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                return work()
+        finally:
+            self.loop.call_soon_threadsafe(release.set)
 
-    async def _still(self, user_id: str, work: Callable[[], T]) -> T:
-        registry = self.registry
-        async with registry._lock(user_id):
-            entry = registry._open.get(user_id)
-            if entry is None:
-                return await registry._thread(work)
-            box = entry.box
+    async def _acquire(self, user_id: str) -> tuple[Mailbox | None, asyncio.Event]:
+        lock = self.registry._lock(user_id)
+        await lock.acquire()
+        release = asyncio.Event()
 
-            def flushed() -> T:
-                with box._lock:
-                    box._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-                    return work()
+        async def give_back() -> None:
+            try:
+                await release.wait()
+            finally:
+                lock.release()
 
-            return await registry._thread(flushed)
+        task = asyncio.create_task(give_back())
+        self._holders.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._holders.discard)
+        entry = self.registry._open.get(user_id)
+        return (entry.box if entry is not None else None), release
 
 
 def alert_message(hostname: str, postmaster: str, subject: str, text: str) -> bytes:
@@ -106,6 +120,7 @@ class BackupTask:
         self.last_point_started = 0.0
         self.failures = 0
         self.verify_failures = 0
+        self._status: dict[str, Any] = {}
 
     async def start(self) -> None:
         b = self.settings.backup
@@ -146,7 +161,7 @@ class BackupTask:
     def metrics(self) -> dict[str, float]:
         if self.service is None:
             return {}
-        status = catalog.read_status(self.settings.data_dir)
+        status = self._status  # read in the backup thread after each operation, not here
         lag = time.time() - self.last_point_started if self.last_point_started else -1.0
         return {
             "postvern_backup_replication_lag_seconds": lag,
@@ -163,24 +178,29 @@ class BackupTask:
         self._busy = future
         return await asyncio.shield(future)
 
+    def _read_status(self) -> dict[str, Any]:
+        return catalog.read_status(self.settings.data_dir)
+
     async def _run(self) -> None:
         b = self.settings.backup
         service = self.service
         assert service is not None
         tick = b.replicate_seconds if b.replicate_seconds > 0 else b.full_interval_hours * HOUR
+        self._status = await self._in_thread(self._read_status)
         while True:
-            status = catalog.read_status(self.settings.data_dir)
-            now = time.time()
-            full_due = now - float(status.get("full_at") or 0) >= b.full_interval_hours * HOUR
+            full_due = time.time() - float(self._status.get("full_at") or 0) >= (
+                b.full_interval_hours * HOUR
+            )
             kind = "full" if full_due else "delta"
             started = time.time()
+
+            def run(kind: str = kind) -> dict[str, Any]:
+                with service.locked():
+                    service.run(kind)
+                return self._read_status()
+
             try:
-
-                def run(kind: str = kind) -> object:
-                    with service.locked():
-                        return service.run(kind)
-
-                await self._in_thread(run)
+                self._status = await self._in_thread(run)
                 self.last_point_started = started
             except (BackupError, TargetError, OSError) as e:
                 self.failures += 1
@@ -192,10 +212,9 @@ class BackupTask:
                 log.exception("backup (%s) failed: %s: %s", kind, type(e).__name__, e)
                 await asyncio.sleep(RETRY_AFTER_FAILURE_SECONDS)
                 continue
-            status = catalog.read_status(self.settings.data_dir)
             # The first test restore comes one interval after the first full snapshot.
-            since = float(status.get("verify_at") or status.get("full_at") or time.time())
-            if time.time() - since >= b.verify_interval_hours * HOUR:
+            since = float(self._status.get("verify_at") or self._status.get("full_at") or 0)
+            if since and time.time() - since >= b.verify_interval_hours * HOUR:
                 await self._verify()
             await asyncio.sleep(tick)
 
@@ -204,6 +223,7 @@ class BackupTask:
         service = self.service
         try:
             report = await self._in_thread(service.verify)
+            self._status = await self._in_thread(self._read_status)
         except Exception as e:
             log.exception("backup verification could not run")
             problems = [f"verification could not run: {e}"]

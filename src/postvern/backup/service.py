@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,10 @@ from postvern.backup.verify import VerifyReport, verify
 from postvern.crypto.serverkey import ServerKey
 
 LOCK_FILE = "lock"
+# Replication points are thinned (retention) at least this often, not only at the daily
+# full snapshot: a day of 15-second points would otherwise make listing slow.
+PRUNE_INTERVAL_SECONDS = 3600.0
+DAMAGED_OBJECT = re.compile(r"\bo/[0-9a-f]{32}\b")
 SERVING_FILE = "serving"
 
 
@@ -131,6 +136,7 @@ class BackupService:
         self, kind: str = "full", progress: Callable[[int], None] | None = None
     ) -> Result | None:
         """A snapshot to every target, then pruning; the status file says how it went."""
+        started = catalog.now()
         try:
             result = self.snapshotter().take(kind, progress)
         except Exception as e:
@@ -142,11 +148,14 @@ class BackupService:
                 self.data_dir,
                 backup_ok=True,
                 backup_at=result.manifest.created,
+                backup_started=started,  # what a restore of it holds: the RPO's reference
                 backup=result.manifest.id,
                 **({"full_at": result.manifest.created} if kind == "full" else {}),
             )
-            if kind == "full":
+            pruned_at = float(catalog.read_status(self.data_dir).get("pruned_at") or 0)
+            if kind == "full" or catalog.now() - pruned_at >= PRUNE_INTERVAL_SECONDS:
                 self.prune()
+                catalog.record(self.data_dir, pruned_at=catalog.now())
         return result
 
     def prune(self) -> int:
@@ -165,6 +174,12 @@ class BackupService:
 
     def verify(self, snapshot: str | None = None) -> VerifyReport:
         report = verify(self.data_dir, self.server_key, self.targets, snapshot)
+        if report.problems and self._snapshotter is not None:
+            # Objects named as damaged are no longer trusted: the next snapshot stores their
+            # pieces anew instead of referencing them, and the backups heal themselves.
+            damaged = set(DAMAGED_OBJECT.findall(" ".join(report.problems)))
+            if self._snapshotter.present is not None:
+                self._snapshotter.present -= damaged
         catalog.record(
             self.data_dir,
             verify_ok=report.ok,

@@ -439,8 +439,7 @@ class Snapshotter:
     ) -> None:
         mailbox = self.data_dir / MAILBOX_DIR / f"{uid}.sqlite"
         spool = self.data_dir / SPOOL_DIR / uid
-        unit = staging / uid
-        unit.mkdir(mode=0o700)
+        unit = staging / uid  # made only when something of this user changed
         staged: list[tuple[str, Path, int]] = []
 
         def hold() -> None:
@@ -448,12 +447,13 @@ class Snapshotter:
                 rel = f"{MAILBOX_DIR}/{uid}.sqlite"
                 stamp = _stamp(mailbox, mailbox.with_name(mailbox.name + "-wal"))
                 if not unchanged(rel, stamp):
+                    unit.mkdir(mode=0o700, exist_ok=True)
                     copy_mailbox_files(mailbox, unit / "mailbox")
                     staged.append((rel, unit / "mailbox", stamp))
                     wal = unit / "mailbox-wal"
                     if wal.exists():
                         staged.append((rel + "-wal", wal, stamp))
-            for root, _dirs, names in os.walk(spool):
+            for root, _dirs, names in os.walk(spool) if spool.is_dir() else ():
                 for name in names:
                     if name.startswith(".tmp-"):
                         continue  # never answered 250; removed at the next import
@@ -462,6 +462,7 @@ class Snapshotter:
                     stamp = _stamp(src)
                     if unchanged(rel, stamp):
                         continue
+                    unit.mkdir(mode=0o700, exist_ok=True)
                     link = unit / f"s{len(staged)}"
                     try:
                         os.link(src, link)  # immutable once renamed: a link is a copy
@@ -472,7 +473,8 @@ class Snapshotter:
         self.guard.still(uid, hold)
         for rel, path, stamp in staged:
             add_file(rel, path, stamp)
-        shutil.rmtree(unit, ignore_errors=True)
+        if staged:
+            shutil.rmtree(unit, ignore_errors=True)
 
     def _pieces(
         self, path: Path, stamp: int, index: dict[str, Piece], uploader: _Uploader

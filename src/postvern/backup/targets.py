@@ -15,6 +15,7 @@ that fails after its retries makes the whole operation fail loudly, naming the t
 from __future__ import annotations
 
 import os
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterable
@@ -27,6 +28,9 @@ PUT_ATTEMPTS = 4
 RETRY_BASE_SECONDS = 0.5
 CONNECT_TIMEOUT_SECONDS = 5
 READ_TIMEOUT_SECONDS = 60
+
+
+_BUCKET_EXISTS = ("BucketAlreadyOwnedByYou", "BucketAlreadyExists")
 
 
 class TargetError(Exception):
@@ -115,6 +119,7 @@ class S3Target:
             ),
         )
         self._bucket_checked = False
+        self._bucket_lock = threading.Lock()
 
     def _fail(self, what: str, e: Exception) -> TargetError:
         return TargetError(f"{self.url}: {what}: {type(e).__name__}: {e}")
@@ -124,11 +129,18 @@ class S3Target:
             return
         from botocore.exceptions import ClientError
 
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self._client.create_bucket(Bucket=self.bucket)
-        self._bucket_checked = True
+        with self._bucket_lock:
+            if self._bucket_checked:
+                return
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except ClientError:
+                try:
+                    self._client.create_bucket(Bucket=self.bucket)
+                except ClientError as e:
+                    if e.response.get("Error", {}).get("Code") not in _BUCKET_EXISTS:
+                        raise
+            self._bucket_checked = True
 
     def put(self, name: str, data: bytes) -> None:
         try:
