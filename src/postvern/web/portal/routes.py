@@ -11,6 +11,7 @@ from postvern.dns import Resolver
 from postvern.login import LoginService
 from postvern.web.api import API
 from postvern.web.portal.admin import AdminPages
+from postvern.web.portal.keys import KeyPages
 from postvern.web.portal.views import Portal
 
 # Host names a passkey may be bound to besides the server's own: "localhost" serves a
@@ -24,4 +25,5 @@ def account_routes(
     service = AccountService(app, login)
     portal = Portal(service, rp_ids=EXTRA_RP_IDS | {app.settings.hostname})
     admin = AdminPages(portal, abuse, resolver)
-    return [*portal.routes(), *admin.routes(), *API(service).routes()]
+    keys = KeyPages(portal)
+    return [*portal.routes(), *keys.routes(), *admin.routes(), *API(service).routes()]

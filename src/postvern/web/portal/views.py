@@ -1,6 +1,7 @@
 """The portal's pages for the account's owner: log in (password then second factor, or a
 passkey alone), the dashboard, password, two-factor settings, passkeys, recovery codes, app
-passwords, API tokens, aliases, spam settings, the recovery key, sessions and the export.
+passwords, API tokens, aliases, spam settings, the recovery key, sessions and the export
+(the Encryption page is ``keys.py``, the administrators' pages ``admin.py``).
 
 Every page is rendered on the server with escaping on (Jinja2 autoescape) and works without
 JavaScript; only the passkey ceremonies need the one script file. Each handler runs through
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ class Ctx:
     session: Session
     form: dict[str, str]
     new_token: str | None = None
+    files: dict[str, bytes] = field(default_factory=dict)  # uploads, on pages that take them
 
     @property
     def ip(self) -> str:
@@ -76,8 +78,12 @@ class Portal:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    async def _enter(self, request: web.Request, need: str = FULL) -> Ctx:
-        """The request's session (a new anonymous one if it has none) and checked form."""
+    async def _enter(self, request: web.Request, need: str = FULL, *, upload: bool = False) -> Ctx:
+        """The request's session (a new anonymous one if it has none) and checked form.
+
+        ``upload``: the form may carry files (into ``ctx.files``) and text fields longer than
+        ``MAX_FORM_FIELD`` (a pasted key); the server's request size limit still bounds them.
+        """
         session = self.sessions.get(request.cookies.get(security.COOKIE))
         new_token = None
         if session is None:
@@ -93,7 +99,10 @@ class Portal:
             else:
                 post = await request.post()
                 for name, value in post.items():
-                    if not isinstance(value, str) or len(value) > MAX_FORM_FIELD:
+                    if upload and isinstance(value, web.FileField):
+                        ctx.files[name] = value.file.read()
+                        continue
+                    if not isinstance(value, str) or (len(value) > MAX_FORM_FIELD and not upload):
                         raise web.HTTPBadRequest(text="field too long")
                     ctx.form[name] = value
                 given = ctx.form.get(security.CSRF_FIELD)
