@@ -18,6 +18,7 @@ import io
 import json
 import os
 import smtplib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -422,3 +423,30 @@ def test_queue_entry_older_than_allowed(fresh: Setup) -> None:
     assert code == 1
     assert list(failing(results)) == ["queue"]
     assert failing(results)["queue"].startswith("1 entries, the oldest queued")
+
+
+def test_backups_never_made_failed_or_stale(fresh: Setup, tmp_path: Path) -> None:
+    """With backup targets configured, doctor reads what the server recorded of its last
+    snapshot and its last test restore (postvern.backup's status)."""
+    from postvern.backup import catalog
+
+    env = {"POSTVERN_BACKUP__TARGETS": f"file://{tmp_path / 'bucket'}"}
+    code, results, _ = fresh.doctor(env)
+    assert code == 1 and failing(results)["backup"].startswith("never done yet")
+    assert results["backup restore test"][0] == "warn"  # a first week without one is normal
+    now = time.time()
+    catalog.record(fresh.data.path, backup_at=now - 600, backup_ok=True, backup="snap-1")
+    catalog.record(fresh.data.path, verify_at=now - 600, verify_ok=True, verify="snap-1")
+    code, results, _ = fresh.doctor(env)
+    assert code == 0 and results["backup"][0] == "ok" and "snap-1" in results["backup"][1]
+    catalog.record(fresh.data.path, verify_ok=False, verify="object 3f2a… hash mismatch")
+    _, results, _ = fresh.doctor(env)
+    assert failing(results)["backup restore test"] == (
+        "the last attempt failed: object 3f2a… hash mismatch"
+    )
+    catalog.record(fresh.data.path, backup_at=now - 72 * 3600, verify_ok=True)
+    _, results, _ = fresh.doctor(env)
+    assert "h old (over 48 h)" in failing(results)["backup"]
+    (catalog._status_path(fresh.data.path)).unlink()
+    _, results, _ = fresh.doctor()
+    assert results["backup"] == ("skip", "no [backup] targets configured")

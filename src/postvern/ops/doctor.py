@@ -33,6 +33,7 @@ from cryptography.x509 import verification
 
 from postvern import config
 from postvern.app import App
+from postvern.backup import BackupStatus, last_backup, last_verified_restore
 from postvern.crypto import tls
 from postvern.dns import Resolver
 from postvern.dns.resolver import DNSError
@@ -532,6 +533,44 @@ def check_queue(app: App, max_age_hours: float, now: float | None = None) -> Res
     return Result("queue", Status.OK, detail)
 
 
+def check_backup(s: config.Settings, now: float | None = None) -> list[Result]:
+    """The last snapshot and the last test restore, as the server recorded them.
+
+    A snapshot older than twice the full-snapshot interval means replication and the daily
+    full have both stopped; a test restore older than twice its interval means the weekly
+    proof that backups can be brought back is not happening.
+    """
+    b = s.backup
+    if not b.targets:
+        return [Result("backup", Status.SKIP, "no [backup] targets configured")]
+    now = time.time() if now is None else now
+    made, tested = last_backup(s.data_dir), last_verified_restore(s.data_dir)
+    return [
+        _backup_result("backup", made, b.full_interval_hours * 2, now, Status.FAIL),
+        # No test restore yet is normal in a new installation's first week: a warning.
+        _backup_result(
+            "backup restore test", tested, b.verify_interval_hours * 2, now, Status.WARN
+        ),
+    ]
+
+
+def _backup_result(
+    check: str, status: BackupStatus, max_hours: float, now: float, never: Status
+) -> Result:
+    if status.when is None:
+        if status.detail:
+            return Result(check, Status.FAIL, f"never succeeded; the last attempt: {status.detail}")
+        return Result(check, never, "never done yet (postvern backup run | verify)")
+    hours = (now - status.when) / 3600
+    if not status.ok:
+        return Result(check, Status.FAIL, f"the last attempt failed: {status.detail}")
+    if hours > max_hours:
+        return Result(
+            check, Status.FAIL, f"the last success is {hours:.1f} h old (over {max_hours:g} h)"
+        )
+    return Result(check, Status.OK, f"{hours:.1f} h ago ({status.detail})")
+
+
 # -- all together --------------------------------------------------------------------------
 
 CHECKS = (
@@ -604,5 +643,5 @@ async def run(
     await section("clamd", lambda: one(lambda: check_clamd(s.filters.clamd)))
     await section("redis", lambda: one(lambda: check_redis(s.abuse.redis_url)))
     await section("queue", now(lambda: check_queue(app, s.ops.queue_max_age_hours)))
-    out.append(Result("backup", Status.SKIP, "backups are not part of this version yet"))
+    await section("backup", now(lambda: check_backup(s)))
     return out
