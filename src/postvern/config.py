@@ -104,8 +104,9 @@ class Limits:
     search_depth: int = 32
     pop3_idle_timeout: float = 600.0  # RFC 1939 §3: autologout ≥ 10 minutes
     auth_failure_delay: float = 1.0
-    # A successful login is remembered (login_cache.py) while the user has a mailbox open and
-    # this long after; a repeated login then skips Argon2id. 0 turns the cache off.
+    # A successful login is remembered (login_cache.py) for this long after its last use, and
+    # for as long as the user has a mailbox open; a repeated login then skips Argon2id. 0 turns
+    # the cache off.
     login_cache_seconds: float = 300.0
     # A mailbox stays open this long after its last session ends, so a client reconnecting
     # at once does not reopen it; at most store.service.MAX_LINGERING at a time.
