@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness import DataDir, ServerProcess, client_tls_context, make_data_dir, services
 from postvern.crypto.keyslots import KDFParams, WrappedKey
@@ -117,7 +118,12 @@ def metrics(data: DataDir) -> dict[str, float]:
     conn = http.client.HTTPSConnection(host, port, context=client_tls_context(), timeout=10)
     conn.request("GET", "/metrics")
     body = conn.getresponse().read().decode()
-    return {k: float(v) for k, v in (line.split() for line in body.splitlines())}
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if not sample.labels
+    }
 
 
 def imap_login(data: DataDir, secret: str) -> bool:
