@@ -59,3 +59,23 @@ def configure(data: DataDir, targets: list[str], **values: object) -> None:
 def init_key(data: DataDir, key_file: Path) -> None:
     done = postvern("--data", str(data.path), "backup", "init", "--key-file", str(key_file))
     assert done.returncode == 0, done.stderr
+
+
+def metrics(data: DataDir) -> dict[str, float]:
+    """The server's /metrics (unlabelled samples), as Prometheus would scrape them."""
+    import http.client
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from harness import client_tls_context
+
+    host, port = data.addr("https")
+    conn = http.client.HTTPSConnection(host, port, context=client_tls_context(), timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.labels
+    }

@@ -90,6 +90,10 @@ def test_snapshot_holds_nothing_readable_and_restores_on_a_new_machine(
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert (new / "server.key").read_text() == (data.path / "server.key").read_text()
     assert (new / "server.key").stat().st_mode & 0o077 == 0
+    # The restored server can go on backing up at once, to the same offline key.
+    assert (new / "backup" / "offline.pub").read_bytes() == (
+        data.path / "backup" / "offline.pub"
+    ).read_bytes()
     again = DataDir(new, data.domain, data.listen, data.passwords)
     alice = mailbox_messages(again, ALICE)
     assert [m.split(b"Subject: ")[1].split(b"\r\n")[0] for m in alice] == [

@@ -7,9 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from backup_kit import configure, init_key
+from backup_kit import configure, init_key, metrics
 from harness import DataDir, ServerProcess, mailbox_messages, make_data_dir
-from test_ops_monitoring import scrape
 
 ALICE = "alice@example.test"
 DEADLINE_SECONDS = 90.0
@@ -45,10 +44,10 @@ def test_scheduled_verify_reports_alerts_and_heals(tmp_path: Path) -> None:
     server = ServerProcess(data).start()
     try:
         first = _wait(data, "a verified backup", lambda s: s.get("verify_ok") is True)
-        metrics = scrape(data)
-        assert metrics[("postvern_backup_last_verify_ok", ())] == 1
-        assert 0 <= metrics[("postvern_backup_replication_lag_seconds", ())] < 60
-        assert metrics[("postvern_backup_last_success_timestamp", ())] > 0
+        scraped = metrics(data)
+        assert scraped["postvern_backup_last_verify_ok"] == 1
+        assert 0 <= scraped["postvern_backup_replication_lag_seconds"] < 60
+        assert scraped["postvern_backup_last_success_timestamp"] > 0
 
         # Damage every stored data object, as a failing disk in the region would.
         for obj in (target / "o").iterdir():
@@ -61,7 +60,7 @@ def test_scheduled_verify_reports_alerts_and_heals(tmp_path: Path) -> None:
             lambda s: s.get("verify_ok") is False and s.get("verify_at") != first["verify_at"],
         )
         assert "hash mismatch" in str(failed["verify"])
-        assert scrape(data)[("postvern_backup_verify_failures_total", ())] >= 1
+        assert metrics(data)["postvern_backup_verify_failures_total"] >= 1
         # The damaged objects are no longer trusted: the next snapshot stores those pieces
         # anew, and the next test restore passes again.
         _wait(

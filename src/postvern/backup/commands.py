@@ -176,7 +176,8 @@ def cmd_backup_list(args: argparse.Namespace) -> int:
 @_command
 def cmd_backup_verify(args: argparse.Namespace) -> int:
     service = _service(args)
-    report = service.verify(args.snapshot)
+    with progress_bar("verify", None) as advance:
+        report = service.verify(args.snapshot, advance)
     for problem in report.problems:
         print(f"FAILED {problem}")
     if report.ok:

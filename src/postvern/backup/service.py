@@ -172,8 +172,10 @@ class BackupService:
                 self._snapshotter.present -= deleted
         return removed
 
-    def verify(self, snapshot: str | None = None) -> VerifyReport:
-        report = verify(self.data_dir, self.server_key, self.targets, snapshot)
+    def verify(
+        self, snapshot: str | None = None, progress: Callable[[int], None] | None = None
+    ) -> VerifyReport:
+        report = verify(self.data_dir, self.server_key, self.targets, snapshot, progress=progress)
         if report.problems and self._snapshotter is not None:
             # Objects named as damaged are no longer trusted: the next snapshot stores their
             # pieces anew instead of referencing them, and the backups heal themselves.

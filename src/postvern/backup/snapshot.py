@@ -93,6 +93,7 @@ MAILBOX_DIR = "mailboxes"
 SPOOL_DIR = "spool"
 SKIPPED_TOP = {keys.BACKUP_DIR, "server.key"}
 STAGING = "tmp"
+OFFLINE_PUBLIC = f"{keys.BACKUP_DIR}/{keys.OFFLINE_PUBLIC_FILE}"
 
 
 class BackupError(Exception):
@@ -302,6 +303,9 @@ class Snapshotter:
                     continue
                 if stat.S_ISREG(os.lstat(Path(root) / name).st_mode):
                     yield rel
+        # The offline key's public half: a restored server goes on backing up at once.
+        if (self.data_dir / OFFLINE_PUBLIC).exists():
+            yield OFFLINE_PUBLIC
 
     def _users(self) -> list[str]:
         ids: set[str] = set()

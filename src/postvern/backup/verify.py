@@ -23,6 +23,7 @@ import logging
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def verify(
     snapshot: str | None = None,
     *,
     opening: Opening | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Verify ``snapshot`` (default: the newest) on every target, restoring it to a temp dir."""
     started = time.monotonic()
@@ -157,7 +159,7 @@ def verify(
             continue
         scratch = keys.backup_dir(data_dir) / STAGING / f"verify-{secrets.token_hex(8)}"
         try:
-            restored = materialise(catalog, point, scratch)
+            restored = materialise(catalog, point, scratch, progress=progress)
             report.problems += [f"{target.url}: {p}" for p in restored.problems]
             report.objects = max(
                 report.objects, len({p.obj for e in point.files.values() for p in e.pieces})
