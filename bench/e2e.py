@@ -30,7 +30,7 @@ from postvern.e2e.keys import Format, KeyStore
 from postvern.e2e.protect import SubjectPolicy
 
 DOMAIN = "example.test"
-KINDS = ("plain", "openpgp-cv25519", "openpgp-rsa3072", "smime-rsa2048")
+KINDS = ("plain", "openpgp-cv25519", "openpgp-rsa3072", "smime-rsa2048", "smime-p256")
 # Rounds the messages are split into, each kind taking its turn per round.
 ROUNDS = 4
 # Passes of the in-process timing; the best is reported (bench/timing.py's practice).
@@ -49,10 +49,12 @@ def _keys(tmp: Path) -> dict[str, tuple[Format, bytes]]:
         return bytes(tsk.extract_certificate())
 
     cert, _ = smime_identity(tmp, _address("smime-rsa2048"))
+    ec_cert, _ = smime_identity(tmp, _address("smime-p256"), kind="ec", key_usage="keyAgreement")
     return {
         "openpgp-cv25519": (Format.OPENPGP, pgp("openpgp-cv25519", pysequoia.CipherSuite.Cv25519)),
         "openpgp-rsa3072": (Format.OPENPGP, pgp("openpgp-rsa3072", pysequoia.CipherSuite.RSA3k)),
         "smime-rsa2048": (Format.SMIME, cert.read_bytes()),
+        "smime-p256": (Format.SMIME, ec_cert.read_bytes()),
     }
 
 
