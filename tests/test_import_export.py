@@ -110,7 +110,7 @@ def _import(data: DataDir, source: str, *extra: str, secrets: list[str] | None =
 @pytest.fixture
 def dovecot() -> Iterator[tuple[int, Path]]:
     if not os.path.exists(DOVECOT):
-        pytest.skip("dovecot not installed (tools/install-system-deps)")
+        pytest.fail("dovecot not installed: `make test` installs it (tools/install-system-deps)")
     # Dovecot reads the mail as an unprivileged user, who cannot enter pytest's 0700 tmp.
     base = Path(tempfile.mkdtemp(prefix="postvern-dovecot-"))
     base.chmod(0o755)
