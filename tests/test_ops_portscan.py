@@ -120,10 +120,10 @@ def test_failed_starttls_handshakes_ban(unbanned: DataDir) -> None:
     wait_until(lambda: banned(unbanned))
 
 
-@pytest.mark.skipif(shutil.which("nft") is None, reason="nftables is not installed")
 def test_bans_are_mirrored_into_an_nftables_set() -> None:
     """In a network namespace of its own: scanned → in the kernel set → packets dropped →
     ban lifted → out of the set → connections accepted again."""
+    assert shutil.which("nft"), "nftables missing: tools/install-system-deps installs it"
     out = subprocess.run(
         ["unshare", "-n", sys.executable, str(HERE / "nft_scenario.py")],
         capture_output=True, text=True, timeout=180,

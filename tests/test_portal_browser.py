@@ -17,15 +17,16 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import playwright.sync_api as playwright_sync
 import pyotp
 import pytest
 
 from harness import PASSWORDS, DataDir, ServerProcess, make_data_dir
 from portal_kit import base_url, imap_login
 
-playwright_sync = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium missing")
+# Debian's chromium is installed by the test command (tools/install-system-deps).
+assert Path(CHROMIUM).exists(), "chromium missing: tools/install-system-deps installs it"
 
 ALICE = "alice@example.test"
 
