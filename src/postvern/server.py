@@ -450,6 +450,10 @@ async def _serve(app: App, banner: Callable[[config.Settings], str] | None) -> i
 
 def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) -> int:
     no_core_dumps()
+    # Until the loop's handlers are in place, a reload or restart request (systemctl reload
+    # during start-up) must not stop the server, which is what their default action does.
+    for early in (signal.SIGHUP, signal.SIGUSR2):
+        signal.signal(early, signal.SIG_IGN)
     app = App.open(data_dir)
     retention.configure(app.settings)
     handoff.inherit(app.settings.listen)  # systemd's or a predecessor's sockets (handoff.py)
