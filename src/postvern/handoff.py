@@ -55,7 +55,7 @@ SUCCESSOR_START_SECONDS = 120.0
 BACKLOG = 128
 PID_FILE = "postvern.pid"
 # Listening on every address: a systemd socket "ListenStream=25" is [::]:25 (IPv4 too).
-WILDCARDS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - compared, never bound
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104  # nosec B104 - compared, never bound
 
 _inherited: dict[tuple[str, int], socket.socket] = {}
 
