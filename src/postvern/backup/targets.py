@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from postvern.durable import TEMP_PREFIX, fsync_dir, write_durably
+
 # Retries per object and target before the operation fails: a brief outage of one store (a
 # restart, a network blip) is ridden out, a dead one is reported within about a minute.
 PUT_ATTEMPTS = 4
@@ -62,16 +64,10 @@ class LocalTarget:
         path = self._path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_name(f".tmp-{path.name}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            # A retried upload reuses the name, so a crashed attempt's temp file is replaced;
+            # the folder's fsync makes the object's name survive a power cut as well.
+            write_durably(path.parent, path.name, data, replace_temp=True)
+            fsync_dir(path.parent)
         except OSError as e:
             raise TargetError(f"{self.url}: cannot write an object: {e.strerror}") from None
 
@@ -87,7 +83,7 @@ class LocalTarget:
         if not base.is_dir():
             return found
         for entry in os.scandir(base):
-            if entry.is_file() and not entry.name.startswith(".tmp-"):
+            if entry.is_file() and not entry.name.startswith(TEMP_PREFIX):
                 found[prefix + entry.name] = entry.stat().st_size
         return found
 

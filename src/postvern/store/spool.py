@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postvern.crypto.seal import Opener, Sealer, SealError
+from postvern.durable import TEMP_PREFIX, fsync_dir, write_durably
 from postvern.store import faults
 from postvern.store.mailbox import INBOX, Mailbox
 
@@ -92,28 +93,6 @@ def item_id(segment: str, index: int) -> str:
     return f"{segment}/{index}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(directory: Path, name: str, data: bytes) -> None:
-    """temp file, write, fsync, rename (the directory's fsync is the caller's)."""
-    tmp = directory / f".tmp-{name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, directory / name)
-
-
 @dataclass(frozen=True, slots=True)
 class Deposit:
     user_id: str
@@ -149,7 +128,7 @@ class Spool:
                 directories.append(directory)
                 written.append(path)
             for directory in directories:
-                _fsync_dir(directory)
+                fsync_dir(directory)
         except BaseException:
             # All or nothing: a caller told of a failure retries every item of the batch.
             for path in written:
@@ -173,7 +152,7 @@ class Spool:
                 deposit.item.encode(), _info(user_id, ids[position])
             )
             records += [_RECORD.pack(index, len(sealed)), sealed]
-        _write_durably(directory, segment + SUFFIX, b"".join(records))
+        write_durably(directory, segment + SUFFIX, b"".join(records))
         return directory, directory / (segment + SUFFIX)
 
     def pending(self, user_id: str) -> list[str]:
@@ -183,7 +162,10 @@ class Spool:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
-        return sorted(n[: -len(SUFFIX)] for n in names if n.endswith(SUFFIX))
+        # A temp file is a deposit whose write never finished: it was never acknowledged.
+        return sorted(
+            n[: -len(SUFFIX)] for n in names if n.endswith(SUFFIX) and not n.startswith(TEMP_PREFIX)
+        )
 
     def count(self, user_id: str) -> int:
         return sum(len(self.read(user_id, segment)) for segment in self.pending(user_id))
@@ -229,10 +211,10 @@ class Spool:
             records = [MAGIC]
             for i, sealed in kept:
                 records += [_RECORD.pack(int(i.rpartition("/")[2]), len(sealed)), sealed]
-            _write_durably(directory, segment + SUFFIX, b"".join(records))
+            write_durably(directory, segment + SUFFIX, b"".join(records))
         else:
             self.remove(user_id, segment)
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     def size(self, user_id: str) -> int:
         """Bytes waiting in the spool (sealed sizes, close to the messages' own)."""
@@ -250,14 +232,14 @@ class Spool:
         if data is None:
             os.rename(self.user_dir(user_id) / (name + SUFFIX), bad / (name + SUFFIX))
         else:
-            _write_durably(bad, name.replace("/", "-") + SUFFIX, data)
+            write_durably(bad, name.replace("/", "-") + SUFFIX, data)
 
     def clean_temp(self, user_id: str) -> None:
         """Remove temp files a crash left before their rename (they were never answered 250)."""
         directory = self.user_dir(user_id)
         if directory.is_dir():
             for name in os.listdir(directory):
-                if name.startswith(".tmp-"):
+                if name.startswith(TEMP_PREFIX):
                     os.unlink(directory / name)
 
     def remove_user(self, user_id: str) -> None:
@@ -335,7 +317,7 @@ def import_spool(box: Mailbox, spool: Spool, user_id: str) -> list[tuple[int, in
         for segment in names:
             spool.remove(user_id, segment)
         faults.point("spool.after-unlink")
-        _fsync_dir(spool.user_dir(user_id))
+        fsync_dir(spool.user_dir(user_id))
         faults.point("spool.after-fsync")
         box.forget_spool_ids(done)
     return imported
