@@ -23,6 +23,8 @@ from postvern.store.service import MailboxHandle, MailboxRegistry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A warm-cache hit whose slot stands but may not log in over this protocol (login._warm).
+REFUSED = object()
 
 # Argon2id with the default parameters takes 64 MiB and ~100 ms of one core: a handful at a
 # time keeps a login storm from exhausting memory while real users still get in promptly.
@@ -106,12 +108,10 @@ class LoginService:
         except AddressError:
             account = None
         if account is not None:
-            warm = await self._warm(account, secret)
-            if warm is not None and not await self._allowed(warm, protocol):
-                # Checked on every hit: a cached account password stops working over IMAP,
-                # POP3 and SMTP the moment two-factor authentication is turned on.
+            warm = await self._warm(account, secret, protocol)
+            if warm is REFUSED:
                 await self._refuse(address, peer_ip, protocol)
-            if warm is not None:
+            if isinstance(warm, Unlocked):
                 await self.gate.login_succeeded(peer_ip, address, protocol)
                 return warm
         try:
@@ -128,14 +128,13 @@ class LoginService:
         return unlocked
 
     async def _allowed(self, unlocked: Unlocked, protocol: str) -> bool:
+        return await self._thread(self._policy_allows, unlocked, protocol)
+
+    def _policy_allows(self, unlocked: Unlocked, protocol: str) -> bool:
         """May the slot this secret opened log in over ``protocol``? Not for a disabled
         account, nor with the account password over mail protocols once 2FA is on."""
-        return await self._thread(
-            policy.login_allowed,
-            self.accounts.directory,
-            unlocked.user.id,
-            unlocked.slot.kind,
-            protocol,
+        return policy.login_allowed(
+            self.accounts.directory, unlocked.user.id, unlocked.slot.kind, protocol
         )
 
     async def _refuse(self, address: str, peer_ip: str, protocol: str) -> NoReturn:
@@ -151,16 +150,30 @@ class LoginService:
             raise LoginRefused("app-password", policy.APP_PASSWORD_REQUIRED)
         raise LoginRefused("failed", "authentication failed")
 
-    async def _warm(self, account: str, secret: str) -> Unlocked | None:
-        """A cached unlock whose key slot is still the one the secret opened, or None."""
+    async def _warm(self, account: str, secret: str, protocol: str) -> Unlocked | object | None:
+        """A cached unlock whose key slot is still the one the secret opened; None to take
+        the cold path; REFUSED when the slot stands but may not log in over ``protocol``.
+
+        Both checks run on every hit, in one trip to the directory's thread: a changed or
+        revoked secret stops at once, and so does a cached account password over IMAP,
+        POP3 and SMTP the moment two-factor authentication is turned on.
+        """
         cached = self.cache.lookup(account, secret, self.registry.is_unlocked)
         if cached is None:
             return None
-        if not await self._thread(self.accounts.directory.confirm_slot, cached.slot):
+        verdict = await self._thread(self._recheck, cached, protocol)
+        if verdict is None:
             self.cache.forget(account)  # password changed, app password revoked, user gone
             return None
+        if verdict is REFUSED:
+            return REFUSED
         self.warm_logins += 1
         return cached
+
+    def _recheck(self, cached: Unlocked, protocol: str) -> Unlocked | object | None:
+        if not self.accounts.directory.confirm_slot(cached.slot):
+            return None
+        return cached if self._policy_allows(cached, protocol) else REFUSED
 
     async def login(self, address: str, secret: str, peer_ip: str, protocol: str) -> LoggedIn:
         """Verify, then unlock the mailbox (importing its spool). Release the handle at logout."""
