@@ -151,3 +151,40 @@ async def test_export_needs_a_login(server: DataDir, browser: Browser) -> None:
     assert r.status == 303 and r.headers["Location"] == "/account/login"
     r = await browser.http.get(browser.base + "/account/confirm?action=export")
     assert str(r.url).endswith("/account/login")
+
+
+async def test_new_forwarding_target_needs_the_password_again(
+    server: DataDir, browser: Browser
+) -> None:
+    """With no re-authentication window, a stolen session cannot send the mail elsewhere:
+    adding a forwarding target needs the password; stopping forwarding does not."""
+    await browser.login(ALICE, server.passwords[ALICE])
+    await browser.get("/account/forwarding")
+    assert 'name="confirm"' in browser.last
+    r = await browser.post("/account/forwarding", {"targets": "thief@outside.test"})
+    assert r.status == 403 and "Confirm this" in browser.last
+    r = await browser.post(
+        "/account/forwarding", {"targets": "thief@outside.test", "confirm": "wrong-password"}
+    )
+    assert r.status == 403 and "neither your password" in browser.last
+    await browser.get("/account/forwarding")
+    assert "data-forwarding-now" not in browser.last
+    r = await browser.post(
+        "/account/forwarding",
+        {"targets": "me@outside.test", "keep_copy": "on", "confirm": server.passwords[ALICE]},
+    )
+    assert r.status == 200 and "me@outside.test" in browser.last
+    # Keeping the same target (here: changing only the copy setting) and stopping need nothing.
+    r = await browser.post("/account/forwarding", {"targets": "me@outside.test"})
+    assert r.status == 200 and "no copy is kept here" in browser.last
+    r = await browser.post("/account/forwarding", {"action": "stop"})
+    assert r.status == 200 and "data-forwarding-now" not in browser.last
+
+
+async def test_passkey_removal_needs_the_password_again(server: DataDir, browser: Browser) -> None:
+    await browser.login(ALICE, server.passwords[ALICE])
+    await browser.get("/account/security")
+    r = await browser.post("/account/passkeys/remove", {"id": "1"})
+    assert r.status == 403 and "Confirm this" in browser.last
+    r = await browser.post("/account/passkeys/remove", {"id": "1", "confirm": "wrong"})
+    assert r.status == 403 and "neither your password" in browser.last

@@ -249,6 +249,7 @@ class Portal:
             passkeys=await s.run(s.passkeys.list, user.id),
             codes_left=await s.run(s.recovery_codes.remaining, user.id),
             two_factor=await s.run(policy.two_factor_on, s.directory, user.id),
+            recent=self._recent(ctx),
             **values,
         )
 
@@ -378,6 +379,10 @@ class Portal:
             passkey_id = int(ctx.field("id"))
         except ValueError:
             raise web.HTTPBadRequest() from None
+        # Removing a second factor weakens the account: a stolen session must not do it.
+        error = await self._fresh_or_confirmed(ctx, "passkey")
+        if error is not None:
+            return await self._security(ctx, 403, error=error)
         await s.run(s.passkeys.remove, user.id, passkey_id)
         await s.two_factor_changed(user)
         raise self._done(ctx, f"{PREFIX}/security", "The passkey is removed.")
@@ -458,6 +463,7 @@ class Portal:
             status,
             slots=await s.run(s.directory.slots, user.id, "app"),
             two_factor=await s.run(policy.two_factor_on, s.directory, user.id),
+            recent=self._recent(ctx),
             **values,
         )
 
@@ -569,6 +575,7 @@ class Portal:
             entered="\n".join(forwarding.targets) if entered is None else entered,
             policy=self.service.forwarding_policy,
             error=error,
+            recent=self._recent(ctx),
         )
 
     async def forwarding_update(self, request: web.Request) -> web.StreamResponse:
@@ -577,6 +584,15 @@ class Portal:
         text = ctx.field("targets") if ctx.field("action") != "stop" else ""
         targets = [t for t in text.replace(",", "\n").splitlines() if t.strip()]
         keep_copy = ctx.field("keep_copy") == "on"
+        # A new target sends the user's mail somewhere else from now on — the first thing a
+        # stolen session would do — so it needs a recent login or the password again.
+        # Stopping or shortening forwarding does not.
+        before = await self.service.forwarding(user)
+        known = {t.lower() for t in before.targets}
+        if any(t.strip().lower() not in known for t in targets):
+            error = await self._fresh_or_confirmed(ctx, "forwarding")
+            if error is not None:
+                return await self._forwarding(ctx, 403, error, entered=text)
         try:
             done = await self.service.set_forwarding(user, targets, keep_copy)
         except AccountError as e:
@@ -672,6 +688,20 @@ class Portal:
         # Good for that action once even if the window is shorter than one request.
         ctx.session.scratch["confirmed"] = action
         raise self._redirect(ctx, CONFIRMED_ACTIONS[action])
+
+    def _recent(self, ctx: Ctx) -> bool:
+        """Logged in (or confirmed) within the re-authentication window."""
+        window = self.service.app.settings.accounts.reauth_minutes * 60
+        return self.sessions.recently_authenticated(ctx.session, window)
+
+    async def _fresh_or_confirmed(self, ctx: Ctx, action: str) -> str | None:
+        """None when the session is fresh enough for ``action`` or the form carries the
+        password or a current code (``confirm``); otherwise the error to show."""
+        if self._fresh(ctx, action):
+            return None
+        if not ctx.field("confirm"):
+            return "Confirm this with your password or a current code."
+        return await self._confirmed(ctx)
 
     def _fresh(self, ctx: Ctx, action: str) -> bool:
         """Logged in or confirmed recently enough for ``action``, or confirmed just for it."""
