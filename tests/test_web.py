@@ -37,7 +37,8 @@ def test_mta_sts_policy_for_our_domain_only(web: DataDir) -> None:
     body = r.read().decode()
     assert body.startswith("version: STSv1\r\nmode: testing\r\nmx: mx.example.test\r\n")
     assert "max_age: 604800" in body
-    assert r.headers["Strict-Transport-Security"].startswith("max-age=")
+    # One HSTS policy for the whole host, the portal's: two years, with subdomains.
+    assert r.headers["Strict-Transport-Security"] == "max-age=63072000; includeSubDomains"
     assert r.headers["X-Content-Type-Options"] == "nosniff"
     assert get(web, "/.well-known/mta-sts.txt", "mta-sts.other.test").status == 404
 

@@ -24,9 +24,10 @@ from postvern.directory.addresses import AddressError, normalise_address
 from postvern.ops import metrics, securitytxt
 from postvern.web import autoconfig, autodiscover, mobileconfig, mtasts
 from postvern.web.clientservers import client_servers
+from postvern.web.portal.security import HSTS
 
 SECURITY_HEADERS = {
-    "Strict-Transport-Security": "max-age=31536000",
+    "Strict-Transport-Security": HSTS,
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": "default-src 'none'",

@@ -32,11 +32,13 @@ CSP = "; ".join(
         "base-uri 'none'",
     ]
 )
+# Two years with subdomains, the HSTS preload list's requirement. One value for every
+# response of the host (web/server.py uses it too): a browser keeps the policy it saw last,
+# so two values on one origin would make its lifetime depend on the page visited last.
+HSTS = "max-age=63072000; includeSubDomains"
 HEADERS = {
     "Content-Security-Policy": CSP,
-    # Two years with subdomains, the HSTS preload list's requirement; the portal is only
-    # ever served over HTTPS.
-    "Strict-Transport-Security": "max-age=63072000; includeSubDomains",
+    "Strict-Transport-Security": HSTS,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
