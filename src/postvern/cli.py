@@ -28,6 +28,7 @@ from postvern.abuse import Abuse, BanError, parse_duration, utc_text
 from postvern.abuse import admin as abuse_admin
 from postvern.app import App
 from postvern.backup import commands as backup_commands
+from postvern.cluster import commands as cluster_commands
 from postvern.crypto.keyslots import BadSlot
 from postvern.crypto.serverkey import KEY_FILE, ServerKey, ServerKeyError
 from postvern.crypto.tls import (
@@ -820,6 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ban_commands(sub)
     _filter_commands(sub)
     backup_commands.register(sub)
+    cluster_commands.register(sub)  # cluster/commands.py
     g = _group(sub, "tls", "the TLS certificate")
     p = g.add_parser(
         "status",

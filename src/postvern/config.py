@@ -251,6 +251,14 @@ class Backup:
 
 
 @dataclass
+class Cluster:
+    """One node of a cluster (postvern/cluster/, docs/cluster.md); an empty role: one machine."""
+
+    role: str = ""  # "front" or "mailbox"
+    node: str = ""  # this node's name in cluster/nodes.toml and its certificate
+
+
+@dataclass
 class Settings:
     data_dir: Path
     hostname: str = "localhost"
@@ -272,6 +280,7 @@ class Settings:
     log: Log = field(default_factory=Log)
     backup: Backup = field(default_factory=Backup)
     ops: Ops = field(default_factory=Ops)
+    cluster: Cluster = field(default_factory=Cluster)
 
     def path(self, relative: str | os.PathLike[str]) -> Path:
         """Resolve a path from the config relative to the data directory."""

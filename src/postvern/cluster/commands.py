@@ -1,0 +1,69 @@
+"""``postvern cluster …``: the internal CA and the node list, on the administrator's machine.
+
+Each command prints one line per result and any failure as one ``postvern: …`` line on
+stderr with a non-zero exit, like every other command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from postvern.cluster import nodes, pki
+from postvern.cluster.nodes import CLUSTER_DIR, ClusterError
+
+
+def cmd_cluster_init(args: argparse.Namespace) -> int:
+    cluster_dir = args.data / CLUSTER_DIR
+    ca = pki.init_ca(cluster_dir)
+    print(f"internal CA created: {ca} (its key {cluster_dir / pki.CA_KEY} stays here)")
+    return 0
+
+
+def cmd_cluster_add_node(args: argparse.Namespace) -> int:
+    cluster_dir = args.data / CLUSTER_DIR
+    node = nodes.check_node(args.name, args.role, args.address)
+    known = nodes.load(cluster_dir)
+    folder = pki.issue_node(cluster_dir, node.name, node.role)
+    known[node.name] = node
+    nodes.save(cluster_dir, known)
+    print(f"{node.name}: {node.role} at {node.address}; certificate and key in {folder}")
+    return 0
+
+
+def cmd_cluster_list(args: argparse.Namespace) -> int:
+    for node in sorted(nodes.load(args.data / CLUSTER_DIR).values(), key=lambda n: n.name):
+        print(f"{node.name}\t{node.role}\t{node.address}")
+    return 0
+
+
+def _guarded(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args))
+        except ClusterError as e:
+            print(f"postvern: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def register(sub: Any) -> None:
+    """Add the ``cluster`` group to the CLI."""
+    p = sub.add_parser("cluster", help="several machines: the internal CA and the nodes")
+    g = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    p = g.add_parser("init", help="create the internal CA in DATA/cluster/")
+    p.set_defaults(func=_guarded(cmd_cluster_init))
+    p = g.add_parser("add-node", help="issue a node its certificate and add it to nodes.toml")
+    p.add_argument("name", help="the node's name: one DNS label")
+    p.add_argument("--role", required=True, choices=nodes.ROLES)
+    p.add_argument(
+        "--address",
+        required=True,
+        metavar="HOST:PORT",
+        help="where other nodes reach it (a mailbox node's internal listener)",
+    )
+    p.set_defaults(func=_guarded(cmd_cluster_add_node))
+    p = g.add_parser("list", help="the nodes of nodes.toml")
+    p.set_defaults(func=_guarded(cmd_cluster_list))
