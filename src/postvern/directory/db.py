@@ -30,6 +30,7 @@ from postvern.directory.addresses import (
     split_address,
 )
 from postvern.directory.forwarding import Forwarding, ForwardingPolicy, migrate_v7
+from postvern.directory.nodes import V8, NodeState, valid_node_name
 from postvern.encdb import open_encrypted
 
 DB_NAME = "directory.sqlite"
@@ -241,7 +242,12 @@ def _v7(conn: apsw.Connection) -> None:
     migrate_v7(conn)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+def _v8(conn: apsw.Connection) -> None:
+    # The user → mailbox-node map of a cluster (directory/nodes.py).
+    conn.execute(V8)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 ATTACHMENT_POLICIES = ("reject", "quarantine")
 
 
@@ -434,6 +440,68 @@ class Directory:
             c.execute("DELETE FROM users WHERE id=?", (user_id,))
             return self._prune_aliases(c) if c.changes() else []
 
+    # -- the user → mailbox-node map (directory/nodes.py) ------------------------------------
+
+    def node_state(self, user_id: str) -> NodeState | None:
+        rows = self._rows("SELECT node, moving FROM users WHERE id=?", (user_id,))
+        if not rows:
+            return None
+        return NodeState(None if rows[0][0] is None else str(rows[0][0]), bool(rows[0][1]))
+
+    def mailbox_node(self, user_id: str) -> str | None:
+        state = self.node_state(user_id)
+        return None if state is None else state.node
+
+    def user_moving(self, user_id: str) -> bool:
+        state = self.node_state(user_id)
+        return state is not None and state.moving
+
+    @staticmethod
+    def _check_node(node: str | None) -> None:
+        if node is not None and not valid_node_name(node):
+            raise DirectoryError(f"not a node name: {node[:80]!r}")
+
+    def set_mailbox_node(self, user_id: str, node: str | None) -> None:
+        self._check_node(node)
+        with self._tx() as c:
+            c.execute("UPDATE users SET node=? WHERE id=?", (node, user_id))
+            if not c.changes():
+                raise DirectoryError("no such user")
+
+    def move_mailbox_node(self, user_id: str, from_node: str | None, to_node: str | None) -> bool:
+        self._check_node(to_node)
+        with self._tx() as c:
+            # "IS ?" would compare NULLs in SQLite only; spelled out, it runs on both.
+            if from_node is None:
+                c.execute(
+                    "UPDATE users SET node=?, moving=0 WHERE id=? AND node IS NULL",
+                    (to_node, user_id),
+                )
+            else:
+                c.execute(
+                    "UPDATE users SET node=?, moving=0 WHERE id=? AND node=?",
+                    (to_node, user_id, from_node),
+                )
+            return bool(c.changes())
+
+    def set_user_moving(self, user_id: str, moving: bool) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE users SET moving=? WHERE id=?", (int(moving), user_id))
+            if not c.changes():
+                raise DirectoryError("no such user")
+
+    def users_on_node(self, node: str) -> list[User]:
+        rows = self._rows(
+            f"SELECT {self._USER_COLS} FROM users WHERE node=? ORDER BY domain, localpart", (node,)
+        )
+        return [self._user(r) for r in rows]
+
+    def mailbox_nodes(self) -> dict[str, int]:
+        rows = self._rows(
+            "SELECT node, count(*) FROM users WHERE node IS NOT NULL GROUP BY node ORDER BY node"
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
     # -- key slots ---------------------------------------------------------------------
 
     @staticmethod
@@ -445,9 +513,10 @@ class Directory:
         tag: bytes | None,
         w: WrappedKey,
     ) -> int:
-        c.execute(
+        # RETURNING rather than last_insert_rowid(): the same statement runs on PostgreSQL.
+        rows = c.execute(
             "INSERT INTO keyslots(user_id, kind, label, tag, salt, nonce, ciphertext, params,"
-            " created) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " created) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 user_id,
                 kind,
@@ -459,8 +528,8 @@ class Directory:
                 w.params.to_json(),
                 int(time.time()),
             ),
-        )
-        return int(c.last_insert_rowid())
+        ).fetchall()
+        return int(rows[0][0])  # type: ignore[arg-type]
 
     def add_slot(
         self, user_id: str, kind: str, label: str | None, tag: bytes | None, w: WrappedKey
@@ -564,7 +633,7 @@ class Directory:
     def dkim_keys(self, domain: str, *, active_only: bool = False) -> list[DKIMKey]:
         rows = self._rows(
             "SELECT domain, selector, algorithm, private_key, created, active FROM dkim_keys"
-            " WHERE domain=?" + (" AND active" if active_only else "") + " ORDER BY created, 2",
+            " WHERE domain=?" + (" AND active=1" if active_only else "") + " ORDER BY created, 2",
             (normalise_domain(domain),),
         )
         return [DKIMKey(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5])) for r in rows]
