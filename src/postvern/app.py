@@ -31,16 +31,37 @@ class App:
             except AddressError as e:
                 raise config.ConfigError(f"postmaster: {e}") from None
         server_key = ServerKey.load(data_dir)
-        directory = Directory.open(
-            data_dir,
-            server_key.derive("directory database"),
-            postmaster=postmaster,
-            forwarding=ForwardingPolicy(
-                settings.accounts.forwarding, settings.accounts.max_forwards
-            ),
-        )
+        directory = open_directory(settings, server_key, postmaster)
         kdf = KDFParams(settings.kdf.time_cost, settings.kdf.memory_kib, settings.kdf.parallelism)
         return cls(settings, server_key, directory, Accounts(data_dir, directory, server_key, kdf))
 
     def close(self) -> None:
         self.directory.close()
+
+
+def open_directory(
+    settings: config.Settings, server_key: ServerKey, postmaster: str | None
+) -> Directory:
+    """The SQLite directory in the data directory, or PostgreSQL when [directory] url is set."""
+    forwarding = ForwardingPolicy(settings.accounts.forwarding, settings.accounts.max_forwards)
+    key = server_key.derive("directory database")
+    db = settings.directory
+    if not db.url:
+        return Directory.open(settings.data_dir, key, postmaster=postmaster, forwarding=forwarding)
+    # Imported here: psycopg is loaded only by a server whose directory is in PostgreSQL.
+    from postvern.directory.pg import InsecureDirectory, PostgresTarget
+
+    def path(value: str | None) -> Path | None:
+        return None if value is None else settings.path(value)
+
+    target = PostgresTarget(
+        db.url,
+        ca=None if db.ca is None else (Path("system") if db.ca == "system" else path(db.ca)),
+        client_cert=path(db.client_cert),
+        client_key=path(db.client_key),
+        password_file=path(db.password_file),
+    )
+    try:
+        return Directory.open_postgres(target, key, postmaster=postmaster, forwarding=forwarding)
+    except InsecureDirectory as e:
+        raise config.ConfigError(f"[directory] {e}") from None

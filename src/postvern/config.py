@@ -259,6 +259,23 @@ class Cluster:
 
 
 @dataclass
+class DirectoryDB:
+    """Where the directory lives (directory/pg.py, docs/cluster.md)."""
+
+    # Empty: the encrypted SQLite file in the data directory (one machine). For several
+    # nodes, "postgresql://USER@HOST:PORT/DBNAME": always TLS with sslmode=verify-full
+    # over TCP (a URL asking for less is refused); a Unix socket (?host=/run/postgresql)
+    # needs none.
+    url: str | None = None
+    # The root CA that signed the PostgreSQL server's certificate ("system": the OS store).
+    ca: str | None = None
+    # The password's file (mode 0600), never the URL; or a client certificate and its key.
+    password_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+
+@dataclass
 class Settings:
     data_dir: Path
     hostname: str = "localhost"
@@ -280,6 +297,7 @@ class Settings:
     log: Log = field(default_factory=Log)
     backup: Backup = field(default_factory=Backup)
     ops: Ops = field(default_factory=Ops)
+    directory: DirectoryDB = field(default_factory=DirectoryDB)
     cluster: Cluster = field(default_factory=Cluster)
 
     def path(self, relative: str | os.PathLike[str]) -> Path:

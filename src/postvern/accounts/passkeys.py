@@ -266,7 +266,7 @@ class Passkeys:
             ).fetchall()
             if not rows:
                 return False
-            label = bytes_to_base64url(bytes(rows[0][0]))  # type: ignore[arg-type]
+            label = bytes_to_base64url(bytes(rows[0][0]))
             c.execute(
                 "DELETE FROM keyslots WHERE user_id=? AND kind='passkey' AND label=?",
                 (user_id, label),

@@ -19,7 +19,7 @@ APP_PASSWORD_REQUIRED = "use an app password"  # noqa: S105 (a message, not a pa
 
 def two_factor_on(directory: Directory, user_id: str) -> bool:
     rows = directory._rows(
-        "SELECT EXISTS(SELECT 1 FROM totp WHERE user_id=? AND enabled)"
+        "SELECT EXISTS(SELECT 1 FROM totp WHERE user_id=? AND enabled=1)"
         " OR EXISTS(SELECT 1 FROM passkeys WHERE user_id=?)",
         (user_id, user_id),
     )
@@ -29,7 +29,7 @@ def two_factor_on(directory: Directory, user_id: str) -> bool:
 def disabled(directory: Directory, user_id: str) -> bool:
     """Whether an administrator disabled the account: then no secret opens it anywhere."""
     rows = directory._rows(
-        "SELECT disabled FROM account_settings WHERE user_id=? AND disabled", (user_id,)
+        "SELECT disabled FROM account_settings WHERE user_id=? AND disabled=1", (user_id,)
     )
     return bool(rows)
 

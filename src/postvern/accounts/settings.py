@@ -60,7 +60,9 @@ class Settings:
     def _set(self, user_id: str, column: str, value: object) -> None:
         assert column in ("role", "disabled", "junk_threshold")
         with self.store.tx() as c:
-            c.execute("INSERT OR IGNORE INTO account_settings(user_id) VALUES(?)", (user_id,))
+            c.execute(
+                "INSERT INTO account_settings(user_id) VALUES(?) ON CONFLICT DO NOTHING", (user_id,)
+            )
             c.execute(f"UPDATE account_settings SET {column}=? WHERE user_id=?", (value, user_id))
 
     def set_role(self, user_id: str, role: str) -> None:
@@ -91,10 +93,11 @@ class Settings:
             count = c.execute(
                 "SELECT count(*) FROM sender_lists WHERE user_id=? AND kind=?", (user_id, kind)
             ).fetchall()[0][0]
-            if int(count) >= MAX_LIST_ENTRIES:  # type: ignore[arg-type]
+            if int(count) >= MAX_LIST_ENTRIES:
                 raise SettingsError(f"at most {MAX_LIST_ENTRIES} entries per list")
             c.execute(
-                "INSERT OR IGNORE INTO sender_lists(user_id, kind, entry) VALUES(?, ?, ?)",
+                "INSERT INTO sender_lists(user_id, kind, entry) VALUES(?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 (user_id, kind, entry),
             )
         return entry

@@ -4,6 +4,8 @@ The tables live in the directory database so that a user's second factors, token
 settings go with the user (ON DELETE CASCADE) and share its encryption; this module uses the
 directory's own connection, lock and transactions for them rather than a second connection
 that would race the first. Methods are synchronous: callers run them in a worker thread.
+The SQL is written to run on both directory databases, SQLite and PostgreSQL (directory/pg.py):
+``?`` placeholders, ``ON CONFLICT`` rather than ``INSERT OR …``, integer flags as ``=1``.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import apsw
-
-from postvern.directory.db import Directory
+from postvern.directory.db import Connection, Directory
 
 
 class AccountStore:
@@ -23,7 +23,7 @@ class AccountStore:
         self.directory = directory
 
     @contextmanager
-    def tx(self) -> Iterator[apsw.Connection]:
+    def tx(self) -> Iterator[Connection]:
         with self.directory._tx() as c:
             yield c
 

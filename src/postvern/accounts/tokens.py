@@ -73,7 +73,7 @@ class APITokens:
         token = PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
         with self.store.tx() as c:
             count = c.execute("SELECT count(*) FROM api_tokens WHERE user_id=?", (user_id,))
-            if int(count.fetchall()[0][0]) >= MAX_TOKENS:  # type: ignore[arg-type]
+            if int(count.fetchall()[0][0]) >= MAX_TOKENS:
                 raise TokenError(f"at most {MAX_TOKENS} tokens per user")
             if c.execute(
                 "SELECT 1 FROM api_tokens WHERE user_id=? AND name=?", (user_id, name)

@@ -59,11 +59,12 @@ class TOTP:
         enrolment replaces an earlier pending one; an enabled factor stays as it is)."""
         secret = base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode()
         with self.store.tx() as c:
-            if c.execute("SELECT 1 FROM totp WHERE user_id=? AND enabled", (user_id,)).fetchall():
+            if c.execute("SELECT 1 FROM totp WHERE user_id=? AND enabled=1", (user_id,)).fetchall():
                 raise ValueError("two-factor codes are already on; turn them off first")
             c.execute(
-                "INSERT OR REPLACE INTO totp(user_id, secret, enabled, last_step, created)"
-                " VALUES(?, ?, 0, 0, ?)",
+                "INSERT INTO totp(user_id, secret, enabled, last_step, created)"
+                " VALUES(?, ?, 0, 0, ?) ON CONFLICT(user_id) DO UPDATE SET"
+                " secret=excluded.secret, enabled=0, last_step=0, created=excluded.created",
                 (user_id, self._seal(user_id, secret), now()),
             )
         uri = pyotp.TOTP(secret, digits=DIGITS, interval=PERIOD).provisioning_uri(
@@ -105,7 +106,7 @@ class TOTP:
         return changed == 1
 
     def enabled(self, user_id: str) -> bool:
-        return bool(self.store.rows("SELECT 1 FROM totp WHERE user_id=? AND enabled", (user_id,)))
+        return bool(self.store.rows("SELECT 1 FROM totp WHERE user_id=? AND enabled=1", (user_id,)))
 
     def disable(self, user_id: str) -> None:
         self.store.execute("DELETE FROM totp WHERE user_id=?", (user_id,))

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import apsw
 
@@ -33,6 +33,9 @@ from postvern.directory.forwarding import Forwarding, ForwardingPolicy, migrate_
 from postvern.directory.nodes import V8, NodeState, valid_node_name
 from postvern.encdb import open_encrypted
 
+if TYPE_CHECKING:
+    from postvern.directory.pg import ColumnSeal, PostgresTarget
+
 DB_NAME = "directory.sqlite"
 # An alias pointing at an alias pointing at … is followed this deep, then refused: a loop
 # or a chain this long is a configuration mistake, not a mail route.
@@ -46,6 +49,26 @@ ROLE_LOCALPARTS = ("postmaster", "abuse")
 
 class DirectoryError(Exception):
     """An administrative request that cannot be carried out (message says why)."""
+
+
+class Result(Protocol):
+    def fetchall(self) -> list[tuple[Any, ...]]: ...
+
+
+class Connection(Protocol):
+    """What the directory needs of its database connection: apsw's, or the PostgreSQL one
+    in directory/pg.py that has the same face. ``with conn:`` is a transaction (nested:
+    a savepoint); ``changes()`` counts the rows the last statement changed."""
+
+    def execute(self, statements: str, bindings: Any = None, /) -> Result: ...
+
+    def changes(self) -> int: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, kind: Any, value: Any, tb: Any, /) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,15 +274,23 @@ MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 ATTACHMENT_POLICIES = ("reject", "quarantine")
 
 
+def _dkim_context(domain: str, selector: str) -> str:
+    return f"postvern dkim v1|{domain}|{selector}"
+
+
 class Directory:
     def __init__(
         self,
-        conn: apsw.Connection,
+        conn: Connection,
         *,
         postmaster: str | None = None,
         forwarding: ForwardingPolicy | None = None,
+        seal: ColumnSeal | None = None,
     ) -> None:
         self._conn = conn
+        # Secret columns that the database's own encryption does not cover (PostgreSQL):
+        # sealed before they are written. None for the encrypted SQLite file.
+        self._seal = seal
         self._lock = threading.RLock()
         # Where role addresses (ROLE_LOCALPARTS) go when a domain defines none of its own;
         # None means the first user created.
@@ -280,12 +311,31 @@ class Directory:
         conn = open_encrypted(data_dir / DB_NAME, key, MIGRATIONS, create=create)
         return cls(conn, postmaster=postmaster, forwarding=forwarding)
 
+    @classmethod
+    def open_postgres(
+        cls,
+        target: PostgresTarget,
+        key: bytes,
+        *,
+        postmaster: str | None = None,
+        forwarding: ForwardingPolicy | None = None,
+    ) -> Directory:
+        """The directory in PostgreSQL (directory/pg.py): TLS verified, schema migrated."""
+        from postvern.directory import pg  # psycopg is loaded only by those who use it
+
+        return cls(
+            pg.connect(target),
+            postmaster=postmaster,
+            forwarding=forwarding,
+            seal=pg.ColumnSeal(key),
+        )
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[apsw.Connection]:
+    def _tx(self) -> Iterator[Connection]:
         with self._lock, self._conn:
             yield self._conn
 
@@ -386,7 +436,7 @@ class Directory:
         return User(user_id, local, domain, quota, spool_public, now)
 
     @staticmethod
-    def _exists(c: apsw.Connection, local: str, domain: str) -> bool:
+    def _exists(c: Connection, local: str, domain: str) -> bool:
         return bool(
             c.execute(
                 "SELECT 1 FROM users WHERE localpart=? AND domain=? "
@@ -506,7 +556,7 @@ class Directory:
 
     @staticmethod
     def _insert_slot(
-        c: apsw.Connection,
+        c: Connection,
         user_id: str,
         kind: str,
         label: str | None,
@@ -529,7 +579,7 @@ class Directory:
                 int(time.time()),
             ),
         ).fetchall()
-        return int(rows[0][0])  # type: ignore[arg-type]
+        return int(rows[0][0])
 
     def add_slot(
         self, user_id: str, kind: str, label: str | None, tag: bytes | None, w: WrappedKey
@@ -624,10 +674,13 @@ class Directory:
                     "UPDATE dkim_keys SET active=0 WHERE domain=? AND algorithm=?",
                     (key.domain, key.algorithm),
                 )
+            private = key.private_key
+            if self._seal is not None:
+                private = self._seal.seal(private, _dkim_context(key.domain, key.selector))
             c.execute(
                 "INSERT INTO dkim_keys(domain, selector, algorithm, private_key, created, active)"
                 " VALUES(?, ?, ?, ?, ?, 1)",
-                (key.domain, key.selector, key.algorithm, key.private_key, key.created),
+                (key.domain, key.selector, key.algorithm, private, key.created),
             )
 
     def dkim_keys(self, domain: str, *, active_only: bool = False) -> list[DKIMKey]:
@@ -636,7 +689,12 @@ class Directory:
             " WHERE domain=?" + (" AND active=1" if active_only else "") + " ORDER BY created, 2",
             (normalise_domain(domain),),
         )
-        return [DKIMKey(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5])) for r in rows]
+        return [DKIMKey(r[0], r[1], r[2], self._dkim_private(r), r[4], bool(r[5])) for r in rows]
+
+    def _dkim_private(self, row: tuple[Any, ...]) -> bytes:
+        if self._seal is None:
+            return bytes(row[3])
+        return self._seal.open(bytes(row[3]), _dkim_context(str(row[0]), str(row[1])))
 
     def remove_dkim_key(self, domain: str, selector: str) -> None:
         with self._tx() as c:
@@ -700,7 +758,7 @@ class Directory:
                 raise DirectoryError(f"no such alias: {address}")
             return self._prune_aliases(c)
 
-    def _prune_aliases(self, c: apsw.Connection) -> list[AliasChange]:
+    def _prune_aliases(self, c: Connection) -> list[AliasChange]:
         """Drop alias targets of ours that no longer exist, until none is left.
 
         Called inside the transaction that removed a user or an alias: an alias left pointing
