@@ -33,6 +33,7 @@ server makes them from worker threads, never on the event loop.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import secrets
 import stat
@@ -50,6 +51,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from psycopg import conninfo
 
 from postvern.directory.nodes import V8
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("postgresql://", "postgres://")
 TLS_MODE = "verify-full"
@@ -213,7 +216,24 @@ class PGConnection:
             self._conn = self._connect()
         return self._conn
 
+    def _once_more(self, error: psycopg.OperationalError) -> bool:
+        """Whether a statement that failed may run again on a new connection: only outside
+        a transaction (there it is a read: the directory writes only in transactions), and
+        only when the connection itself broke (a restart, a failover), not the statement."""
+        if self._transactions or not self._conn.broken:
+            return False
+        log.warning("directory connection lost (%s); reconnecting", type(error).__name__)
+        return True
+
     def execute(self, sql: str, args: Sequence[object] = ()) -> Rows:
+        try:
+            return self._execute(sql, args)
+        except psycopg.OperationalError as e:
+            if not self._once_more(e):
+                raise
+        return self._execute(sql, args)
+
+    def _execute(self, sql: str, args: Sequence[object]) -> Rows:
         conn = self._usable()
         if args:
             cursor = conn.execute(to_psycopg(sql), tuple(args))
@@ -229,7 +249,14 @@ class PGConnection:
     def __enter__(self) -> PGConnection:
         conn = self._usable()
         transaction = conn.transaction()  # the outermost is BEGIN, the inner ones SAVEPOINTs
-        transaction.__enter__()
+        try:
+            transaction.__enter__()
+        except psycopg.OperationalError as e:
+            if not self._once_more(e):
+                raise
+            conn = self._usable()
+            transaction = conn.transaction()
+            transaction.__enter__()
         self._transactions.append(transaction)
         if len(self._transactions) == 1:
             try:
