@@ -23,6 +23,7 @@ from postvern.abuse.nftables import NftablesError, NftablesSet
 from postvern.abuse.portscan import ScanDetector
 from postvern.app import App
 from postvern.backup.replicate import BackupTask
+from postvern.cluster.node import ClusterNode
 from postvern.crypto import tls
 from postvern.delivery.filtering import FilterStage
 from postvern.delivery.forward import AliasForwarder
@@ -131,6 +132,7 @@ class Server:
         self.nftables = NftablesSet(spec, self.abuse.bans, time.time) if spec else None
         self._certificate_expiry = self._read_certificate_expiry()
         self.backup = BackupTask(app, self.registry, self._mail_postmaster)  # backup/
+        self.cluster = ClusterNode.attach(self)  # cluster/: a front or mailbox node, or None
 
     # -- operations (ops/): metrics, watchdog ---------------------------------------------
 
@@ -209,6 +211,8 @@ class Server:
                 log.warning("bans are not enforced in nftables: %s", e)
         await self._start_outbound()
         await self.backup.start()
+        if self.cluster is not None:
+            await self.cluster.start()  # cluster/: the relay, or a mailbox node's listener
         listen = self.settings.listen
         for name, starter in STARTERS.items():
             address = getattr(listen, name)
@@ -216,6 +220,8 @@ class Server:
                 continue
             host, port = config.parse_hostport(address)
             try:
+                if self.cluster is not None:  # a cluster front proxies IMAP and POP3
+                    starter = self.cluster.starter(name, starter)
                 server = await starter(self, host, port)
             except OSError as e:
                 await self.stop()
@@ -322,6 +328,8 @@ class Server:
         if self.queue is not None:
             await self.queue.close()
         await self.abuse.close()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.registry.close()
 
 

@@ -462,6 +462,11 @@ class ImapConnection:
         self._out.clear()
         return data
 
+    def take_pending_input(self) -> bytes:
+        """Input received and not yet framed, taken out: a proxy that hands the connection to
+        another server after LOGIN passes on what the client pipelined (cluster/proxy.py)."""
+        return self._framer.take_unprocessed()
+
     def tls_established(self) -> None:
         """The session finished the STARTTLS handshake."""
         self.tls_active = True

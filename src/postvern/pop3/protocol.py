@@ -524,6 +524,13 @@ class POP3Connection:
         elif code is ResponseCode.LOGIN_DELAY:
             self._close(None, "login refused")
 
+    def take_pending_input(self) -> bytes:
+        """Input received and not yet read as commands, taken out: a proxy that hands the
+        connection to another server after login passes it on (cluster/proxy.py)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
     def tls_started(self) -> None:
         self._take(StartTLS)
         # RFC 2595 §4: the session starts over inside TLS, except that STLS is gone.

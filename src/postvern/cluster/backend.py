@@ -1,0 +1,188 @@
+"""A mailbox node's internal listener: IMAP, POP3 and LMTP for fronts, over mutual TLS.
+
+One port per node; the service is the TLS ALPN protocol the front asked for ("imap", "pop3",
+"lmtp"), so a node has one address in nodes.toml and no service can be mistaken for another.
+The handshake already required a certificate from the cluster's CA; here the peer must also
+be a *front*, the only role that proxies clients and delivers mail. An IMAP or POP3
+connection starts with a PROXY v1 line carrying the real client address (proxyline.py), which
+the session then uses as its peer (logs, login records). After that the sessions are the
+single-server ones, unchanged: the login runs Argon2id here, once, and opens the mailbox here.
+Bans and rate limits are the front's (it sees the client); this side adds no delay of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from postvern.cluster import pki, proxyline
+from postvern.cluster.lmtp import LMTPSession
+from postvern.cluster.nodes import ClusterError, Node
+from postvern.cluster.placement import Placement
+from postvern.config import Limits
+from postvern.directory.db import User
+from postvern.imap.session import ImapSession, SessionCounter
+from postvern.login import LoggedIn, LoginRefused, LoginService
+from postvern.net import Channel, ChannelServer, ConnectionCaps
+from postvern.pop3.session import POP3Session
+from postvern.smtp.replies import Reply
+from postvern.store.service import MailboxRegistry
+from postvern.store.spool import SpoolItem
+
+log = logging.getLogger(__name__)
+
+ALPN = ["imap", "pop3", "lmtp"]  # IANA's ALPN ids for IMAP and POP3 (RFC 9051 is silent)
+# A front sends the PROXY line at once; one that does not within this is not a front.
+PROXY_LINE_TIMEOUT = 10.0
+BUSY = b"* BYE too many internal connections\r\n"
+NOT_HERE = "this mailbox is on another node; try again"
+
+
+class BackendLogin(LoginService):
+    """The single-server login, refusing users this node does not own (moved, failed over):
+    their mailbox file is elsewhere, so opening one here would start an empty mailbox."""
+
+    def __init__(self, *args: Any, owns: Callable[[str], bool], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._owns = owns
+
+    async def login(self, address: str, secret: str, peer_ip: str, protocol: str) -> LoggedIn:
+        unlocked = await self.verify(address, secret, peer_ip, protocol)
+        if not await self._thread(self._owns, unlocked.user.id):
+            raise LoginRefused("elsewhere", NOT_HERE)
+        handle = await self.registry.unlock(unlocked.user, unlocked.mailbox_key)
+        return LoggedIn(unlocked.user, handle)
+
+
+class Backend:
+    """Everything the internal listener serves with."""
+
+    def __init__(
+        self,
+        *,
+        node: Node,
+        identity: pki.NodeIdentity,
+        placement: Placement,
+        login: LoginService,
+        registry: MailboxRegistry,
+        limits: Limits,
+    ) -> None:
+        self.node = node
+        self.identity = identity
+        self.placement = placement
+        self.login = BackendLogin(
+            login.accounts,
+            registry,
+            failure_delay=0.0,  # the front delays failures; it faces the client
+            cache_seconds=login.cache.idle_seconds,
+            owns=self.owns,
+        )
+        self.registry = registry
+        self.limits = limits
+        self.counter = SessionCounter(limits.imap_sessions_per_user)
+        self.listener: ChannelServer | None = None
+        self.tls = identity.server_context(ALPN)
+
+    def owns(self, user_id: str) -> bool:
+        """Blocking (the directory): is ``user_id`` placed on this node?"""
+        try:
+            return self.placement.node_for(user_id).name == self.node.name
+        except ClusterError:
+            log.exception("placement lookup failed")
+            return False
+
+    async def start(self) -> ChannelServer:
+        host, port = self.node.hostport
+        caps = ConnectionCaps(self.limits.connections, self.limits.connections)
+        self.listener = ChannelServer("internal", self._serve, caps=caps, busy=BUSY)
+        await self.listener.listen(host, port, self.tls)
+        return self.listener
+
+    async def _serve(self, channel: Channel) -> None:
+        assert channel.transport is not None
+        tls = channel.transport.get_extra_info("ssl_object")
+        peer = pki.peer_node(tls)
+        service = tls.selected_alpn_protocol() if tls is not None else None
+        if peer is None or peer[1] != "front" or service not in ALPN:
+            log.warning("internal connection refused: not a front, or no known service")
+            channel.close()
+            return
+        if service == "lmtp":
+            await self._lmtp(channel)
+            return
+        client_ip = await self._proxy_line(channel)
+        if client_ip is None:
+            channel.close()
+            return
+        session: ImapSession | POP3Session
+        if service == "imap":
+            session = ImapSession(
+                channel,
+                login=self.login,
+                limits=self.limits,
+                ssl_context=None,  # already TLS: nothing to STARTTLS into
+                tls_active=True,
+                hostname=self.node.name,
+                counter=self.counter,
+            )
+        else:
+            # tls_active: STLS is not offered, so the context is never used again.
+            session = POP3Session(
+                channel, login=self.login, limits=self.limits, ssl_context=self.tls, tls_active=True
+            )
+        session.peer_ip = client_ip
+        await session.run()
+
+    async def _proxy_line(self, channel: Channel) -> str | None:
+        """The client address from the PROXY line; None (and logged) if there is none."""
+        data = b""
+        try:
+            async with asyncio.timeout(PROXY_LINE_TIMEOUT):
+                while b"\r\n" not in data and len(data) <= proxyline.MAX_LINE:
+                    chunk = await channel.read()
+                    if not chunk:
+                        return None
+                    data += chunk
+            if not data.endswith(b"\r\n"):
+                raise proxyline.ProxyLineError("bytes after the PROXY line, before the greeting")
+            return proxyline.parse(data) or channel.peer_ip
+        except (TimeoutError, proxyline.ProxyLineError) as e:
+            log.warning("internal connection without a valid PROXY line: %s", e)
+            return None
+
+    async def _lmtp(self, channel: Channel) -> None:
+        session = LMTPSession(
+            channel,
+            hostname=self.node.name,
+            recipient=self._recipient,
+            deliver=self._deliver,
+            max_size=self.limits.message_size,
+        )
+        await session.run()
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
+
+    async def _recipient(self, address: str) -> tuple[Reply, object | None]:
+        directory = self.login.accounts.directory
+        try:
+            user = await self._thread(directory.user, address)
+            if user is None:
+                return Reply(550, "5.1.1", "no such user"), None
+            if not await self._thread(self.owns, user.id):
+                return Reply(451, "4.3.0", NOT_HERE), None
+        except Exception:
+            log.exception("lmtp recipient lookup failed")
+            return Reply(451, "4.3.0", "lookup failed, try again"), None
+        return Reply(250, "2.1.5", "recipient OK"), user
+
+    async def _deliver(self, target: object, junk: bool, raw: bytes) -> Reply:
+        assert isinstance(target, User)
+        try:
+            where = await self.registry.deliver(target, SpoolItem(raw, "\\Junk" if junk else None))
+        except Exception:
+            log.exception("lmtp delivery failed")
+            return Reply(451, "4.3.0", "temporary failure storing the message")
+        return Reply(250, "2.0.0", f"stored ({where})")  # durable: WAL commit or fsynced spool

@@ -1,0 +1,97 @@
+"""Wiring a cluster node into the server (server.py calls :meth:`ClusterNode.attach`).
+
+A **front** keeps every public listener, but its IMAP and POP3 listeners proxy (proxy.py) and
+its delivery pipeline writes local copies into the relay queue (relay.py) instead of
+mailboxes. A **mailbox** node adds its internal listener (backend.py) at its address in
+nodes.toml. Without ``[cluster] role`` nothing here runs: one machine, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from postvern.cluster import nodes, pki
+from postvern.cluster.backend import Backend
+from postvern.cluster.nodes import CLUSTER_DIR, ClusterError
+from postvern.cluster.placement import Placement
+from postvern.cluster.proxy import Front, imap_starter, pop3_starter
+from postvern.cluster.relay import RELAY_DIR, Relay, RelayRegistry, RelayStore
+
+if TYPE_CHECKING:
+    from postvern.server import Server
+
+log = logging.getLogger(__name__)
+
+
+class ClusterNode:
+    def __init__(self, server: Server) -> None:
+        s = server.settings
+        role, name = s.cluster.role, s.cluster.node
+        cluster_dir = s.path(CLUSTER_DIR)
+        known = nodes.load(cluster_dir)
+        me = known.get(name)
+        if me is None or me.role != role:
+            raise ClusterError(f"[cluster] node {name!r} is not a {role} node in nodes.toml")
+        if getattr(s.server, "workers", 1) != 1:
+            # The relay queue and the internal listener belong to one process; several
+            # workers per node would race over both (not built yet).
+            raise ClusterError("a cluster node runs as one process: set [server] workers = 1")
+        self.node = me
+        identity = pki.NodeIdentity.in_dir(cluster_dir)
+        placement = Placement(server.app.directory, known)
+        executor = server.registry.executor
+        self.relay: Relay | None = None
+        self.front: Front | None = None
+        self.backend: Backend | None = None
+        if role == "front":
+            store = RelayStore(s.path(RELAY_DIR), server.app.server_key.derive("cluster relay"))
+            self.relay = Relay(store, placement, identity, executor)
+            server.pipeline.registry = RelayRegistry(server.registry, self.relay)  # type: ignore[assignment]
+            self.front = Front(
+                directory=server.app.directory,
+                placement=placement,
+                identity=identity,
+                gate=server.abuse,
+                failure_delay=s.limits.auth_failure_delay,
+                executor=executor,
+            )
+        else:
+            self.backend = Backend(
+                node=me,
+                identity=identity,
+                placement=placement,
+                login=server.login,
+                registry=server.registry,
+                limits=s.limits,
+            )
+
+    @classmethod
+    def attach(cls, server: Server) -> ClusterNode | None:
+        """The node this server is, per ``[cluster]``; None on a single machine."""
+        return cls(server) if server.settings.cluster.role else None
+
+    def starter(self, name: str, default: Any) -> Any:
+        """The listener starter for ``name``: a front proxies IMAP and POP3."""
+        if self.front is None:
+            return default
+        proxies = {
+            "imap": imap_starter(self.front, implicit_tls=False),
+            "imaps": imap_starter(self.front, implicit_tls=True),
+            "pop3": pop3_starter(self.front, implicit_tls=False),
+            "pop3s": pop3_starter(self.front, implicit_tls=True),
+        }
+        return proxies.get(name, default)
+
+    async def start(self) -> None:
+        if self.relay is not None:
+            self.relay.start()
+        if self.backend is not None:
+            await self.backend.start()
+            log.info("mailbox node %s: internal listener on %s", self.node.name, self.node.address)
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.backend is not None and self.backend.listener is not None:
+            await self.backend.listener.shutdown()

@@ -1,0 +1,294 @@
+"""The front's relay queue: local copies on their way to the owning mailbox node.
+
+A front stores no mailbox, so where a single server writes a user's copy into the mailbox
+or its sealed spool, a front writes it here: one file per copy, sealed with ChaCha20-Poly1305
+under a key derived from the server key (the name is the associated data, so files cannot be
+swapped), written durably (temp file, fsync, rename, fsync of the folder). Only then may SMTP
+answer 250 — the single-server rule, "250 means on disk", kept.
+
+:class:`RelayRegistry` stands in for the mailbox registry in the delivery pipeline, so the
+pipeline's all-or-nothing rule still holds: a copy is *held* until the pipeline closes its
+receipt, and a withdrawn copy is deleted before it was ever sent. :class:`Relay` hands copies
+to the owning node by LMTP over mutual TLS and deletes each only after that node's 250 (its
+copy durable there). A node that is down or answers 4xx keeps its copies queued and is tried
+again after a growing delay; a 5xx (the user is gone) moves the copy to ``failed/`` for the
+administrator rather than dropping mail that was accepted.
+
+Exactly-once holds except in one window, as for the outbound queue (mta/queue.py): a crash
+after the node's 250 and before the deletion is durable sends that copy once more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from postvern.cluster import pki
+from postvern.cluster.lmtp import LMTPClient, LMTPError
+from postvern.cluster.nodes import ClusterError, Node
+from postvern.cluster.placement import Placement
+from postvern.directory.db import User
+from postvern.durable import TEMP_PREFIX, fsync_dir, write_durably
+from postvern.store.service import MailboxRegistry
+from postvern.store.spool import SpoolItem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RELAY_DIR = "cluster-relay"
+FAILED_DIR = "failed"
+SUFFIX = ".relay"
+NONCE_BYTES = 12
+# A node that failed is tried again after RETRY_BASE·2^n seconds, at most RETRY_MAX: quick
+# enough that a restarted node gets its mail within a minute, slow enough not to hammer it.
+RETRY_BASE = 0.5
+RETRY_MAX = 30.0
+# A dead node's address may not even refuse: the connect (and LMTP greeting) gives up then.
+CONNECT_TIMEOUT = 5.0
+# One pass reads at most this many copies (memory), over at most this many connections per
+# node: the node commits concurrent copies together (its spool's group commit).
+BATCH = 256
+CONNECTIONS_PER_NODE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """One relayed copy: for whom, where it is filed, and the message."""
+
+    user_id: str
+    address: str
+    junk: bool
+    raw: bytes
+
+
+class RelayStore:
+    """The files; blocking, so every call runs in a worker thread."""
+
+    def __init__(self, root: Path, key: bytes) -> None:
+        self.root = root
+        self.failed = root / FAILED_DIR
+        self._aead = ChaCha20Poly1305(key)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def put(self, copy: Copy) -> str:
+        name = f"{time.time_ns():020d}-{secrets.token_hex(8)}{SUFFIX}"
+        head = json.dumps({"user": copy.user_id, "address": copy.address, "junk": copy.junk})
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, head.encode() + b"\n" + copy.raw, name.encode())
+        write_durably(self.root, name, nonce + sealed)
+        fsync_dir(self.root)
+        return name
+
+    def get(self, name: str) -> Copy:
+        data = (self.root / name).read_bytes()
+        plain = self._aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], name.encode())
+        head, _, raw = plain.partition(b"\n")
+        meta = json.loads(head)
+        return Copy(meta["user"], meta["address"], bool(meta["junk"]), raw)
+
+    def names(self) -> list[str]:
+        """Queued copies, oldest first (temp files of an interrupted write are not copies)."""
+        return sorted(
+            n for n in os.listdir(self.root) if n.endswith(SUFFIX) and not n.startswith(TEMP_PREFIX)
+        )
+
+    def remove(self, names: list[str]) -> None:
+        for name in names:
+            (self.root / name).unlink(missing_ok=True)
+        fsync_dir(self.root)
+
+    def fail(self, name: str) -> None:
+        self.failed.mkdir(mode=0o700, exist_ok=True)
+        os.replace(self.root / name, self.failed / name)
+        fsync_dir(self.root)
+        fsync_dir(self.failed)
+
+
+class Relay:
+    """Empties the relay queue into the mailbox nodes."""
+
+    def __init__(
+        self,
+        store: RelayStore,
+        placement: Placement,
+        identity: pki.NodeIdentity,
+        executor: Executor,
+    ) -> None:
+        self.store = store
+        self.placement = placement
+        self.context = identity.client_context("lmtp")
+        self.executor = executor
+        self._held: set[str] = set()  # deposited, not yet committed by the pipeline
+        self._wake = asyncio.Event()
+        self._failures: dict[str, int] = {}  # consecutive failures per node
+        self._retry_at: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.relayed = 0  # copies a node acknowledged (tests, metrics)
+
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- what the pipeline calls ------------------------------------------------------
+
+    async def deposit(self, copy: Copy) -> str:
+        name = await self._thread(self.store.put, copy)
+        self._held.add(name)
+        return name
+
+    async def withdraw(self, name: str) -> None:
+        self._held.discard(name)
+        await self._thread(self.store.remove, [name])
+
+    def release(self, name: str) -> None:
+        self._held.discard(name)
+        self._wake.set()
+
+    # -- the task ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._wake.set()  # whatever a previous run left queued
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def pending(self) -> int:
+        return len(await self._thread(self.store.names))
+
+    async def _run(self) -> None:
+        while True:
+            delay = RETRY_MAX
+            try:
+                delay = await self._pass()
+            except Exception:
+                log.exception("relay pass failed")
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _pass(self) -> float:
+        """Send what is due; returns how long until the next retry is due."""
+        names = [n for n in await self._thread(self.store.names) if n not in self._held]
+        by_node: dict[str, tuple[Node, list[tuple[str, Copy]]]] = {}
+        now = time.monotonic()
+        for name in names[:BATCH]:
+            copy = await self._thread(self.store.get, name)
+            try:
+                node = await self._thread(self.placement.node_for, copy.user_id)
+            except ClusterError:
+                log.exception("no node for a relayed copy; kept for later")
+                continue
+            if self._retry_at.get(node.name, 0.0) > now:
+                continue
+            by_node.setdefault(node.name, (node, []))[1].append((name, copy))
+        await asyncio.gather(*(self._to_node(node, work) for node, work in by_node.values()))
+        if len(names) > BATCH and by_node:
+            return 0.0  # more waiting: go on at once
+        waits = [at - time.monotonic() for at in self._retry_at.values()]
+        return max(0.0, min(waits, default=RETRY_MAX))
+
+    async def _to_node(self, node: Node, work: list[tuple[str, Copy]]) -> None:
+        lanes = [work[i::CONNECTIONS_PER_NODE] for i in range(CONNECTIONS_PER_NODE)]
+        results = await asyncio.gather(*(self._lane(node, lane) for lane in lanes if lane))
+        if all(results):
+            self._failures.pop(node.name, None)
+            self._retry_at.pop(node.name, None)
+            return
+        failures = self._failures[node.name] = self._failures.get(node.name, 0) + 1
+        wait = min(RETRY_BASE * 2 ** (failures - 1), RETRY_MAX)
+        self._retry_at[node.name] = time.monotonic() + wait
+        log.warning("relay to %s failed %d time(s); next try in %.1f s", node.name, failures, wait)
+
+    async def _lane(self, node: Node, lane: list[tuple[str, Copy]]) -> bool:
+        """One connection's share; True if every copy was settled (delivered or failed)."""
+        host, port = node.hostport
+        try:
+            client = await LMTPClient.connect(host, port, self.context, node.name, CONNECT_TIMEOUT)
+        except (OSError, LMTPError, TimeoutError) as e:
+            log.warning("cannot reach mailbox node %s: %s", node.name, type(e).__name__)
+            return False
+        done: list[str] = []
+        settled = True
+        try:
+            for name, copy in lane:
+                reply = await client.send("", copy.address, copy.junk, copy.raw)
+                if reply.is_positive:
+                    done.append(name)
+                elif reply.is_permanent:
+                    log.error(
+                        "mailbox node %s refused a copy (%d); kept in failed/",
+                        node.name,
+                        reply.code,
+                    )
+                    await self._thread(self.store.fail, name)
+                else:
+                    settled = False  # moved, or a passing failure there: later
+        except (OSError, LMTPError, TimeoutError) as e:
+            log.warning("relay to %s broke off: %s", node.name, type(e).__name__)
+            settled = False
+        finally:
+            if done:
+                await self._thread(self.store.remove, done)
+                self.relayed += len(done)
+            await client.close()
+        return settled
+
+
+class RelayReceipt:
+    """The pipeline's handle on one relayed copy (the interface of store.service.Receipt)."""
+
+    where = "relay"
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self._closed = False
+
+    async def withdraw(self) -> None:
+        self._closed = True
+        await self.relay.withdraw(self.name)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.relay.release(self.name)
+
+
+class RelayRegistry:
+    """The mailbox registry as the front's pipeline sees it: copies go to the relay queue.
+
+    Everything else (the executor, usage estimates from the directory) is the real registry's.
+    """
+
+    def __init__(self, registry: MailboxRegistry, relay: Relay) -> None:
+        self._registry = registry
+        self.relay = relay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._registry, name)
+
+    async def deliver_undoable(self, user: User, item: SpoolItem) -> RelayReceipt:
+        junk = item.special_use == "\\Junk"
+        name = await self.relay.deposit(Copy(user.id, user.address, junk, item.raw))
+        return RelayReceipt(self.relay, name)
+
+    async def deliver(self, user: User, item: SpoolItem) -> str:
+        receipt = await self.deliver_undoable(user, item)
+        await receipt.close()
+        return receipt.where

@@ -1,0 +1,157 @@
+"""A real Postvern cluster on loopback for tests and bench/cluster.py.
+
+Two fronts and two mailbox nodes, each a ``postvern serve`` process with its own data
+directory, set up the way docs/cluster.md tells an administrator to: ``postvern cluster init``
+and ``add-node`` on an admin directory, then each node gets ca.crt, its node.crt/node.key and
+nodes.toml in its ``cluster/`` folder and ``[cluster] role/node`` in its config. Every node
+shares the server key and the directory: the SQLite directory of a seed data directory (each
+node's ``directory.sqlite`` is a link to it — SQLite follows the link, so its WAL and locks are
+shared), until the PostgreSQL directory is wired in. Redis holds the shared abuse state. Each
+user's mailbox file starts on the node placement.py gives it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import (
+    DataDir,
+    ServerProcess,
+    free_port,
+    free_ports,
+    make_data_dir,
+    set_config,
+)
+from postvern import cli, config
+from postvern.app import App
+from postvern.cluster import nodes, pki, placement
+from postvern.crypto.serverkey import KEY_FILE
+from postvern.directory.accounts import MAILBOX_DIR
+from postvern.directory.db import DB_NAME
+
+FRONTS = ("front1", "front2")
+MAILBOX_NODES = ("mbx1", "mbx2")
+FRONT_LISTENERS = ("smtp", "submission", "imap", "imaps", "pop3", "pop3s")
+
+
+@dataclass
+class ClusterKit:
+    root: Path
+    seed: DataDir
+    admin: Path
+    nodes: dict[str, DataDir] = field(default_factory=dict)
+    procs: dict[str, ServerProcess] = field(default_factory=dict)
+    node_list: dict[str, nodes.Node] = field(default_factory=dict)
+
+    @property
+    def passwords(self) -> dict[str, str]:
+        return self.seed.passwords
+
+    def front(self, name: str) -> DataDir:
+        return self.nodes[name]
+
+    def owner(self, address: str) -> str:
+        """The mailbox node a user lives on now (the directory's map, else rendezvous)."""
+        app = App.open(self.seed.path)
+        try:
+            user = app.directory.user(address)
+            assert user is not None
+            return placement.Placement(app.directory, self.node_list).node_for(user.id).name
+        finally:
+            app.close()
+
+    def start(self, name: str) -> ServerProcess:
+        proc = self.procs[name] = ServerProcess(self.nodes[name]).start()
+        return proc
+
+    def start_all(self) -> None:
+        for name in (*MAILBOX_NODES, *FRONTS):
+            self.start(name)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+
+def _cli(*args: str) -> None:
+    if cli.main([*args]) != 0:
+        raise RuntimeError(f"postvern {' '.join(args)} failed")
+
+
+def build(root: Path, *, redis_url: str | None = None) -> ClusterKit:
+    """Make the admin CA, the four nodes' data directories, and place the users."""
+    seed = make_data_dir(root / "seed", listeners=())
+    admin = root / "admin"
+    _cli("--data", str(admin), "cluster", "init")
+    kit = ClusterKit(root, seed, admin)
+    for name in (*FRONTS, *MAILBOX_NODES):
+        role = "front" if name in FRONTS else "mailbox"
+        _cli("--data", str(admin), "cluster", "add-node", name, "--role", role,
+             "--address", f"127.0.0.1:{free_port()}")  # fmt: skip
+    kit.node_list = nodes.load(admin / nodes.CLUSTER_DIR)
+    _users_on_every_node(kit)
+    for name in (*FRONTS, *MAILBOX_NODES):
+        kit.nodes[name] = _node_dir(kit, name, redis_url)
+    for address in kit.seed.passwords:
+        _move_mailbox(kit, address)
+    return kit
+
+
+def _node_dir(kit: ClusterKit, name: str, redis_url: str | None) -> DataDir:
+    path = kit.root / name
+    path.mkdir(mode=0o700)
+    for item in (config.CONFIG_NAME, KEY_FILE):
+        shutil.copy2(kit.seed.path / item, path / item)
+    shutil.copytree(kit.seed.path / "tls", path / "tls")
+    os.symlink(kit.seed.path / DB_NAME, path / DB_NAME)
+    cluster_dir = path / nodes.CLUSTER_DIR
+    cluster_dir.mkdir(mode=0o700)
+    admin_dir = kit.admin / nodes.CLUSTER_DIR
+    shutil.copy2(admin_dir / pki.CA_CERT, cluster_dir / pki.CA_CERT)
+    shutil.copy2(admin_dir / nodes.NODES_FILE, cluster_dir / nodes.NODES_FILE)
+    for item in (pki.NODE_CERT, pki.NODE_KEY):
+        shutil.copy2(admin_dir / pki.NODES_SUBDIR / name / item, cluster_dir / item)
+    role = kit.node_list[name].role
+    listen = free_ports(list(FRONT_LISTENERS)) if role == "front" else {}
+    set_config(path, "listen", {k: listen.get(k) for k in config.Listen.__dataclass_fields__})
+    set_config(path, "cluster", {"role": role, "node": name})
+    if "workers" in config.Server.__dataclass_fields__:
+        set_config(path, "server", {"workers": 1})  # a cluster node is one process (cluster.md)
+    if redis_url is not None:
+        set_config(path, "abuse", {"redis_url": redis_url})
+    return DataDir(path, kit.seed.domain, listen, dict(kit.seed.passwords))
+
+
+def _users_on_every_node(kit: ClusterKit, per_node: int = 2) -> None:
+    """More users until every mailbox node owns ``per_node`` of them (placement is hashed)."""
+    counts = dict.fromkeys(MAILBOX_NODES, 0)
+    for address in kit.seed.passwords:
+        counts[kit.owner(address)] += 1
+    n = 0
+    while min(counts.values()) < per_node:
+        n += 1
+        address, password = f"user{n}@{kit.seed.domain}", f"user{n}-long-password"
+        app = App.open(kit.seed.path)
+        try:
+            app.accounts.create_user(address, password)
+        finally:
+            app.close()
+        kit.seed.passwords[address] = password
+        counts[kit.owner(address)] += 1
+
+
+def _move_mailbox(kit: ClusterKit, address: str) -> None:
+    """The user's mailbox file goes to the node that owns the user."""
+    owner = kit.owner(address)
+    app = App.open(kit.seed.path)
+    try:
+        user = app.directory.user(address)
+        assert user is not None
+    finally:
+        app.close()
+    target = kit.nodes[owner].path / MAILBOX_DIR
+    target.mkdir(mode=0o700, exist_ok=True)
+    shutil.move(kit.seed.path / MAILBOX_DIR / f"{user.id}.sqlite", target)

@@ -1,0 +1,282 @@
+"""A real cluster on loopback (issue #20): two fronts, two mailbox nodes, Redis.
+
+Mail goes in through either front (MX and submission) and is read through either front
+(IMAP, POP3) whichever mailbox node owns the user; the internal listener refuses anything
+but a front's certificate from the cluster's own CA; a mailbox node that is down does not
+lose mail a front accepted.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import smtplib
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from cluster_kit import MAILBOX_NODES, ClusterKit, build
+from harness import client_tls_context
+from postvern.cluster import nodes, pki
+from postvern.cluster.relay import RELAY_DIR
+from redis_server import RedisTestServer
+
+# How long a test waits for a relayed copy to show up: the relay sends at once, so this only
+# bounds a broken cluster (no time is asserted).
+ARRIVAL_WAIT = 60.0
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisTestServer]:
+    with RedisTestServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, redis: RedisTestServer
+) -> Iterator[ClusterKit]:
+    kit = build(tmp_path_factory.mktemp("cluster"), redis_url=redis.url)
+    try:
+        kit.start_all()
+        yield kit
+    finally:
+        kit.stop_all()
+
+
+def _users_on(kit: ClusterKit, node: str) -> list[str]:
+    return [a for a in kit.passwords if kit.owner(a) == node]
+
+
+def _message(to: str, subject: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "sender@outside.test"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{uuid.uuid4()}@outside.test>"
+    msg.set_content(f"body of {subject}\n")
+    return msg
+
+
+def _send_mx(kit: ClusterKit, front: str, to: str, subject: str) -> None:
+    host, port = kit.front(front).addr("smtp")
+    with smtplib.SMTP(host, port, timeout=30) as smtp:
+        smtp.send_message(_message(to, subject))
+
+
+def _imap(kit: ClusterKit, front: str, address: str) -> imaplib.IMAP4_SSL:
+    host, port = kit.front(front).addr("imaps")
+    imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
+    imap.login(address, kit.passwords[address])
+    return imap
+
+
+def _subjects(kit: ClusterKit, front: str, address: str) -> list[str]:
+    imap = _imap(kit, front, address)
+    try:
+        imap.select("INBOX")
+        _, data = imap.uid("SEARCH", "ALL")
+        subjects = []
+        for uid in data[0].split():
+            _, parts = imap.uid("FETCH", uid, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            header = parts[0][1].decode()  # type: ignore[index]
+            subjects.append(header.split(":", 1)[1].strip())
+        return subjects
+    finally:
+        imap.logout()
+
+
+def _wait_for(kit: ClusterKit, front: str, address: str, subject: str) -> list[str]:
+    deadline = time.monotonic() + ARRIVAL_WAIT
+    while True:
+        subjects = _subjects(kit, front, address)
+        if subject in subjects or time.monotonic() > deadline:
+            return subjects
+        time.sleep(0.2)
+
+
+def test_mail_in_and_out_through_both_fronts_for_users_on_both_nodes(cluster: ClusterKit) -> None:
+    for node in MAILBOX_NODES:
+        address = _users_on(cluster, node)[0]
+        for sender_front, reader_front in (("front1", "front2"), ("front2", "front1")):
+            subject = f"via {sender_front} to {node} {uuid.uuid4().hex[:8]}"
+            _send_mx(cluster, sender_front, address, subject)
+            assert _wait_for(cluster, reader_front, address, subject).count(subject) == 1
+
+
+def test_submission_on_one_front_reaches_a_user_on_the_other_node(cluster: ClusterKit) -> None:
+    sender = _users_on(cluster, "mbx1")[0]
+    recipient = _users_on(cluster, "mbx2")[0]
+    subject = f"submitted {uuid.uuid4().hex[:8]}"
+    host, port = cluster.front("front2").addr("submission")
+    with smtplib.SMTP(host, port, timeout=30) as smtp:
+        smtp.starttls(context=client_tls_context())
+        smtp.login(sender, cluster.passwords[sender])
+        msg = _message(recipient, subject)
+        msg.replace_header("From", sender)
+        smtp.send_message(msg)
+    assert _wait_for(cluster, "front1", recipient, subject).count(subject) == 1
+
+
+def test_pop3_through_a_front_sees_the_owning_nodes_maildrop(cluster: ClusterKit) -> None:
+    address = _users_on(cluster, "mbx2")[-1]
+    subject = f"for pop3 {uuid.uuid4().hex[:8]}"
+    _send_mx(cluster, "front1", address, subject)
+    assert subject in _wait_for(cluster, "front1", address, subject)
+    host, port = cluster.front("front2").addr("pop3s")
+    pop = poplib.POP3_SSL(host, port, context=client_tls_context(), timeout=30)
+    try:
+        pop.user(address)
+        assert pop.pass_(cluster.passwords[address]).startswith(b"+OK")
+        count, _ = pop.stat()
+        texts = [b"\n".join(pop.retr(i + 1)[1]) for i in range(count)]
+        assert sum(f"Subject: {subject}".encode() in t for t in texts) == 1
+    finally:
+        pop.quit()
+
+
+def test_a_wrong_password_is_refused_at_the_front_and_the_right_one_then_works(
+    cluster: ClusterKit,
+) -> None:
+    address = _users_on(cluster, "mbx1")[0]
+    host, port = cluster.front("front1").addr("imaps")
+    imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            imap.login(address, "not the password")
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            imap.login("nobody@example.test", "whatever")
+        assert imap.login(address, cluster.passwords[address])[0] == "OK"
+        assert imap.select("INBOX")[0] == "OK"
+    finally:
+        imap.logout()
+
+
+def test_idle_through_the_proxy_reports_a_delivery_made_through_the_other_front(
+    cluster: ClusterKit,
+) -> None:
+    address = _users_on(cluster, "mbx2")[0]
+    imap = _imap(cluster, "front2", address)
+    try:
+        _, data = imap.select("INBOX")
+        before = int(data[0])
+        imap.send(b"i1 IDLE\r\n")
+        assert imap.readline().startswith(b"+")
+        _send_mx(cluster, "front1", address, f"wake {uuid.uuid4().hex[:8]}")
+        line = imap.readline()  # the socket's timeout (30 s) bounds a missing report
+        assert line == f"* {before + 1} EXISTS\r\n".encode()
+        imap.send(b"DONE\r\n")
+        while not (line := imap.readline()).startswith(b"i1 "):
+            pass
+        assert line.startswith(b"i1 OK")
+    finally:
+        imap.logout()
+
+
+def test_mail_for_a_node_that_is_down_waits_on_the_front_sealed_and_arrives_later(
+    cluster: ClusterKit,
+) -> None:
+    address = _users_on(cluster, "mbx2")[0]
+    subject = f"while down {uuid.uuid4().hex[:8]}"
+    cluster.procs["mbx2"].stop()
+    try:
+        _send_mx(cluster, "front1", address, subject)  # accepted: 250 from the front
+        queued = [p for p in (cluster.front("front1").path / RELAY_DIR).iterdir() if p.is_file()]
+        assert queued, "the accepted copy is in the front's relay queue"
+        assert all(subject.encode() not in p.read_bytes() for p in queued)  # sealed at rest
+        assert all(p.stat().st_mode & 0o077 == 0 for p in queued)
+    finally:
+        cluster.start("mbx2")
+    assert _wait_for(cluster, "front2", address, subject).count(subject) == 1
+    relay = cluster.front("front1").path / RELAY_DIR
+    deadline = time.monotonic() + ARRIVAL_WAIT
+    while any(p.is_file() for p in relay.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in relay.iterdir() if p.is_file()]
+
+
+# -- mutual TLS on the internal listener ---------------------------------------------------
+
+
+def _internal(kit: ClusterKit, node: str) -> tuple[str, int]:
+    return kit.node_list[node].hostport
+
+
+def _context(cluster_dir: Path, alpn: str, *, cert: bool = True) -> ssl.SSLContext:
+    """A client context trusting the cluster CA, with a node's certificate or none."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(cluster_dir / pki.CA_CERT))
+    if cert:
+        ctx.load_cert_chain(str(cluster_dir / pki.NODE_CERT), str(cluster_dir / pki.NODE_KEY))
+    ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
+def _first_bytes(address: tuple[str, int], ctx: ssl.SSLContext, name: str) -> bytes:
+    """What the internal listener says first; b"" if it closed; raises if TLS failed."""
+    with socket.create_connection(address, timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            return tls.recv(256)
+
+
+def _refused(address: tuple[str, int], ctx: ssl.SSLContext, name: str) -> bool:
+    """The handshake failed, or the listener closed without a byte of its service. (In TLS
+    1.3 the client finishes its side first, so the server's refusal of its certificate may
+    reach it as an alert on the first read or as a plain close.)"""
+    try:
+        return _first_bytes(address, ctx, name) == b""
+    except (ssl.SSLError, ConnectionError):
+        return True
+
+
+def test_the_internal_listener_answers_a_front_over_mutual_tls(cluster: ClusterKit) -> None:
+    ctx = _context(cluster.front("front1").path / nodes.CLUSTER_DIR, "lmtp")
+    assert _first_bytes(_internal(cluster, "mbx1"), ctx, "mbx1").startswith(b"220 mbx1 LMTP")
+
+
+def test_the_internal_listener_refuses_a_client_without_a_certificate(
+    cluster: ClusterKit,
+) -> None:
+    ctx = _context(cluster.front("front1").path / nodes.CLUSTER_DIR, "lmtp", cert=False)
+    assert _refused(_internal(cluster, "mbx1"), ctx, "mbx1")
+
+
+def test_the_internal_listener_refuses_a_certificate_from_another_ca(
+    cluster: ClusterKit, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    pki.init_ca(other)
+    issued = pki.issue_node(other, "front1", "front")  # same name and role, wrong CA
+    ctx = _context(cluster.front("front1").path / nodes.CLUSTER_DIR, "lmtp", cert=False)
+    ctx.load_cert_chain(str(issued / pki.NODE_CERT), str(issued / pki.NODE_KEY))
+    assert _refused(_internal(cluster, "mbx1"), ctx, "mbx1")
+
+
+def test_a_mailbox_nodes_certificate_may_not_act_as_a_front(cluster: ClusterKit) -> None:
+    ctx = _context(cluster.nodes["mbx2"].path / nodes.CLUSTER_DIR, "lmtp")
+    assert _refused(_internal(cluster, "mbx1"), ctx, "mbx1")
+
+
+def test_a_front_pins_the_name_of_the_node_it_meant_to_reach(cluster: ClusterKit) -> None:
+    ctx = _context(cluster.front("front1").path / nodes.CLUSTER_DIR, "lmtp")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _first_bytes(_internal(cluster, "mbx1"), ctx, "mbx2")  # mbx1 answers: not mbx2
+
+
+def test_a_connection_offering_no_internal_service_is_closed(cluster: ClusterKit) -> None:
+    ctx = _context(cluster.front("front1").path / nodes.CLUSTER_DIR, "http/1.1")
+    assert _refused(_internal(cluster, "mbx1"), ctx, "mbx1")
+
+
+def test_a_proxied_session_without_a_proxy_line_gets_nothing(cluster: ClusterKit) -> None:
+    ctx = _context(cluster.front("front1").path / nodes.CLUSTER_DIR, "imap")
+    with socket.create_connection(_internal(cluster, "mbx1"), timeout=15) as raw:
+        with ctx.wrap_socket(raw, server_hostname="mbx1") as tls:
+            tls.sendall(b"a LOGIN alice@example.test x\r\n")
+            assert tls.recv(256) == b""  # no greeting, no login: closed
