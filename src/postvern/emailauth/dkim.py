@@ -33,6 +33,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from postvern.dns import DNSNameError, DNSTempError, Resolver
 from postvern.emailauth import canon, dkim_draft00
+from postvern.emailauth.domainkeys import star_fullmatch
 from postvern.emailauth.headers import ParsedMessage
 
 # Signatures verified per message. Each costs a DNS query and a public-key operation, so an
@@ -419,8 +420,9 @@ def key_record_problem(
         return b"", "key requires i= in d= exactly (t=s)"
     if granularity and b"g" in key:
         # RFC 4871 §3.6.1: "*" matches any run of characters; an empty g= matches nothing.
-        pattern = re.escape(key[b"g"]).replace(rb"\*", b".*")
-        if not key[b"g"] or not re.fullmatch(pattern, identity.rpartition(b"@")[0]):
+        # Latin-1 maps bytes to characters one to one, so the match is the bytes' match.
+        local_part = identity.rpartition(b"@")[0].decode("latin-1")
+        if not key[b"g"] or not star_fullmatch(key[b"g"].decode("latin-1"), local_part):
             return b"", "i= local-part does not match the key's g="
     return b"k=" + key_type + b"; p=" + public, ""
 

@@ -344,7 +344,34 @@ def granularity_matches(pattern: str, local_part: str) -> bool:
     """
     if not pattern:
         return True
-    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), local_part) is not None
+    return star_fullmatch(pattern, local_part)
+
+
+def star_fullmatch(pattern: str, text: str) -> bool:
+    """``text`` is all of ``pattern``, where "*" matches any run of characters (g= of
+    RFC 4870 §3.2.3 and RFC 4871 §3.6.1; nothing else is special).
+
+    Not a regular expression: ".*" pieces from a hostile record (g=*a*a*a*a*a*a*a*a*b)
+    backtrack over a long local-part for minutes, holding the interpreter for every
+    connection. Each literal piece is found once, left to right, so this is linear in the
+    text per piece: the first piece leads, the last one ends, the leftmost fit of each one
+    between them leaves the most room for the rest.
+    """
+    first, *rest = pattern.split("*")
+    if not rest:
+        return text == pattern
+    *middle, last = rest
+    if len(text) < len(first) + len(last) or not text.startswith(first):
+        return False
+    if not text.endswith(last):
+        return False
+    position, end = len(first), len(text) - len(last)
+    for piece in middle:
+        found = text.find(piece, position, end)
+        if found < 0:
+            return False
+        position = found + len(piece)
+    return True
 
 
 # -- verification -----------------------------------------------------------------------------
