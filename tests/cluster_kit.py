@@ -6,8 +6,9 @@ and ``add-node`` on an admin directory, then each node gets ca.crt, its node.crt
 nodes.toml in its ``cluster/`` folder and ``[cluster] role/node`` in its config. Every node
 shares the server key and the directory: the SQLite directory of a seed data directory (each
 node's ``directory.sqlite`` is a link to it — SQLite follows the link, so its WAL and locks are
-shared), until the PostgreSQL directory is wired in. Redis holds the shared abuse state. Each
-user's mailbox file starts on the node placement.py gives it.
+shared) or, given a database of the private test PostgreSQL (tests/pg_server.py), the directory
+in PostgreSQL over verified TLS, as a real cluster has it. Redis holds the shared abuse state.
+Each user's mailbox file starts on the node placement.py gives it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import (
+    PASSWORDS,
     DataDir,
     ServerProcess,
     free_port,
@@ -31,6 +33,7 @@ from postvern.cluster import nodes, pki, placement
 from postvern.crypto.serverkey import KEY_FILE
 from postvern.directory.accounts import MAILBOX_DIR
 from postvern.directory.db import DB_NAME
+from postvern.emailauth import signing
 
 FRONTS = ("front1", "front2")
 MAILBOX_NODES = ("mbx1", "mbx2")
@@ -81,9 +84,18 @@ def _cli(*args: str) -> None:
         raise RuntimeError(f"postvern {' '.join(args)} failed")
 
 
-def build(root: Path, *, redis_url: str | None = None) -> ClusterKit:
-    """Make the admin CA, the four nodes' data directories, and place the users."""
-    seed = make_data_dir(root / "seed", listeners=())
+def build(
+    root: Path, *, redis_url: str | None = None, directory: dict[str, object] | None = None
+) -> ClusterKit:
+    """Make the admin CA, the four nodes' data directories, and place the users.
+
+    ``directory`` is a ``[directory]`` table (PostgreSQL); without it the seed's SQLite file
+    is shared."""
+    if directory is None:
+        seed = make_data_dir(root / "seed", listeners=())
+    else:
+        seed = make_data_dir(root / "seed", listeners=(), passwords={})
+        _postgres_directory(seed, directory)
     admin = root / "admin"
     _cli("--data", str(admin), "cluster", "init")
     kit = ClusterKit(root, seed, admin)
@@ -100,13 +112,27 @@ def build(root: Path, *, redis_url: str | None = None) -> ClusterKit:
     return kit
 
 
+def _postgres_directory(seed: DataDir, directory: dict[str, object]) -> None:
+    """Point the seed at PostgreSQL and create there what ``init`` and ``user add`` would."""
+    set_config(seed.path, "directory", directory)
+    app = App.open(seed.path)
+    try:
+        signing.new_key_pair(app.directory, app.directory.add_domain(seed.domain))
+        for address, password in PASSWORDS.items():
+            seed.recovery[address] = app.accounts.create_user(address, password).recovery_key
+            seed.passwords[address] = password
+    finally:
+        app.close()
+
+
 def _node_dir(kit: ClusterKit, name: str, redis_url: str | None) -> DataDir:
     path = kit.root / name
     path.mkdir(mode=0o700)
     for item in (config.CONFIG_NAME, KEY_FILE):
         shutil.copy2(kit.seed.path / item, path / item)
     shutil.copytree(kit.seed.path / "tls", path / "tls")
-    os.symlink(kit.seed.path / DB_NAME, path / DB_NAME)
+    if not config.load(path, environ={}).directory.url:
+        os.symlink(kit.seed.path / DB_NAME, path / DB_NAME)
     cluster_dir = path / nodes.CLUSTER_DIR
     cluster_dir.mkdir(mode=0o700)
     admin_dir = kit.admin / nodes.CLUSTER_DIR

@@ -1,4 +1,5 @@
-"""A real cluster on loopback (issue #20): two fronts, two mailbox nodes, Redis.
+"""A real cluster on loopback (issue #20): two fronts, two mailbox nodes, the directory in
+PostgreSQL (TLS, verified), Redis.
 
 Mail goes in through either front (MX and submission) and is read through either front
 (IMAP, POP3) whichever mailbox node owns the user; the internal listener refuses anything
@@ -23,8 +24,12 @@ import pytest
 
 from cluster_kit import MAILBOX_NODES, ClusterKit, build
 from harness import client_tls_context
+from pg_server import PostgresTestServer
+from postvern import config
+from postvern.app import App
 from postvern.cluster import nodes, pki
 from postvern.cluster.relay import RELAY_DIR
+from postvern.directory.db import DB_NAME
 from redis_server import RedisTestServer
 
 # How long a test waits for a relayed copy to show up: the relay sends at once, so this only
@@ -40,9 +45,10 @@ def redis() -> Iterator[RedisTestServer]:
 
 @pytest.fixture(scope="module")
 def cluster(
-    tmp_path_factory: pytest.TempPathFactory, redis: RedisTestServer
+    tmp_path_factory: pytest.TempPathFactory, redis: RedisTestServer, pg_server: PostgresTestServer
 ) -> Iterator[ClusterKit]:
-    kit = build(tmp_path_factory.mktemp("cluster"), redis_url=redis.url)
+    directory = pg_server.new_database().settings()
+    kit = build(tmp_path_factory.mktemp("cluster"), redis_url=redis.url, directory=directory)
     try:
         kit.start_all()
         yield kit
@@ -280,3 +286,20 @@ def test_a_proxied_session_without_a_proxy_line_gets_nothing(cluster: ClusterKit
         with ctx.wrap_socket(raw, server_hostname="mbx1") as tls:
             tls.sendall(b"a LOGIN alice@example.test x\r\n")
             assert tls.recv(256) == b""  # no greeting, no login: closed
+
+
+def test_every_node_reads_the_directory_in_postgresql_with_its_placements(
+    cluster: ClusterKit,
+) -> None:
+    for name, data in cluster.nodes.items():
+        assert config.load(data.path, environ={}).directory.url, name
+        assert not (data.path / DB_NAME).exists(), name
+    app = App.open(cluster.seed.path)
+    try:
+        placed = {
+            node: {u.address for u in app.directory.users_on_node(node)} for node in MAILBOX_NODES
+        }
+    finally:
+        app.close()
+    for address in cluster.passwords:
+        assert address in placed[cluster.owner(address)]
