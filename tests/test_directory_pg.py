@@ -34,6 +34,7 @@ from harness import (
     set_config,
 )
 from pg_server import PgDatabase, PostgresTestServer
+from postvern import cli
 from postvern.accounts import policy
 from postvern.accounts.history import LoginHistory
 from postvern.accounts.recovery_codes import RecoveryCodes
@@ -47,6 +48,7 @@ from postvern.crypto.keyslots import KDFParams
 from postvern.crypto.serverkey import ServerKey
 from postvern.directory import Directory, DirectoryError
 from postvern.directory.accounts import Accounts, AuthFailed
+from postvern.directory.copy import copy_directory
 from postvern.directory.db import DKIMKey
 from postvern.directory.forwarding import ForwardingPolicy
 from postvern.directory.pg import (
@@ -311,6 +313,8 @@ def test_tls_needs_a_root_ca_and_a_named_host(pg_database: PgDatabase) -> None:
         connection_params(pg_database.target(ca=None))
     with pytest.raises(InsecureDirectory, match="name its host"):
         connection_params(pg_database.target(url=f"postgresql:///{pg_database.name}"))
+    with pytest.raises(InsecureDirectory, match="password_file"):
+        connection_params(pg_database.target(url=pg_database.url.replace("@", ":secret@")))
     with pytest.raises(InsecureDirectory, match="postgresql://"):
         connection_params(pg_database.target(url="mysql://127.0.0.1/x"))
     params = connection_params(pg_database.target())
@@ -518,3 +522,51 @@ def test_a_server_on_the_postgres_directory_takes_mail_and_imap_logins(pg_data: 
                 imap.login(bob, "not-bobs-password")
     assert not (pg_data.path / "directory.sqlite").exists()
     assert any(b"through PostgreSQL" in m for m in mailbox_messages(pg_data, alice))
+
+
+# -- from one machine to PostgreSQL ----------------------------------------------------------
+
+
+def test_copy_a_sqlite_directory_into_postgres(
+    data_dir: DataDir, pg_database: PgDatabase, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice, bob = list(PASSWORDS)
+    app = data_dir.app()
+    try:
+        phone = app.accounts.add_app_password(alice, PASSWORDS[alice], "phone")
+        app.directory.add_alias(f"team@{DOMAIN}", [alice, bob])
+        alice_id = app.accounts.authenticate(alice, PASSWORDS[alice]).user.id
+        app.directory.set_forwarding(alice_id, ["alice@outside.test"], keep_copy=True)
+        app.directory.set_mailbox_node(alice_id, "mbox-1")
+        dkim = {k.selector: k.private_key for k in app.directory.dkim_keys(DOMAIN)}
+        keys = app.accounts.authenticate(alice, PASSWORDS[alice]).mailbox_key
+    finally:
+        app.close()
+    assert cli.main(["directory", "status", "--data", str(data_dir.path)]) == 0
+    status = capsys.readouterr().out
+    assert "SQLite" in status and f"schema version: {LATEST}" in status
+    set_config(data_dir.path, "directory", pg_database.settings())
+    assert cli.main(["directory", "copy-to-postgres", "--data", str(data_dir.path)]) == 0
+    assert "copied into PostgreSQL" in capsys.readouterr().out
+
+    app = data_dir.app()  # now on PostgreSQL
+    try:
+        assert app.directory.backend == "postgresql"
+        assert app.accounts.authenticate(alice, PASSWORDS[alice]).mailbox_key == keys
+        assert app.accounts.authenticate(alice, phone).slot.label == "phone"
+        assert app.accounts.authenticate(bob, PASSWORDS[bob]).user.address == bob
+        team = app.directory.resolve(f"team@{DOMAIN}")
+        assert team is not None and {u.address for u in team.users} == {alice, bob}
+        assert team.external == ("alice@outside.test",)
+        assert app.directory.mailbox_node(alice_id) == "mbox-1"
+        assert {k.selector: k.private_key for k in app.directory.dkim_keys(DOMAIN)} == dkim
+        # New rows take ids past the copied ones.
+        app.accounts.add_app_password(alice, PASSWORDS[alice], "laptop")
+        with pytest.raises(DirectoryError, match="not empty"):
+            copy_directory(app.directory, app.directory)
+    finally:
+        app.close()
+    assert cli.main(["directory", "status", "--data", str(data_dir.path)]) == 0
+    status = capsys.readouterr().out
+    assert "PostgreSQL" in status and f"schema version: {LATEST}" in status
+    assert "node mbox-1: 1 user(s)" in status

@@ -10,7 +10,7 @@ from postvern.crypto.keyslots import KDFParams
 from postvern.crypto.serverkey import ServerKey
 from postvern.directory.accounts import Accounts
 from postvern.directory.addresses import AddressError, normalise_address
-from postvern.directory.db import Directory
+from postvern.directory.db import Directory, DirectoryError
 from postvern.directory.forwarding import ForwardingPolicy
 
 
@@ -49,6 +49,8 @@ def open_directory(
     if not db.url:
         return Directory.open(settings.data_dir, key, postmaster=postmaster, forwarding=forwarding)
     # Imported here: psycopg is loaded only by a server whose directory is in PostgreSQL.
+    from psycopg import OperationalError
+
     from postvern.directory.pg import InsecureDirectory, PostgresTarget
 
     def path(value: str | None) -> Path | None:
@@ -65,3 +67,5 @@ def open_directory(
         return Directory.open_postgres(target, key, postmaster=postmaster, forwarding=forwarding)
     except InsecureDirectory as e:
         raise config.ConfigError(f"[directory] {e}") from None
+    except OperationalError as e:  # libpq's message names host and cause, never a password
+        raise DirectoryError(f"cannot open the directory at {target.describe()}: {e}") from None

@@ -37,6 +37,7 @@ from postvern.crypto.tls import (
     make_self_signed,
     read_certificate,
 )
+from postvern.directory import commands as directory_commands
 from postvern.directory.accounts import AuthFailed
 from postvern.directory.addresses import AddressError, normalise_address, normalise_domain
 from postvern.directory.db import AliasChange, Directory, DirectoryError
@@ -837,6 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=Path("/"), help="read kernel state under ROOT")
     p.set_defaults(func=cmd_doctor)
     ops_commands.register(sub)
+    directory_commands.register(sub)
     return parser
 
 

@@ -286,8 +286,10 @@ class Directory:
         postmaster: str | None = None,
         forwarding: ForwardingPolicy | None = None,
         seal: ColumnSeal | None = None,
+        backend: str = "sqlite",
     ) -> None:
         self._conn = conn
+        self.backend = backend  # "sqlite" | "postgresql"
         # Secret columns that the database's own encryption does not cover (PostgreSQL):
         # sealed before they are written. None for the encrypted SQLite file.
         self._seal = seal
@@ -328,7 +330,17 @@ class Directory:
             postmaster=postmaster,
             forwarding=forwarding,
             seal=pg.ColumnSeal(key),
+            backend="postgresql",
         )
+
+    def schema_version(self) -> int:
+        """The migration the schema is at; the same number means the same tables on both."""
+        if self.backend == "postgresql":
+            from postvern.directory import pg
+
+            with self._lock:
+                return pg.schema_version(self._conn)  # type: ignore[arg-type]
+        return int(self._rows("PRAGMA user_version")[0][0])
 
     def close(self) -> None:
         with self._lock:
@@ -674,14 +686,17 @@ class Directory:
                     "UPDATE dkim_keys SET active=0 WHERE domain=? AND algorithm=?",
                     (key.domain, key.algorithm),
                 )
-            private = key.private_key
-            if self._seal is not None:
-                private = self._seal.seal(private, _dkim_context(key.domain, key.selector))
-            c.execute(
-                "INSERT INTO dkim_keys(domain, selector, algorithm, private_key, created, active)"
-                " VALUES(?, ?, ?, ?, ?, 1)",
-                (key.domain, key.selector, key.algorithm, private, key.created),
-            )
+            self._insert_dkim(c, key)
+
+    def _insert_dkim(self, c: Connection, key: DKIMKey) -> None:
+        private = key.private_key
+        if self._seal is not None:
+            private = self._seal.seal(private, _dkim_context(key.domain, key.selector))
+        c.execute(
+            "INSERT INTO dkim_keys(domain, selector, algorithm, private_key, created, active)"
+            " VALUES(?, ?, ?, ?, ?, ?)",
+            (key.domain, key.selector, key.algorithm, private, key.created, int(key.active)),
+        )
 
     def dkim_keys(self, domain: str, *, active_only: bool = False) -> list[DKIMKey]:
         rows = self._rows(

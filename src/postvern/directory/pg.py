@@ -117,6 +117,9 @@ def connection_params(target: PostgresTarget) -> dict[str, Any]:
         params: dict[str, Any] = dict(conninfo.conninfo_to_dict(target.url))
     except psycopg.ProgrammingError:
         raise InsecureDirectory("the directory URL cannot be parsed") from None
+    if params.get("password"):
+        # A URL is shown, logged and pasted into tickets; a password belongs in a 0600 file.
+        raise InsecureDirectory("put the password in [directory] password_file, not the URL")
     hosts = [h for h in str(params.get("host", "")).split(",") if h]
     if not hosts or params.get("hostaddr"):
         # libpq's default host may be a socket or localhost depending on how it was built;
