@@ -24,7 +24,10 @@ SEEDS = {
     "pop3": [b"\x00CAPA\r\nUSER a@b\r\nQUIT\r\n"],
     "mime": [b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n"],
     "headers": [b"From: a@b\r\nSubject: =?utf-8?q?x?=\r\n\r\nbody"],
-    "dkim": [b"v=1; a=rsa-sha256; d=example.org; s=sel; h=from; bh=AA==; b=AA=="],
+    "dkim": [
+        b"v=1; a=rsa-sha256; d=example.org; s=sel; h=from; bh=AA==; b=AA==; i=jlong@example.org",
+        b"v=DKIM1; k=rsa; h=sha256; s=email; t=s; g=jl*g; p=AA==",
+    ],
     "domainkeys": [b"k=rsa; p=MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC"],
     "spf": [b"v=spf1 ip4:192.0.2.0/24 include:_spf.example.org mx:%{d} -all"],
     "dmarc": [b"v=DMARC1; p=reject; rua=mailto:d@example.org; pct=50; adkim=s"],
