@@ -11,6 +11,7 @@ from typing import TypeVar
 import pytest
 
 from harness import client_tls_context
+from postvern.abuse.portscan import Offence, classify
 from postvern.crypto.tls import make_self_signed, server_context
 from postvern.net import (
     READ_HIGH_WATER,
@@ -305,18 +306,22 @@ async def test_shutdown_interrupts_sessions_and_cancels_stragglers() -> None:
     assert listener.active_sessions == 0 and stubborn.active_sessions == 0
 
 
-async def test_a_stalled_implicit_tls_handshake_times_out(tls: ssl.SSLContext) -> None:
-    listener = await serve_channels(
+async def implicit_listener(tls: ssl.SSLContext) -> ChannelServer:
+    return await serve_channels(
         "test",
         HOST,
         0,
         run=echo,
-        caps=ConnectionCaps(total=10, per_ip=10),
+        caps=ConnectionCaps(total=50, per_ip=50),
         busy=b"busy\r\n",
         ssl_context=tls,
         implicit_tls=True,
         handshake_timeout=QUICK_HANDSHAKE,
     )
+
+
+async def test_a_stalled_implicit_tls_handshake_times_out(tls: ssl.SSLContext) -> None:
+    listener = await implicit_listener(tls)
     reader, writer = await asyncio.open_connection(HOST, listener.port)  # no ClientHello
     assert await closed_by_server(reader)
     assert listener.active_sessions == 0
@@ -343,3 +348,77 @@ def test_implicit_tls_needs_a_context() -> None:
                 implicit_tls=True,
             )
         )
+
+
+# --- Implicit TLS run by the listener (failed handshakes are seen; one shared read buffer) ----
+
+
+async def test_failed_implicit_tls_handshakes_reach_the_observer(tls: ssl.SSLContext) -> None:
+    ended: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
+    ChannelServer.observer = lambda name, ip, first, failed: ended.put_nowait((first, failed))
+    listener = await implicit_listener(tls)
+    try:
+        seen = {}
+        for case, sent in [
+            ("silent", b""),
+            ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ("plaintext", b"a LOGIN x y\r\n"),
+            ("broken hello", b"\x16\x03\x01\x00\x05garbage-not-a-hello"),
+        ]:
+            reader, writer = await asyncio.open_connection(HOST, listener.port)
+            writer.write(sent)
+            assert await closed_by_server(reader)
+            await close_client(writer)
+            first, failed = await bounded(ended.get())
+            seen[case] = (failed, classify(first, failed))
+        reader, writer = await asyncio.open_connection(
+            HOST, listener.port, ssl=client_tls_context(), server_hostname="localhost"
+        )
+        assert await bounded(reader.readline()) == b"hello\r\n"
+        writer.write(b"a NOOP\r\n")
+        assert await bounded(reader.readline()) == b"a NOOP\r\n"
+        await close_client(writer)
+        first, failed = await bounded(ended.get())
+        seen["tls client"] = (failed, classify(first, failed))
+    finally:
+        ChannelServer.observer = None
+        await listener.shutdown(grace=2)
+    assert seen == {
+        "silent": (True, Offence.SILENT),
+        "http": (True, Offence.WRONG_PROTOCOL),
+        "plaintext": (True, Offence.TLS_FAILED),
+        "broken hello": (True, Offence.TLS_FAILED),
+        "tls client": (False, None),
+    }
+
+
+async def test_tls_sessions_share_one_read_buffer_without_mixing_bytes(
+    tls: ssl.SSLContext,
+) -> None:
+    listener = await implicit_listener(tls)
+    payloads = [bytes([65 + n]) * 200_000 + b"\r\n" for n in range(6)]
+    clients = []
+    try:
+        for _ in payloads:
+            reader, writer = await asyncio.open_connection(
+                HOST, listener.port, ssl=client_tls_context(), server_hostname="localhost"
+            )
+            assert await bounded(reader.readline()) == b"hello\r\n"
+            clients.append((reader, writer))
+        buffers = {
+            id(channel.transport._ssl_protocol._ssl_buffer)  # type: ignore[union-attr]
+            for channel in listener._sessions.values()
+        }
+
+        async def round_trip(client: Client, payload: bytes) -> bytes:
+            reader, writer = client
+            writer.write(payload)
+            return await bounded(reader.readexactly(len(payload)))
+
+        echoed = await asyncio.gather(*map(round_trip, clients, payloads))
+    finally:
+        for _, writer in clients:
+            await close_client(writer)
+        await listener.shutdown(grace=2)
+    assert len(clients) == len(payloads) and len(buffers) == 1
+    assert echoed == payloads

@@ -1,7 +1,8 @@
 """Port scans and garbage at the edge become bans (issue #19), and bans reach the kernel.
 
 A real server without the loopback allowlist: connections from 127.0.0.1 that say nothing,
-speak HTTP or TLS to a plaintext port, or fail their STARTTLS handshake are offences; enough
+speak HTTP or TLS to a plaintext port, fail their STARTTLS handshake, or send plaintext, HTTP
+or a broken ClientHello to an implicit-TLS port (993, 465) are offences; enough
 of them — or offences on enough listeners — ban the address through the ordinary ban logic.
 The nftables mirror runs in a network namespace the test creates (``unshare -n``), never on
 the host's tables.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import imaplib
 import json
 import shutil
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import DataDir, ServerProcess, make_data_dir, set_config
+from harness import DataDir, ServerProcess, client_tls_context, make_data_dir, set_config
 from postvern.abuse.portscan import Offence, classify
 
 HERE = Path(__file__).resolve().parent
@@ -40,7 +42,9 @@ def test_classify() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataDir]:
     data = make_data_dir(
-        tmp_path_factory.mktemp("scan") / "data", passwords={}, listeners=("smtp", "imap", "pop3")
+        tmp_path_factory.mktemp("scan") / "data",
+        passwords={},
+        listeners=("smtp", "imap", "pop3", "imaps", "submissions"),
     )
     set_config(data.path, "abuse", {"allowlist": [], "scan_offences": 3, "scan_listeners": 2})
     with ServerProcess(data):
@@ -118,6 +122,39 @@ def test_failed_starttls_handshakes_ban(unbanned: DataDir) -> None:
             except (OSError, ssl.SSLError):
                 pass
     wait_until(lambda: banned(unbanned))
+
+
+def test_garbage_to_the_implicit_tls_ports_bans(unbanned: DataDir) -> None:
+    """A burst of what scanners send to 993 and 465 instead of a TLS handshake: the
+    listeners run the handshake themselves, so its failure is an offence like any other."""
+    for name, sent in [
+        ("imaps", b"a LOGIN x y\r\n"),  # plaintext IMAP
+        ("submissions", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("imaps", b"\x16\x03\x01\x00\x05garbage-not-a-hello"),  # a broken ClientHello
+    ]:
+        with socket.create_connection(unbanned.addr(name), timeout=10) as s:
+            s.sendall(sent)
+            try:
+                s.recv(1024)
+            except OSError:
+                pass
+    wait_until(lambda: banned(unbanned))
+    assert "port scan" in cli(unbanned, "ban", "list")
+
+
+def test_tls_clients_on_the_implicit_tls_ports_are_no_scan(unbanned: DataDir) -> None:
+    for _ in range(4):
+        with imaplib.IMAP4_SSL(
+            *unbanned.addr("imaps"), ssl_context=client_tls_context(), timeout=10
+        ) as imap:
+            imap.noop()
+        with smtplib.SMTP_SSL(
+            *unbanned.addr("submissions"), context=client_tls_context(), timeout=10
+        ) as smtp:
+            smtp.ehlo("client.test")
+            smtp.noop()
+    time.sleep(0.5)
+    assert not banned(unbanned)
 
 
 def test_bans_are_mirrored_into_an_nftables_set() -> None:

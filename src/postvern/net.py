@@ -11,10 +11,12 @@ session per channel until :meth:`ChannelServer.shutdown`.
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import asyncio.sslproto
 import collections
 import logging
 import ssl
+import threading
 import typing
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
@@ -23,12 +25,13 @@ from postvern import handoff
 
 log = logging.getLogger(__name__)
 
-# asyncio's TLS transport reads into a buffer of SSLProtocol.max_size, allocated (and
-# zero-filled, so resident) for every TLS connection: 256 KiB by default, which made an idle
-# IMAP session over TLS cost 382 KiB of RSS against 16 KiB in plaintext. One TLS record
+# asyncio's TLS transport reads the socket into a buffer of SSLProtocol.max_size that every
+# connection allocates for itself (256 KiB by default, zero-filled, so resident). One TLS record
 # carries at most 16 KiB of plaintext (RFC 8446 §5.1), so a read of 16 KiB takes a whole
-# record; larger transfers take more reads. With it, 172 KiB per TLS session (1,000 IDLE
-# sessions measured; the rest is OpenSSL's own state). uvloop has its own TLS code.
+# record. Our listeners go further (:class:`SharedBufferTLS`): the bytes read are copied into
+# OpenSSL's input at once, so all connections of an event loop's thread share one buffer and
+# an idle TLS connection holds none. The class-wide size still bounds other TLS users (the web
+# server, outbound SMTP). uvloop has its own TLS code and buffers.
 TLS_READ_BUFFER = 16 * 1024
 asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
@@ -63,6 +66,115 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 # On shutdown, sessions busy with a request (a delivery being made durable) get this long to
 # finish and say goodbye before they are cancelled.
 SHUTDOWN_GRACE = 10.0
+
+
+class _ThreadBuffer(threading.local):
+    """The read buffer of one thread's event loop (a loop runs in one thread only)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(TLS_READ_BUFFER)
+        self.view = memoryview(self.buffer)
+
+
+_READ_BUFFER = _ThreadBuffer()
+
+
+class SharedBufferTLS(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS protocol reading through its thread's one buffer, and noting the first
+    bytes a client sent (what a failed handshake is classified by, abuse/portscan.py).
+
+    Sharing is safe on the selector event loop: it calls ``get_buffer``, ``recv_into`` and
+    ``buffer_updated`` in one go, and ``buffer_updated`` copies the bytes into OpenSSL's
+    input before it returns. Only used there (:func:`start_server_tls`).
+    """
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        # asyncio's __init__ allocates a buffer of max_size: shadowed by 0 while it runs.
+        vars(self)["max_size"] = 0
+        super().__init__(*args, **kwargs)
+        del vars(self)["max_size"]
+        self._ssl_buffer = _READ_BUFFER.buffer
+        self._ssl_buffer_view = _READ_BUFFER.view
+        self.first_bytes = b""
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self.first_bytes:
+            self.first_bytes = bytes(self._ssl_buffer_view[: min(nbytes, FIRST_BYTES_KEPT)])
+        super().buffer_updated(nbytes)
+
+
+async def start_server_tls(
+    transport: asyncio.Transport,
+    protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext,
+    handshake_timeout: float,
+) -> asyncio.Transport:
+    """The server side of a TLS handshake on ``transport``, as ``loop.start_tls`` runs it but
+    with :class:`SharedBufferTLS`; returns the TLS transport.
+
+    On failure the connection is closed and :class:`TLSHandshakeFailed` says what the client
+    had sent. Other loops (uvloop) run their own ``start_tls``.
+    """
+    loop = asyncio.get_running_loop()
+    if not _selector_loop(loop):
+        try:
+            upgraded = await loop.start_tls(
+                transport,
+                protocol,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=handshake_timeout,
+            )
+        except (OSError, ssl.SSLError) as e:
+            raise TLSHandshakeFailed(b"?", e) from e
+        if upgraded is None:
+            raise TLSHandshakeFailed(b"?", None)
+        return upgraded
+    waiter = loop.create_future()
+    tls = SharedBufferTLS(
+        loop,
+        protocol,
+        context,
+        waiter,
+        server_side=True,
+        ssl_handshake_timeout=handshake_timeout,
+        call_connection_made=False,
+    )
+    # Paused first, so no byte reaches the TLS protocol before its connection_made.
+    transport.pause_reading()
+    transport.set_protocol(tls)
+    made = loop.call_soon(tls.connection_made, transport)
+    resume = loop.call_soon(transport.resume_reading)
+    try:
+        await waiter
+    except (OSError, ssl.SSLError) as e:
+        transport.close()
+        made.cancel()
+        resume.cancel()
+        raise TLSHandshakeFailed(tls.first_bytes, e) from e
+    except BaseException:
+        transport.close()
+        made.cancel()
+        resume.cancel()
+        raise
+    upgraded = tls._app_transport
+    if upgraded is None:  # the connection was lost as the handshake ended
+        raise TLSHandshakeFailed(tls.first_bytes, None)
+    return typing.cast(asyncio.Transport, upgraded)
+
+
+def _selector_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """asyncio's own loop on Unix, whose transports :class:`SharedBufferTLS` is written for."""
+    return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+
+
+class TLSHandshakeFailed(ConnectionError):
+    """A server-side TLS handshake did not complete; ``first_bytes``: what the client sent
+    first (empty if nothing, ``b"?"`` when the event loop does not tell)."""
+
+    def __init__(self, first_bytes: bytes, cause: BaseException | None) -> None:
+        super().__init__(f"TLS handshake failed: {type(cause).__name__ if cause else 'closed'}")
+        self.first_bytes = first_bytes
 
 
 async def converse_and_close(
@@ -191,26 +303,23 @@ class Channel(asyncio.Protocol):
     async def start_tls(
         self, context: ssl.SSLContext, handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
     ) -> None:
-        """Run the server side of a TLS handshake on this connection (STARTTLS, STLS).
+        """Run the server side of a TLS handshake on this connection (STARTTLS, STLS, or
+        implicit TLS at connect).
 
-        Raises ``ConnectionError`` (a timeout is ``ConnectionAbortedError``) or
-        ``ssl.SSLError`` when the handshake fails; the connection is closed then.
+        Raises :class:`TLSHandshakeFailed` when the handshake fails or times out; the
+        connection is closed then.
         """
         assert self.transport is not None
         # Synchronously before the handshake starts: nothing can arrive in between.
         self.discard_input()
-        loop = asyncio.get_running_loop()
         self.tls_failed = True  # until the handshake is done
-        upgraded = await loop.start_tls(
-            self.transport,
-            self,
-            context,
-            server_side=True,
-            ssl_handshake_timeout=handshake_timeout,
-        )
-        self.tls_failed = upgraded is None
-        if upgraded is None:
-            raise ConnectionError("connection closed during the TLS handshake")
+        try:
+            upgraded = await start_server_tls(self.transport, self, context, handshake_timeout)
+        except TLSHandshakeFailed as e:
+            if not self.first_bytes:  # implicit TLS: what the client sent instead
+                self.first_bytes = e.first_bytes
+            raise
+        self.tls_failed = False
         self.transport = upgraded
         self._reading_paused = False  # the TLS transport reads on its own
 
@@ -266,7 +375,8 @@ class ChannelServer:
     """A listening socket and the sessions it runs; end it with :meth:`shutdown`."""
 
     # Told of every session that ended: (listener, client address, the first bytes it sent,
-    # whether its STARTTLS handshake failed). The server sets it (abuse/portscan.py).
+    # whether its TLS handshake failed: STARTTLS or implicit; on a failed implicit handshake
+    # the first bytes are the raw ones). The server sets it (abuse/portscan.py).
     observer: ClassVar[EdgeObserver | None] = None
 
     def __init__(
@@ -289,6 +399,8 @@ class ChannelServer:
         self._admission = admission
         self._sessions: dict[asyncio.Task[None], Channel] = {}
         self._server: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None  # implicit TLS: the handshake at connect
+        self._handshake_timeout = TLS_HANDSHAKE_TIMEOUT
 
     @property
     def server(self) -> asyncio.Server:
@@ -316,26 +428,40 @@ class ChannelServer:
         handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
     ) -> None:
         """Accept on ``host:port``; with ``ssl_context`` TLS starts at connect. A socket
-        inherited for that address (systemd, a predecessor: handoff.py) is used as it is."""
+        inherited for that address (systemd, a predecessor: handoff.py) is used as it is.
+
+        The listener accepts plain TCP and runs the TLS handshake itself (:meth:`_serve`), so a
+        failed handshake ends a session like any other and the scan detection sees it; asyncio's
+        own ``create_server(ssl=...)`` would drop it before any of our code ran.
+        """
+        loop = asyncio.get_running_loop()
         inherited = handoff.take(host, port)
         where: dict[str, typing.Any] = (
             {"sock": inherited}
             if inherited is not None
             else {"host": host, "port": port, "reuse_address": True}
         )
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: Channel(self._opened),
-            ssl=ssl_context,
-            ssl_handshake_timeout=handshake_timeout if ssl_context is not None else None,
-            **where,
-        )
+        if ssl_context is not None and not _selector_loop(loop):
+            # uvloop starts reading after connection_made, so bytes could reach the channel
+            # before a handshake of ours took over: there, its own TLS runs at accept (and
+            # failed handshakes go unseen).
+            where.update(ssl=ssl_context, ssl_handshake_timeout=handshake_timeout)
+            ssl_context = None
+        self._tls = ssl_context
+        self._handshake_timeout = handshake_timeout
+        self._server = await loop.create_server(lambda: Channel(self._opened), **where)
 
     def _opened(self, channel: Channel) -> None:
+        if self._tls is not None:
+            # Nothing is read before the handshake takes the connection over.
+            channel.discard_input()
         ip = channel.peer_ip
         if not self._caps.admit(ip):
-            # Before any session state exists, in the listener's own protocol.
+            # Before any session state exists, in the listener's own protocol; over implicit
+            # TLS there is no protocol before a handshake, which is what the caps save.
             log.info("%s: connection refused, too many connections", self.name)
-            channel.write(self._busy)
+            if self._tls is None:
+                channel.write(self._busy)
             channel.close()
             return
         task = asyncio.get_running_loop().create_task(self._serve(channel))
@@ -350,6 +476,12 @@ class ChannelServer:
         task.add_done_callback(ended)
 
     async def _serve(self, channel: Channel) -> None:
+        if self._tls is not None:
+            try:
+                await channel.start_tls(self._tls, self._handshake_timeout)
+            except TLSHandshakeFailed as e:
+                log.info("%s: TLS handshake failed (%s)", self.name, e)
+                return
         if self._admission is not None and self._refusal is not None:
             reason = await self._admission(channel.peer_ip)
             if reason is not None:

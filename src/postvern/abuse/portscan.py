@@ -2,15 +2,19 @@
 
 A mail client or server always says something in the listener's protocol. A scanner
 touches ports and leaves: it connects and sends nothing, sends an HTTP request or a TLS
-ClientHello to a plaintext mail port, or fails the STARTTLS handshake it started. Each such
+ClientHello to a plaintext mail port, fails the STARTTLS handshake it started, or sends
+plaintext, HTTP or a broken ClientHello to an implicit-TLS port (465, 993, 995). Each such
 ended connection is an *offence*; a client with ``[abuse] scan_offences`` of them within
 ``scan_window`` seconds, or offences on ``scan_listeners`` different listeners (one
 address sweeping our ports), is banned through :meth:`Abuse.on_scan` — the same escalating
 bans, shared through Redis and mirrored into nftables, as for password guessing.
 
-What it cannot see: an implicit-TLS listener (465, 993, 995) whose handshake fails never
-reaches the session layer (asyncio completes the handshake before the protocol exists), so
-garbage sent there is not counted; a silent connection there is.
+The implicit-TLS listeners accept plain TCP and run the handshake themselves
+(net.ChannelServer), so a failed handshake ends a session like any other: the raw bytes the
+client sent instead say which offence it was (nothing: silent; an HTTP request: wrong
+protocol; anything else: a failed handshake). A connection that completes the handshake and
+then says nothing is silent, as on a plaintext port. The web server's HTTPS port is aiohttp's
+and is not watched.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ MAX_TRACKED = 65536
 class Offence(enum.StrEnum):
     SILENT = "silent"  # connected and sent nothing
     WRONG_PROTOCOL = "wrong_protocol"  # HTTP or TLS where a mail protocol was expected
-    TLS_FAILED = "tls_failed"  # a STARTTLS handshake that did not complete
+    TLS_FAILED = "tls_failed"  # a TLS handshake (STARTTLS or implicit) that did not complete
 
 
 class Gate(Protocol):
@@ -50,11 +54,15 @@ class Gate(Protocol):
 
 
 def classify(first_bytes: bytes, tls_failed: bool) -> Offence | None:
-    if tls_failed:
-        return Offence.TLS_FAILED
+    """What an ended connection did wrong: ``first_bytes`` are the first it sent (the raw
+    ones when an implicit-TLS handshake failed), ``tls_failed`` whether a handshake failed."""
     if not first_bytes:
         return Offence.SILENT
-    if first_bytes.startswith(HTTP_STARTS) or first_bytes.startswith(TLS_HANDSHAKE_START):
+    if first_bytes.startswith(HTTP_STARTS):
+        return Offence.WRONG_PROTOCOL
+    if tls_failed:
+        return Offence.TLS_FAILED
+    if first_bytes.startswith(TLS_HANDSHAKE_START):
         return Offence.WRONG_PROTOCOL
     return None
 
