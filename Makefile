@@ -28,11 +28,14 @@ lint: $(STAMP)
 	$(BIN)/mypy src/postvern
 	$(BIN)/bandit -q -c pyproject.toml -r src -ll
 
-# Known vulnerabilities in the pinned dependencies: pip-audit where its data can be reached,
-# otherwise the report of what is pinned and installed (to check by hand or elsewhere).
 # A bounded coverage-guided run of every fuzz target (bench/fuzz/run.py for long runs).
 fuzz: $(STAMP)
 	$(BIN)/pytest -q tests/test_fuzz_bounded.py
 
+# Known vulnerabilities in the pinned dependencies: pip-audit where its data can be reached,
+# otherwise the report of what is pinned and installed (to check by hand or elsewhere).
+# --strict: without it, a package index that answers "not found" for every release (a mirror
+# without PyPI's per-release JSON) skips each package and still says "No known
+# vulnerabilities found", exit 0 — an audit of nothing that passed.
 audit: $(STAMP)
-	$(BIN)/pip-audit --progress-spinner off || $(BIN)/python tools/pinned-report
+	$(BIN)/pip-audit --strict --progress-spinner off || $(BIN)/python tools/pinned-report
