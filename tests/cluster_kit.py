@@ -96,7 +96,9 @@ def build(
     else:
         seed = make_data_dir(root / "seed", listeners=(), passwords={})
         _postgres_directory(seed, directory)
-    admin = root / "admin"
+    # The administrator's machine is the seed: the CA and admin certificate beside a config
+    # that reaches the directory, as `cluster move` needs.
+    admin = seed.path
     _cli("--data", str(admin), "cluster", "init")
     kit = ClusterKit(root, seed, admin)
     for name in (*FRONTS, *MAILBOX_NODES):

@@ -14,6 +14,7 @@ import poplib
 import smtplib
 import socket
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,9 +26,10 @@ import pytest
 from cluster_kit import MAILBOX_NODES, ClusterKit, build
 from harness import client_tls_context
 from pg_server import PostgresTestServer
-from postvern import config
+from postvern import cli, config
 from postvern.app import App
 from postvern.cluster import nodes, pki
+from postvern.cluster.move import MOVED_DIR
 from postvern.cluster.relay import RELAY_DIR
 from postvern.directory.db import DB_NAME
 from redis_server import RedisTestServer
@@ -303,3 +305,54 @@ def test_every_node_reads_the_directory_in_postgresql_with_its_placements(
         app.close()
     for address in cluster.passwords:
         assert address in placed[cluster.owner(address)]
+
+
+# -- moving a user while connected ----------------------------------------------------------
+
+
+def _move(kit: ClusterKit, address: str, node: str) -> None:
+    assert cli.main(["--data", str(kit.admin), "cluster", "move", address, node]) == 0
+
+
+def test_a_user_moved_during_idle_gets_bye_unavailable_reconnects_and_loses_nothing(
+    cluster: ClusterKit,
+) -> None:
+    address = _users_on(cluster, "mbx2")[-1]
+    subjects = [f"before move {i} {uuid.uuid4().hex[:6]}" for i in range(3)]
+    for subject in subjects:
+        _send_mx(cluster, "front1", address, subject)
+    assert subjects[-1] in _wait_for(cluster, "front2", address, subjects[-1])
+    imap = _imap(cluster, "front2", address)
+    imap.select("INBOX")
+    imap.send(b"i1 IDLE\r\n")
+    assert imap.readline().startswith(b"+")
+    during = [f"during move {i} {uuid.uuid4().hex[:6]}" for i in range(8)]
+    sender = threading.Thread(
+        target=lambda: [(_send_mx(cluster, "front1", address, s), time.sleep(0.05)) for s in during]
+    )
+    sender.start()
+    try:
+        _move(cluster, address, "mbx1")
+    finally:
+        sender.join()
+    lines = []
+    while (line := imap.readline()) and not line.startswith(b"* BYE"):
+        lines.append(line)  # EXISTS reports of what arrived before the move
+    assert line.startswith(b"* BYE [UNAVAILABLE]")
+    assert imap.readline() == b""  # then the connection closes
+    imap.shutdown()
+    assert cluster.owner(address) == "mbx1"
+    aside = list((cluster.nodes["mbx2"].path / MOVED_DIR).glob("*/mailboxes/*.sqlite"))
+    assert len(aside) == 1  # the old copy, set aside on the source, not served
+    expected = subjects + during
+    got = _wait_for(cluster, "front1", address, during[-1])
+    deadline = time.monotonic() + ARRIVAL_WAIT
+    while not set(expected) <= set(got) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got = _subjects(cluster, "front1", address)
+    assert sorted(s for s in got if s in expected) == sorted(expected)  # each exactly once
+    _move(cluster, address, "mbx2")  # and back: the other direction, over an existing spool
+    assert sorted(s for s in _subjects(cluster, "front2", address) if s in expected) == sorted(
+        expected
+    )
+    assert cluster.owner(address) == "mbx2"

@@ -14,26 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from postvern.cluster import pki, proxyline
+from postvern.cluster import move, pki, proxyline
 from postvern.cluster.lmtp import LMTPSession
 from postvern.cluster.nodes import ClusterError, Node
 from postvern.cluster.placement import Placement
 from postvern.config import Limits
 from postvern.directory.db import User
-from postvern.imap.session import ImapSession, SessionCounter
+from postvern.imap.session import SessionCounter
 from postvern.login import LoggedIn, LoginRefused, LoginService
-from postvern.net import Channel, ChannelServer, ConnectionCaps
-from postvern.pop3.session import POP3Session
+from postvern.net import Channel, ChannelServer, ConnectionCaps, converse_and_close
 from postvern.smtp.replies import Reply
 from postvern.store.service import MailboxRegistry
 from postvern.store.spool import SpoolItem
 
 log = logging.getLogger(__name__)
 
-ALPN = ["imap", "pop3", "lmtp"]  # IANA's ALPN ids for IMAP and POP3 (RFC 9051 is silent)
+ALPN = ["imap", "pop3", "lmtp", move.ALPN]  # "imap", "pop3": IANA's ALPN ids
 # A front sends the PROXY line at once; one that does not within this is not a front.
 PROXY_LINE_TIMEOUT = 10.0
 BUSY = b"* BYE too many internal connections\r\n"
@@ -82,11 +81,15 @@ class Backend:
         self.registry = registry
         self.limits = limits
         self.counter = SessionCounter(limits.imap_sessions_per_user)
+        self.sessions = move.Sessions()
+        self.moves = move.MoveService(login.accounts.data_dir, registry, self.sessions)
         self.listener: ChannelServer | None = None
         self.tls = identity.server_context(ALPN)
 
     def owns(self, user_id: str) -> bool:
         """Blocking (the directory): is ``user_id`` placed on this node?"""
+        if user_id in self.moves.evicted:
+            return False
         try:
             return self.placement.node_for(user_id).name == self.node.name
         except ClusterError:
@@ -105,9 +108,13 @@ class Backend:
         tls = channel.transport.get_extra_info("ssl_object")
         peer = pki.peer_node(tls)
         service = tls.selected_alpn_protocol() if tls is not None else None
-        if peer is None or peer[1] != "front" or service not in ALPN:
-            log.warning("internal connection refused: not a front, or no known service")
+        wanted = "admin" if service == move.ALPN else "front"
+        if peer is None or peer[1] != wanted or service not in ALPN:
+            log.warning("internal connection refused: wrong role, or no known service")
             channel.close()
+            return
+        if service == move.ALPN:
+            await converse_and_close("admin", lambda: self.moves.serve(channel), _closer(channel))
             return
         if service == "lmtp":
             await self._lmtp(channel)
@@ -116,10 +123,11 @@ class Backend:
         if client_ip is None:
             channel.close()
             return
-        session: ImapSession | POP3Session
+        session: move.EvictableImap | move.EvictablePop3
         if service == "imap":
-            session = ImapSession(
+            session = move.EvictableImap(
                 channel,
+                sessions=self.sessions,
                 login=self.login,
                 limits=self.limits,
                 ssl_context=None,  # already TLS: nothing to STARTTLS into
@@ -129,8 +137,13 @@ class Backend:
             )
         else:
             # tls_active: STLS is not offered, so the context is never used again.
-            session = POP3Session(
-                channel, login=self.login, limits=self.limits, ssl_context=self.tls, tls_active=True
+            session = move.EvictablePop3(
+                channel,
+                sessions=self.sessions,
+                login=self.login,
+                limits=self.limits,
+                ssl_context=self.tls,
+                tls_active=True,
             )
         session.peer_ip = client_ip
         await session.run()
@@ -186,3 +199,10 @@ class Backend:
             log.exception("lmtp delivery failed")
             return Reply(451, "4.3.0", "temporary failure storing the message")
         return Reply(250, "2.0.0", f"stored ({where})")  # durable: WAL commit or fsynced spool
+
+
+def _closer(channel: Channel) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        channel.close()
+
+    return close

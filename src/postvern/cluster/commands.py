@@ -7,17 +7,45 @@ stderr with a non-zero exit, like every other command.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from typing import Any
 
-from postvern.cluster import nodes, pki
+from postvern.cluster import admin, nodes, pki
 from postvern.cluster.nodes import CLUSTER_DIR, ClusterError
 
 
 def cmd_cluster_init(args: argparse.Namespace) -> int:
     cluster_dir = args.data / CLUSTER_DIR
     ca = pki.init_ca(cluster_dir)
+    admin.issue_admin(cluster_dir)  # for move and drain: role "admin", stays with the CA
     print(f"internal CA created: {ca} (its key {cluster_dir / pki.CA_KEY} stays here)")
+    return 0
+
+
+def _print_move(report: admin.MoveReport) -> None:
+    print(
+        f"{report.address}: {report.source} -> {report.target}"
+        f" ({report.files} files, {report.bytes} bytes, {report.seconds:.2f} s)"
+    )
+
+
+def cmd_cluster_move(args: argparse.Namespace) -> int:
+    mover = admin.Mover(args.data)
+    try:
+        _print_move(asyncio.run(mover.move(args.user, args.node)))
+    finally:
+        mover.close()
+    return 0
+
+
+def cmd_cluster_drain(args: argparse.Namespace) -> int:
+    mover = admin.Mover(args.data)
+    try:
+        for report in asyncio.run(mover.drain(args.node)):
+            _print_move(report)
+    finally:
+        mover.close()
     return 0
 
 
@@ -42,7 +70,7 @@ def _guarded(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
             return int(fn(args))
-        except ClusterError as e:
+        except (ClusterError, OSError, TimeoutError) as e:
             print(f"postvern: {e}", file=sys.stderr)
             return 1
 
@@ -67,3 +95,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_guarded(cmd_cluster_add_node))
     p = g.add_parser("list", help="the nodes of nodes.toml")
     p.set_defaults(func=_guarded(cmd_cluster_list))
+    p = g.add_parser("move", help="move a user's mailbox to another mailbox node, live")
+    p.add_argument("user", help="the user's address")
+    p.add_argument("node", help="the mailbox node to move to")
+    p.set_defaults(func=_guarded(cmd_cluster_move))
+    p = g.add_parser("drain", help="move every user of a mailbox node to the others")
+    p.add_argument("node")
+    p.set_defaults(func=_guarded(cmd_cluster_drain))

@@ -133,6 +133,10 @@ class Relay:
         self._wake = asyncio.Event()
         self._failures: dict[str, int] = {}  # consecutive failures per node
         self._retry_at: dict[str, float] = {}
+        # A copy the node answered 4xx for (its user is moving, a passing failure there)
+        # waits on its own, so one user's trouble does not hold back the node's other mail.
+        self._deferrals: dict[str, int] = {}
+        self._not_before: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self.relayed = 0  # copies a node acknowledged (tests, metrics)
 
@@ -184,11 +188,20 @@ class Relay:
 
     async def _pass(self) -> float:
         """Send what is due; returns how long until the next retry is due."""
-        names = [n for n in await self._thread(self.store.names) if n not in self._held]
-        by_node: dict[str, tuple[Node, list[tuple[str, Copy]]]] = {}
         now = time.monotonic()
+        names = [
+            n
+            for n in await self._thread(self.store.names)
+            if n not in self._held and self._not_before.get(n, 0.0) <= now
+        ]
+        by_node: dict[str, tuple[Node, list[tuple[str, Copy]]]] = {}
         for name in names[:BATCH]:
-            copy = await self._thread(self.store.get, name)
+            try:
+                copy = await self._thread(self.store.get, name)
+            except Exception:
+                log.exception("a relayed copy cannot be read; kept in failed/")
+                await self._thread(self.store.fail, name)
+                continue
             try:
                 node = await self._thread(self.placement.node_for, copy.user_id)
             except ClusterError:
@@ -200,7 +213,8 @@ class Relay:
         await asyncio.gather(*(self._to_node(node, work) for node, work in by_node.values()))
         if len(names) > BATCH and by_node:
             return 0.0  # more waiting: go on at once
-        waits = [at - time.monotonic() for at in self._retry_at.values()]
+        retries = (*self._retry_at.values(), *self._not_before.values())
+        waits = [at - time.monotonic() for at in retries]
         return max(0.0, min(waits, default=RETRY_MAX))
 
     async def _to_node(self, node: Node, work: list[tuple[str, Copy]]) -> None:
@@ -211,7 +225,7 @@ class Relay:
             self._retry_at.pop(node.name, None)
             return
         failures = self._failures[node.name] = self._failures.get(node.name, 0) + 1
-        wait = min(RETRY_BASE * 2 ** (failures - 1), RETRY_MAX)
+        wait = _backoff(failures)
         self._retry_at[node.name] = time.monotonic() + wait
         log.warning("relay to %s failed %d time(s); next try in %.1f s", node.name, failures, wait)
 
@@ -237,8 +251,9 @@ class Relay:
                         reply.code,
                     )
                     await self._thread(self.store.fail, name)
+                    self._forget(name)
                 else:
-                    settled = False  # moved, or a passing failure there: later
+                    self._defer(name)
         except (OSError, LMTPError, TimeoutError) as e:
             log.warning("relay to %s broke off: %s", node.name, type(e).__name__)
             settled = False
@@ -246,8 +261,22 @@ class Relay:
             if done:
                 await self._thread(self.store.remove, done)
                 self.relayed += len(done)
+                for name in done:
+                    self._forget(name)
             await client.close()
         return settled
+
+    def _defer(self, name: str) -> None:
+        deferrals = self._deferrals[name] = self._deferrals.get(name, 0) + 1
+        self._not_before[name] = time.monotonic() + _backoff(deferrals)
+
+    def _forget(self, name: str) -> None:
+        self._deferrals.pop(name, None)
+        self._not_before.pop(name, None)
+
+
+def _backoff(failures: int) -> float:
+    return float(min(RETRY_BASE * 2 ** (failures - 1), RETRY_MAX))
 
 
 class RelayReceipt:

@@ -1,0 +1,184 @@
+"""The administrator's side of ``postvern cluster move`` and ``drain`` (move.py is the nodes').
+
+Run where the CA lives (``DATA/cluster/``, with its admin certificate) and the directory is
+reachable (``DATA/postvern.toml``). A move:
+
+1. marks the user as moving in the directory;
+2. EVICT on the source node: its sessions end with BYE [UNAVAILABLE], its mailbox closes,
+   and from now on it refuses the user (fronts keep new mail queued, clients retry);
+3. EXPORT from the source, IMPORT into the target: the encrypted files as they are;
+4. flips the map source → target by compare-and-set (which also clears "moving");
+5. RELEASE on the source: the old files go aside under ``moved/``.
+
+A failure before step 4 undoes what was done (the target's partial copy set aside, the
+source serving again); after it, the user already lives on the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from postvern.app import App
+from postvern.cluster import move, nodes, pki
+from postvern.cluster.nodes import CLUSTER_DIR, ClusterError, Node
+from postvern.cluster.placement import Placement, rendezvous
+
+log = logging.getLogger(__name__)
+
+ADMIN_NAME = "admin"  # the administrator's certificate: role "admin", kept with the CA
+# Evicting waits up to move.EVICT_GRACE on the node; a copy of a large mailbox takes longer.
+REQUEST_TIMEOUT = 600.0
+
+
+def issue_admin(cluster_dir: Path) -> Path:
+    return pki.issue_node(cluster_dir, ADMIN_NAME, "admin")
+
+
+def admin_identity(cluster_dir: Path) -> pki.NodeIdentity:
+    folder = cluster_dir / pki.NODES_SUBDIR / ADMIN_NAME
+    return pki.NodeIdentity(
+        cluster_dir / pki.CA_CERT, folder / pki.NODE_CERT, folder / pki.NODE_KEY
+    )
+
+
+class NodeSession:
+    """One admin connection to a mailbox node."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, node: Node, context: ssl.SSLContext) -> NodeSession:
+        host, port = node.hostport
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=context, server_hostname=node.name, limit=1 << 20
+        )
+        return cls(reader, writer)
+
+    async def _answer(self) -> str:
+        line = (await self.reader.readline()).decode("ascii", "replace").rstrip("\r\n")
+        if not line.startswith("OK"):
+            raise ClusterError(f"the node refused: {line or 'connection closed'}")
+        return line
+
+    async def request(self, line: str) -> str:
+        self.writer.write(line.encode() + b"\r\n")
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            return await self._answer()
+
+    async def export(self, user_id: str) -> list[tuple[str, bytes]]:
+        count = int((await self.request(f"EXPORT {user_id}")).split(" ")[1])
+        files = []
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            for _ in range(count):
+                head = (await self.reader.readline()).decode().split(" ")
+                if len(head) != 3 or head[0] != "FILE":
+                    raise ClusterError("malformed EXPORT")
+                files.append((head[1], await self.reader.readexactly(int(head[2]))))
+            await self._answer()
+        return files
+
+    async def import_(self, user_id: str, files: list[tuple[str, bytes]]) -> None:
+        self.writer.write(f"IMPORT {user_id} {len(files)}\r\n".encode())
+        for rel, data in files:
+            self.writer.write(f"FILE {rel} {len(data)}\r\n".encode() + data)
+            await self.writer.drain()
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            await self._answer()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class MoveReport:
+    address: str
+    source: str
+    target: str
+    files: int
+    bytes: int
+    seconds: float
+
+
+class Mover:
+    def __init__(self, data_dir: Path) -> None:
+        self.app = App.open(data_dir)
+        cluster_dir = data_dir / CLUSTER_DIR
+        self.nodes = nodes.load(cluster_dir)
+        self.placement = Placement(self.app.directory, self.nodes)
+        self.context = admin_identity(cluster_dir).client_context(move.ALPN)
+
+    def close(self) -> None:
+        self.app.close()
+
+    def _node(self, name: str) -> Node:
+        node = self.nodes.get(name)
+        if node is None or node.role != "mailbox":
+            raise ClusterError(f"{name!r} is not a mailbox node in nodes.toml")
+        return node
+
+    async def move(self, address: str, target_name: str) -> MoveReport:
+        started = time.monotonic()
+        target = self._node(target_name)
+        user = self.app.directory.user(address)
+        if user is None:
+            raise ClusterError(f"no user {address}")
+        source = self.placement.node_for(user.id)
+        if source.name == target.name:
+            return MoveReport(address, source.name, target.name, 0, 0, 0.0)
+        directory = self.app.directory
+        directory.set_user_moving(user.id, True)
+        src = await NodeSession.open(source, self.context)
+        dst: NodeSession | None = None
+        flipped = imported = False
+        try:
+            await src.request(f"EVICT {user.id}")
+            files = await src.export(user.id)
+            dst = await NodeSession.open(target, self.context)
+            await dst.import_(user.id, files)
+            imported = True
+            if not directory.move_mailbox_node(user.id, source.name, target.name):
+                raise ClusterError("the user's node changed during the move")
+            flipped = True
+            await src.request(f"RELEASE {user.id} moved")
+        except BaseException:
+            if not flipped:
+                await self._undo(user.id, src, dst, imported)
+            raise
+        finally:
+            src.close()
+            if dst is not None:
+                dst.close()
+        size = sum(len(d) for _, d in files)
+        return MoveReport(
+            address, source.name, target.name, len(files), size, time.monotonic() - started
+        )
+
+    async def _undo(
+        self, user_id: str, src: NodeSession, dst: NodeSession | None, imported: bool
+    ) -> None:
+        log.warning("move abandoned; the source node serves the user again")
+        self.app.directory.set_user_moving(user_id, False)
+        try:
+            if dst is not None and imported:
+                await dst.request(f"RELEASE {user_id} moved")  # the partial copy, set aside
+            await src.request(f"RELEASE {user_id} stay")
+        except (OSError, ClusterError, TimeoutError):
+            log.exception("undoing the move failed; check both nodes")
+
+    async def drain(self, node_name: str) -> list[MoveReport]:
+        """Move every user of ``node_name`` to the other mailbox nodes (rendezvous)."""
+        self._node(node_name)
+        others = [n for n in nodes.mailbox_nodes(self.nodes) if n.name != node_name]
+        if not others:
+            raise ClusterError("no other mailbox node to drain to")
+        reports = []
+        for user in self.app.directory.users_on_node(node_name):
+            reports.append(await self.move(user.address, rendezvous(user.id, others).name))
+        return reports
