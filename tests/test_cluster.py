@@ -356,3 +356,17 @@ def test_a_user_moved_during_idle_gets_bye_unavailable_reconnects_and_loses_noth
         expected
     )
     assert cluster.owner(address) == "mbx2"
+
+
+def test_draining_a_node_moves_every_user_and_their_mail_to_the_other(cluster: ClusterKit) -> None:
+    """Last in the module: afterwards every user lives on mbx1."""
+    drained = _users_on(cluster, "mbx2")
+    subjects = {a: f"before drain {uuid.uuid4().hex[:6]}" for a in drained}
+    for address, subject in subjects.items():
+        _send_mx(cluster, "front2", address, subject)
+        assert subject in _wait_for(cluster, "front1", address, subject)
+    assert cli.main(["--data", str(cluster.admin), "cluster", "drain", "mbx2"]) == 0
+    assert _users_on(cluster, "mbx2") == []
+    for address, subject in subjects.items():
+        assert cluster.owner(address) == "mbx1"
+        assert _subjects(cluster, "front2", address).count(subject) == 1
