@@ -19,7 +19,6 @@ artefacts beside them (-artifact_prefix=LOGDIR/<target>- names them <target>-cra
 
 from __future__ import annotations
 
-import gc
 import re
 import sys
 from pathlib import Path
@@ -76,10 +75,6 @@ def main() -> None:
         return
     name = sys.argv[1]
     target = targets.TARGETS[name]
-    # Everything imported so far lives as long as the process: out of the collector's sight,
-    # a full collection no longer walks the test modules and libraries at every few inputs.
-    gc.collect()
-    gc.freeze()
     atheris.Setup([sys.argv[0], *sys.argv[2:]], target)
     atheris.Fuzz()
 
