@@ -47,6 +47,11 @@ def open_encrypted(
     conn = apsw.Connection(str(path), flags=flags)
     try:
         conn.setbusytimeout(BUSY_TIMEOUT_MS)
+        # Every ``with conn:`` transaction takes the write lock when it begins. A deferred
+        # one that reads first and then writes fails at once with SQLITE_BUSY (no busy wait)
+        # if another connection — another worker process (workers.py) — committed between
+        # its read and its write; an immediate one waits its turn and reads fresh data.
+        conn.transaction_mode = "IMMEDIATE"
         conn.execute("PRAGMA cipher='chacha20'")
         conn.execute(f"PRAGMA key='raw:{key.hex()}'")
         try:
@@ -73,5 +78,9 @@ def _migrate(conn: apsw.Connection, migrations: Sequence[Migration], path: Path)
         raise SchemaTooNew(f"{path.name}: schema version {version} is newer than this Postvern")
     for number in range(version, len(migrations)):
         with conn:
+            # Read again under the write lock: another process opening the same file at the
+            # same time (a second worker, workers.py) may have migrated it meanwhile.
+            if int(conn.execute("PRAGMA user_version").fetchall()[0][0] or 0) > number:
+                continue
             migrations[number](conn)
             conn.execute(f"PRAGMA user_version={number + 1}")
