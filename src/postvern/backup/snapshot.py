@@ -68,6 +68,7 @@ from postvern.backup.manifest import (
 )
 from postvern.backup.targets import TargetError, Targets
 from postvern.crypto.serverkey import ServerKey
+from postvern.store.mailbox import writers_excluded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -181,11 +182,17 @@ def _copy_server_db(src: Path, key: bytes, dst: Path) -> int:
 
 
 def copy_mailbox_files(src: Path, dst: Path) -> None:
-    """Bytes of a mailbox (and a WAL left by a crash) — call only under a :class:`Guard`."""
-    shutil.copyfile(src, dst)
-    wal = src.with_name(src.name + "-wal")
-    if wal.exists() and wal.stat().st_size > 0:
-        shutil.copyfile(wal, dst.with_name(dst.name + "-wal"))
+    """Bytes of a mailbox (and a WAL left by a crash) — call only under a :class:`Guard`.
+
+    With several workers another process may have the mailbox open: its writes (and
+    checkpoints) wait meanwhile (``writers_excluded``), so the main file and WAL copied are
+    one committed state.
+    """
+    with writers_excluded(src):
+        shutil.copyfile(src, dst)
+        wal = src.with_name(src.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            shutil.copyfile(wal, dst.with_name(dst.name + "-wal"))
 
 
 class _Uploader:

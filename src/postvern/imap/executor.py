@@ -193,6 +193,10 @@ class Executor:
         }
 
     async def noop(self, command: c.Noop | c.Check) -> Completion:
+        if Mailbox.shared and self.view is not None:
+            # NOOP is how a client polls (RFC 9051 §6.1.2): with several workers, look now at
+            # what other processes committed instead of waiting for the next poll.
+            await self.run(self.box.poll_external)
         return Completion.ok(command.tag, f"{command.name} completed")
 
     # -- folders ----------------------------------------------------------------------------

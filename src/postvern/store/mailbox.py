@@ -12,6 +12,8 @@ could still undo.
 from __future__ import annotations
 
 import datetime
+import fcntl
+import os
 import re
 import threading
 import time
@@ -211,12 +213,22 @@ class Mailbox:
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
         self._pending: list[Change] = []
+        # What this connection last knew of each folder, and SQLite's data_version then:
+        # the base from which changes other processes committed are derived (``shared``).
+        self._known: dict[int, _FolderMark] = {}
+        self._data_version = -1
+        # Several workers: a descriptor of the file for flock(2), held shared around every
+        # write (and the checkpoint at close) so a backup can hold it exclusively.
+        self._writing_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if Mailbox.shared else -1
 
     # -- lifecycle ---------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: Path, key: bytes) -> Mailbox:
-        return cls(open_encrypted(path, key, MIGRATIONS), path)
+        box = cls(open_encrypted(path, key, MIGRATIONS), path)
+        if Mailbox.shared:
+            box.poll_external()  # the base from which other processes' changes are derived
+        return box
 
     @classmethod
     def create(cls, path: Path, key: bytes, spool_private: bytes) -> Mailbox:
@@ -233,8 +245,24 @@ class Mailbox:
         return box
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        with self._lock, self._writing():
+            self._conn.close()  # the last connection to close checkpoints: a write
+        if self._writing_fd >= 0:
+            os.close(self._writing_fd)
+            self._writing_fd = -1
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Shared flock(2) on the file while this process may write it (several workers):
+        :func:`writers_excluded` waits for every such writer in every process."""
+        if self._writing_fd < 0:
+            yield
+            return
+        fcntl.flock(self._writing_fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._writing_fd, fcntl.LOCK_UN)
 
     def __enter__(self) -> Mailbox:
         return self
@@ -247,18 +275,109 @@ class Mailbox:
     @contextmanager
     def _tx(self) -> Iterator[apsw.Connection]:
         """One transaction; listeners hear about its changes only after it commits."""
-        with self._lock:
+        with self._lock, self._writing():
             self._pending = []
             try:
                 with self._conn:
+                    if Mailbox.shared:
+                        # Changes other processes committed before this transaction took
+                        # the write lock: heard first, then this transaction's own.
+                        self._pending = self._external_changes()
                     yield self._conn
+                    if Mailbox.shared:
+                        self._known = self._folder_marks()
             except BaseException:
                 self._pending = []
                 raise
             changes, self._pending = self._pending, []
+        self._tell(changes)
+
+    def _tell(self, changes: list[Change]) -> None:
         for change in changes:
             for listener in list(self._listeners):
                 listener(change)
+
+    # -- changes made by other processes (several workers, workers.py) -----------------
+
+    # Set once per process when other processes may write the same mailbox files at the same
+    # time (more than one worker): every transaction and :meth:`poll_external` then derive
+    # the changes other connections committed, by MODSEQ, and tell this process's listeners.
+    shared: bool = False
+
+    def poll_external(self) -> int:
+        """Tell listeners what other processes committed since this connection last looked
+        (RFC 7162 §3.1: every change has a MODSEQ, every expunge is in ``expunged``); returns
+        how many changes were told. Cheap when nothing changed: one ``PRAGMA data_version``."""
+        with self._lock:
+            if self._read_data_version() == self._data_version:
+                return 0
+            # A read transaction (one snapshot for every query), not the write lock.
+            self._conn.execute("BEGIN DEFERRED")
+            try:
+                changes = self._external_changes()
+            finally:
+                self._conn.execute("COMMIT")
+        self._tell(changes)
+        return len(changes)
+
+    def _read_data_version(self) -> int:
+        # Changes whenever another connection commits, never for this one's own commits.
+        return int(self._q("PRAGMA data_version")[0][0])
+
+    def _folder_marks(self) -> dict[int, _FolderMark]:
+        rows = self._q("SELECT id, name, uidvalidity, uidnext, highestmodseq FROM folders")
+        return {int(r[0]): _FolderMark(str(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
+
+    def _external_changes(self) -> list[Change]:
+        """Inside a transaction: the changes since ``_known``, as the change feed has them."""
+        version = self._read_data_version()
+        if version == self._data_version:
+            return []
+        first = self._data_version < 0
+        self._data_version = version
+        marks = self._folder_marks()
+        known, self._known = self._known, marks
+        if first:
+            return []  # the base is taken now: nothing was known before
+        out: list[Change] = []
+        if {i: (m.name, m.uidvalidity) for i, m in marks.items()} != {
+            i: (m.name, m.uidvalidity) for i, m in known.items()
+        }:
+            out.append(Change("folders", 0, (), 0))
+        for folder_id, mark in marks.items():
+            before = known.get(folder_id)
+            if before is None or before.uidvalidity != mark.uidvalidity:
+                continue  # a new or renamed folder: the "folders" change covers it
+            if mark.highestmodseq <= before.highestmodseq and mark.uidnext == before.uidnext:
+                continue
+            out += self._folder_changes(folder_id, before, mark)
+        return out
+
+    def _folder_changes(
+        self, folder_id: int, before: _FolderMark, now: _FolderMark
+    ) -> list[Change]:
+        since = before.highestmodseq
+        out: list[Change] = []
+        gone = [
+            int(r[0])
+            for r in self._q(
+                "SELECT uid FROM expunged WHERE folder_id=? AND modseq>? AND uid<? ORDER BY uid",
+                (folder_id, since, before.uidnext),
+            )
+        ]
+        if gone:
+            out.append(Change("expunge", folder_id, tuple(gone), now.highestmodseq))
+        rows = self._q(
+            "SELECT uid FROM messages WHERE folder_id=? AND modseq>? ORDER BY uid",
+            (folder_id, since),
+        )
+        new = tuple(int(r[0]) for r in rows if int(r[0]) >= before.uidnext)
+        flagged = tuple(int(r[0]) for r in rows if int(r[0]) < before.uidnext)
+        if new:
+            out.append(Change("append", folder_id, new, now.highestmodseq))
+        if flagged:
+            out.append(Change("flags", folder_id, flagged, now.highestmodseq))
+        return out
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Hear every committed change; returns the function that unsubscribes."""
@@ -938,6 +1057,29 @@ class Mailbox:
         """Drop import records whose files are gone for good (keeps the table small)."""
         with self._tx():
             self._conn.executemany("DELETE FROM spool_imported WHERE id=?", [(i,) for i in ids])
+
+
+@contextmanager
+def writers_excluded(path: Path) -> Iterator[None]:
+    """No process writes the mailbox file at ``path`` (nor checkpoints into it) meanwhile:
+    exclusive flock(2) against the shared one each :class:`Mailbox` of a worker holds while
+    it writes. A backup copies the bytes under it (backup/snapshot.py)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class _FolderMark:
+    """One folder as a connection last saw it (the base of :meth:`Mailbox.poll_external`)."""
+
+    name: str
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,14 +143,20 @@ HookFactory = Callable[[Mailbox], MailboxHook]
 # IMAP client opening its second connection, a poller — finds it open, and the memory that
 # open mailboxes take stays bounded whatever the number of users.
 MAX_LINGERING = 256
+# Several workers (workers.py): how often this process looks at its open mailboxes for what
+# other processes did to them — commits (one PRAGMA data_version each) and deliveries that
+# went to the sealed spool because the delivering worker had the mailbox locked. It is how
+# late an IDLE session hears of such a change.
+SHARED_POLL_SECONDS = 0.25
 
 
 class _Open:
-    __slots__ = ("box", "cancel_hook", "linger", "refs")
+    __slots__ = ("box", "cancel_hook", "hook", "linger", "refs")
 
     def __init__(self, box: Mailbox) -> None:
         self.box = box
         self.refs = 0
+        self.hook: MailboxHook | None = None
         self.cancel_hook: Callable[[], None] = lambda: None
         self.linger: asyncio.TimerHandle | None = None  # set while no session holds it
 
@@ -174,6 +180,7 @@ class MailboxRegistry:
         self._batcher = DepositBatcher(self.spool, self.executor)
         self._in_flight: dict[str, int] = {}
         self._settled: dict[str, asyncio.Event] = {}
+        self._poller: asyncio.Task[None] | None = None
 
     def _lock(self, user_id: str) -> asyncio.Lock:
         lock = self._locks.get(user_id)
@@ -205,7 +212,7 @@ class MailboxRegistry:
                 path = self.accounts.mailbox_path(user)
                 box = await self._thread(Mailbox.open, path, mailbox_key)
                 entry = self._open[user.id] = _Open(box)
-                hook = self.hook_factory(box) if self.hook_factory else None
+                hook = entry.hook = self.hook_factory(box) if self.hook_factory else None
                 if hook is not None:
                     entry.cancel_hook = box.subscribe(hook.on_change)
                 try:
@@ -222,6 +229,54 @@ class MailboxRegistry:
                         await self._refile(hook, imported)
             entry.refs += 1
             return MailboxHandle(self, user, entry.box)
+
+    # -- other worker processes (workers.py) ----------------------------------------------
+
+    def watch_other_processes(self) -> None:
+        """Other processes serve the same mailboxes: from now on, what they commit reaches
+        this process's change feeds, and what they spool for a mailbox open here is
+        imported, within SHARED_POLL_SECONDS."""
+        Mailbox.shared = True
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_shared())
+
+    async def _poll_shared(self) -> None:
+        while True:
+            await asyncio.sleep(SHARED_POLL_SECONDS)
+            if not self._open:
+                continue
+            boxes = [(user_id, entry.box) for user_id, entry in self._open.items()]
+            spooled = await self._thread(self._poll_boxes, boxes)
+            for user_id in spooled:
+                try:
+                    await self._import_spooled(user_id)
+                except Exception:
+                    # Nothing is lost: the items stay in the spool for the next round.
+                    log.exception("importing mail another worker spooled failed")
+
+    def _poll_boxes(self, boxes: list[tuple[str, Mailbox]]) -> list[str]:
+        """In a store thread: tell each box's listeners of other processes' commits; the
+        users whose spool holds something."""
+        spooled = []
+        for user_id, box in boxes:
+            try:
+                box.poll_external()
+                if self.spool.pending(user_id):
+                    spooled.append(user_id)
+            except Exception:  # closed meanwhile (apsw.ConnectionClosedError), or gone
+                log.debug("polling a mailbox for other workers' changes failed", exc_info=True)
+        return spooled
+
+    async def _import_spooled(self, user_id: str) -> None:
+        async with self._lock(user_id):
+            entry = self._open.get(user_id)
+            if entry is None:
+                return  # closed meanwhile: the next unlock imports
+            imported = await self._thread(import_spool, entry.box, self.spool, user_id)
+            if imported:
+                log.info("imported %d message(s) another worker spooled", len(imported))
+                if entry.hook is not None:
+                    await self._refile(entry.hook, imported)
 
     async def _refile(self, hook: MailboxHook, imported: list[tuple[int, int]]) -> None:
         try:
@@ -321,6 +376,10 @@ class MailboxRegistry:
         return hint + await self._thread(self.spool.size, user.id)
 
     async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
         for task in self._expiring:
             task.cancel()
         for user_id in list(self._open):

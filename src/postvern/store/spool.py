@@ -15,7 +15,9 @@ record) or the committed message.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -44,6 +46,9 @@ MAX_ITEM_BYTES = 1 << 30
 # bounded batch bounds the memory held for decrypted messages.
 IMPORT_BATCH = 256
 IMPORT_BATCH_BYTES = 64 * 1024 * 1024
+# A temp file older than this is a deposit a crash interrupted; younger, one may still be in
+# progress in another worker. A deposit is written and renamed within seconds.
+STALE_TEMP_SECONDS = 3600.0
 
 
 class SpoolError(Exception):
@@ -235,12 +240,21 @@ class Spool:
             write_durably(bad, name.replace("/", "-") + SUFFIX, data)
 
     def clean_temp(self, user_id: str) -> None:
-        """Remove temp files a crash left before their rename (they were never answered 250)."""
+        """Remove temp files a crash left before their rename (they were never answered 250).
+
+        With several workers (workers.py, ``Mailbox.shared``) only stale ones: another
+        process may be writing a deposit into this directory right now, and its temp file
+        must stay. One process alone has no deposit in flight while it imports.
+        """
         directory = self.user_dir(user_id)
-        if directory.is_dir():
-            for name in os.listdir(directory):
-                if name.startswith(TEMP_PREFIX):
-                    os.unlink(directory / name)
+        if not directory.is_dir():
+            return
+        stale = time.time() - STALE_TEMP_SECONDS if Mailbox.shared else float("inf")
+        for name in os.listdir(directory):
+            if name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(directory / name).st_mtime < stale:
+                        os.unlink(directory / name)
 
     def remove_user(self, user_id: str) -> None:
         directory = self.user_dir(user_id)
@@ -282,10 +296,31 @@ def import_spool(box: Mailbox, spool: Spool, user_id: str) -> list[tuple[int, in
     Mail already accepted with 250 is imported even past the quota: refusing it here would
     lose it. The quota is enforced at RCPT time.
     """
-    spool.clean_temp(user_id)
-    segments = spool.pending(user_id)
-    if not segments:
+    if not spool.pending(user_id):
+        spool.clean_temp(user_id)
         return []
+    with _import_lock(spool.user_dir(user_id)):
+        spool.clean_temp(user_id)
+        return _import_locked(box, spool, user_id, spool.pending(user_id))
+
+
+@contextlib.contextmanager
+def _import_lock(directory: Path) -> Iterator[None]:
+    """One importer per user at a time, across processes: two workers that both have the
+    mailbox open import the same segments otherwise, and one may forget an item's import
+    record (``forget_spool_ids``) while the other, having read the segment before it was
+    unlinked, is about to check that record. flock(2) on the directory itself."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _import_locked(
+    box: Mailbox, spool: Spool, user_id: str, segments: list[str]
+) -> list[tuple[int, int]]:
     opener = Opener(box.spool_private_key())
     already = box.imported_spool_ids()
     imported: list[tuple[int, int]] = []
