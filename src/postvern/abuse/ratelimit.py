@@ -9,11 +9,14 @@ shared ones, but far better than none, and mail keeps flowing.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
+import apsw
 import redis.asyncio
 import redis.exceptions
 from limits import RateLimitItem, RateLimitItemPerDay, RateLimitItemPerHour, RateLimitItemPerMinute
@@ -88,6 +91,17 @@ def limits_from_settings(settings: AbuseSettings) -> dict[Counter, Limit]:
     return out
 
 
+class DatabaseCounters(Protocol):
+    """Fixed-window counters in the abuse database (``AbuseStore``), shared by the worker
+    processes of one server when there is no Redis (workers.py)."""
+
+    async def counter_incr(self, key: str, seconds: float, amount: int, now: float) -> int: ...
+
+    async def counter_get(self, key: str, now: float) -> int: ...
+
+    async def counter_clear(self, key: str) -> None: ...
+
+
 class RateLimits:
     """The counters, with Redis (``redis_pool`` given) or process memory behind them.
 
@@ -115,17 +129,45 @@ class RateLimits:
             )
             self._shared = FixedWindowRateLimiter(storage)
         self._down_logged_at = float("-inf")
+        self._database: DatabaseCounters | None = None
 
     @property
     def shared(self) -> bool:
         return self._shared is not None
+
+    def use_database(self, counters: DatabaseCounters) -> None:
+        """Several workers and no Redis: count in the abuse database, so a client's hits on
+        every worker add up to one allowance. Redis, when configured, stays first."""
+        self._database = counters
+
+    async def _database_hit(self, item: RateLimitItem, who: str, cost: int) -> bool | None:
+        """The database's answer, or None when there is no database or it failed."""
+        if self._database is None:
+            return None
+        try:
+            count = await self._database.counter_incr(
+                item.key_for(who), item.get_expiry(), cost, time.time()
+            )
+        except apsw.Error as e:
+            self._failed(e)
+            return None
+        return count <= item.amount
+
+    async def _database_reached(self, item: RateLimitItem, who: str) -> bool | None:
+        if self._database is None:
+            return None
+        try:
+            return await self._database.counter_get(item.key_for(who), time.time()) >= item.amount
+        except apsw.Error as e:
+            self._failed(e)
+            return None
 
     def _failed(self, error: Exception) -> None:
         now = time.monotonic()
         if now - self._down_logged_at >= REDIS_DOWN_LOG_INTERVAL:
             self._down_logged_at = now
             log.warning(
-                "Redis unreachable, counting in process memory meanwhile",
+                "shared counters unreachable, counting in process memory meanwhile",
                 extra={"error": type(error).__name__},
             )
 
@@ -139,6 +181,8 @@ class RateLimits:
                 return await self._shared.hit(item, who, cost=cost)
             except (StorageError, redis.exceptions.RedisError, OSError) as e:
                 self._failed(e)
+        elif (within := await self._database_hit(item, who, cost)) is not None:
+            return within
         return await self._memory.hit(item, who, cost=cost)
 
     async def reached(self, counter: Counter, who: str) -> bool:
@@ -151,6 +195,8 @@ class RateLimits:
                 return not await self._shared.test(item, who)
             except (StorageError, redis.exceptions.RedisError, OSError) as e:
                 self._failed(e)
+        elif (reached := await self._database_reached(item, who)) is not None:
+            return reached
         return not await self._memory.test(item, who)
 
     async def clear(self, counter: Counter, who: str) -> None:
@@ -162,6 +208,9 @@ class RateLimits:
                 await self._shared.clear(item, who)
             except (StorageError, redis.exceptions.RedisError, OSError) as e:
                 self._failed(e)
+        elif self._database is not None:
+            with contextlib.suppress(apsw.Error):
+                await self._database.counter_clear(item.key_for(who))
         await self._memory.clear(item, who)
 
     async def close(self) -> None:

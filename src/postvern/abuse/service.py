@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 MX_SERVICES = frozenset({"smtp"})
 # How often a node looks whether another process (``postvern ban``) changed the ban table.
 LOCAL_SYNC_INTERVAL = 2.0
+# With several workers (workers.py) a ban one worker makes reaches the others through the
+# database this fast: it is how long a banned client may still be served by another worker.
+WORKER_SYNC_INTERVAL = 0.25
 # How often forgotten ban records and stale greylisting entries are dropped.
 PURGE_INTERVAL = 3600.0
 # Background jobs end within a Redis or SQLite round trip of being told to; past this, close()
@@ -109,6 +112,17 @@ class Abuse:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._data_version = -1
+        self._bans_signature: tuple[int, float] | None = None
+        self._sync_interval = LOCAL_SYNC_INTERVAL
+
+    def share_between_workers(self) -> None:
+        """Several worker processes serve this data directory (call before :meth:`start`):
+        bans reach every worker through the database within WORKER_SYNC_INTERVAL, and
+        without Redis the rate-limit counters live in the database too, so that every
+        worker counts toward one allowance."""
+        self._sync_interval = WORKER_SYNC_INTERVAL
+        if self._shared is None:
+            self._limits.use_database(self._store)
 
     def apply_settings(self, settings: Settings) -> None:
         """A reloaded ``[abuse]`` (SIGHUP, ops/reload.py): the allowlist, ban lengths,
@@ -135,7 +149,7 @@ class Abuse:
                 _, bans = await self._shared.snapshot()
                 await self._merge_shared(bans)
             self._spawn(self._shared.follow(self._merge_shared, self._apply_shared, self._forget))
-        self._spawn(self._every(LOCAL_SYNC_INTERVAL, self.sync, at_once=False))
+        self._spawn(self._every(self._sync_interval, self.sync, at_once=False))
         self._spawn(self._every(PURGE_INTERVAL, self.purge, at_once=True))
 
     async def close(self) -> None:
@@ -271,12 +285,17 @@ class Abuse:
                 self._index.remove(client)
 
     async def sync(self) -> bool:
-        """Reload bans if another process changed the database; True if it did."""
+        """Reload bans if another process changed them in the database; True if it did."""
         async with self._ban_lock:
             version = await self._store.data_version()
             if version == self._data_version:
                 return False
             self._data_version = version
+            # Other workers' counter hits change the file too; the ban table seldom does.
+            signature = await self._store.bans_signature()
+            if signature == self._bans_signature:
+                return False
+            self._bans_signature = signature
             self._index.replace_all(await self._store.load_bans())
         return True
 

@@ -43,7 +43,21 @@ def _v1(conn: apsw.Connection) -> None:
     )
 
 
-MIGRATIONS = [_v1]
+def _v2(conn: apsw.Connection) -> None:
+    # Rate-limit counters shared by the worker processes of one server when there is no
+    # Redis (workers.py): fixed windows, keyed by the same pseudonyms as in Redis.
+    conn.execute(
+        """
+        CREATE TABLE counters (
+            key     TEXT PRIMARY KEY,  -- the limits library's key: namespace/amount/.../who
+            count   INTEGER NOT NULL,
+            expires REAL NOT NULL      -- end of the window, seconds since the epoch
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+MIGRATIONS = [_v1, _v2]
 
 
 class AbuseStore:
@@ -120,6 +134,17 @@ class AbuseStore:
         with self.conn:
             self.conn.executemany("DELETE FROM bans WHERE network = ?", [(n,) for n in networks])
 
+    async def bans_signature(self) -> tuple[int, float]:
+        """How many ban records there are and the latest change among them: with several
+        workers the file changes with every counter hit, and the bans need reloading only
+        when this does."""
+        signature: tuple[int, float] = await self._run(self._bans_signature)
+        return signature
+
+    def _bans_signature(self) -> tuple[int, float]:
+        row = self.conn.execute("SELECT count(*), coalesce(max(updated), 0) FROM bans").fetchall()
+        return cast(int, row[0][0]), cast(float, row[0][1])
+
     async def data_version(self) -> int:
         """Changes when another connection (``postvern ban`` in another process) commits."""
         version: int = await self._run(self._data_version)
@@ -151,6 +176,44 @@ class AbuseStore:
                 (triplet, entry.pack(), keep_until),
             )
 
+    # -- rate-limit counters (several workers, no Redis) ----------------------------------
+
+    async def counter_incr(self, key: str, seconds: float, amount: int, now: float) -> int:
+        """Add ``amount`` to the window of ``key`` (a new one of ``seconds`` if it has
+        ended); the count after. One transaction, so every worker sees every hit."""
+        count: int = await self._run(self._counter_incr, key, seconds, amount, now)
+        return count
+
+    def _counter_incr(self, key: str, seconds: float, amount: int, now: float) -> int:
+        with self.conn:
+            rows = self.conn.execute(
+                "INSERT INTO counters(key, count, expires) VALUES (?, ?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET"
+                " count = CASE WHEN expires > ? THEN count + excluded.count"
+                " ELSE excluded.count END,"
+                " expires = CASE WHEN expires > ? THEN expires ELSE excluded.expires END"
+                " RETURNING count",
+                (key, amount, now + seconds, now, now),
+            ).fetchall()
+        return cast(int, rows[0][0])
+
+    async def counter_get(self, key: str, now: float) -> int:
+        count: int = await self._run(self._counter_get, key, now)
+        return count
+
+    def _counter_get(self, key: str, now: float) -> int:
+        rows = self.conn.execute(
+            "SELECT count FROM counters WHERE key = ? AND expires > ?", (key, now)
+        ).fetchall()
+        return cast(int, rows[0][0]) if rows else 0
+
+    async def counter_clear(self, key: str) -> None:
+        await self._run(self._counter_clear, key)
+
+    def _counter_clear(self, key: str) -> None:
+        with self.conn:
+            self.conn.execute("DELETE FROM counters WHERE key = ?", (key,))
+
     async def purge_greylist(self, now: float) -> int:
         count: int = await self._run(self._purge_greylist, now)
         return count
@@ -158,4 +221,6 @@ class AbuseStore:
     def _purge_greylist(self, now: float) -> int:
         with self.conn:
             self.conn.execute("DELETE FROM greylist WHERE keep_until < ?", (now,))
-        return int(self.conn.changes())
+            purged = int(self.conn.changes())
+            self.conn.execute("DELETE FROM counters WHERE expires <= ?", (now,))
+        return purged
