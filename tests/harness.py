@@ -127,6 +127,9 @@ def make_data_dir(
     # Tests connect from loopback hundreds of times; the abuse tests that need limits on
     # loopback take this allowlist away again.
     set_config(path, "abuse", {"allowlist": ["127.0.0.0/8", "::1"]})
+    # One process, as before [server] workers existed: tests of several workers
+    # (test_workers.py) ask for them.
+    set_config(path, "server", {"workers": 1})
     data = DataDir(path, domain, listen, passwords)
     app = App.open(path)
     try:
@@ -189,6 +192,10 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVERN_")}
+        if config.load(self.data.path, environ={}).server.workers == 0:
+            # A data dir made by `postvern init` (one per core by default): one process,
+            # unless the test asks for more.
+            env["POSTVERN_SERVER__WORKERS"] = "1"
         env.update(self.env)
         umask = self.umask
         self.proc = subprocess.Popen(

@@ -182,6 +182,9 @@ class Server:
     # The event loop: "asyncio" or "uvloop" (libuv; bench/smtp_ingest.py --event-loop
     # measured ~9% less CPU per message and ~10% more messages per second with it).
     event_loop: str = "asyncio"
+    # Worker processes sharing the listeners (workers.py): 0 is one per core; 1 is a single
+    # process without a supervisor. Each worker is one event loop on one core.
+    workers: int = 0
 
 
 @dataclass

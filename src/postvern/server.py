@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from postvern import config, handoff
+from postvern import config, handoff, workers
 from postvern.abuse import Abuse
 from postvern.abuse.nftables import NftablesError, NftablesSet
 from postvern.abuse.portscan import ScanDetector
@@ -39,6 +39,7 @@ from postvern.imap.server import start_imap_server
 from postvern.login import LoginService
 from postvern.mta import QUEUE_FILE, OutboundMTA, Queue
 from postvern.mta.runner import AttemptReport
+from postvern.mta.wake import WAKE_FILE, wake
 from postvern.net import Admission, ChannelServer, event_loop_factory
 from postvern.ops import retention
 from postvern.ops.metrics import Metrics, Snapshot
@@ -76,8 +77,12 @@ class StartupError(Exception):
 
 
 class Server:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, role: workers.Role | None = None) -> None:
         self.app = app
+        # Which worker this is (workers.py); worker 0 of 1 is the single process.
+        self.role = role or workers.Role()
+        self._mta_lock: workers.MTALock | None = None
+        self._mta_start: asyncio.Task[None] | None = None
         self.settings = app.settings
         s = self.settings
         self.tls_context = tls.server_context(s.path(s.tls.cert), s.path(s.tls.key))
@@ -199,24 +204,30 @@ class Server:
         return admit
 
     async def start(self) -> None:
-        self._check_certificate()
-        self._certificate_watch = asyncio.create_task(self._watch_certificate())
-        await self._check_scanner()
+        first = self.role.first  # what must exist once runs in worker 0 (workers.py)
+        if first:
+            self._check_certificate()
+            self._certificate_watch = asyncio.create_task(self._watch_certificate())
+            await self._check_scanner()
+        if not self.role.alone:
+            self.abuse.share_between_workers()
+            self.registry.watch_other_processes()
         await self.abuse.start()
         ChannelServer.observer = self.scans.observe  # abuse/portscan.py
-        if self.nftables is not None:
+        if self.nftables is not None and first:
             try:
                 await self.nftables.start()
             except NftablesError as e:
                 log.warning("bans are not enforced in nftables: %s", e)
         await self._start_outbound()
-        await self.backup.start()
+        if first:
+            await self.backup.start()
         if self.cluster is not None:
             await self.cluster.start()  # cluster/: the relay, or a mailbox node's listener
         listen = self.settings.listen
         for name, starter in STARTERS.items():
             address = getattr(listen, name)
-            if address is None:
+            if address is None or not self.role.serves(name):
                 continue
             host, port = config.parse_hostport(address)
             try:
@@ -228,7 +239,8 @@ class Server:
                 raise StartupError(f"cannot listen for {name} on {address}: {e.strerror}") from None
             self.servers.append((name, server))
             log.info("listening for %s on %s", name, address)
-        self.watchdog.start()
+        if first:
+            self.watchdog.start()
 
     def _check_certificate(self) -> None:
         """Warn in the log when the certificate is near its end (or past it)."""
@@ -273,6 +285,16 @@ class Server:
         self.pipeline.forwarder = AliasForwarder(
             srs=self.srs, signer=self.signer, queue=self.queue, authserv_id=s.hostname
         )
+        if not self.role.first:
+            # Only worker 0 delivers (so each message is delivered once); the others tell
+            # its MTA of every enqueue through the FIFO the CLI uses (mta/wake.py).
+            fifo = s.path(WAKE_FILE)
+
+            def wake_worker_zero(_due: object) -> None:
+                wake(fifo)
+
+            self.queue.subscribe(wake_worker_zero)
+            return
         self.mta = OutboundMTA(
             s,
             self.queue,
@@ -282,7 +304,18 @@ class Server:
             allow_loopback_mx=s.mta.allow_loopback_mx,
             on_report=self._count_delivery,
         )
-        await self.mta.start()
+        if self.role.alone:
+            await self.mta.start()
+        else:
+            self._mta_lock = workers.MTALock(s.data_dir)
+            self._mta_start = asyncio.create_task(self._start_mta_locked(self.mta))
+
+    async def _start_mta_locked(self, mta: OutboundMTA) -> None:
+        """Worker 0 of several: start the MTA once no other server's MTA runs (a SIGUSR2
+        predecessor's stops with its workers)."""
+        assert self._mta_lock is not None
+        await self._mta_lock.acquire()
+        await mta.start()
 
     async def _bounce(self, message: bytes, address: str) -> None:
         """A delivery status notification: local senders get it in their INBOX."""
@@ -323,8 +356,13 @@ class Server:
             return_exceptions=True,
         )
         self.servers.clear()
+        if self._mta_start is not None:
+            self._mta_start.cancel()
+            await asyncio.gather(self._mta_start, return_exceptions=True)
         if self.mta is not None:
             await self.mta.stop()
+        if self._mta_lock is not None:
+            self._mta_lock.release()
         if self.queue is not None:
             await self.queue.close()
         await self.abuse.close()
@@ -430,8 +468,13 @@ STARTERS: dict[str, Starter] = {
 }
 
 
-async def _serve(app: App, banner: Callable[[config.Settings], str] | None) -> int:
-    server = Server(app)
+async def _serve(
+    app: App,
+    banner: Callable[[config.Settings], str] | None,
+    role: workers.Role,
+    supervisor: int | None,
+) -> int:
+    server = Server(app, role)
     try:
         await server.start()
     except StartupError as e:
@@ -443,6 +486,15 @@ async def _serve(app: App, banner: Callable[[config.Settings], str] | None) -> i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, Reloader(server).reload)  # ops/reload.py
+    if supervisor is not None:
+        # A worker: the supervisor prints the ready line, owns postvern.pid and answers
+        # SIGUSR2 (workers.py); this process says ready on the pipe it was given.
+        workers.watch_supervisor(supervisor, stop.set)
+        log.info("worker %d of %d ready", role.index, role.count)
+        handoff.tell_predecessor()
+        await stop.wait()
+        await server.stop()
+        return 0
     loop.add_signal_handler(signal.SIGUSR2, handoff.Restart(server, stop.set).request)
     if banner is not None:
         print(banner(app.settings), flush=True)
@@ -462,12 +514,23 @@ def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) 
     # during start-up) must not stop the server, which is what their default action does.
     for early in (signal.SIGHUP, signal.SIGUSR2):
         signal.signal(early, signal.SIG_IGN)
+    role = workers.role_from_environment()
+    supervisor = workers.supervisor_pipe()
+    if supervisor is None:
+        settings = config.load(data_dir)
+        count = workers.worker_count(settings)
+        if count > 1:
+            # The supervisor holds no key: it opens the listeners and runs the workers.
+            retention.configure(settings)
+            handoff.inherit(settings.listen)
+            return asyncio.run(workers.supervise(settings, count, banner, READY_LINE))
     app = App.open(data_dir)
     retention.configure(app.settings)
+    workers.label_log_records(role)
     handoff.inherit(app.settings.listen)  # systemd's or a predecessor's sockets (handoff.py)
     try:
         loop_factory = event_loop_factory(app.settings.server.event_loop)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_serve(app, banner))
+            return runner.run(_serve(app, banner, role, supervisor))
     finally:
         app.close()

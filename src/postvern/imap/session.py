@@ -18,6 +18,7 @@ import time
 from asyncio import FIRST_COMPLETED
 from typing import Any
 
+from postvern import workers
 from postvern.config import Limits
 from postvern.imap.executor import Executor
 from postvern.imap.grammar import commands as c
@@ -49,6 +50,8 @@ CAPABILITIES = tuple(cap for cap in DEFAULT_CAPABILITIES if cap != "QUOTA=RES-ME
 # idle anonymous connections must not pile up (RFC 9051 §5.4 sets 30 minutes only for
 # authenticated ones).
 PREAUTH_TIMEOUT = 60.0
+# What ID (RFC 2971) answers: the core's name and version.
+SERVER_ID = ProtocolConfig().server_id
 
 
 class SessionCounter:
@@ -97,6 +100,8 @@ class ImapSession:
             tls_available=ssl_context is not None,
             plaintext_auth=plaintext_auth,
             limits=limits,
+            # With several worker processes, ID (RFC 2971) also says which one answers.
+            server_id=SERVER_ID + workers.server_id(workers.current),
         )
         self.conn = ImapConnection(config, tls_active=tls_active)
         self.handle: MailboxHandle | None = None
