@@ -38,7 +38,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from harness import free_port
 from mta_kit import TestCA
@@ -50,6 +50,7 @@ START_TIMEOUT_S = 120
 SERVICE_USER = "postgres"  # created by Debian's postgresql-common
 ADMIN = "postvern_admin"
 ROLE = "postvern"
+CERT_ROLE = "postvern_node"  # logs in with its client certificate, no password
 
 
 def pg_bin() -> Path:
@@ -66,12 +67,15 @@ def pg_bin() -> Path:
 # -- certificates ------------------------------------------------------------------------
 
 
-def make_server_cert(ca: TestCA) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A certificate for 127.0.0.1 (an IP address SAN, which libpq checks since 14)."""
+def issue(ca: TestCA, common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The server's certificate (CN and an IP address SAN 127.0.0.1, which libpq checks since
+    14), or a client's: PostgreSQL's ``cert`` authentication takes the role from the CN."""
+    server = common_name == "127.0.0.1"
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    cert = (
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca.cert.subject)
@@ -79,14 +83,13 @@ def make_server_cert(ca: TestCA) -> tuple[ec.EllipticCurvePrivateKey, x509.Certi
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca.key, hashes.SHA256())
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
-    return key, cert
+    if server:
+        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(common_name))])
+        builder = builder.add_extension(san, critical=False)
+    return key, builder.sign(ca.key, hashes.SHA256())
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -137,7 +140,7 @@ class PgDatabase:
             "password_file": self.password_file,
         }
         fields.update(changes)
-        return PostgresTarget(**fields)  # type: ignore[arg-type]
+        return PostgresTarget(**fields)
 
     def settings(self) -> dict[str, object]:
         """The [directory] table of postvern.toml for this database."""
@@ -182,7 +185,10 @@ class PostgresTestServer:
         (self.root / "ca").mkdir(mode=0o700)
         (self.root / "other-ca").mkdir(mode=0o700)
         ca = TestCA(self.root / "ca")
-        server_key, server_cert = make_server_cert(ca)
+        server_key, server_cert = issue(ca, "127.0.0.1")
+        client_key, client_cert = issue(ca, CERT_ROLE)
+        self.client_cert = _write(self.root / "client.crt", _pem(client_cert))
+        self.client_key = _write(self.root / "client.key", _key_pem(client_key))
         self.ca = ca.path
         self.wrong_ca = TestCA(self.root / "other-ca").path  # a CA that signed nothing here
         self.password_file = _write(self.root / "password", self._role_password.encode() + b"\n")
@@ -205,6 +211,7 @@ class PostgresTestServer:
         self._give(
             _write(self.data / "server.crt", _pem(server_cert)),
             _write(self.data / "server.key", _key_pem(server_key)),
+            _write(self.data / "root.crt", _pem(ca.cert)),  # verifies client certificates
         )
         self._configure()
         for _ in range(5):  # a port picked free may be taken before the server binds it
@@ -221,6 +228,7 @@ class PostgresTestServer:
             conn.execute(
                 f"CREATE ROLE {ROLE} LOGIN PASSWORD '{self._role_password}'"  # test secret
             )
+            conn.execute(f"CREATE ROLE {CERT_ROLE} LOGIN")
         return self
 
     def _configure(self) -> None:
@@ -233,6 +241,7 @@ class PostgresTestServer:
                 "ssl = on\n"
                 "ssl_cert_file = 'server.crt'\n"
                 "ssl_key_file = 'server.key'\n"
+                "ssl_ca_file = 'root.crt'\n"
                 "ssl_min_protocol_version = 'TLSv1.2'\n"
                 "password_encryption = 'scram-sha-256'\n"
                 # A test database is thrown away: durability costs time and buys nothing.
@@ -245,6 +254,7 @@ class PostgresTestServer:
         # TLS or nothing over TCP; the socket never leaves the machine.
         (self.data / "pg_hba.conf").write_text(
             "local all all scram-sha-256\n"
+            f"hostssl all {CERT_ROLE} 127.0.0.1/32 cert\n"
             "hostssl all all 127.0.0.1/32 scram-sha-256\n"
             "hostnossl all all 0.0.0.0/0 reject\n"
         )
@@ -270,11 +280,12 @@ class PostgresTestServer:
             autocommit=True,
         )
 
-    def new_database(self) -> PgDatabase:
+    def new_database(self, owner: str = ROLE) -> PgDatabase:
+        """A new empty database; ``owner`` CERT_ROLE for one reached by client certificate."""
         self._databases += 1
         name = f"postvern_{self._databases}"
         with self._admin() as conn:
-            conn.execute(f"CREATE DATABASE {name} OWNER {ROLE}")
+            conn.execute(f"CREATE DATABASE {name} OWNER {owner}")
         return PgDatabase(name, self.port, self.ca, self.wrong_ca, self.password_file, self.sockets)
 
     def restart(self) -> None:

@@ -33,7 +33,7 @@ from harness import (
     mailbox_messages,
     set_config,
 )
-from pg_server import PgDatabase, PostgresTestServer
+from pg_server import CERT_ROLE, PgDatabase, PostgresTestServer
 from postvern import cli
 from postvern.accounts import policy
 from postvern.accounts.history import LoginHistory
@@ -345,6 +345,21 @@ def test_a_unix_socket_needs_no_tls(pg_database: PgDatabase) -> None:
         assert directory.add_domain("socket.test") in directory.domains()
     finally:
         directory.close()
+
+
+def test_a_client_certificate_instead_of_a_password(pg_server: PostgresTestServer) -> None:
+    database = pg_server.new_database(owner=CERT_ROLE)
+    url = f"postgresql://{CERT_ROLE}@127.0.0.1:{database.port}/{database.name}"
+    certified = PostgresTarget(
+        url, ca=database.ca, client_cert=pg_server.client_cert, client_key=pg_server.client_key
+    )
+    directory = Directory.open_postgres(certified, os.urandom(32))
+    try:
+        assert directory.add_domain("cert.test") in directory.domains()
+    finally:
+        directory.close()
+    with pytest.raises(psycopg.OperationalError, match="certificate"):
+        Directory.open_postgres(PostgresTarget(url, ca=database.ca), os.urandom(32))
 
 
 def test_a_password_file_others_can_read_is_refused(
