@@ -402,6 +402,32 @@ def test_dkim_private_keys_are_sealed_in_postgres(pg_database: PgDatabase) -> No
         other.close()
 
 
+def test_key_slots_are_sealed_in_postgres(pg_database: PgDatabase, tmp_path: Path) -> None:
+    """A dump of the database alone does not even allow guessing a password offline: the
+    wrapped key of every slot is sealed under the server key, and bound to its row."""
+    server_key = ServerKey.generate()
+    directory = Directory.open_postgres(
+        pg_database.target(), server_key.derive("directory database")
+    )
+    try:
+        directory.add_domain(DOMAIN)
+        accounts = Accounts(tmp_path, directory, server_key, KDF)
+        one = accounts.create_user(f"one@{DOMAIN}", "one-password-1").user.id
+        two = accounts.create_user(f"two@{DOMAIN}", "two-password-2").user.id
+        wrapped = {s.id: s.wrapped.ciphertext for s in directory.slots(one)}
+        stored = dict(
+            directory._rows("SELECT id, ciphertext FROM keyslots WHERE user_id=?", (one,))
+        )
+        assert wrapped.keys() == stored.keys()
+        assert all(wrapped[i] not in bytes(stored[i]) for i in wrapped)
+        # Moved to another user, a slot no longer opens (AAD: user, kind, salt).
+        directory._rows("UPDATE keyslots SET user_id=? WHERE user_id=?", (two, one))
+        with pytest.raises(InvalidTag):
+            directory.slots(two)
+    finally:
+        directory.close()
+
+
 def test_migrations_are_versioned_and_run_once(pg_database: PgDatabase) -> None:
     first = Directory.open_postgres(pg_database.target(), os.urandom(32))
     try:

@@ -4,11 +4,14 @@ Every row of every directory table is copied in one transaction of the target, s
 target is either the whole copy or untouched. Nothing is re-derived: wrapped key slots,
 sealed TOTP secrets and keyed hashes move as they are (both directories take their keys from
 the same server key), so every password, app password, passkey slot, recovery key, second
-factor and API token goes on working. DKIM private keys are opened from the source and sealed
-for the target when one directory seals them and the other does not (directory/pg.py).
+factor and API token goes on working. The two secrets PostgreSQL seals because its database is
+not encrypted as a whole — DKIM private keys and the wrapped keys of key slots — are sealed for
+the target on the way (directory/pg.py).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from postvern.directory.db import Connection, Directory, DirectoryError
 
@@ -56,6 +59,8 @@ def copy_directory(source: Directory, target: Directory) -> dict[str, int]:
             rows = source._rows(f"SELECT {names} FROM {table} ORDER BY {order}")
             marks = ", ".join("?" * len(columns))
             for row in rows:
+                if table == "keyslots":
+                    row = _keyslot_row(target, columns, row)
                 c.execute(f"INSERT INTO {table}({names}) VALUES({marks})", row)
             counts[table] = len(rows)
         counts["dkim_keys"] = _copy_dkim(source, target, c)
@@ -66,6 +71,18 @@ def copy_directory(source: Directory, target: Directory) -> dict[str, int]:
                     f" (SELECT COALESCE(max(id), 0) + 1 FROM {table}), false)"
                 )
     return counts
+
+
+def _keyslot_row(target: Directory, columns: list[str], row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The row with its wrapped key sealed as the target keeps it (PostgreSQL seals it)."""
+    values = dict(zip(columns, row, strict=True))
+    values["ciphertext"] = target._seal_slot(
+        str(values["user_id"]),
+        str(values["kind"]),
+        bytes(values["salt"]),
+        bytes(values["ciphertext"]),
+    )
+    return tuple(values[c] for c in columns)
 
 
 def _copy_dkim(source: Directory, target: Directory, c: Connection) -> int:

@@ -278,6 +278,11 @@ def _dkim_context(domain: str, selector: str) -> str:
     return f"postvern dkim v1|{domain}|{selector}"
 
 
+def _slot_context(user_id: str, kind: str, salt: bytes) -> str:
+    # The salt is new with every wrap, so a sealed slot opens only in the row it was made for.
+    return f"postvern keyslot column v1|{user_id}|{kind}|{salt.hex()}"
+
+
 class Directory:
     def __init__(
         self,
@@ -566,8 +571,8 @@ class Directory:
 
     # -- key slots ---------------------------------------------------------------------
 
-    @staticmethod
     def _insert_slot(
+        self,
         c: Connection,
         user_id: str,
         kind: str,
@@ -586,7 +591,7 @@ class Directory:
                 tag,
                 w.salt,
                 w.nonce,
-                w.ciphertext,
+                self._seal_slot(user_id, kind, w.salt, w.ciphertext),
                 w.params.to_json(),
                 int(time.time()),
             ),
@@ -609,19 +614,24 @@ class Directory:
 
     _SLOT_COLS = "id, user_id, kind, label, salt, nonce, ciphertext, params, created, last_used"
 
-    @staticmethod
-    def _slot(row: tuple[Any, ...]) -> KeySlot:
+    def _seal_slot(self, user_id: str, kind: str, salt: bytes, ciphertext: bytes) -> bytes:
+        """In PostgreSQL the wrapped key is sealed as well: the SQLite file keeps its slots
+        inside its encryption, so a stolen copy without the server key cannot even be used
+        to guess passwords offline; a database dump must not allow that either."""
+        if self._seal is None:
+            return ciphertext
+        return self._seal.seal(ciphertext, _slot_context(user_id, kind, salt))
+
+    def _slot(self, row: tuple[Any, ...]) -> KeySlot:
+        user_id, kind, salt, ciphertext = str(row[1]), str(row[2]), bytes(row[4]), bytes(row[6])
+        if self._seal is not None:
+            ciphertext = self._seal.open(ciphertext, _slot_context(user_id, kind, salt))
         return KeySlot(
             id=int(row[0]),
-            user_id=str(row[1]),
-            kind=str(row[2]),
+            user_id=user_id,
+            kind=kind,
             label=None if row[3] is None else str(row[3]),
-            wrapped=WrappedKey(
-                bytes(row[4]),
-                bytes(row[5]),
-                bytes(row[6]),
-                KDFParams.from_json(str(row[7])),
-            ),
+            wrapped=WrappedKey(salt, bytes(row[5]), ciphertext, KDFParams.from_json(str(row[7]))),
             created=int(row[8]),
             last_used=None if row[9] is None else int(row[9]),
         )

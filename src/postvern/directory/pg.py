@@ -15,13 +15,15 @@ configured root CA, always: a URL that asks for less (``disable``, ``allow``, ``
 (``[directory] password_file``, mode 0600) or the certificate is the credential
 (``client_cert``/``client_key``); neither the URL nor any password is ever put in a message.
 
-What is secret stays encrypted as it is in SQLite, where the whole file is encrypted: key
-slots are wrapped by Argon2id-derived keys, TOTP secrets sealed under their own server
-subkey, recovery codes, API tokens and invitations are keyed hashes, e2e keys are public.
-The one secret the SQLite file protected only by its own encryption — DKIM private keys — is
-sealed here (ChaCha20-Poly1305 under a subkey of the directory key, bound to the domain and
-selector) before it is written. Addresses, aliases and forwards are not secret but are
-visible to whoever can read the database, as in any mail server's directory.
+What is secret stays encrypted as it is in SQLite, where the whole file is encrypted: TOTP
+secrets are sealed under their own server subkey, recovery codes, API tokens and invitations
+are keyed hashes, e2e keys are public. What the SQLite file protected by its own encryption
+is sealed here before it is written (ChaCha20-Poly1305 under a subkey of the directory key,
+bound to the row it belongs to): DKIM private keys, and the wrapped mailbox key of every key
+slot — wrapped already under an Argon2id-derived key, but readable it would let whoever holds
+a dump guess users' passwords offline, which a stolen SQLite file without the server key does
+not. Addresses, aliases and forwards are not secret but are visible to whoever can read the
+database, as in any mail server's directory.
 
 Writers on different nodes are serialised as SQLite serialises its writers: every
 transaction first takes one advisory lock (``pg_advisory_xact_lock``), so the check-then-write
@@ -344,7 +346,8 @@ CREATE TABLE aliases(
     targets TEXT NOT NULL,
     PRIMARY KEY(localpart, domain)
 );
--- private_key is sealed (pg.py): the database is not encrypted as the SQLite file is.
+-- private_key and keyslots.ciphertext are sealed (pg.py): the database is not encrypted as
+-- the SQLite file is.
 CREATE TABLE dkim_keys(
     domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
     selector TEXT NOT NULL,
@@ -471,9 +474,10 @@ def migrate(conn: PGConnection) -> None:
 
 
 class ColumnSeal:
-    """ChaCha20-Poly1305 for the one secret column the SQLite file protected by itself alone
-    (DKIM private keys), under a subkey of the directory key, bound to what the value is
-    for (``context``): a sealed value copied to another row does not open there."""
+    """ChaCha20-Poly1305 for the secret columns the SQLite file protected by itself alone
+    (DKIM private keys, key slots' wrapped keys), under a subkey of the directory key, bound
+    to what the value is for (``context``): a sealed value copied to another row does not
+    open there."""
 
     def __init__(self, directory_key: bytes) -> None:
         subkey = HKDF(
