@@ -4,6 +4,14 @@ It is encrypted with a key derived from the server key, because it holds secrets
 mailbox keys, later TOTP seeds and DKIM private keys). It never holds a mailbox key or a
 plaintext password. Methods are synchronous and thread-safe; the server calls them from a
 worker thread.
+
+Two backends, one class and one SQL: the encrypted SQLite file (:meth:`Directory.open`, one
+machine, the default) and PostgreSQL for several nodes (:meth:`Directory.open_postgres`,
+``[directory] url``; directory/pg.py says how the seam works and what it seals). In a cluster
+the directory also says which mailbox node holds each user — ``mailbox_node(user_id)``,
+``set_mailbox_node(user_id, node)``, ``move_mailbox_node(user_id, from_node, to_node)``,
+``users_on_node(node)``, ``mailbox_nodes()``, ``set_user_moving(user_id, moving)``,
+``user_moving(user_id)``, ``node_state(user_id)`` (directory/nodes.py documents each).
 """
 
 from __future__ import annotations
