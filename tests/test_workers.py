@@ -495,3 +495,64 @@ def test_systemd_socket_activation_with_workers(lone: DataDir) -> None:
     assert proc.returncode == 0, "\n".join(lines)
     stored = b"\n".join(mailbox_messages(lone, ALICE, folder=None))
     assert b"activated-first" in stored and b"activated-second" in stored
+
+
+# -- two processes on one mailbox, without the server -----------------------------------------
+
+CONCURRENT_ROUNDS = 100
+
+
+def _append_and_import(path: str, password: str, tag: str, start: object) -> int:
+    """In a process of its own, as a worker would, while the other process does the same:
+    each round deposit one message in the spool (as a worker with the mailbox locked does),
+    append one (a client's APPEND) and import the spool; returns how many it imported."""
+    from postvern.app import App
+    from postvern.store.mailbox import Mailbox
+    from postvern.store.spool import SpoolItem, import_spool
+
+    Mailbox.shared = True
+    app = App.open(Path(path))
+    try:
+        unlocked = app.accounts.authenticate(ALICE, password)
+        user, spool = unlocked.user, app.accounts.spool
+        with Mailbox.open(app.accounts.mailbox_path(user), unlocked.mailbox_key) as box:
+            inbox = box.folder("INBOX").id
+            start.wait()  # type: ignore[attr-defined]  # a Barrier: both begin together
+            imported = 0
+            for i in range(CONCURRENT_ROUNDS):
+                raw = f"Subject: {tag}-spooled-{i}\r\n\r\nspooled\r\n".encode()
+                spool.deposit(user.id, user.spool_public, SpoolItem(raw))
+                box.append(inbox, f"Subject: {tag}-{i}\r\n\r\nappended\r\n".encode())
+                imported += len(import_spool(box, spool, user.id))
+            return imported
+    finally:
+        app.close()
+
+
+def test_two_processes_append_and_import_the_spool_once(tmp_path: Path) -> None:
+    """Two processes with one mailbox open append at the same time (IMMEDIATE transactions
+    wait for each other instead of failing with SQLITE_BUSY) and import one spool at the
+    same time (one importer at a time, flock): every message arrives once."""
+    import multiprocessing
+
+    data = make_data_dir(tmp_path / "d", listeners=())
+    context = multiprocessing.get_context("spawn")
+    start = context.Manager().Barrier(2)
+    with context.Pool(2) as pool:
+        results = [
+            pool.apply_async(
+                _append_and_import, (str(data.path), data.passwords[ALICE], tag, start)
+            )
+            for tag in ("a", "b")
+        ]
+        imported = [r.get(WAIT_LIMIT * 4) for r in results]
+    found = Counter(
+        raw.split(b"\r\n", 1)[0].decode().removeprefix("Subject: ")
+        for raw in mailbox_messages(data, ALICE)
+    )
+    expected = Counter(
+        f"{tag}{kind}-{i}" for tag in "ab" for kind in ("", "-spooled")
+        for i in range(CONCURRENT_ROUNDS)
+    )  # fmt: skip
+    assert found == expected
+    assert sum(imported) <= 2 * CONCURRENT_ROUNDS  # the rest, if any, at the last unlock
