@@ -178,8 +178,58 @@ def _code_of(line: str) -> str | None:
     return rest[1:].split("]", 1)[0].split(" ", 1)[0].upper()
 
 
-class ImapProxySession:
-    """One client connection of the front's IMAP listener; :meth:`run` never raises."""
+class _ProxySession:
+    """What both proxies share: the client channel, the core's output, STARTTLS, closing.
+    :meth:`run` never raises."""
+
+    protocol = ""
+    conn: ImapConnection | POP3Connection
+
+    def __init__(
+        self, channel: Channel, *, front: Front, ssl_context: ssl.SSLContext, idle: float
+    ) -> None:
+        self.channel = channel
+        self.front = front
+        self.ssl_context = ssl_context
+        self.idle = idle
+        self.peer, self.local = _addresses(channel)
+
+    async def run(self) -> None:
+        await converse_and_close(self.protocol, self._converse, self._finish)
+
+    async def _converse(self) -> str:
+        raise NotImplementedError
+
+    async def _finish(self) -> None:
+        self.channel.close()
+
+    async def _flush(self) -> bool:
+        data = self.conn.data_to_send()
+        if data:
+            self.channel.write(data)
+        async with asyncio.timeout(self.idle):
+            await self.channel.drain()
+        return not self.channel.lost
+
+    async def _start_tls(self) -> None:
+        self.channel.discard_input()  # CVE-2011-0411: nothing pipelined survives
+        await self._flush()
+        await self.channel.start_tls(self.ssl_context)
+
+    def _hand_over(self, backend: Backend, reply: bytes) -> Backend:
+        """Logged in: the node's reply to the client, what it pipelined to the node."""
+        self.channel.write(self.conn.data_to_send() + reply)
+        pending = self.conn.take_pending_input()
+        if pending:
+            backend.writer.write(pending)
+        self.front.proxied += 1
+        return backend
+
+
+class ImapProxySession(_ProxySession):
+    """One client connection of the front's IMAP listener."""
+
+    protocol = "imap"
 
     def __init__(
         self,
@@ -191,37 +241,19 @@ class ImapProxySession:
         tls_active: bool,
         hostname: str,
     ) -> None:
-        self.channel = channel
-        self.front = front
-        self.limits = limits
-        self.ssl_context = ssl_context
+        super().__init__(
+            channel, front=front, ssl_context=ssl_context, idle=limits.imap_idle_timeout
+        )
         self.hostname = hostname
-        self.peer, self.local = _addresses(channel)
         config = ProtocolConfig(capabilities=CAPABILITIES, tls_available=True, limits=limits)
-        self.conn = ImapConnection(config, tls_active=tls_active)
-
-    async def run(self) -> None:
-        await converse_and_close("imap", self._converse, self._finish)
-
-    async def _finish(self) -> None:
-        self.channel.close()
-
-    async def _flush(self) -> bool:
-        data = self.conn.data_to_send()
-        if data:
-            self.channel.write(data)
-        async with asyncio.timeout(self.limits.imap_idle_timeout):
-            await self.channel.drain()
-        return not self.channel.lost
+        self.conn: ImapConnection = ImapConnection(config, tls_active=tls_active)
 
     async def _converse(self) -> str:
         self.conn.greeting(f"{self.hostname} Postvern IMAP ready")
         while True:
             event = self.conn.next_event()
             if isinstance(event, StartTLSRequested):
-                self.channel.discard_input()  # CVE-2011-0411: nothing pipelined survives
-                await self._flush()
-                await self.channel.start_tls(self.ssl_context)
+                await self._start_tls()
                 self.conn.tls_established()
                 continue
             if not await self._flush():
@@ -233,7 +265,7 @@ class ImapProxySession:
                 if isinstance(command, c.Login | c.Authenticate):
                     backend = await self._login(command)
                     if backend is not None:
-                        return await pipe(self.channel, backend, self.limits.imap_idle_timeout)
+                        return await pipe(self.channel, backend, self.idle)
                 elif isinstance(command, c.Noop):
                     self.conn.send(Completion.ok(command.tag, "NOOP completed"))
                 else:  # the core passes nothing else on before login
@@ -305,12 +337,7 @@ class ImapProxySession:
         final = lines[-1].decode("utf-8", "replace").rstrip("\r\n")
         if final.startswith(f"{tag} OK"):
             await self.front.gate.login_succeeded(self.peer[0], user, "imap")
-            self.channel.write(self.conn.data_to_send() + b"".join(lines))
-            pending = self.conn.take_pending_input()
-            if pending:
-                backend.writer.write(pending)
-            self.front.proxied += 1
-            return backend
+            return self._hand_over(backend, b"".join(lines))
         backend.writer.close()
         name = _code_of(final)
         text = final.split("] ", 1)[1] if "] " in final else "authentication failed"
@@ -329,8 +356,10 @@ class ImapProxySession:
         self.conn.send(Completion.no(tag, text, ResponseCode(code)))
 
 
-class Pop3ProxySession:
-    """One client connection of the front's POP3 listener; :meth:`run` never raises."""
+class Pop3ProxySession(_ProxySession):
+    """One client connection of the front's POP3 listener."""
+
+    protocol = "pop3"
 
     def __init__(
         self,
@@ -341,26 +370,12 @@ class Pop3ProxySession:
         ssl_context: ssl.SSLContext,
         tls_active: bool,
     ) -> None:
-        self.channel = channel
-        self.front = front
-        self.limits = limits
-        self.ssl_context = ssl_context
-        self.peer, self.local = _addresses(channel)
-        self.conn = POP3Connection(tls_active=tls_active, tls_available=not tls_active)
-
-    async def run(self) -> None:
-        await converse_and_close("pop3", self._converse, self._finish)
-
-    async def _finish(self) -> None:
-        self.channel.close()
-
-    async def _flush(self) -> bool:
-        data = self.conn.data_to_send()
-        if data:
-            self.channel.write(data)
-        async with asyncio.timeout(self.limits.pop3_idle_timeout):
-            await self.channel.drain()
-        return not self.channel.lost
+        super().__init__(
+            channel, front=front, ssl_context=ssl_context, idle=limits.pop3_idle_timeout
+        )
+        self.conn: POP3Connection = POP3Connection(
+            tls_active=tls_active, tls_available=not tls_active
+        )
 
     async def _converse(self) -> str:
         while True:
@@ -373,20 +388,18 @@ class Pop3ProxySession:
                 await self._flush()
                 return event.reason
             elif isinstance(event, pop3.StartTLS):
-                self.channel.discard_input()
-                await self._flush()
-                await self.channel.start_tls(self.ssl_context)
+                await self._start_tls()
                 self.conn.tls_started()
             elif isinstance(event, pop3.Authenticate):
                 backend = await self._login(event)
                 if backend is not None:
-                    return await pipe(self.channel, backend, self.limits.pop3_idle_timeout)
+                    return await pipe(self.channel, backend, self.idle)
             if not await self._flush():
                 return "client stopped reading"
 
     async def _read(self) -> None:
         try:
-            async with asyncio.timeout(self.limits.pop3_idle_timeout):
+            async with asyncio.timeout(self.idle):
                 data = await self.channel.read()
         except TimeoutError:
             self.conn.idle_timeout()
@@ -425,12 +438,7 @@ class Pop3ProxySession:
             return None
         if reply.startswith(b"+OK"):
             await self.front.gate.login_succeeded(self.peer[0], user, "pop3")
-            self.channel.write(self.conn.data_to_send() + reply)
-            pending = self.conn.take_pending_input()
-            if pending:
-                backend.writer.write(pending)
-            self.front.proxied += 1
-            return backend
+            return self._hand_over(backend, reply)
         backend.writer.close()
         text = reply.decode("utf-8", "replace").rstrip("\r\n")
         if "[AUTH]" in text:
@@ -447,66 +455,61 @@ class Pop3ProxySession:
 
 
 IMAP_BUSY = b"* BYE too many connections, try again later\r\n"
+SessionFactory = Callable[[Channel, Any], _ProxySession]
+
+
+def _starter(service: str, implicit_tls: bool, busy: bytes, factory: SessionFactory) -> Any:
+    """A listener starter (server.STARTERS' shape): the single server's caps, admission
+    (bans, connection rate) and TLS, with a proxy session per connection."""
+    refusals = {
+        "imap": lambda reason: f"* BYE [UNAVAILABLE] {reason}\r\n".encode(),
+        "pop3": lambda reason: f"-ERR [LOGIN-DELAY] {reason}\r\n".encode(),
+    }
+
+    async def start(server: Any, host: str, port: int) -> Any:
+        limits: Limits = server.settings.limits
+
+        async def run(channel: Channel) -> None:
+            await factory(channel, server).run()
+
+        return await serve_channels(
+            service,
+            host,
+            port,
+            run=run,
+            caps=ConnectionCaps(limits.connections, limits.connections_per_ip),
+            busy=busy,
+            refusal=refusals[service],
+            admission=server.admission(service),
+            ssl_context=server.tls_context,
+            implicit_tls=implicit_tls,
+        )
+
+    return start
 
 
 def imap_starter(front: Front, implicit_tls: bool) -> Any:
-    """A listener starter (server.STARTERS' shape) for the proxying IMAP listener."""
-
-    async def start(server: Any, host: str, port: int) -> Any:
-        limits: Limits = server.settings.limits
-
-        async def run(channel: Channel) -> None:
-            await ImapProxySession(
-                channel,
-                front=front,
-                limits=limits,
-                ssl_context=server.tls_context,
-                tls_active=implicit_tls,
-                hostname=server.settings.hostname,
-            ).run()
-
-        return await serve_channels(
-            "imap",
-            host,
-            port,
-            run=run,
-            caps=ConnectionCaps(limits.connections, limits.connections_per_ip),
-            busy=IMAP_BUSY,
-            refusal=lambda reason: f"* BYE [UNAVAILABLE] {reason}\r\n".encode(),
-            admission=server.admission("imap"),
+    def session(channel: Channel, server: Any) -> _ProxySession:
+        return ImapProxySession(
+            channel,
+            front=front,
+            limits=server.settings.limits,
             ssl_context=server.tls_context,
-            implicit_tls=implicit_tls,
+            tls_active=implicit_tls,
+            hostname=server.settings.hostname,
         )
 
-    return start
+    return _starter("imap", implicit_tls, IMAP_BUSY, session)
 
 
 def pop3_starter(front: Front, implicit_tls: bool) -> Any:
-    """A listener starter for the proxying POP3 listener."""
-
-    async def start(server: Any, host: str, port: int) -> Any:
-        limits: Limits = server.settings.limits
-
-        async def run(channel: Channel) -> None:
-            await Pop3ProxySession(
-                channel,
-                front=front,
-                limits=limits,
-                ssl_context=server.tls_context,
-                tls_active=implicit_tls,
-            ).run()
-
-        return await serve_channels(
-            "pop3",
-            host,
-            port,
-            run=run,
-            caps=ConnectionCaps(limits.connections, limits.connections_per_ip),
-            busy=pop3.BUSY,
-            refusal=lambda reason: f"-ERR [LOGIN-DELAY] {reason}\r\n".encode(),
-            admission=server.admission("pop3"),
+    def session(channel: Channel, server: Any) -> _ProxySession:
+        return Pop3ProxySession(
+            channel,
+            front=front,
+            limits=server.settings.limits,
             ssl_context=server.tls_context,
-            implicit_tls=implicit_tls,
+            tls_active=implicit_tls,
         )
 
-    return start
+    return _starter("pop3", implicit_tls, pop3.BUSY, session)
