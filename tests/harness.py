@@ -192,9 +192,10 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVERN_")}
-        if config.load(self.data.path, environ={}).server.workers == 0:
-            # A data dir made by `postvern init` (one per core by default): one process,
-            # unless the test asks for more.
+        made = (self.data.path / config.CONFIG_NAME).exists()  # `demo` makes it when absent
+        if not made or config.load(self.data.path, environ={}).server.workers == 0:
+            # A data dir made by `postvern init` or `demo` (one worker per core by default):
+            # one process, unless the test asks for more.
             env["POSTVERN_SERVER__WORKERS"] = "1"
         env.update(self.env)
         umask = self.umask

@@ -90,10 +90,13 @@ class Role:
 
 
 def worker_count(settings: config.Settings) -> int:
-    """``[server] workers``, with 0 meaning one per core this process may run on."""
+    """``[server] workers``, with 0 meaning one per core this process may run on — except
+    on a cluster node, which runs as one process (cluster/node.py refuses more)."""
     wanted = settings.server.workers
     if wanted < 0:
         raise config.ConfigError("[server] workers must be 0 (one per core) or more")
+    if wanted == 0 and settings.cluster.role:
+        return 1
     return wanted or len(os.sched_getaffinity(0))
 
 

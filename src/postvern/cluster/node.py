@@ -33,7 +33,7 @@ class ClusterNode:
         me = known.get(name)
         if me is None or me.role != role:
             raise ClusterError(f"[cluster] node {name!r} is not a {role} node in nodes.toml")
-        if getattr(s.server, "workers", 1) != 1:
+        if s.server.workers not in (0, 1):  # 0, "one per core", is one on a node (workers.py)
             # The relay queue and the internal listener belong to one process; several
             # workers per node would race over both (not built yet).
             raise ClusterError("a cluster node runs as one process: set [server] workers = 1")
