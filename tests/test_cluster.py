@@ -209,6 +209,21 @@ def test_mail_for_a_node_that_is_down_waits_on_the_front_sealed_and_arrives_late
     assert not [p for p in relay.iterdir() if p.is_file()]
 
 
+def test_a_front_killed_with_mail_in_its_relay_queue_delivers_it_after_restart(
+    cluster: ClusterKit,
+) -> None:
+    address = _users_on(cluster, "mbx1")[0]
+    subject = f"survives kill -9 {uuid.uuid4().hex[:8]}"
+    cluster.procs["mbx1"].stop()
+    try:
+        _send_mx(cluster, "front2", address, subject)  # 250: on the front's disk
+        cluster.procs["front2"].kill()  # SIGKILL, as a crash or power cut
+    finally:
+        cluster.start("mbx1")
+    cluster.start("front2")
+    assert _wait_for(cluster, "front1", address, subject).count(subject) == 1
+
+
 # -- mutual TLS on the internal listener ---------------------------------------------------
 
 
