@@ -47,6 +47,7 @@ reading from the socket until the command completes (``pending_input`` tells how
 from __future__ import annotations
 
 import enum
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
@@ -282,6 +283,12 @@ class ProtocolConfig:
     max_bad_commands: int = MAX_BAD_COMMANDS
 
 
+@functools.lru_cache(maxsize=16)
+def _advertised(capabilities: tuple[str, ...]) -> frozenset[str]:
+    """One set per capability list, shared by every connection (1 KiB each otherwise)."""
+    return frozenset(capabilities)
+
+
 class ImapConnection:
     """One client connection, server side. See the module docstring for the loop."""
 
@@ -296,7 +303,7 @@ class ImapConnection:
         # the session has answered it (see _note_condstore).
         self.condstore_enabling_tag: str | None = None
         self.bad_commands = 0
-        self._advertised = frozenset(self.config.capabilities)
+        self._advertised = _advertised(self.config.capabilities)
         self._framer = CommandFramer(
             FramingLimits.from_config(self.config.limits), self._non_sync_mode()
         )

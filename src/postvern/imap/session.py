@@ -15,8 +15,6 @@ import collections
 import logging
 import ssl
 import time
-from asyncio import FIRST_COMPLETED
-from typing import Any
 
 from postvern import workers
 from postvern.config import Limits
@@ -38,8 +36,7 @@ from postvern.imap.protocol import (
 from postvern.imap.serialize import Code, Completion, Condition, ResponseCode, Status
 from postvern.login import LoginRefused, LoginService
 from postvern.net import Channel, converse_and_close
-from postvern.store.mailbox import Change
-from postvern.store.service import MailboxHandle
+from postvern.store.service import ChangeFeed, MailboxHandle
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +105,6 @@ class ImapSession:
         self.executor: Executor | None = None
         self._user_id: str | None = None
         self._idling = False
-        self._pending_read: asyncio.Future[bytes | None] | None = None
         self._last_input = time.monotonic()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -154,21 +150,13 @@ class ImapSession:
     async def _read(self) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                data = await self._next_chunk()
+                data = await self.channel.read()  # cancelling it loses nothing
         except TimeoutError:
-            self._pending_read = None
             self._autologout()
             return
         self._received(data)
 
-    def _next_chunk(self) -> asyncio.Future[bytes | None]:
-        """The pending read, kept across IDLE wake-ups so no input is ever dropped."""
-        if self._pending_read is None:
-            self._pending_read = asyncio.ensure_future(self.channel.read())
-        return self._pending_read
-
     def _received(self, data: bytes | None) -> None:
-        self._pending_read = None
         if data is None:
             # The listener is shutting down: RFC 9051 §7.1.5 lets a server say BYE any time.
             self.conn.send(Condition(Status.BYE, "server shutting down"))
@@ -199,35 +187,50 @@ class ImapSession:
     # -- IDLE ---------------------------------------------------------------------------------
 
     async def _idle_wait(self) -> None:
-        """Wait for input (DONE) and report changes the moment they are committed."""
-        read = self._next_chunk()
-        while not read.done():
+        """Wait for input (DONE) and report changes the moment they are committed.
+
+        Thousands of sessions sit here at once, so the wait holds no task of its own: one
+        future that input, a change or the autologout timer completes (bench/imap_idle.py).
+        """
+        feed = self.executor.feed if self.executor is not None else None
+        while not self.channel.readable:
+            if feed is not None and feed.pending:
+                await self._report()
+                if self.conn.state is ConnectionState.LOGOUT:
+                    return  # the report ended the session (the mailbox was deleted)
+                continue
             remaining = self._last_input + self.limits.imap_idle_timeout - time.monotonic()
             if remaining <= 0:
                 self._autologout()
                 return
-            waiters: set[asyncio.Future[Any]] = {read}
-            change = None
-            feed = self.executor.feed if self.executor is not None else None
-            if feed is not None:
-                change = asyncio.ensure_future(feed.queue.get())
-                waiters.add(change)
-            try:
-                await asyncio.wait(waiters, timeout=remaining, return_when=FIRST_COMPLETED)
-            finally:
-                if change is not None and not change.done():
-                    change.cancel()  # cancelling a queue read loses nothing
-                    change = None
-            if change is not None:
-                await self._report([change.result()])
-                if self.conn.state is ConnectionState.LOGOUT:
-                    return  # the report ended the session (the mailbox was deleted)
-        self._received(read.result())
+            await self._input_or_change(feed, remaining)
+        self._received(await self.channel.read())  # readable: returns at once
 
-    async def _report(self, first: list[Change]) -> None:
+    async def _input_or_change(self, feed: ChangeFeed | None, seconds: float) -> None:
+        """Return when input or a change arrives, or after ``seconds``."""
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
+
+        def poke() -> None:
+            if not wake.done():
+                wake.set_result(None)
+
+        timer = loop.call_later(seconds, poke)
+        self.channel.notify_input(poke)
+        if feed is not None:
+            feed.on_change = poke
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self.channel.notify_input(None)
+            if feed is not None:
+                feed.on_change = None
+
+    async def _report(self) -> None:
         if self.executor is None:
             return
-        await self.executor.report_changes(allow_expunge=True, first=first)
+        await self.executor.report_changes(allow_expunge=True)
         await self._write_out()
 
     # -- commands -----------------------------------------------------------------------------
@@ -300,9 +303,6 @@ class ImapSession:
         self.conn.tls_established()
 
     async def _finish(self) -> None:
-        pending, self._pending_read = self._pending_read, None
-        if pending is not None:
-            pending.cancel()
         self.channel.close()
         handle, self.handle = self.handle, None
         if self.executor is not None:

@@ -31,28 +31,45 @@ T = TypeVar("T")
 CHANGE_QUEUE_LIMIT = 10_000
 
 
+def _nothing() -> None:
+    pass
+
+
 class ChangeFeed:
-    """One session's subscription: committed changes, delivered on the event loop."""
+    """One session's subscription: committed changes, delivered on the event loop.
+
+    Every IDLE session holds one, so it is a list and a callback rather than an
+    asyncio.Queue (four deques of 0.5 KiB each, and a task to wait on it).
+    """
+
+    __slots__ = ("_changes", "_loop", "cancel", "on_change", "overflowed")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._changes: list[Change] = []
         self.overflowed = False
-        self.cancel: Callable[[], None] = lambda: None
+        self.cancel: Callable[[], None] = _nothing
+        # Called on the loop when a change arrives (or the feed overflows): IDLE's wake-up.
+        self.on_change: Callable[[], None] | None = None
 
     def _from_thread(self, change: Change) -> None:
         self._loop.call_soon_threadsafe(self._put, change)
 
     def _put(self, change: Change) -> None:
-        if self.queue.qsize() >= CHANGE_QUEUE_LIMIT:
+        if len(self._changes) >= CHANGE_QUEUE_LIMIT:
             self.overflowed = True
-            return
-        self.queue.put_nowait(change)
+        else:
+            self._changes.append(change)
+        if self.on_change is not None:
+            self.on_change()
+
+    @property
+    def pending(self) -> bool:
+        """Whether there is something to report (changes, or an overflow to resync)."""
+        return bool(self._changes) or self.overflowed
 
     def drain(self) -> list[Change]:
-        out = []
-        while not self.queue.empty():
-            out.append(self.queue.get_nowait())
+        out, self._changes = self._changes, []
         return out
 
 
