@@ -453,10 +453,16 @@ def test_phishing_in_another_language_is_caught_by_its_claims() -> None:
             "</p></body></html>",
         )
 
-    # The model cannot read German (it abstains); the link's claim alone is one family,
-    # capped below the junk score (#13) ...
-    assert action(lure("Kundenservice <service@sicherheit-konto.example.com>")) == "inbox"
-    # ... and the sender's claim to be the brand agrees with it.
+    # The model cannot read German (it abstains); the link's claim is one family, capped
+    # below the junk score (#13), and two lines around a link are a second (the body
+    # rules: the message is the click) ...
+    raw = lure("Kundenservice <service@sicherheit-konto.example.com>")
+    assert action(raw) == "junk"
+    ctx = ScanContext(macro_checker=None)
+    reasons = decide(analyse(raw, ctx), ctx.settings).reasons
+    assert any(r.startswith("CAPPED_LINKS") for r in reasons)
+    assert any(r.startswith("BODY_SHORT_WITH_LINK") for r in reasons)
+    # ... and the sender's claim to be the brand agrees with them.
     raw = lure("PayPal Kundenservice <service@sicherheit-konto.example.com>")
     assert action(raw) in ("junk", "reject")
 

@@ -25,6 +25,7 @@ from postvern.filters.attachments import (
     inspect_attachments,
 )
 from postvern.filters.blocklist import Blocklist
+from postvern.filters.body import check_body
 from postvern.filters.clamd import MAX_STREAM_BYTES, ClamdClient, ClamdError
 from postvern.filters.content import Content, read_content
 from postvern.filters.extract import extract
@@ -256,6 +257,7 @@ def analyse(raw: bytes, ctx: ScanContext) -> Analysis:
     analysis.hits += phishing
     analysis.hits += _auth_hits(ctx.auth, claims_identity=bool(phishing))
     analysis.hits += check_headers(content)
+    analysis.hits += check_body(content)
     analysis.hits += check_wanted(content, ctx.auth.authenticated(), ctx.correspondence)
     analysis.findings = inspect_attachments(content.message.attachments, ctx.macro_checker)
     analysis.hits += _attachment_hits(analysis.findings, content)

@@ -29,6 +29,18 @@ class Content:
     judged_text: str = ""
     # The HTML of the message a report returns (None for other mail), read once here.
     returned_html: HtmlDoc | None = None
+    _scan_text: str | None = None
+
+    @property
+    def scan_text(self) -> str:
+        """The sender's name, the judged subject and text in lower case, for the rules
+        that look for words and phrases (postvern.filters.body): made once per message,
+        on first use. (Spam names its goods in the display name too: "Best Pills Shop".)"""
+        if self._scan_text is None:
+            name = self.message.from_name
+            text = f"{name}\n{self.judged_subject}\n{self.judged_text}"
+            self._scan_text = text.lower()
+        return self._scan_text
 
     @property
     def visible_text(self) -> str:

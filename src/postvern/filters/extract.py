@@ -56,6 +56,8 @@ _ENCODED_WORDS = re.compile(r"=\?[^?\s]{1,40}\?[bBqQ]\?[^?\s]*\?=(?:\s+(?==\?))?
 # Declared charsets are read as the superset every mail client uses for them (WHATWG
 # Encoding Standard): mail labelled with the old name routinely uses the extra characters,
 # and a failed decode would turn the whole text into Latin-1 noise.
+# An octet compat32 kept as a surrogate escape (PEP 383).
+_SURROGATE = re.compile("[\udc80-\udcff]")
 _CHARSET_SUPERSETS = {
     "ascii": "cp1252",
     "iso8859-1": "cp1252",
@@ -282,7 +284,8 @@ def _header_str(value: object) -> str:
         # whose str() replaces every octet with U+FFFD: read the octets back instead.
         return _raw_header_text(value)[:MAX_HEADER_CHARS]
     text = str(value)[:MAX_HEADER_CHARS]
-    if any("\udc80" <= ch <= "\udcff" for ch in text):
+    # (Most fields are ASCII: checked first, the character scan is the exception.)
+    if not text.isascii() and _SURROGATE.search(text):
         return _header_octets(text.encode("ascii", "surrogateescape"))
     return text
 

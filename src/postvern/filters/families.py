@@ -41,6 +41,9 @@ PERSONAL = "personal"  # the user's own Junk/Not-Junk marks on words
 REPUTATION = "reputation"  # the user's marks on senders
 LINKS = "links"  # URLs and phishing rules
 HEADER = "header"  # header and structure anomalies
+# What the text sells and how it is written, by hand-written rules (postvern.filters.body):
+# a second reading of the words, apart from the learned model's.
+BODY = "body"
 # Who the message says it is from: SPF, DKIM, DMARC, and the From field's own claims (a
 # brand in the display name, an address in it, no domain at all): a lure makes these
 # claims apart from its links, so they are evidence apart from the links.
@@ -64,6 +67,8 @@ _BY_PREFIX = (
     ("PHISH_FROM_", SENDER),
     ("PHISH_", LINKS),
     ("URL_", LINKS),
+    ("URI_", LINKS),
+    ("BODY_", BODY),
     ("HDR_", HEADER),
     ("RCVD_", HEADER),
     ("MIME_", HEADER),
