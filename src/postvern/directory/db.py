@@ -154,6 +154,10 @@ class _Expansion:
     problems: dict[str, None] = field(default_factory=dict)
     routing_loop: bool = False
     done: set[str] = field(default_factory=set)  # aliases already expanded (a diamond is no loop)
+    # Whether each domain met is one of ours, asked once per expansion: an alias of many
+    # targets in one domain would otherwise ask for every target (a round trip each when
+    # the directory is in PostgreSQL).
+    ours: dict[str, bool] = field(default_factory=dict)
 
     def result(self) -> Resolution:
         return Resolution(
@@ -280,6 +284,13 @@ def _v8(conn: apsw.Connection) -> None:
 
 MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 ATTACHMENT_POLICIES = ("reject", "quarantine")
+
+
+def _forwarding(row: Sequence[Any]) -> Forwarding:
+    """A ``forwards`` row's (targets, keep_copy); NULLs (no row, through a LEFT JOIN): none."""
+    if row[0] is None:
+        return Forwarding()
+    return Forwarding(tuple(json.loads(str(row[0]))), bool(row[1]))
 
 
 def _dkim_context(domain: str, selector: str) -> str:
@@ -838,9 +849,7 @@ class Directory:
     def forwarding(self, user_id: str) -> Forwarding:
         """The user's forwarding as they set it (whether it applies: :meth:`_forwards_of`)."""
         rows = self._rows("SELECT targets, keep_copy FROM forwards WHERE user_id=?", (user_id,))
-        if not rows:
-            return Forwarding()
-        return Forwarding(tuple(json.loads(str(rows[0][0]))), bool(rows[0][1]))
+        return _forwarding(rows[0]) if rows else Forwarding()
 
     def set_forwarding(self, user_id: str, targets: Sequence[str], keep_copy: bool) -> Forwarding:
         """Replace the user's forwarding; no targets turns it off. Only outside addresses,
@@ -868,15 +877,20 @@ class Directory:
                 )
         return Forwarding(clean, keep_copy) if clean else Forwarding()
 
-    def _forwards_of(self, user_id: str) -> Forwarding:
+    def _forwards_of(self, stored: Forwarding, walk: _Expansion) -> Forwarding:
         """The forwarding that applies now: none while the administrator forbids it, and
         only targets still outside our domains, at most the policy's number."""
         policy = self.forwarding_policy
         if not policy.allowed:
             return Forwarding()
-        stored = self.forwarding(user_id)
-        live = tuple(t for t in stored.targets if not self.has_domain(split_address(t)[1]))
+        live = tuple(t for t in stored.targets if not self._ours(split_address(t)[1], walk))
         return Forwarding(live[: policy.max_targets], stored.keep_copy)
+
+    def _ours(self, domain: str, walk: _Expansion) -> bool:
+        known = walk.ours.get(domain)
+        if known is None:
+            known = walk.ours[domain] = self.has_domain(domain)
+        return known
 
     # -- routing -----------------------------------------------------------------------
 
@@ -892,9 +906,9 @@ class Directory:
             local, domain = split_address(address)
         except AddressError:
             return None
-        if not self.has_domain(domain):
-            return None
         walk = _Expansion()
+        if not self._ours(domain, walk):
+            return None
         if not self._expand(local, domain, walk, path=()):
             return None
         return walk.result()
@@ -914,12 +928,15 @@ class Directory:
         """Add where ``local@domain`` leads to ``walk``; False if the address is not ours."""
         for candidate in dict.fromkeys((local, base_localpart(local), "")):
             if candidate:
+                # The user and their forwarding in one query (one round trip, not two).
                 rows = self._rows(
-                    f"SELECT {self._USER_COLS} FROM users WHERE localpart=? AND domain=?",
+                    "SELECT u.id, u.localpart, u.domain, u.quota, u.spool_public, u.created,"
+                    " f.targets, f.keep_copy FROM users u LEFT JOIN forwards f"
+                    " ON f.user_id = u.id WHERE u.localpart=? AND u.domain=?",
                     (candidate, domain),
                 )
                 if rows:
-                    self._reach_user(self._user(rows[0]), walk)
+                    self._reach_user(self._user(rows[0]), _forwarding(rows[0][6:]), walk)
                     return True
             targets = self._alias_targets(candidate, domain)
             if targets is not None:
@@ -930,10 +947,10 @@ class Directory:
                 return True
         return False
 
-    def _reach_user(self, user: User, walk: _Expansion) -> None:
+    def _reach_user(self, user: User, stored: Forwarding, walk: _Expansion) -> None:
         """The user's mailbox and their own forwards. Without a kept copy the mailbox is
         left out — unless no forward applies, so the mail never goes nowhere."""
-        forwards = self._forwards_of(user.id)
+        forwards = self._forwards_of(stored, walk)
         for target in forwards.targets:
             walk.external.setdefault(target, None)
         if forwards.keep_copy or not forwards.targets:
@@ -956,7 +973,7 @@ class Directory:
         walk.done.add(key)
         for target in targets:
             t_local, t_domain = split_address(target)
-            if not self.has_domain(t_domain):
+            if not self._ours(t_domain, walk):
                 walk.external.setdefault(target, None)
             elif not self._expand(t_local, t_domain, walk, (*path, key)):
                 walk.problems.setdefault(f"{target} does not exist", None)
@@ -969,7 +986,7 @@ class Directory:
             walk.problems.setdefault(f"no user to receive {local}@ mail", None)
             return
         a_local, a_domain = split_address(admin)
-        if (a_local, a_domain) == (local, domain) or not self.has_domain(a_domain):
+        if (a_local, a_domain) == (local, domain) or not self._ours(a_domain, walk):
             walk.problems.setdefault(f"the postmaster address {admin} is not a local user", None)
         elif not self._expand(a_local, a_domain, walk, (*path, f"{local}@{domain}")):
             walk.problems.setdefault(f"the postmaster address {admin} does not exist", None)
