@@ -37,7 +37,7 @@ from postvern.emailauth import signing
 
 FRONTS = ("front1", "front2")
 MAILBOX_NODES = ("mbx1", "mbx2")
-FRONT_LISTENERS = ("smtp", "submission", "imap", "imaps", "pop3", "pop3s")
+FRONT_LISTENERS = ("smtp", "submission", "imap", "imaps", "pop3", "pop3s", "https")
 
 
 @dataclass

@@ -16,12 +16,14 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_kit import MAILBOX_NODES, ClusterKit, build
 from harness import client_tls_context
@@ -185,6 +187,27 @@ def test_idle_through_the_proxy_reports_a_delivery_made_through_the_other_front(
         assert line.startswith(b"i1 OK")
     finally:
         imap.logout()
+
+
+def _metrics(kit: ClusterKit, front: str) -> dict[str, float]:
+    host, port = kit.front(front).addr("https")
+    url = f"https://{host}:{port}/metrics"
+    with urllib.request.urlopen(url, context=client_tls_context(), timeout=30) as response:
+        text = response.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_a_front_reports_its_relay_queue_and_proxied_sessions_in_metrics(
+    cluster: ClusterKit,
+) -> None:
+    address = _users_on(cluster, "mbx1")[0]
+    subject = f"counted {uuid.uuid4().hex[:8]}"
+    _send_mx(cluster, "front1", address, subject)
+    assert subject in _wait_for(cluster, "front1", address, subject)
+    gauges = _metrics(cluster, "front1")
+    assert gauges["postvern_cluster_relayed_total"] >= 1
+    assert gauges["postvern_cluster_proxied_sessions_total"] >= 1
+    assert gauges["postvern_cluster_relay_queued"] >= 0
 
 
 def test_mail_for_a_node_that_is_down_waits_on_the_front_sealed_and_arrives_later(

@@ -153,7 +153,7 @@ class Server:
             queue_entries=entries,
             queue_oldest_seconds=oldest,
             certificate_expiry_timestamp=self._certificate_expiry,
-            extra=self.backup.metrics(),
+            extra={**self.backup.metrics(), **(self.cluster.metrics() if self.cluster else {})},
         )
 
     async def refresh_metrics(self) -> bytes:

@@ -90,6 +90,19 @@ class ClusterNode:
             await self.backend.start()
             log.info("mailbox node %s: internal listener on %s", self.node.name, self.node.address)
 
+    def metrics(self) -> dict[str, float]:
+        """Gauges for /metrics (ops/metrics.py): what waits for the mailbox nodes, and what
+        went through."""
+        if self.relay is not None and self.front is not None:
+            return {
+                "postvern_cluster_relay_queued": self.relay.queued,
+                "postvern_cluster_relayed_total": self.relay.relayed,
+                "postvern_cluster_proxied_sessions_total": self.front.proxied,
+            }
+        return {
+            "postvern_cluster_evicted_users": len(self.backend.moves.evicted) if self.backend else 0
+        }
+
     async def stop(self) -> None:
         if self.relay is not None:
             await self.relay.stop()

@@ -16,6 +16,10 @@ from postvern.cluster.nodes import ClusterError, Node, mailbox_nodes
 from postvern.directory.db import Directory
 
 
+class UserGone(ClusterError):
+    """The user no longer exists: nothing for them can be placed or delivered."""
+
+
 def rendezvous(user_id: str, candidates: list[Node]) -> Node:
     """The candidate with the highest hash of (node, user): stable, and even in expectation."""
     if not candidates:
@@ -44,7 +48,7 @@ class Placement:
                 return chosen
             name = self.directory.mailbox_node(user_id)
             if name is None:
-                raise ClusterError("the user vanished while being placed")
+                raise UserGone("the user no longer exists")
         placed = self.nodes.get(name)
         if placed is None or placed.role != "mailbox":
             raise ClusterError(f"the directory places a user on {name!r}, not a mailbox node")

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from postvern.cluster import pki
 from postvern.cluster.lmtp import LMTPClient, LMTPError
 from postvern.cluster.nodes import ClusterError, Node
-from postvern.cluster.placement import Placement
+from postvern.cluster.placement import Placement, UserGone
 from postvern.directory.db import User
 from postvern.durable import TEMP_PREFIX, fsync_dir, write_durably
 from postvern.store.service import MailboxRegistry
@@ -138,7 +138,8 @@ class Relay:
         self._deferrals: dict[str, int] = {}
         self._not_before: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
-        self.relayed = 0  # copies a node acknowledged (tests, metrics)
+        self.relayed = 0  # copies a node acknowledged (metrics)
+        self.queued = 0  # copies in the queue at the last pass (metrics)
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -189,11 +190,9 @@ class Relay:
     async def _pass(self) -> float:
         """Send what is due; returns how long until the next retry is due."""
         now = time.monotonic()
-        names = [
-            n
-            for n in await self._thread(self.store.names)
-            if n not in self._held and self._not_before.get(n, 0.0) <= now
-        ]
+        queued = await self._thread(self.store.names)
+        self.queued = len(queued)
+        names = [n for n in queued if n not in self._held and self._not_before.get(n, 0.0) <= now]
         by_node: dict[str, tuple[Node, list[tuple[str, Copy]]]] = {}
         for name in names[:BATCH]:
             try:
@@ -204,8 +203,13 @@ class Relay:
                 continue
             try:
                 node = await self._thread(self.placement.node_for, copy.user_id)
-            except ClusterError:
-                log.exception("no node for a relayed copy; kept for later")
+            except UserGone:
+                log.error("a relayed copy's user was deleted; kept in failed/")
+                await self._thread(self.store.fail, name)
+                continue
+            except ClusterError as e:
+                log.warning("no node for a relayed copy (%s); kept for later", e)
+                self._defer(name)
                 continue
             if self._retry_at.get(node.name, 0.0) > now:
                 continue

@@ -1,0 +1,309 @@
+"""Cluster benchmark (issue #20): one front against two, the cost of proxying, moving a user.
+
+A real loopback cluster (tests/cluster_kit.py: two fronts, two mailbox nodes, the directory in
+a private PostgreSQL over TLS, Redis), every node its own ``postvern serve`` process:
+
+* **SMTP**: N messages to users spread over both mailbox nodes, through one front, then the
+  same through both fronts at once (the same connections, split). Reported: messages/s
+  accepted (250 from the front: durable in its relay queue) and delivered (every copy
+  acknowledged by its mailbox node), the ratio two/one, and CPU seconds per 1,000 messages
+  of the fronts and of the mailbox nodes.
+* **IMAP**: C clients logged in through the fronts, each repeating NOOP and FETCH 1 (FLAGS)
+  for S seconds, through one front and then through both. Reported: operations/s, the ratio,
+  and CPU per 1,000 operations on the fronts (the proxying) and on the mailbox nodes (the
+  IMAP work itself).
+* **Move**: a user whose mailbox holds M messages (seeded directly into the store before the
+  cluster starts) is moved to the other node with ``postvern cluster move``; reported: its
+  wall time and the bytes moved.
+
+Failover (RTO) is not measured: ``cluster failover`` is not built (docs/cluster.md).
+Every figure is from this run on this machine; the load generator shares its cores with the
+four nodes, PostgreSQL and Redis, so the two-front ratio is a lower bound of what two
+machines would give.
+
+Usage: python bench/cluster.py [--messages 1000] [--connections 8] [--imap-seconds 10]
+       [--imap-clients 8] [--move-messages 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import ssl
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import Job, Target, cpu_seconds, machine_load, send_all, text_message, trust_anything
+
+from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, build  # isort: skip
+from pg_server import PostgresTestServer  # isort: skip
+from redis_server import RedisTestServer  # isort: skip
+
+from postvern import cli
+from postvern.app import App
+from postvern.cluster import proxyline
+from postvern.cluster.nodes import CLUSTER_DIR
+from postvern.cluster.pki import NodeIdentity
+from postvern.cluster.relay import RELAY_DIR
+from postvern.store.mailbox import INBOX, Mailbox
+
+MESSAGE_SIZE = 4096
+# Every wait in this benchmark ends: a cluster that stops delivering fails the run.
+DRAIN_TIMEOUT = 600.0
+CONNECT_TIMEOUT = 30.0
+
+
+@dataclass
+class Run:
+    label: str
+    seconds: float
+    count: int
+    front_cpu: float
+    mailbox_cpu: float
+    extra: float = 0.0  # delivered-at time for SMTP
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+
+def _cpu(kit: ClusterKit, names: tuple[str, ...]) -> float:
+    total = 0.0
+    for name in names:
+        proc = kit.procs[name].proc
+        assert proc is not None
+        total += cpu_seconds(proc.pid)
+    return total
+
+
+def _relay_pending(kit: ClusterKit) -> int:
+    return sum(
+        1
+        for front in FRONTS
+        for p in (kit.nodes[front].path / RELAY_DIR).glob("*.relay")
+        if p.is_file()
+    )
+
+
+def _wait_drained(kit: ClusterKit) -> None:
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while _relay_pending(kit):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the relay queues did not drain")
+        time.sleep(0.02)
+
+
+def smtp_run(kit: ClusterKit, fronts: tuple[str, ...], n: int, connections: int, seed: int) -> Run:
+    rng = random.Random(seed)
+    users = sorted(kit.passwords)
+    jobs = [
+        Job("sender@outside.test", [users[i % len(users)]],
+            text_message(rng, f"b{seed}-{i}", "sender@outside.test", users[i % len(users)],
+                         MESSAGE_SIZE))
+        for i in range(n)
+    ]  # fmt: skip
+    shares = [jobs[i :: len(fronts)] for i in range(len(fronts))]
+    targets = []
+    for front in fronts:
+        host, port = kit.nodes[front].addr("smtp")
+        targets.append(Target(host, port, tls="starttls"))
+    cpu0 = _cpu(kit, FRONTS), _cpu(kit, MAILBOX_NODES)
+    start = time.perf_counter()
+
+    async def load() -> list[int]:
+        per = max(1, connections // len(fronts))
+        results = await asyncio.gather(
+            *(send_all(t, share, per) for t, share in zip(targets, shares, strict=True))
+        )
+        for r in results:
+            if r.refused:
+                print(f"  refused: {r.refused}")
+        return [r.accepted for r in results]
+
+    accepted = sum(asyncio.run(load()))
+    accepted_at = time.perf_counter() - start
+    _wait_drained(kit)
+    delivered_at = time.perf_counter() - start
+    cpu1 = _cpu(kit, FRONTS), _cpu(kit, MAILBOX_NODES)
+    if accepted != n:
+        raise RuntimeError(f"only {accepted} of {n} messages accepted")
+    return Run(
+        f"SMTP via {len(fronts)} front(s)",
+        accepted_at,
+        n,
+        cpu1[0] - cpu0[0],
+        cpu1[1] - cpu0[1],
+        extra=delivered_at,
+    )
+
+
+async def _imap_client(
+    where: tuple[str, int, ssl.SSLContext, str | None],
+    address: str,
+    password: str,
+    ready: asyncio.Queue[None],
+    go: asyncio.Future[float],
+) -> int:
+    host, port, ctx, node = where
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=node)
+        if node is not None:  # straight to the mailbox node, as a front would
+            writer.write(proxyline.build(("127.0.0.1", 1), ("127.0.0.1", port)))
+        await reader.readline()
+
+        async def command(tag: str, text: str) -> None:
+            writer.write(f"{tag} {text}\r\n".encode())
+            while not (line := await reader.readline()).startswith(tag.encode() + b" "):
+                if not line:
+                    raise RuntimeError(f"IMAP connection closed during {text.split()[0]}")
+            if not line.startswith(f"{tag} OK".encode()):  # every operation must succeed
+                raise RuntimeError(f"IMAP {text.split()[0]} failed: {line[:80]!r}")
+
+        await command("l", f'LOGIN "{address}" "{password}"')
+        await command("s", "SELECT INBOX")
+    ready.put_nowait(None)
+    until = await go  # every client logged in: the timed window starts for all at once
+    ops = 0
+    while time.monotonic() < until:
+        await command("n", "NOOP")
+        await command("f", "FETCH 1 (FLAGS)")
+        ops += 2
+    writer.write(b"z LOGOUT\r\n")
+    writer.close()
+    return ops
+
+
+def imap_run(kit: ClusterKit, fronts: tuple[str, ...], clients: int, seconds: float) -> Run:
+    """Through ``fronts``; with none, straight to each user's mailbox node (the reference:
+    the same IMAP work without the proxy hop), over mutual TLS with a front's certificate."""
+    users = sorted(kit.passwords)
+    ctx = trust_anything()
+    internal = NodeIdentity.in_dir(kit.nodes[FRONTS[0]].path / CLUSTER_DIR).client_context("imap")
+
+    def where(i: int, user: str) -> tuple[str, int, ssl.SSLContext, str | None]:
+        if not fronts:
+            node = kit.owner(user)
+            host, port = kit.node_list[node].hostport
+            return host, port, internal, node
+        host, port = kit.nodes[fronts[i % len(fronts)]].addr("imaps")
+        return host, port, ctx, None
+
+    cpu: list[tuple[float, float]] = []
+
+    async def load() -> int:
+        ready: asyncio.Queue[None] = asyncio.Queue()
+        go: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        tasks = []
+        for i in range(clients):
+            user = users[i % len(users)]
+            client = _imap_client(where(i, user), user, kit.passwords[user], ready, go)
+            tasks.append(asyncio.ensure_future(client))
+        for _ in range(clients):
+            await ready.get()
+        cpu.append((_cpu(kit, FRONTS), _cpu(kit, MAILBOX_NODES)))
+        go.set_result(time.monotonic() + seconds)
+        return sum(await asyncio.gather(*tasks))
+
+    ops = asyncio.run(load())
+    elapsed = seconds
+    cpu1 = _cpu(kit, FRONTS), _cpu(kit, MAILBOX_NODES)
+    cpu0 = cpu[0]
+    label = f"IMAP via {len(fronts)} front(s)" if fronts else "IMAP straight to the nodes"
+    return Run(label, elapsed, ops, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
+
+
+def seed_mailbox(kit: ClusterKit, address: str, count: int, seed: int) -> None:
+    """``count`` messages straight into the user's store file on its node (before start)."""
+    rng = random.Random(seed)
+    app = App.open(kit.seed.path)
+    try:
+        unlocked = app.accounts.authenticate(address, kit.passwords[address])
+        owner = kit.owner(address)
+        path = kit.nodes[owner].path / "mailboxes" / f"{unlocked.user.id}.sqlite"
+        with Mailbox.open(path, unlocked.mailbox_key) as box:
+            inbox = box.folder(INBOX).id
+            for start in range(0, count, 500):
+                batch = [
+                    text_message(rng, f"m{start + k}", "a@outside.test", address, MESSAGE_SIZE)
+                    for k in range(min(500, count - start))
+                ]
+                box.append_many(inbox, [(raw, ("\\Seen",), None) for raw in batch])
+    finally:
+        app.close()
+
+
+def move_run(kit: ClusterKit, address: str) -> tuple[float, str]:
+    source = kit.owner(address)
+    target = next(n for n in MAILBOX_NODES if n != source)
+    start = time.perf_counter()
+    if cli.main(["--data", str(kit.admin), "cluster", "move", address, target]) != 0:
+        raise RuntimeError("cluster move failed")
+    return time.perf_counter() - start, f"{source} -> {target}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--imap-clients", type=int, default=8)
+    parser.add_argument("--imap-seconds", type=float, default=10.0)
+    parser.add_argument("--move-messages", type=int, default=10000)
+    args = parser.parse_args()
+    print(f"machine: {machine_load()}")
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp,
+        PostgresTestServer() as pg,
+        RedisTestServer() as redis,
+    ):
+        kit = build(Path(tmp), redis_url=redis.url, directory=pg.new_database().settings())
+        mover = sorted(a for a in kit.passwords if kit.owner(a) == MAILBOX_NODES[0])[0]
+        seed_mailbox(kit, mover, args.move_messages, seed=7)
+        try:
+            kit.start_all()
+            report(kit, args, mover)
+        except BaseException:
+            for name, proc in kit.procs.items():  # what the nodes said, to see why
+                print(f"--- {name}", *proc.output[-20:], sep="\n", file=sys.stderr)
+            raise
+        finally:
+            kit.stop_all()
+
+
+def report(kit: ClusterKit, args: argparse.Namespace, mover: str) -> None:
+    smtp_run(kit, FRONTS[:1], min(100, args.messages), args.connections, seed=0)  # warm-up
+    one = smtp_run(kit, FRONTS[:1], args.messages, args.connections, seed=1)
+    two = smtp_run(kit, FRONTS, args.messages, args.connections, seed=2)
+    print(f"\nSMTP, {args.messages} messages of {MESSAGE_SIZE} B, {args.connections} connections")
+    for run in (one, two):
+        print(
+            f"  {run.label}: accepted {run.rate:.1f} msg/s, delivered to the mailbox nodes"
+            f" {run.count / run.extra:.1f} msg/s; CPU per 1,000 msgs: fronts"
+            f" {1000 * run.front_cpu / run.count:.2f} s, mailbox nodes"
+            f" {1000 * run.mailbox_cpu / run.count:.2f} s"
+        )
+    print(f"  two fronts / one front: accepted x{two.rate / one.rate:.2f},"
+          f" delivered x{(two.count / two.extra) / (one.count / one.extra):.2f}")  # fmt: skip
+    imap_run(kit, FRONTS, args.imap_clients, 1.0)  # warm-up: every user's first login
+    i0 = imap_run(kit, (), args.imap_clients, args.imap_seconds)
+    i1 = imap_run(kit, FRONTS[:1], args.imap_clients, args.imap_seconds)
+    i2 = imap_run(kit, FRONTS, args.imap_clients, args.imap_seconds)
+    print(f"\nIMAP, {args.imap_clients} clients, NOOP + FETCH 1 (FLAGS), {args.imap_seconds:.0f} s")
+    for run in (i0, i1, i2):
+        print(
+            f"  {run.label}: {run.rate:.0f} ops/s; CPU per 1,000 ops: fronts (proxying)"
+            f" {1000 * run.front_cpu / run.count:.3f} s, mailbox nodes (IMAP)"
+            f" {1000 * run.mailbox_cpu / run.count:.3f} s"
+        )
+    print(f"  one front / no proxy: x{i1.rate / i0.rate:.2f};"
+          f" two fronts / one front: x{i2.rate / i1.rate:.2f}")  # fmt: skip
+    seconds, path = move_run(kit, mover)
+    print(f"\nMove of a user with {args.move_messages} messages ({path}): {seconds:.2f} s")
+    print("\nFailover RTO: not measured (cluster failover is not built)")
+
+
+if __name__ == "__main__":
+    main()
