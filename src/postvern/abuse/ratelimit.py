@@ -95,7 +95,7 @@ class DatabaseCounters(Protocol):
     """Fixed-window counters in the abuse database (``AbuseStore``), shared by the worker
     processes of one server when there is no Redis (workers.py)."""
 
-    async def counter_incr(self, key: str, seconds: float, amount: int, now: float) -> int: ...
+    async def counter_incr(self, hits: list[tuple[str, float, int]], now: float) -> list[int]: ...
 
     async def counter_get(self, key: str, now: float) -> int: ...
 
@@ -140,18 +140,19 @@ class RateLimits:
         every worker add up to one allowance. Redis, when configured, stays first."""
         self._database = counters
 
-    async def _database_hit(self, item: RateLimitItem, who: str, cost: int) -> bool | None:
-        """The database's answer, or None when there is no database or it failed."""
+    async def _database_hits(self, hits: list[tuple[RateLimitItem, str, int]]) -> list[bool] | None:
+        """The database's answers, or None when there is no database or it failed."""
         if self._database is None:
             return None
         try:
-            count = await self._database.counter_incr(
-                item.key_for(who), item.get_expiry(), cost, time.time()
+            counts = await self._database.counter_incr(
+                [(item.key_for(who), item.get_expiry(), cost) for item, who, cost in hits],
+                time.time(),
             )
         except apsw.Error as e:
             self._failed(e)
             return None
-        return count <= item.amount
+        return [count <= item.amount for count, (item, _, _) in zip(counts, hits, strict=True)]
 
     async def _database_reached(self, item: RateLimitItem, who: str) -> bool | None:
         if self._database is None:
@@ -181,9 +182,20 @@ class RateLimits:
                 return await self._shared.hit(item, who, cost=cost)
             except (StorageError, redis.exceptions.RedisError, OSError) as e:
                 self._failed(e)
-        elif (within := await self._database_hit(item, who, cost)) is not None:
-            return within
+        elif (within := await self._database_hits([(item, who, cost)])) is not None:
+            return within[0]
         return await self._memory.hit(item, who, cost=cost)
+
+    async def hit_all(self, hits: list[tuple[Counter, str, int]]) -> list[bool]:
+        """:meth:`hit` for several counters at once (one database transaction for them)."""
+        if self._database is not None and self._shared is None:
+            items = [(self.limits[c].item, who, cost) for c, who, cost in hits]
+            counted = [(item, who, cost) for item, who, cost in items if item is not None]
+            answers = await self._database_hits(counted)
+            if answers is not None:
+                found = iter(answers)
+                return [True if item is None else next(found) for item, _, _ in items]
+        return [await self.hit(counter, who, cost) for counter, who, cost in hits]
 
     async def reached(self, counter: Counter, who: str) -> bool:
         """Whether the counter already holds its whole allowance (the next hit would fail)."""

@@ -456,14 +456,11 @@ class Abuse:
         if client is None or ip in self.allowlist:
             return None
         who = self._names.text("ip", client)
-        within = [
-            await self._limits.hit(Counter.MESSAGES, who),
-            await self._limits.hit(Counter.RECIPIENTS, who, cost=max(1, rcpt_count)),
-        ]
+        hits = [(Counter.MESSAGES, who, 1), (Counter.RECIPIENTS, who, max(1, rcpt_count))]
         address = normalise_address(sender)
         if address:
-            sender_who = self._names.text("sender", address)
-            within.append(await self._limits.hit(Counter.SENDER_MESSAGES, sender_who))
+            hits.append((Counter.SENDER_MESSAGES, self._names.text("sender", address), 1))
+        within = await self._limits.hit_all(hits)
         if all(within):
             return None
         log.info("inbound message rate exceeded", extra=subject(ip=client))

@@ -178,24 +178,28 @@ class AbuseStore:
 
     # -- rate-limit counters (several workers, no Redis) ----------------------------------
 
-    async def counter_incr(self, key: str, seconds: float, amount: int, now: float) -> int:
-        """Add ``amount`` to the window of ``key`` (a new one of ``seconds`` if it has
-        ended); the count after. One transaction, so every worker sees every hit."""
-        count: int = await self._run(self._counter_incr, key, seconds, amount, now)
-        return count
+    async def counter_incr(self, hits: list[tuple[str, float, int]], now: float) -> list[int]:
+        """Add each ``(key, seconds, amount)``: ``amount`` to the window of ``key`` (a new
+        one of ``seconds`` if it has ended); the counts after. One transaction for them all,
+        so every worker sees every hit and a message's several counters cost one commit."""
+        counts: list[int] = await self._run(self._counter_incr, hits, now)
+        return counts
 
-    def _counter_incr(self, key: str, seconds: float, amount: int, now: float) -> int:
+    def _counter_incr(self, hits: list[tuple[str, float, int]], now: float) -> list[int]:
+        counts = []
         with self.conn:
-            rows = self.conn.execute(
-                "INSERT INTO counters(key, count, expires) VALUES (?, ?, ?)"
-                " ON CONFLICT(key) DO UPDATE SET"
-                " count = CASE WHEN expires > ? THEN count + excluded.count"
-                " ELSE excluded.count END,"
-                " expires = CASE WHEN expires > ? THEN expires ELSE excluded.expires END"
-                " RETURNING count",
-                (key, amount, now + seconds, now, now),
-            ).fetchall()
-        return cast(int, rows[0][0])
+            for key, seconds, amount in hits:
+                rows = self.conn.execute(
+                    "INSERT INTO counters(key, count, expires) VALUES (?, ?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET"
+                    " count = CASE WHEN expires > ? THEN count + excluded.count"
+                    " ELSE excluded.count END,"
+                    " expires = CASE WHEN expires > ? THEN expires ELSE excluded.expires END"
+                    " RETURNING count",
+                    (key, amount, now + seconds, now, now),
+                ).fetchall()
+                counts.append(cast(int, rows[0][0]))
+        return counts
 
     async def counter_get(self, key: str, now: float) -> int:
         count: int = await self._run(self._counter_get, key, now)
