@@ -12,7 +12,13 @@ connect, LOGIN, LOGOUT in a loop:
 
 Plaintext on loopback for both, so TLS handshakes weigh on neither.
 
-Usage: python bench/login.py [--logins 3000] [--clients 4] [--users 8]
+``--workers N`` (default 2) runs Postvern's IMAP listener in N processes sharing one
+listening socket, as ``[server] workers`` does (workers.py): this process binds it once and
+each worker inherits it through ``POSTVERN_LISTEN_FDS`` (handoff.py), so the kernel spreads
+the connections. Each worker keeps its own warm-login cache: a user's first login on each
+worker pays Argon2id, which the warm-up does.
+
+Usage: python bench/login.py [--logins 3000] [--clients 4] [--users 8] [--workers 2]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +43,11 @@ sys.path.insert(0, str(BENCH))
 import imap  # noqa: E402  (the IMAP benchmark's client, Dovecot set-up and --serve mode)
 
 PASSWORD = imap.PASSWORD
+
+
+def machine_load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
 
 
 def seed(root: Path, users: int) -> tuple[Path, int, list[str]]:
@@ -65,6 +77,38 @@ def seed(root: Path, users: int) -> tuple[Path, int, list[str]]:
     return data, port, names
 
 
+def serve_worker(data: Path, port: int) -> None:
+    """``--serve-worker``: the IMAP listener alone (imap.py's), on the inherited socket."""
+    from postvern import config, handoff
+
+    handoff.inherit(config.load(data).listen)  # POSTVERN_LISTEN_FDS: imap=<fd>
+    imap.serve_postvern(data, port)  # its listener takes the inherited socket
+
+
+def start_workers(
+    data: Path, port: int, count: int
+) -> tuple[list[subprocess.Popen[bytes]], socket.socket]:
+    """``count`` listener processes on one socket bound here (as the supervisor does)."""
+    from postvern import handoff
+
+    sock = handoff.bind("127.0.0.1", port)
+    procs = []
+    for _ in range(count):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVERN_")}
+        env[handoff.HANDOFF_FDS] = f"imap={sock.fileno()}"
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-worker", str(data), str(port)],
+            stdout=subprocess.PIPE,
+            env=env,
+            pass_fds=(sock.fileno(),),
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        procs.append(proc)
+    return procs, sock
+
+
 def login_once(port: int, user: str) -> float:
     start = time.perf_counter()
     client = imap.Client(port)
@@ -74,7 +118,7 @@ def login_once(port: int, user: str) -> float:
     return time.perf_counter() - start
 
 
-def login_rate(port: int, user: str, logins: int, clients: int) -> float:
+def login_rate(port: int, user: str, logins: int, clients: int, warm: int = 1) -> float:
     """Logins per second, ``clients`` threads sharing ``logins`` connect-LOGIN-LOGOUT loops."""
     per_client = logins // clients
     errors: list[BaseException] = []
@@ -86,7 +130,8 @@ def login_rate(port: int, user: str, logins: int, clients: int) -> float:
         except BaseException as e:  # reported after the threads end
             errors.append(e)
 
-    login_once(port, user)  # warm: the cache (ours), the auth process (Dovecot)
+    for _ in range(warm):  # warm: the caches (ours, one per worker), Dovecot's auth process
+        login_once(port, user)
     threads = [threading.Thread(target=run) for _ in range(clients)]
     start = time.perf_counter()
     for t in threads:
@@ -104,7 +149,12 @@ def main() -> None:
     parser.add_argument("--logins", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--users", type=int, default=8, help="cold logins measured")
+    parser.add_argument("--workers", type=int, default=2, help="Postvern listener processes")
+    parser.add_argument("--serve-worker", nargs=2, metavar=("DATA", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_worker:
+        serve_worker(Path(args.serve_worker[0]), int(args.serve_worker[1]))
+        return
     imap.raise_nofile()
     root = Path(tempfile.mkdtemp(prefix="login-bench-"))
     os.chmod(root, 0o755)
@@ -112,22 +162,21 @@ def main() -> None:
     try:
         data, our_port, users = seed(root, args.users)
         base, dove_port = imap.seed_dovecot(root, [], args.clients)
-        ours = subprocess.Popen(
-            [sys.executable, str(BENCH / "imap.py"), "--serve", str(data), str(our_port)],
-            stdout=subprocess.PIPE,
-            start_new_session=True,
-        )
-        procs.append(ours)
-        assert ours.stdout is not None
-        ours.stdout.readline()
+        workers, listening = start_workers(data, our_port, args.workers)
+        listening.close()  # the workers hold it now
+        procs += workers
         dovecot = imap.start_dovecot(base)
         procs.append(dovecot)
         imap.wait_port(dove_port)
 
         cold = [login_once(our_port, user) for user in users]
-        warm = login_rate(our_port, imap.USER, args.logins, args.clients)
+        # Enough warm-up logins that each worker has run Argon2id once for the user.
+        warm = login_rate(our_port, imap.USER, args.logins, args.clients, warm=8 * args.workers)
         reference = login_rate(dove_port, imap.USER, args.logins, args.clients)
-        print(f"\nIMAP LOGIN, {args.clients} clients, connect + LOGIN + LOGOUT per login")
+        print(
+            f"\nIMAP LOGIN, {args.clients} clients, connect + LOGIN + LOGOUT per login,"
+            f" Postvern in {args.workers} worker process(es); {machine_load()}"
+        )
         print(
             f"cold login (Argon2id), {len(cold)} users: median {statistics.median(cold) * 1000:.0f}"
             f" ms, worst {max(cold) * 1000:.0f} ms   goal: median ≤ 200 ms"

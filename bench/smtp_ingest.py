@@ -25,8 +25,12 @@ DNS answers carry a 300 s TTL, as real sender domains' records do, so Postvern's
 cache works as in production; the sending IP is not allowlisted (its rate limits are raised
 above the load instead, so the accounting still runs).
 
+``--workers 1,2`` runs Postvern once per worker count (``[server] workers``; 1 is the single
+process, more are a supervisor and that many workers sharing the listener): CPU and PSS are
+then summed over the process tree, as for Postfix.
+
 Usage: python bench/smtp_ingest.py [--messages 5000] [--connections 16] [--size 10000]
-                                   [--only sink,postvern,postfix] [--profile]
+                                   [--only sink,postvern,postfix] [--profile] [--workers 1,2]
 """
 
 from __future__ import annotations
@@ -254,11 +258,20 @@ def run_sink(root: Path, ca: TestCA, jobs: list[Job], connections: int) -> Figur
 
 
 def postvern_data(
-    root: Path, dns: DNSTestServer, connections: int, total: int, filter_processes: int = 0
+    root: Path,
+    dns: DNSTestServer,
+    connections: int,
+    total: int,
+    filter_processes: int = 0,
+    workers: int = 1,
 ) -> DataDir:
     data = make_data_dir(
-        root / "postvern", passwords={RECIPIENT: PASSWORD}, listeners=("smtp",), hostname=HOSTNAME
+        root / f"postvern-{workers}",
+        passwords={RECIPIENT: PASSWORD},
+        listeners=("smtp",),
+        hostname=HOSTNAME,
     )
+    set_config(data.path, "server", {"workers": workers})
     set_config(data.path, "dns", {"nameservers": [dns.nameserver], "timeout": 2.0})
     if filter_processes:
         set_config(data.path, "filters", {"processes": filter_processes})
@@ -338,15 +351,17 @@ def run_postvern(
     profile: bool,
     filter_processes: int = 0,
     event_loop: str = "asyncio",
+    workers: int = 1,
 ) -> tuple[Figures, Verification, str]:
     """The load against ``postvern serve``; with ``profile``, py-spy samples it during the
     timed load (or, without py-spy, cProfile records its event-loop thread throughout)."""
-    data = postvern_data(root, dns, connections, len(jobs), filter_processes)
+    data = postvern_data(root, dns, connections, len(jobs), filter_processes, workers)
     use_spy = profile and common.find_py_spy() is not None
     cprofile_out = root / "postvern.prof"
     env = cprofile_env(root, cprofile_out) if profile and not use_spy else {}
     if event_loop == "uvloop":
         env = uvloop_env(root, env)
+    env = {**env, "POSTVERN_SERVER__WORKERS": str(workers)}
     with ServerProcess(data, env=env) as server:
         assert server.proc is not None
         pid = server.proc.pid
@@ -354,7 +369,8 @@ def run_postvern(
         m = measure(
             target, jobs, connections, pid, spy_on=root / "postvern.spy" if use_spy else None
         )
-        rss = common.peak_rss_kib(pid)
+        # One process: its own peak (VmHWM); a supervisor and workers: the summed peak.
+        rss = common.peak_rss_kib(pid) if workers == 1 else m.sampler.peak_rss_kib
         log_tail = server.output[-LOG_LINES_ON_REFUSAL:] if m.result.refused else []
     report = m.profile
     if log_tail:
@@ -362,7 +378,9 @@ def run_postvern(
     if profile and not use_spy and cprofile_out.exists():
         report = summarise_cprofile(cprofile_out)
     check = verify_postvern(data, jobs)
-    return figures("postvern serve", m, rss, check.opened), check, report
+    label = f"postvern serve, {workers} worker{'s' if workers > 1 else ''}"
+    note = f"summed over up to {m.sampler.peak_processes} processes" if workers > 1 else ""
+    return figures(label, m, rss, check.opened, note=note), check, report
 
 
 # --- Profiling the server ---------------------------------------------------------------------
@@ -639,7 +657,11 @@ def main() -> None:
         help="[filters] processes for Postvern (0: the filter in a thread)",
     )
     parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument(
+        "--workers", default="1,2", help="comma-separated [server] workers counts for Postvern"
+    )
     args = parser.parse_args()
+    worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
     systems = [s.strip() for s in args.only.split(",") if s.strip()]
     if "postfix" in systems and (os.geteuid() != 0 or not Path(POSTFIX).exists()):
         print("postfix: needs root and /usr/sbin/postfix; left out\n")
@@ -653,7 +675,7 @@ def main() -> None:
     started = time.perf_counter()
     domains = sender_domains(args.sender_domains)
     rows: list[Figures] = []
-    check: Verification | None = None
+    checks: list[tuple[str, Verification]] = []
     report = ""
     with tempfile.TemporaryDirectory(prefix="postvern-ingest-") as tmp, DNSTestServer() as dns:
         root = Path(tmp)
@@ -670,16 +692,21 @@ def main() -> None:
             if system == "sink":
                 rows.append(run_sink(root, ca, jobs, args.connections))
             elif system == "postvern":
-                fig, check, report = run_postvern(
-                    root,
-                    dns,
-                    jobs,
-                    args.connections,
-                    args.profile,
-                    args.filter_processes,
-                    args.event_loop,
-                )
-                rows.append(fig)
+                for count in worker_counts:
+                    fig, check, part = run_postvern(
+                        root,
+                        dns,
+                        jobs,
+                        args.connections,
+                        args.profile,
+                        args.filter_processes,
+                        args.event_loop,
+                        count,
+                    )
+                    rows.append(fig)
+                    checks.append((fig.system, check))
+                    report += part
+                    print(f"  {fig.system}: {fig.per_second:.0f} msg/s", flush=True)
             elif system == "postfix":
                 rows.append(run_postfix(root, ca, jobs, args.connections))
             took = time.perf_counter() - begun
@@ -688,26 +715,25 @@ def main() -> None:
     print_table(rows)
     by = {r.system.split()[0]: r for r in rows}
     print()
-    pv = by.get("postvern")
-    if pv is not None:
+    for pv in (r for r in rows if r.system.startswith("postvern")):
         for other in ("bare", "postfix"):
             base = by.get(other)
             if base is None:
                 continue
             label = "bare sink" if other == "bare" else "Postfix"
             print(
-                f"Postvern / {label}: {pv.per_second / base.per_second:.3g}× messages per second, "
+                f"{pv.system} / {label}: {pv.per_second / base.per_second:.3g}× msg/s, "
                 f"{pv.cpu_ms_per_message / base.cpu_ms_per_message:.3g}× CPU per message, "
                 f"{pv.peak_pss_mib / base.peak_pss_mib:.3g}× peak PSS"
             )
             if base.delivered_per_second is not None:
                 print(
-                    f"Postvern / {label} (until in the mailbox): "
+                    f"{pv.system} / {label} (until in the mailbox): "
                     f"{pv.per_second / base.delivered_per_second:.3g}×"
                 )
-    if check is not None:
+    for system, check in checks:
         print(
-            f"\nPostvern arrivals: {check.spooled} sealed in the spool; "
+            f"\n{system} arrivals: {check.spooled} sealed in the spool; "
             f"opened with the user's key: {check.opened} ({check.folders}); "
             f"SPF+DKIM×2+DMARC pass: {check.all_pass}; "
             f"missing {check.missing}, duplicates {check.duplicates}"
@@ -717,13 +743,17 @@ def main() -> None:
         for r in rows
         if r.arrived != args.messages + WARMUP
     ]
-    if check is not None and (check.missing or check.duplicates or check.spooled != check.opened):
-        problems.append("postvern: missing, duplicated or unreadable messages")
+    for system, check in checks:
+        if check.missing or check.duplicates or check.spooled != check.opened:
+            problems.append(f"{system}: missing, duplicated or unreadable messages")
     if report:
         print("\n" + report)
     print(
         json.dumps(
-            {"rows": [asdict(r) for r in rows], "postvern_check": asdict(check) if check else None}
+            {
+                "rows": [asdict(r) for r in rows],
+                "postvern_checks": {s: asdict(c) for s, c in checks},
+            }
         )
     )
     if problems:
