@@ -21,7 +21,12 @@ FUZZ_SECONDS = 3
 SEEDS = {
     "smtp": [b"\x02EHLO a\r\nMAIL FROM:<a@b> BODY=8BITMIME\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n.\r\n"],
     "imap": [b"\x01a LOGIN u p\r\nb SELECT INBOX\r\nc UID FETCH 1:* (BODY.PEEK[HEADER])\r\n"],
-    "pop3": [b"\x00CAPA\r\nUSER a@b\r\nQUIT\r\n"],
+    "pop3": [
+        b"\x00CAPA\r\nUSER a@b\r\nQUIT\r\n",
+        b"\x02USER a@b\r\nPASS p\r\nSTAT\r\nLIST\r\nUIDL 2\r\nRETR 2\r\nTOP 3 1\r\n"
+        b"DELE 1\r\nQUIT\r\n",
+        b"\x41STLS\r\nAUTH PLAIN AGFAYgBw\r\nRSET\r\nNOOP\r\nQUIT\r\n",
+    ],
     "mime": [b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n"],
     "headers": [b"From: a@b\r\nSubject: =?utf-8?q?x?=\r\n\r\nbody"],
     "dkim": [

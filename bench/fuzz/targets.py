@@ -5,9 +5,9 @@ bounded run in the tests (tests/test_fuzz_bounded.py).
 The protocol cores are driven as their sessions drive them: the SMTP core with the test
 suite's permissive reply policy (every request answered, so the fuzzer reaches DATA, BDAT,
 AUTH and STARTTLS states), the IMAP core with every command completed OK (so it reaches the
-authenticated and selected grammars), the POP3 core up to its first event that needs an
-answer. Input is cut into pieces at the fuzzer's own choice of points, so split lines and
-literals are exercised too.
+authenticated and selected grammars), the POP3 core with the test suite's session (logins
+accepted or refused, messages retrieved, QUIT committed). Input is cut into pieces at the
+fuzzer's own choice of points, so split lines and literals are exercised too.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from postvern.imap.protocol import PAUSED, CommandReceived, ConnectionClosed, Im
 from postvern.imap.protocol import ProtocolConfig as IMAPConfig  # noqa: E402
 from postvern.imap.serialize import Completion  # noqa: E402
 from postvern.mime.parse import parse_message  # noqa: E402
-from postvern.pop3.protocol import NEED_DATA as POP3_NEED_DATA  # noqa: E402
-from postvern.pop3.protocol import Answered, POP3Connection  # noqa: E402
+from postvern.pop3.protocol import Event as POP3Event  # noqa: E402
+from postvern.pop3.protocol import NeedData as POP3NeedData  # noqa: E402
+from postvern.pop3.protocol import POP3Connection  # noqa: E402
 from postvern.smtp import events as smtp_events  # noqa: E402
 from postvern.smtp import replies as smtp_replies  # noqa: E402
 from postvern.smtp.protocol import ServerConnection  # noqa: E402
@@ -98,20 +99,29 @@ def imap_core(data: bytes) -> None:
             conn.data_to_send()
 
 
+class _GuardedPOP3(POP3Connection):
+    """A POP3 core that counts its events (see MAX_EVENTS)."""
+
+    steps = 0
+
+    def next_event(self) -> POP3Event | POP3NeedData:
+        self.steps += 1
+        assert self.steps < MAX_EVENTS, "endless events"
+        return super().next_event()
+
+
 def pop3_core(data: bytes) -> None:
-    conn = POP3Connection(tls_active=True, tls_available=False)
-    conn.data_to_send()
-    for piece in _pieces(data):
-        conn.receive_data(piece)
-        for _ in range(MAX_EVENTS):
-            event = conn.next_event()
-            if event is POP3_NEED_DATA:
-                break
-            if not isinstance(event, Answered):
-                return  # the first event that needs the session (a login, a retrieval)
-            conn.data_to_send()
-        else:
-            raise AssertionError("endless events")
+    """The whole conversation, the test suite's session answering every event: logins
+    accepted (or refused, if the first byte's 0x80 bit is set) with a three-message maildrop,
+    so that the fuzzer reaches TRANSACTION (STAT, LIST, UIDL, RETR, TOP, DELE, RSET) and
+    UPDATE; STLS on a plaintext connection if the 0x40 bit is set."""
+    # Here, not at the top, for the reason given in smtp_core.
+    from test_pop3_protocol import drive
+
+    flags = data[0] if data else 0
+    plaintext = bool(flags & 0x40)
+    conn = _GuardedPOP3(tls_active=not plaintext, tls_available=plaintext)
+    drive(conn, _pieces(data), refuse=bool(flags & 0x80))
 
 
 def mime(data: bytes) -> None:
