@@ -45,6 +45,15 @@ SPAM = {
     "BODY_MISSPELT": ("night", "ciaiis has advantaqes over other piils, every one."),
     "BODY_PUNCTUATION_RUN": ("WOW", "You won't believe this!!! Amazing stuff."),
     "BODY_DISCOUNT_SUBJECT": ("Hey Bob, 80% off everything", "Shop now."),
+    "BODY_BROKEN_WORDS": ("L etzte B enachrichtigung zu Ihrem P aket", "Bitte klicken."),
+    "BODY_CRYPTO_LURE": ("airdrop", "Claim your free tokens now: connect your wallet."),
+    "BODY_PRIZE": ("You won", "Congratulations! Claim your prize before Friday."),
+    "BODY_PARCEL_FEE": ("Colis", "Votre colis est bloqué : frais de douane de 1,99 EUR."),
+    "BODY_ACCOUNT_THREAT": (
+        "Security notice",
+        "Your account has been suspended after unusual activity. Verify your identity "
+        "within 24 hours.",
+    ),
 }
 
 
@@ -119,3 +128,19 @@ def test_spam_with_a_second_voice_is_junked_whole() -> None:
     verdict = decide(analyse(raw, ScanContext(macro_checker=None)), FilterSettings())
     assert verdict.action == "junk"
     assert any(r.startswith("BODY_") for r in verdict.reasons)
+
+
+def test_a_callback_lure_names_a_brand_a_charge_and_a_number() -> None:
+    from postvern.filters.phishing import PhishingContext, check_phishing
+
+    text = (
+        "Your Norton LifeLock subscription renewal of USD 364.88 has been processed. If you "
+        "did not authorize this charge, call 1 864 349-9580 to cancel."
+    )
+    lure = read_content(mail("Your renewal", text, sender="Jodie <jp@cfecgcft.example>"))
+    assert "PHISH_CALLBACK" in {h.code for h in check_phishing(lure, PhishingContext())}
+    # the brand's own mail, and a friend's order with a number, are not lures
+    own = read_content(mail("Your renewal", text, sender="Norton <billing@norton.com>"))
+    assert "PHISH_CALLBACK" not in {h.code for h in check_phishing(own, PhishingContext())}
+    note = read_content(mail("Apple", "I ordered the Apple charger; call me at 617 555-0100."))
+    assert "PHISH_CALLBACK" not in {h.code for h in check_phishing(note, PhishingContext())}

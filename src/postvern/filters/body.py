@@ -53,6 +53,11 @@ POINTS = {
     "BODY_WORD_SALAD": 1.0,  # lines of random words, to poison statistical filters
     "BODY_SHORT_WITH_LINK": 1.0,  # a line or two and a link: the message is the click
     "BODY_SALES_WORDS": 1.0,  # a text made of the words of selling
+    "BODY_BROKEN_WORDS": 1.5,  # "L etzte B enachrichtigung": words broken apart
+    "BODY_CRYPTO_LURE": 1.5,  # an airdrop, a presale, a wallet to connect
+    "BODY_PRIZE": 1.0,  # "congratulations, you have won"
+    "BODY_ACCOUNT_THREAT": 1.5,  # "your account will be suspended; verify within 24 hours"
+    "BODY_PARCEL_FEE": 1.0,  # a parcel held for a fee
     "BODY_MISSPELT": 1.0,  # words misspelt with look-alike letters ("advantaqes", "wiil")
     "URI_SUSPICIOUS_TLD": 1.0,  # a link under a top-level domain registered mostly for abuse
     "URI_RANDOM_HOST": 1.0,  # a host name of random letters or many labels
@@ -272,6 +277,75 @@ _ADVANCE_FEE = _phrases(
     widow
     """
 )
+# Crypto-currency lures: free tokens to claim, a wallet to connect or to "validate".
+_CRYPTO = _phrases(
+    """
+    airdrop
+    airdrops
+    presale
+    pre sale
+    claim your|free tokens|token|reward|rewards|airdrop|nft|xrp|eth|btc|usdt
+    connect|validate|verify|sync|synchronize your wallet
+    seed|recovery|secret phrase
+    wallet suspended|locked|disabled|deactivated
+    free crypto|bitcoin|tokens|nft|nfts
+    """
+)
+# The prize lure: the reader has won (the English of it; other languages' lures are
+# judged by the other rules).
+_PRIZE = _phrases(
+    """
+    congratulations
+    you have| won
+    you are|re a| winner
+    winner of
+    claim your|the prize|reward|gift|voucher|bonus
+    free spins
+    gift card
+    selected to receive
+    """
+)
+# A parcel held until a fee is paid, in the languages such lures come in.
+_PARCEL = _phrases(
+    """
+    customs|delivery|shipping|redelivery fee|fees|charge|charges|duty|duties
+    frais de douane|livraison|port|réexpédition
+    taxa|taxas de entrega|envio|importação|alfândega
+    taxas pendentes
+    gastos|tasas de envío|envio|aduana
+    zollgebühr|zollgebühren|versandkosten|nachnahmegebühr
+    package|parcel|shipment|colis|encomenda|paket|paquete is| on hold|held|suspended|retained
+    colis|encomenda|paket|paquete bloqué|retida|retenido|retenida|zurückgehalten
+    """
+)
+# The credential lure's pressure: an account in danger, a deadline, details to confirm
+# (SpamAssassin's and rspamd's phishing phrase rules), in English and the languages of the
+# lures in the corpora's era. Honest services say some of this too, one phrase at a time.
+_ACCOUNT_THREAT = _phrases(
+    """
+    your account has|will been|be suspended|locked|limited|disabled|closed
+    your account has|will been|be deactivated|terminated|restricted|blocked
+    your account is suspended|locked|limited|disabled|closed|deactivated|restricted
+    verify|confirm|update|validate your account|identity|information|details|billing|password
+    unusual|suspicious activity|sign|login|logins|attempt|attempts
+    unauthorized|unauthorised access|activity|login|transaction
+    within 24|48|72 hours
+    failure to|if you fail to|do not verify|confirm|update|comply
+    click|log|sign in| below|here to verify|confirm|restore|reactivate|unlock
+    sua conta foi|será|está suspensa|bloqueada|desativada
+    su cuenta ha|será|está sido| suspendida|bloqueada|desactivada
+    ihr konto wurde|wird gesperrt|eingeschränkt|deaktiviert
+    votre compte a|sera été| suspendu|bloqué|désactivé|limité
+    """
+)
+MIN_ACCOUNT_THREAT_PHRASES = 2
+MIN_PRIZE_PHRASES = 2
+MIN_CRYPTO_PHRASES = 2
+# Words broken by spaces in the subject or the sender's name ("L etzte B enachrichtigung",
+# "P a kets"): a capital consonant alone, the rest of its word after a space. Single
+# letters that are words ("A", "I", "O", "Y") are not counted.
+_BROKEN_WORD = re.compile(r"(?<![^\W\d_])[B-DF-HJ-NP-TV-XZ] [a-zäöüéèàçñ]{2,}")
+MIN_BROKEN_WORDS = 2
 _SELLING = _phrases(
     """
     click here
@@ -378,6 +452,9 @@ def check_body(content: Content) -> list[Hit]:
     found = _PHRASES.find(words, plain)
     hits: list[Hit] = []
     hits += _goods(text, words, found)
+    broken = _BROKEN_WORD.findall(content.judged_subject) + _BROKEN_WORD.findall(msg.from_name)
+    if len(broken) >= MIN_BROKEN_WORDS:
+        hits.append(_hit("BODY_BROKEN_WORDS", f"'{broken[0]}', '{broken[1]}'"))
     if not any(f in msg.header_names for f in BULK_FIELDS):
         hits += _manner(text, words, found, content)
     if len(content.html.hidden_text.split()) >= MIN_HIDDEN_WORDS:
@@ -473,6 +550,10 @@ _PHRASES = _PhraseIndex(
         "BODY_ADVANCE_FEE": _ADVANCE_FEE,
         "BODY_SELLING_PHRASES": _SELLING,
         "BODY_REMOVE_ME": _REMOVE_ME,
+        "BODY_CRYPTO_LURE": _CRYPTO,
+        "BODY_PRIZE": _PRIZE,
+        "BODY_PARCEL_FEE": _PARCEL,
+        "BODY_ACCOUNT_THREAT": _ACCOUNT_THREAT,
     }
 )
 # Distinct phrases of a family that make its rule: the goods are named in honest mail
@@ -482,6 +563,8 @@ _GOODS = (
     ("BODY_ENLARGEMENT", 2, "'enlargement'"),
     ("BODY_REPLICA_OEM", 2, "replicas or OEM software"),
     ("BODY_ADVANCE_FEE", 3, "an advance-fee fraud"),
+    ("BODY_CRYPTO_LURE", MIN_CRYPTO_PHRASES, "a crypto-currency lure"),
+    ("BODY_ACCOUNT_THREAT", MIN_ACCOUNT_THREAT_PHRASES, "an account threatened"),
 )
 # Offers that honest bulk mail makes too (a bank's, a broker's newsletter): judged only in
 # mail that does not say it is bulk mail, like the other rules of manner.
@@ -489,6 +572,8 @@ _OFFERS = (
     ("BODY_STOCK_TIP", 3, "a stock tip"),
     ("BODY_LOAN_OFFER", 3, "a loan offer"),
     ("BODY_INCOME_OFFER", 2, "income from home"),
+    ("BODY_PRIZE", MIN_PRIZE_PHRASES, "a prize"),
+    ("BODY_PARCEL_FEE", 1, "a parcel held for a fee"),
 )
 # Word salad: lines of at least four words with none of the little words every sentence
 # of English has; a text with this many such lines was not written to be read.

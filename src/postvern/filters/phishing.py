@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import functools
 import importlib.resources
+import itertools
 import json
 import re
 from collections.abc import Iterable
@@ -63,6 +64,9 @@ POINTS = {
     "PHISH_STYLED_LETTERS": 1.5,  # "𝐖𝐞𝐥𝐜𝐨𝐦𝐞": mathematical letters written as words
     "PHISH_HIDDEN_IN_WORDS": 3.0,  # "Micro<span style=font-size:0>x</span>soft" (ZeroFont)
     "URL_BLOCKLISTED": 10.0,
+    # A brand's name, a charge or a renewal, and a telephone number to call about it, from
+    # a sender that is not the brand: the callback lure (TOAD), which needs no link at all.
+    "PHISH_CALLBACK": 3.0,
     "PHISH_BODY_PASSWORD_FORM": 3.0,  # a password field in the message itself
     # An HTML file with a credential form: enough on its own even when the model's
     # points are at their most negative (postvern.filters.spam.MODEL_POINTS_MIN).
@@ -113,6 +117,7 @@ _OPEN_REDIRECT = re.compile(
 # match a checksum. Order and ticket numbers are digits or upper case; words are letters.
 _ALNUM_TOKEN = re.compile(r"(?<![^\W_])[A-Za-z0-9]{10,64}(?![^\W_])")
 MIN_RANDOM_CASE_LETTERS = 3  # of each case: "iPhone15Pro" is a name, not a code
+MIN_RANDOM_CASE_CHANGES = 8
 # A word spelt with Latin letters and Greek or Cyrillic look-alikes ("Mαrch" with an alpha,
 # "Рaypal" with a Cyrillic Er) reads normally and matches no filter's word list; no
 # language writes one word in two of these scripts (TR39 §5, mixed-script detection).
@@ -243,6 +248,7 @@ def check_phishing(content: Content, ctx: PhishingContext) -> list[Hit]:
     hits += _homoglyph_words(content)
     hits += _styled_letters(content)
     hits += _hidden_in_words(content.html)
+    hits += _callback(content, brands)
     if ctx.blocklist is not None:
         hits += _blocklisted(urls, content, ctx.blocklist)
     hits += _forms(content.html, attachment_docs)
@@ -446,6 +452,34 @@ def _hidden_destinations(urls: list[Url]) -> list[Hit]:
     return hits
 
 
+# A North American telephone number as lures write it ("1 864 349-9580", "(839) 268-8812",
+# "+1-800-555-0199"): the callback lure's numbers are toll-free or US numbers.
+_PHONE = re.compile(r"(?<!\d)(?:\+?1[\s.-]?)?\(?[2-9]\d\d\)?[\s.-]?\d{3}[\s.-]\d{4}(?!\d)")
+_CHARGE = re.compile(
+    r"(?i)\b(?:renewal|renewed|auto-renew\w*|subscription|invoice|charged|transaction|billing)\b"
+)
+_CALL_TO_ACT = re.compile(
+    r"(?i)\b(?:cancel|refund|dispute|did(?: not|n't) (?:authori[sz]e|make|order|recogni[sz]e))"
+)
+
+
+def _callback(content: Content, brands: Brands) -> list[Hit]:
+    text = content.visible_text[:MAX_HOMOGLYPH_TEXT]
+    if not _PHONE.search(text) or not _CHARGE.search(text) or not _CALL_TO_ACT.search(text):
+        return []
+    lowered = text.lower()
+    domain = registrable_domain(to_ascii_host(content.message.from_domain))
+    for brand in brands.brands:
+        # (Generic names too: "Norton" beside a charge and a number to call is the brand.)
+        if brand.name.lower() not in lowered:
+            continue
+        if brands.is_official(brand, domain):
+            return []
+        detail = f"'{brand.name}', a charge and a number to call, sent from {domain or 'nowhere'}"
+        return [_hit("PHISH_CALLBACK", detail)]
+    return []
+
+
 def _random_tokens(content: Content) -> list[Hit]:
     msg = content.message
     for where, text in (("subject", msg.subject), ("sender name", msg.from_name)):
@@ -457,8 +491,12 @@ def _random_tokens(content: Content) -> list[Hit]:
 def _is_random_code(token: str) -> bool:
     upper = sum(c.isupper() for c in token)
     lower = sum(c.islower() for c in token)
-    return (upper >= MIN_RANDOM_CASE_LETTERS and lower >= MIN_RANDOM_CASE_LETTERS
-            and any(c.isdigit() for c in token))  # fmt: skip
+    if upper < MIN_RANDOM_CASE_LETTERS or lower < MIN_RANDOM_CASE_LETTERS:
+        return False
+    # Digits among the letters, or the case changing again and again ("WBmmvfJdFtGqOvWw"):
+    # a name changes case once a word ("McDonaldsHQ", "iPhoneProMax").
+    changes = sum(a.isupper() != b.isupper() for a, b in itertools.pairwise(token))
+    return any(c.isdigit() for c in token) or changes >= MIN_RANDOM_CASE_CHANGES
 
 
 def _disguisable_texts(content: Content) -> list[tuple[str, str]]:
