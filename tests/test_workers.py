@@ -246,6 +246,26 @@ def test_smtp_deliveries_over_both_workers_arrive_once(world: World) -> None:
     assert mine == {f"spread-{i}": 1 for i in range(sent)}
 
 
+def test_a_burst_of_connections_is_spread_over_both_workers(world: World) -> None:
+    """Sixteen clients connecting at once (a sending MTA opening its connections, a client
+    reconnecting its folders) reach both workers: a worker takes one connection per turn of
+    its loop, not the whole accept queue (all sixteen went to one worker before)."""
+    raw = [socket.create_connection(world.data.addr("imap"), timeout=10) for _ in range(16)]
+    try:
+        workers: Counter[str] = Counter()
+        for number, sock in enumerate(raw):
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"* OK")
+            sock.sendall(b"t%d ID NIL\r\n" % number)
+            match = re.search(rb'"worker" "(\d)"', reader.readline())
+            assert match
+            workers[match[1].decode()] += 1
+        assert set(workers) == {"0", "1"}, workers
+    finally:
+        for sock in raw:
+            sock.close()
+
+
 def test_idle_on_one_worker_hears_the_other(world: World) -> None:
     """APPEND, STORE and EXPUNGE through worker B reach an IDLE session on worker A; and a
     delivery that goes to the sealed spool (the delivering worker has the mailbox locked)

@@ -528,6 +528,8 @@ def run(data_dir: Path, banner: Callable[[config.Settings], str] | None = None) 
     retention.configure(app.settings)
     workers.label_log_records(role)
     handoff.inherit(app.settings.listen)  # systemd's or a predecessor's sockets (handoff.py)
+    if not role.alone:
+        workers.balance_accepts()  # the sockets are shared with the other workers
     try:
         loop_factory = event_loop_factory(app.settings.server.event_loop)
         with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,39 @@ def supervisor_pipe(environ: MutableMapping[str, str] | None = None) -> int | No
     fd = int(value)
     os.set_inheritable(fd, False)
     return fd
+
+
+class OneAcceptPerTick(socket.socket):
+    """A listening socket shared with other workers that takes one connection per turn of
+    this worker's event loop.
+
+    asyncio's accept handler takes up to 100 waiting connections each time the socket is
+    readable, so a burst (16 clients connecting at once) all went to whichever worker woke
+    first, and the other stayed idle while those connections lived. Reporting "nothing
+    more" after the first accept of a turn leaves the rest to whichever worker's loop comes
+    round first — the least busy one. The socket is still readable, so this worker takes the
+    next on its next turn; nothing waits longer than a turn of some worker's loop.
+    """
+
+    _taken = False
+
+    def accept(self) -> tuple[socket.socket, typing.Any]:
+        if self._taken:
+            raise BlockingIOError  # asyncio's accept loop stops here until the next turn
+        conn = super().accept()
+        self._taken = True
+        asyncio.get_running_loop().call_soon(self._next_turn)
+        return conn
+
+    def _next_turn(self) -> None:
+        self._taken = False
+
+
+def balance_accepts() -> None:
+    """In a worker: the listening sockets it inherited take one connection per loop turn."""
+    inherited = handoff._inherited  # the sockets waiting for their listener (handoff.take)
+    for key, sock in list(inherited.items()):
+        inherited[key] = OneAcceptPerTick(fileno=sock.detach())
 
 
 def label_log_records(role: Role) -> None:
