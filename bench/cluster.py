@@ -1,7 +1,8 @@
 """Cluster benchmark (issue #20): one front against two, the cost of proxying, moving a user.
 
 A real loopback cluster (tests/cluster_kit.py: two fronts, two mailbox nodes, the directory in
-a private PostgreSQL over TLS, Redis), every node its own ``postvern serve`` process:
+a private PostgreSQL and Redis, both over verified TLS), every node its own ``postvern serve``
+process:
 
 * **SMTP**: N messages to users spread over both mailbox nodes, through one front, then the
   same through both fronts at once (the same connections, split). Reported: messages/s
@@ -39,9 +40,8 @@ from pathlib import Path
 
 from common import Job, Target, cpu_seconds, machine_load, send_all, text_message, trust_anything
 
-from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, build  # isort: skip
+from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build  # isort: skip
 from pg_server import PostgresTestServer  # isort: skip
-from redis_server import RedisTestServer  # isort: skip
 
 from postvern import cli
 from postvern.app import App
@@ -257,20 +257,27 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp,
         PostgresTestServer() as pg,
-        RedisTestServer() as redis,
     ):
-        kit = build(Path(tmp), redis_url=redis.url, directory=pg.new_database().settings())
-        mover = sorted(a for a in kit.passwords if kit.owner(a) == MAILBOX_NODES[0])[0]
-        seed_mailbox(kit, mover, args.move_messages, seed=7)
+        redis = TlsRedis(Path(tmp) / "redis").start()
         try:
-            kit.start_all()
-            report(kit, args, mover)
-        except BaseException:
-            for name, proc in kit.procs.items():  # what the nodes said, to see why
-                print(f"--- {name}", *proc.output[-20:], sep="\n", file=sys.stderr)
-            raise
+            run(Path(tmp), pg, redis, args)
         finally:
-            kit.stop_all()
+            redis.stop()
+
+
+def run(tmp: Path, pg: PostgresTestServer, redis: TlsRedis, args: argparse.Namespace) -> None:
+    kit = build(tmp / "cluster", redis_url=redis.url, directory=pg.new_database().settings())
+    mover = sorted(a for a in kit.passwords if kit.owner(a) == MAILBOX_NODES[0])[0]
+    seed_mailbox(kit, mover, args.move_messages, seed=7)
+    try:
+        kit.start_all()
+        report(kit, args, mover)
+    except BaseException:
+        for name, proc in kit.procs.items():  # what the nodes said, to see why
+            print(f"--- {name}", *proc.output[-20:], sep="\n", file=sys.stderr)
+        raise
+    finally:
+        kit.stop_all()
 
 
 def report(kit: ClusterKit, args: argparse.Namespace, mover: str) -> None:

@@ -7,7 +7,9 @@ nodes.toml in its ``cluster/`` folder and ``[cluster] role/node`` in its config.
 shares the server key and the directory: the SQLite directory of a seed data directory (each
 node's ``directory.sqlite`` is a link to it — SQLite follows the link, so its WAL and locks are
 shared) or, given a database of the private test PostgreSQL (tests/pg_server.py), the directory
-in PostgreSQL over verified TLS, as a real cluster has it. Redis holds the shared abuse state.
+in PostgreSQL over verified TLS, as a real cluster has it. Redis holds the shared abuse state;
+:class:`TlsRedis` is a redis-server that takes TLS only (no plaintext port), with a
+certificate from a test CA the nodes verify.
 Each user's mailbox file starts on the node placement.py gives it.
 """
 
@@ -15,8 +17,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import ssl
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
 
 from harness import (
     PASSWORDS,
@@ -27,6 +35,8 @@ from harness import (
     make_data_dir,
     set_config,
 )
+from mta_kit import TestCA
+from pg_server import issue
 from postvern import cli, config
 from postvern.app import App
 from postvern.cluster import nodes, pki, placement
@@ -34,8 +44,11 @@ from postvern.crypto.serverkey import KEY_FILE
 from postvern.directory.accounts import MAILBOX_DIR
 from postvern.directory.db import DB_NAME
 from postvern.emailauth import signing
+from redis_server import REDIS_SERVER
 
 FRONTS = ("front1", "front2")
+# redis-server is up in well under a second; this bounds a broken install.
+REDIS_START_TIMEOUT = 10.0
 MAILBOX_NODES = ("mbx1", "mbx2")
 FRONT_LISTENERS = ("smtp", "submission", "imap", "imaps", "pop3", "pop3s", "https")
 
@@ -183,3 +196,66 @@ def _move_mailbox(kit: ClusterKit, address: str) -> None:
     target = kit.nodes[owner].path / MAILBOX_DIR
     target.mkdir(mode=0o700, exist_ok=True)
     shutil.move(kit.seed.path / MAILBOX_DIR / f"{user.id}.sqlite", target)
+
+
+class TlsRedis:
+    """redis-server on 127.0.0.1 with TLS only (``--port 0``): every client must verify it."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory = directory
+        self.ca = TestCA(directory)
+        key, cert = issue(self.ca, "127.0.0.1")  # CN and an IP SAN, as hostname checks want
+        self.cert = directory / "redis.crt"
+        self.key = directory / "redis.key"
+        self.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca.path}"
+
+    def start(self) -> TlsRedis:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(self.port),
+             "--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key),
+             "--tls-ca-cert-file", str(self.ca.path), "--tls-auth-clients", "no",
+             "--dir", str(self.directory), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + REDIS_START_TIMEOUT
+        while True:
+            try:
+                if self.command(b"PING").startswith(b"+PONG"):
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("redis-server with TLS did not start")
+            time.sleep(0.05)
+
+    def command(self, line: bytes) -> bytes:
+        """One inline command over verified TLS; the reply's bytes."""
+        ctx = ssl.create_default_context(cafile=str(self.ca.path))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(line + b"\r\n")
+                return tls.recv(65536)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None

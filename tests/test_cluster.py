@@ -1,5 +1,5 @@
 """A real cluster on loopback (issue #20): two fronts, two mailbox nodes, the directory in
-PostgreSQL (TLS, verified), Redis.
+PostgreSQL and Redis, both over verified TLS.
 
 Mail goes in through either front (MX and submission) and is read through either front
 (IMAP, POP3) whichever mailbox node owns the user; the internal listener refuses anything
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_kit import MAILBOX_NODES, ClusterKit, build
+from cluster_kit import MAILBOX_NODES, ClusterKit, TlsRedis, build
 from harness import client_tls_context
 from pg_server import PostgresTestServer
 from postvern import cli, config
@@ -34,7 +34,6 @@ from postvern.cluster import nodes, pki
 from postvern.cluster.move import MOVED_DIR
 from postvern.cluster.relay import RELAY_DIR
 from postvern.directory.db import DB_NAME
-from redis_server import RedisTestServer
 
 # How long a test waits for a relayed copy to show up: the relay sends at once, so this only
 # bounds a broken cluster (no time is asserted).
@@ -42,14 +41,17 @@ ARRIVAL_WAIT = 60.0
 
 
 @pytest.fixture(scope="module")
-def redis() -> Iterator[RedisTestServer]:
-    with RedisTestServer() as server:
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    server = TlsRedis(tmp_path_factory.mktemp("redis")).start()
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def cluster(
-    tmp_path_factory: pytest.TempPathFactory, redis: RedisTestServer, pg_server: PostgresTestServer
+    tmp_path_factory: pytest.TempPathFactory, redis: TlsRedis, pg_server: PostgresTestServer
 ) -> Iterator[ClusterKit]:
     directory = pg_server.new_database().settings()
     kit = build(tmp_path_factory.mktemp("cluster"), redis_url=redis.url, directory=directory)
@@ -408,3 +410,14 @@ def test_draining_a_node_moves_every_user_and_their_mail_to_the_other(cluster: C
     for address, subject in subjects.items():
         assert cluster.owner(address) == "mbx1"
         assert _subjects(cluster, "front2", address).count(subject) == 1
+
+
+def test_every_node_holds_a_verified_tls_connection_to_redis(
+    cluster: ClusterKit, redis: TlsRedis
+) -> None:
+    """Redis here has no plaintext port, so each connection it lists came over TLS."""
+    clients = [c for c in redis.command(b"CLIENT LIST").decode().splitlines() if "id=" in c]
+    others = [c for c in clients if "cmd=client|list" not in c]  # all but this connection
+    # Every node reads the shared bans at start and then follows them (a blocking XREAD).
+    assert len(others) >= len(cluster.nodes)
+    assert sum("cmd=xread" in c for c in others) >= 1
