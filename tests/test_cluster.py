@@ -30,7 +30,7 @@ from harness import client_tls_context
 from pg_server import PostgresTestServer
 from postvern import cli, config
 from postvern.app import App
-from postvern.cluster import nodes, pki
+from postvern.cluster import nodes, pki, placement, proxyline
 from postvern.cluster.move import MOVED_DIR
 from postvern.cluster.relay import RELAY_DIR
 from postvern.directory.db import DB_NAME
@@ -421,3 +421,58 @@ def test_every_node_holds_a_verified_tls_connection_to_redis(
     # Every node reads the shared bans at start and then follows them (a blocking XREAD).
     assert len(others) >= len(cluster.nodes)
     assert sum("cmd=xread" in c for c in others) >= 1
+
+
+# -- the sans-I/O pieces ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client", "local", "line"),
+    [
+        (("192.0.2.7", 50123), ("127.0.0.1", 993), b"PROXY TCP4 192.0.2.7 127.0.0.1 50123 993\r\n"),
+        (("2001:db8::1", 4000), ("::1", 143), b"PROXY TCP6 2001:db8::1 ::1 4000 143\r\n"),
+        (("192.0.2.7", 1), ("::1", 143), b"PROXY UNKNOWN\r\n"),  # mixed families
+    ],
+)
+def test_proxy_lines_round_trip(
+    client: tuple[str, int], local: tuple[str, int], line: bytes
+) -> None:
+    assert proxyline.build(client, local) == line
+    assert proxyline.parse(line) == (None if b"UNKNOWN" in line else client[0])
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"PROXY TCP4 192.0.2.7 127.0.0.1 50123 993",  # no CRLF
+        b"PROXY TCP4 2001:db8::1 127.0.0.1 1 2\r\n",  # family and address disagree
+        b"PROXY TCP4 192.0.2.7 127.0.0.1 70000 993\r\n",  # port out of range
+        b"PROXY TCP4 not-an-ip 127.0.0.1 1 2\r\n",
+        b"a LOGIN alice secret\r\n",  # a client's first line is not a PROXY line
+        b"PROXY TCP4 " + b"1" * 120 + b"\r\n",  # longer than the spec's 107 bytes
+    ],
+)
+def test_malformed_proxy_lines_are_refused(line: bytes) -> None:
+    with pytest.raises(proxyline.ProxyLineError):
+        proxyline.parse(line)
+
+
+def test_rendezvous_placement_is_stable_and_spreads_users() -> None:
+    candidates = [nodes.Node(f"mbx{i}", "mailbox", f"127.0.0.1:{7000 + i}") for i in range(3)]
+    picks = [placement.rendezvous(f"user{i}", candidates).name for i in range(300)]
+    assert picks == [placement.rendezvous(f"user{i}", candidates).name for i in range(300)]
+    assert all(picks.count(n.name) > 50 for n in candidates)  # about 100 each
+    # Removing a node moves only the users that were on it.
+    fewer = candidates[:2]
+    moved = [i for i in range(300) if placement.rendezvous(f"user{i}", fewer).name != picks[i]]
+    assert all(picks[i] == "mbx2" for i in moved)
+
+
+def test_node_names_and_addresses_are_checked_before_they_reach_a_certificate() -> None:
+    for bad in ("Front1", "front_1", "-front", "a" * 64, "front1.example"):
+        with pytest.raises(nodes.ClusterError):
+            nodes.check_node(bad, "front", "127.0.0.1:1")
+    with pytest.raises(nodes.ClusterError):
+        nodes.check_node("front1", "admin", "127.0.0.1:1")  # admin is no node role
+    with pytest.raises(nodes.ClusterError):
+        nodes.check_node("front1", "front", '127.0.0.1:1"\n[x]')
