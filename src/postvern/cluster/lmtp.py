@@ -246,6 +246,13 @@ class LMTPClient:
             return mail
         return final if rcpt_reply.is_positive else rcpt_reply
 
+    def usable(self) -> bool:
+        """Still open both ways, as far as this side knows (kept between relay passes)."""
+        return not self.writer.is_closing() and not self.reader.at_eof()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
     async def close(self) -> None:
         try:
             self.writer.write(b"QUIT\r\n")

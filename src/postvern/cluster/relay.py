@@ -40,6 +40,7 @@ from postvern.cluster.nodes import ClusterError, Node
 from postvern.cluster.placement import Placement, UserGone
 from postvern.directory.db import User
 from postvern.durable import TEMP_PREFIX, fsync_dir, write_durably
+from postvern.smtp.replies import Reply
 from postvern.store.service import MailboxRegistry
 from postvern.store.spool import SpoolItem
 
@@ -56,6 +57,8 @@ RETRY_BASE = 0.5
 RETRY_MAX = 30.0
 # A dead node's address may not even refuse: the connect (and LMTP greeting) gives up then.
 CONNECT_TIMEOUT = 5.0
+# One copy's transaction, the node's fsync included; far above what a healthy node needs.
+SEND_TIMEOUT = 120.0
 # One pass reads at most this many copies (memory), over at most this many connections per
 # node: the node commits concurrent copies together (its spool's group commit).
 BATCH = 256
@@ -138,6 +141,7 @@ class Relay:
         self._deferrals: dict[str, int] = {}
         self._not_before: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
+        self._pool: dict[str, list[LMTPClient]] = {}  # kept connections per node
         self.relayed = 0  # copies a node acknowledged (metrics)
         self.queued = 0  # copies in the queue at the last pass (metrics)
 
@@ -169,6 +173,10 @@ class Relay:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for kept in self._pool.values():
+            for client in kept:
+                await client.close()
+        self._pool.clear()
 
     async def pending(self) -> int:
         return len(await self._thread(self.store.names))
@@ -235,40 +243,78 @@ class Relay:
 
     async def _lane(self, node: Node, lane: list[tuple[str, Copy]]) -> bool:
         """One connection's share; True if every copy was settled (delivered or failed)."""
-        host, port = node.hostport
         try:
-            client = await LMTPClient.connect(host, port, self.context, node.name, CONNECT_TIMEOUT)
+            client, reused = await self._client(node)
         except (OSError, LMTPError, TimeoutError) as e:
             log.warning("cannot reach mailbox node %s: %s", node.name, type(e).__name__)
             return False
         done: list[str] = []
-        settled = True
+        healthy = True
         try:
             for name, copy in lane:
-                reply = await client.send("", copy.address, copy.junk, copy.raw)
-                if reply.is_positive:
-                    done.append(name)
-                elif reply.is_permanent:
-                    log.error(
-                        "mailbox node %s refused a copy (%d); kept in failed/",
-                        node.name,
-                        reply.code,
-                    )
-                    await self._thread(self.store.fail, name)
-                    self._forget(name)
-                else:
-                    self._defer(name)
+                try:
+                    reply = await self._send(client, copy)
+                except (OSError, LMTPError) as e:
+                    if not reused:
+                        raise
+                    # A kept connection the node closed while idle: one try on a new one.
+                    log.info("kept connection to %s was closed (%s)", node.name, type(e).__name__)
+                    client.abort()
+                    client, reused = await self._connect(node), False
+                    reply = await self._send(client, copy)
+                reused = False
+                await self._settle(node, name, reply, done)
         except (OSError, LMTPError, TimeoutError) as e:
             log.warning("relay to %s broke off: %s", node.name, type(e).__name__)
-            settled = False
+            healthy = False
         finally:
             if done:
                 await self._thread(self.store.remove, done)
                 self.relayed += len(done)
                 for name in done:
                     self._forget(name)
-            await client.close()
-        return settled
+            if healthy:
+                self._keep(node, client)
+            else:
+                client.abort()
+        return healthy
+
+    async def _settle(self, node: Node, name: str, reply: Reply, done: list[str]) -> None:
+        if reply.is_positive:
+            done.append(name)
+        elif reply.is_permanent:
+            log.error("mailbox node %s refused a copy (%d); kept in failed/", node.name, reply.code)
+            await self._thread(self.store.fail, name)
+            self._forget(name)
+        else:
+            self._defer(name)
+
+    async def _send(self, client: LMTPClient, copy: Copy) -> Reply:
+        async with asyncio.timeout(SEND_TIMEOUT):
+            return await client.send("", copy.address, copy.junk, copy.raw)
+
+    async def _connect(self, node: Node) -> LMTPClient:
+        host, port = node.hostport
+        return await LMTPClient.connect(host, port, self.context, node.name, CONNECT_TIMEOUT)
+
+    async def _client(self, node: Node) -> tuple[LMTPClient, bool]:
+        """A kept connection to ``node`` (True) or a new one (False)."""
+        kept = self._pool.get(node.name, [])
+        while kept:
+            client = kept.pop()
+            if client.usable():
+                return client, True
+            client.abort()
+        return await self._connect(node), False
+
+    def _keep(self, node: Node, client: LMTPClient) -> None:
+        """Keep the connection for the next pass: a TLS handshake per pass would cost the
+        front more than the copies themselves."""
+        kept = self._pool.setdefault(node.name, [])
+        if len(kept) < CONNECTIONS_PER_NODE and client.usable():
+            kept.append(client)
+        else:
+            client.abort()
 
     def _defer(self, name: str) -> None:
         deferrals = self._deferrals[name] = self._deferrals.get(name, 0) + 1
