@@ -243,6 +243,8 @@ class ImapSession:
             self._idling = True
             if self.executor is not None:  # RFC 9051 §6.3.13: report what is pending now
                 await self.executor.report_changes(allow_expunge=True)
+            if self.handle is not None:  # idle for minutes: SQLite's page cache can go
+                await self.handle.run(self.handle.box.release_memory)
             return
         if isinstance(command, c.Noop) and self.executor is None:
             self.conn.send(Completion.ok(command.tag, "NOOP completed"))
