@@ -212,13 +212,32 @@ def test_a_front_reports_its_relay_queue_and_proxied_sessions_in_metrics(
     assert gauges["postvern_cluster_relay_queued"] >= 0
 
 
+def _status(kit: ClusterKit, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, str]]:
+    capsys.readouterr()
+    code = cli.main(["--data", str(kit.admin), "cluster", "status"])
+    out = capsys.readouterr().out
+    return code, {line.split("\t")[0]: line for line in out.splitlines()}
+
+
+def test_cluster_status_shows_every_node_and_its_users(
+    cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, lines = _status(cluster, capsys)
+    assert code == 0
+    assert set(lines) == set(cluster.nodes)
+    for node in MAILBOX_NODES:
+        assert f"users={len(_users_on(cluster, node))}\tup " in lines[node]
+
+
 def test_mail_for_a_node_that_is_down_waits_on_the_front_sealed_and_arrives_later(
-    cluster: ClusterKit,
+    cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
 ) -> None:
     address = _users_on(cluster, "mbx2")[0]
     subject = f"while down {uuid.uuid4().hex[:8]}"
     cluster.procs["mbx2"].stop()
     try:
+        code, lines = _status(cluster, capsys)
+        assert code == 1 and "DOWN" in lines["mbx2"] and "up " in lines["mbx1"]
         _send_mx(cluster, "front1", address, subject)  # accepted: 250 from the front
         queued = [p for p in (cluster.front("front1").path / RELAY_DIR).iterdir() if p.is_file()]
         assert queued, "the accepted copy is in the front's relay queue"

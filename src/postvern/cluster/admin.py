@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 ADMIN_NAME = "admin"  # the administrator's certificate: role "admin", kept with the CA
 # Evicting waits up to move.EVICT_GRACE on the node; a copy of a large mailbox takes longer.
 REQUEST_TIMEOUT = 600.0
+# A node that does not answer `cluster status` within this is reported down.
+PROBE_TIMEOUT = 5.0
 
 
 def issue_admin(cluster_dir: Path) -> Path:
@@ -171,6 +173,28 @@ class Mover:
             await src.request(f"RELEASE {user_id} stay")
         except (OSError, ClusterError, TimeoutError):
             log.exception("undoing the move failed; check both nodes")
+
+    async def status(self) -> list[str]:
+        """One line per node: role, address, users placed there, and whether it answers."""
+        placed = self.app.directory.mailbox_nodes()
+        lines = []
+        for node in sorted(self.nodes.values(), key=lambda n: n.name):
+            line = f"{node.name}\t{node.role}\t{node.address}"
+            if node.role == "mailbox":
+                line += f"\tusers={placed.get(node.name, 0)}\t{await self._probe(node)}"
+            lines.append(line)
+        return lines
+
+    async def _probe(self, node: Node) -> str:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                session = await NodeSession.open(node, self.context)
+                try:
+                    return "up " + (await session.request("STATUS")).removeprefix("OK ")
+                finally:
+                    session.close()
+        except (OSError, ClusterError, TimeoutError, ssl.SSLError) as e:
+            return f"DOWN ({type(e).__name__})"
 
     async def drain(self, node_name: str) -> list[MoveReport]:
         """Move every user of ``node_name`` to the other mailbox nodes (rendezvous)."""

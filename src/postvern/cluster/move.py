@@ -14,6 +14,8 @@ with the cluster's *admin* certificate (ALPN ``postvern-admin``), one line per r
     outside a session) and the sealed spool — as ``FILE <path> <size>`` records.
 ``IMPORT <user-id> <count>``
     The target writes those files durably (temp, fsync, rename, fsync of the folder).
+``STATUS``
+    For ``cluster status``: the node answers, with how many mailboxes it has open.
 ``RELEASE <user-id> moved|stay``
     ``moved``: the map now points elsewhere; the old files are kept aside under
     ``moved/`` (removed by the administrator) and the user is no longer served here.
@@ -210,6 +212,9 @@ class MoveService:
     async def _request(
         self, verb: str, args: list[str], reader: _LineReader, channel: Channel
     ) -> str:
+        if verb == "STATUS":  # `cluster status`: alive, and what it holds open
+            open_now = self.registry.unlocked_count
+            return f"OK mailboxes-open={open_now} evicted={len(self.evicted)}"
         if not args or not _USER_ID.fullmatch(args[0]):
             raise MoveError("a user id is needed")
         user_id = args[0]
