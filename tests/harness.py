@@ -118,10 +118,12 @@ def make_data_dir(
         "pop3s",
     ),
     hostname: str = "mx.example.test",
+    directory: dict[str, str] | None = None,
 ) -> DataDir:
+    """``directory``: [directory] settings, for a directory in PostgreSQL (pg_server.py)."""
     passwords = dict(PASSWORDS if passwords is None else passwords)
     listen = free_ports(list(listeners))
-    init_data_dir(path, hostname, domain, listen)
+    init_data_dir(path, hostname, domain, listen, directory=directory)
     set_config(path, "kdf", TEST_KDF)
     set_config(path, "limits", {"auth_failure_delay": 0.05})
     # Tests connect from loopback hundreds of times; the abuse tests that need limits on

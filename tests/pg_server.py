@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from harness import free_port
+from harness import DataDir, free_port, make_data_dir
 from mta_kit import TestCA
 from postvern.directory.pg import PostgresTarget
 
@@ -142,7 +142,7 @@ class PgDatabase:
         fields.update(changes)
         return PostgresTarget(**fields)
 
-    def settings(self) -> dict[str, object]:
+    def settings(self) -> dict[str, str]:
         """The [directory] table of postvern.toml for this database."""
         return {"url": self.url, "ca": str(self.ca), "password_file": str(self.password_file)}
 
@@ -314,6 +314,15 @@ class PostgresTestServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def make_pg_data_dir(path: Path, database: PgDatabase) -> DataDir:
+    """A data directory whose directory is in ``database`` (``init --directory-url``) with
+    the test users: no directory.sqlite exists, so a server started on it can only have the
+    users from PostgreSQL."""
+    return make_data_dir(
+        path, listeners=("smtp", "imap", "imaps", "https"), directory=database.settings()
+    )
 
 
 @pytest.fixture(scope="session")

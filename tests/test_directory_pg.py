@@ -29,11 +29,10 @@ from harness import (
     DataDir,
     ServerProcess,
     client_tls_context,
-    free_ports,
     mailbox_messages,
     set_config,
 )
-from pg_server import CERT_ROLE, PgDatabase, PostgresTestServer
+from pg_server import CERT_ROLE, PgDatabase, PostgresTestServer, make_pg_data_dir
 from postvern import cli
 from postvern.accounts import policy
 from postvern.accounts.history import LoginHistory
@@ -43,7 +42,6 @@ from postvern.accounts.store import AccountStore
 from postvern.accounts.tokens import APITokens
 from postvern.accounts.totp import TOTP
 from postvern.app import App
-from postvern.cli import init_data_dir
 from postvern.crypto.keyslots import KDFParams
 from postvern.crypto.serverkey import ServerKey
 from postvern.directory import Directory, DirectoryError
@@ -511,27 +509,9 @@ def test_the_directory_reconnects_after_a_postgres_restart(
 
 @pytest.fixture
 def pg_data(tmp_path: Path, pg_database: PgDatabase) -> DataDir:
-    """A data directory whose directory is in PostgreSQL: ``postvern init`` writes the SQLite
-    one, which is then removed, so the server can only have the users from PostgreSQL."""
-    path = tmp_path / "data"
-    listen = free_ports(["smtp", "imap", "imaps"])
-    init_data_dir(path, "mx.example.test", DOMAIN, listen)
-    set_config(path, "kdf", TEST_KDF)
-    set_config(path, "limits", {"auth_failure_delay": 0.05})
-    set_config(path, "abuse", {"allowlist": ["127.0.0.0/8", "::1"]})
-    set_config(path, "directory", pg_database.settings())
-    for name in os.listdir(path):
-        if name.startswith("directory.sqlite"):
-            (path / name).unlink()
-    data = DataDir(path, DOMAIN, listen, dict(PASSWORDS))
-    app = App.open(path)
-    try:
-        signing.new_key_pair(app.directory, app.directory.add_domain(DOMAIN))
-        for address, password in PASSWORDS.items():
-            data.recovery[address] = app.accounts.create_user(address, password).recovery_key
-    finally:
-        app.close()
-    return data
+    """A data directory whose directory is in PostgreSQL (``init --directory-url``): no
+    directory.sqlite, so the server can only have the users from PostgreSQL."""
+    return make_pg_data_dir(tmp_path / "data", pg_database)
 
 
 def test_a_server_on_the_postgres_directory_takes_mail_and_imap_logins(pg_data: DataDir) -> None:
@@ -611,3 +591,35 @@ def test_copy_a_sqlite_directory_into_postgres(
     status = capsys.readouterr().out
     assert "PostgreSQL" in status and f"schema version: {LATEST}" in status
     assert "node mbox-1: 1 user(s)" in status
+
+
+def test_init_creates_an_installation_whose_directory_is_in_postgres(
+    tmp_path: Path, pg_database: PgDatabase, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def init(data: Path, ca: Path) -> int:
+        return cli.main([
+            "init", "--data", str(data), "--hostname", "mx.example.test", "--domain", DOMAIN,
+            "--ports", "high", "--clamd", "none", "--directory-url", pg_database.url,
+            "--directory-ca", str(ca),
+            "--directory-password-file", str(pg_database.password_file),
+        ])  # fmt: skip
+
+    # A CA that did not sign the server's certificate: refused before any file is written.
+    assert init(tmp_path / "wrong", pg_database.wrong_ca) != 0
+    assert not (tmp_path / "wrong").exists()
+    assert init(tmp_path / "data", pg_database.ca) == 0
+    assert "directory is in PostgreSQL" in capsys.readouterr().out
+    assert not (tmp_path / "data" / "directory.sqlite").exists()
+    app = App.open(tmp_path / "data")
+    try:
+        assert app.directory.backend == "postgresql" and app.directory.domains() == [DOMAIN]
+        assert {k.algorithm for k in app.directory.dkim_keys(DOMAIN)} == {
+            "rsa-sha256",
+            "ed25519-sha256",
+        }
+    finally:
+        app.close()
+    # A second installation on the same database would hold another server key: refused.
+    assert init(tmp_path / "second", pg_database.ca) != 0
+    assert "already holds domains or users" in capsys.readouterr().err
+    assert not (tmp_path / "second").exists()

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,7 +31,9 @@ from cryptography.x509.oid import NameOID
 
 from dnsserver import DNSTestServer
 from harness import DataDir, ServerProcess, client_tls_context, free_port, make_data_dir, set_config
+from pg_server import PgDatabase, PostgresTestServer, make_pg_data_dir
 from postvern import cli
+from postvern.directory.pg import LATEST, connection_params
 
 HOSTNAME = "mx.example.test"
 GOOD_HOST = {
@@ -450,3 +453,113 @@ def test_backups_never_made_failed_or_stale(fresh: Setup, tmp_path: Path) -> Non
     (catalog._status_path(fresh.data.path)).unlink()
     _, results, _ = fresh.doctor()
     assert results["backup"] == ("skip", "no [backup] targets configured")
+
+
+# -- the directory in PostgreSQL (ops/doctor_directory.py) -----------------------------------
+
+# Every check but the directory's: a data directory of its own, with no server running.
+NOT_DIRECTORY = ("dns", "tls", "listeners", "data", "disk", "core", "swap", "thp", "clamd",
+                 "redis", "queue", "backup")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pg_setup(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresTestServer) -> PgSetup:
+    database = pg_server.new_database()
+    return PgSetup(make_pg_data_dir(tmp_path_factory.mktemp("doctor-pg") / "data", database),
+                   database)  # fmt: skip
+
+
+class PgSetup:
+    def __init__(self, data: DataDir, database: PgDatabase) -> None:
+        self.data = data
+        self.database = database
+
+    def doctor(self, env: dict[str, str] | None = None) -> tuple[int, dict[str, tuple[str, str]]]:
+        skips = [arg for check in NOT_DIRECTORY for arg in ("--skip", check)]
+        argv = ["--data", str(self.data.path), "doctor", "--json", "--skip", "clock", *skips]
+        code, out, err = run_cli(argv, env or {})
+        assert out, err
+        return code, {r["check"]: (r["status"], r["detail"]) for r in json.loads(out)}
+
+    def sql(self, statement: str) -> None:
+        params = connection_params(self.database.target())
+        with psycopg.connect(autocommit=True, **params) as conn:
+            conn.execute(statement)
+
+
+def test_directory_in_postgres_passes(pg_setup: PgSetup) -> None:
+    code, results = pg_setup.doctor()
+    assert code == 0, results
+    assert results["directory"][1].startswith("PostgreSQL, 127.0.0.1:")
+    assert results["directory reachable"][0] == "ok"
+    status, detail = results["directory tls"]
+    assert status == "ok" and "TLSv1" in detail and "verify-full" in detail
+    assert results["directory schema"] == ("ok", f"version {LATEST}, current")
+    assert "directory nodes" not in results  # no [cluster]
+
+
+def test_directory_not_reachable(pg_setup: PgSetup) -> None:
+    url = pg_setup.database.url.replace(f":{pg_setup.database.port}/", f":{free_port()}/")
+    code, results = pg_setup.doctor({"POSTVERN_DIRECTORY__URL": url})
+    assert code == 1
+    status, detail = results["directory reachable"]
+    assert status == "FAIL" and "refused" in detail
+
+
+def test_directory_certificate_not_verified(pg_setup: PgSetup) -> None:
+    code, results = pg_setup.doctor({"POSTVERN_DIRECTORY__CA": str(pg_setup.database.wrong_ca)})
+    assert code == 1
+    status, detail = results["directory tls"]
+    assert status == "FAIL" and "does not verify against [directory] ca" in detail
+
+
+def test_directory_url_asking_for_less_than_verify_full(pg_setup: PgSetup) -> None:
+    url = f"{pg_setup.database.url}?sslmode=require"
+    code, results = pg_setup.doctor({"POSTVERN_DIRECTORY__URL": url})
+    assert code == 1
+    assert results["directory tls"] == (
+        "FAIL",
+        "the directory URL asks for sslmode=require: only verify-full is accepted over a"
+        " network (a Unix socket needs none)",
+    )
+
+
+@pytest.mark.parametrize(("version", "says"), [(LATEST - 1, "not migrated yet"),
+                                               (LATEST + 1, "newer Postvern")])  # fmt: skip
+def test_directory_schema_not_current(pg_setup: PgSetup, version: int, says: str) -> None:
+    pg_setup.sql(f"UPDATE postvern_schema SET version={version}")
+    try:
+        code, results = pg_setup.doctor()
+    finally:
+        pg_setup.sql(f"UPDATE postvern_schema SET version={LATEST}")
+    assert code == 1
+    status, detail = results["directory schema"]
+    assert status == "FAIL" and says in detail and f"version {version}" in detail
+
+
+def test_directory_users_without_or_on_an_unknown_mailbox_node(pg_setup: PgSetup) -> None:
+    cluster = pg_setup.data.path / "cluster"
+    cluster.mkdir(exist_ok=True)
+    (cluster / "nodes.toml").write_text(
+        '[nodes.mbox-1]\nrole = "mailbox"\naddress = "127.0.0.1:7001"\n\n'
+        '[nodes.front-1]\nrole = "front"\naddress = "127.0.0.1:7002"\n'
+    )
+    env = {"POSTVERN_CLUSTER__ROLE": "mailbox", "POSTVERN_CLUSTER__NODE": "mbox-1"}
+    try:
+        code, results = pg_setup.doctor(env)
+        assert code == 0
+        status, detail = results["directory nodes"]
+        assert status == "warn" and "2 of 2 user(s) have no mailbox node yet" in detail
+        pg_setup.sql("UPDATE users SET node='mbox-1'")
+        code, results = pg_setup.doctor(env)
+        assert code == 0 and results["directory nodes"] == ("ok", "2 user(s) placed: mbox-1 2")
+        # A node taken out of nodes.toml (or a typo in a move) leaves users nowhere.
+        pg_setup.sql("UPDATE users SET node='front-1' WHERE localpart='alice'")
+        code, results = pg_setup.doctor(env)
+        assert code == 1
+        assert results["directory nodes"] == (
+            "FAIL",
+            "1 user(s) on node(s) that are not mailbox nodes of nodes.toml: front-1 (1)",
+        )
+    finally:
+        pg_setup.sql("UPDATE users SET node=NULL")

@@ -51,18 +51,10 @@ def open_directory(
     # Imported here: psycopg is loaded only by a server whose directory is in PostgreSQL.
     from psycopg import OperationalError
 
-    from postvern.directory.pg import InsecureDirectory, PostgresTarget
+    from postvern.directory.pg import InsecureDirectory, target_from_settings
 
-    def path(value: str | None) -> Path | None:
-        return None if value is None else settings.path(value)
-
-    target = PostgresTarget(
-        db.url,
-        ca=None if db.ca is None else (Path("system") if db.ca == "system" else path(db.ca)),
-        client_cert=path(db.client_cert),
-        client_key=path(db.client_key),
-        password_file=path(db.password_file),
-    )
+    target = target_from_settings(settings)
+    assert target is not None
     try:
         return Directory.open_postgres(target, key, postmaster=postmaster, forwarding=forwarding)
     except InsecureDirectory as e:

@@ -26,7 +26,7 @@ from typing import Any
 from postvern import config
 from postvern.abuse import Abuse, BanError, parse_duration, utc_text
 from postvern.abuse import admin as abuse_admin
-from postvern.app import App
+from postvern.app import App, open_directory
 from postvern.backup import commands as backup_commands
 from postvern.cluster import commands as cluster_commands
 from postvern.crypto.keyslots import BadSlot
@@ -150,8 +150,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     ports = HIGH_PORTS if args.ports == "high" else STANDARD_PORTS
     clamd = _init_clamd(args.clamd)
     postmaster = _postmaster(args.postmaster, args.domain)
-    init_data_dir(data, args.hostname, args.domain, ports, clamd=clamd, postmaster=postmaster)
+    init_data_dir(
+        data,
+        args.hostname,
+        args.domain,
+        ports,
+        clamd=clamd,
+        postmaster=postmaster,
+        directory=_init_directory(args),
+    )
     print(f"Created {data} for {args.hostname}, domain {args.domain}.")
+    if args.directory_url:
+        print("Its directory is in PostgreSQL (TLS verify-full); directory.sqlite is not used.")
     if clamd is None:
         print(
             "Mail will NOT be scanned for viruses: no clamd found at"
@@ -174,6 +184,25 @@ def cmd_init(args: argparse.Namespace) -> int:
     dns, serve = _hint(args, "dns", args.domain), _hint(args, "serve")
     print(f"Next: `{user}`, then `{dns}` and `{serve}`.")
     return 0
+
+
+def _init_directory(args: argparse.Namespace) -> dict[str, str] | None:
+    """[directory] from init's --directory-* options (absolute paths: the data directory
+    does not exist yet), or None for the SQLite file."""
+    if not args.directory_url:
+        return None
+    found = {
+        "url": args.directory_url,
+        "ca": args.directory_ca,
+        "password_file": args.directory_password_file,
+        "client_cert": args.directory_client_cert,
+        "client_key": args.directory_client_key,
+    }
+    return {
+        k: v if k == "url" or v == "system" else str(Path(v).resolve())
+        for k, v in found.items()
+        if v is not None
+    }
 
 
 # -- the virus scanner ---------------------------------------------------------------------
@@ -244,26 +273,42 @@ def init_data_dir(
     *,
     clamd: str | None = None,
     postmaster: str = "",
+    directory: dict[str, str] | None = None,
 ) -> None:
+    """A new data directory; ``directory`` ([directory] settings: url, ca, password_file,
+    client_cert, client_key) puts its directory in that empty PostgreSQL database instead
+    of directory.sqlite, reached and checked before any file is written."""
     if data.exists() and any(data.iterdir()):
         raise CLIError(f"{data} already exists and is not empty; refusing to overwrite it")
-    data.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(data, 0o700)
     settings = config.Settings(data_dir=data, hostname=hostname, primary_domain=domain)
     settings.listen = config.Listen(**ports)
     settings.filters.clamd = clamd
     settings.postmaster = postmaster
-    (data / config.CONFIG_NAME).write_text(config.render(settings))
+    settings.directory = config.DirectoryDB(**(directory or {}))
     key = ServerKey.generate()
-    key.write(data / KEY_FILE)
-    tls_dir = data / "tls"
-    tls_dir.mkdir(mode=0o700)
-    make_self_signed(hostname, settings.path(settings.tls.cert), settings.path(settings.tls.key))
-    directory = Directory.open(data, key.derive("directory database"), create=True)
+    shared: Directory | None = None
     try:
-        signing.new_key_pair(directory, directory.add_domain(domain))
+        if settings.directory.url:
+            shared = open_directory(settings, key, None)  # TLS verified, schema made
+            if shared.domains() or shared.users():
+                raise CLIError(
+                    "the PostgreSQL directory already holds domains or users, sealed under"
+                    " another server key: give init an empty database (a node joining a"
+                    " cluster takes the cluster's data: docs/cluster.md)"
+                )
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(data, 0o700)
+        (data / config.CONFIG_NAME).write_text(config.render(settings))
+        key.write(data / KEY_FILE)
+        (data / "tls").mkdir(mode=0o700)
+        cert, tls_key = settings.path(settings.tls.cert), settings.path(settings.tls.key)
+        make_self_signed(hostname, cert, tls_key)
+        if shared is None:
+            shared = Directory.open(data, key.derive("directory database"), create=True)
+        signing.new_key_pair(shared, shared.add_domain(domain))
     finally:
-        directory.close()
+        if shared is not None:
+            shared.close()
 
 
 def _require_data_dir(args: argparse.Namespace) -> Path:
@@ -377,16 +422,32 @@ def cmd_dns(app: App, args: argparse.Namespace) -> int:
     return 0
 
 
-@with_app
-def cmd_doctor(app: App, args: argparse.Namespace) -> int:
+def cmd_doctor(args: argparse.Namespace) -> int:
     """Check the live installation (ops/doctor.py); non-zero when any check fails."""
     from postvern.ops import doctor
 
     unknown = set(args.skip) - set(doctor.CHECKS)
     if unknown:
         raise CLIError(f"no such check: {sorted(unknown)[0]} (checks: {' '.join(doctor.CHECKS)})")
-    host = doctor.Host(args.root)
-    results = asyncio.run(doctor.run(app, host=host, skip=frozenset(args.skip)))
+    data = _require_data_dir(args)
+    try:
+        app = App.open(data)
+    except Exception:
+        settings = config.load(data)
+        if not settings.directory.url:
+            raise
+        # Without its directory nothing else can be checked: say exactly what is wrong with it.
+        from postvern.ops.doctor_directory import check_directory
+
+        results = check_directory(settings)
+        if not doctor.failed(results):
+            raise  # not the directory's fault after all
+    else:
+        try:
+            host = doctor.Host(args.root)
+            results = asyncio.run(doctor.run(app, host=host, skip=frozenset(args.skip)))
+        finally:
+            app.close()
     if args.json:
         import json
 
@@ -805,6 +866,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the administrator's address, which postmaster@ and abuse@ of every domain reach"
         " (default: the first user created)",
     )
+    p.add_argument(
+        "--directory-url",
+        metavar="URL",
+        help="keep the directory in this empty PostgreSQL database (postgresql://USER@HOST/DB;"
+        " TLS verify-full) instead of directory.sqlite: a cluster's directory",
+    )
+    p.add_argument("--directory-ca", metavar="FILE", help="root CA of PostgreSQL's certificate")
+    p.add_argument("--directory-password-file", metavar="FILE", help="the password (mode 0600)")
+    p.add_argument("--directory-client-cert", metavar="FILE", help="or a client certificate")
+    p.add_argument("--directory-client-key", metavar="FILE", help="and its key")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("serve", help="run every configured listener until SIGTERM/SIGINT")

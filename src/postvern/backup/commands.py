@@ -19,7 +19,7 @@ from postvern import config
 from postvern.backup import importer, keys
 from postvern.backup.catalog import Catalog
 from postvern.backup.manifest import ManifestError, Opening
-from postvern.backup.restore import RestoreError, restore_all, restore_user
+from postvern.backup.restore import RestoreError, load_directory, restore_all, restore_user
 from postvern.backup.service import BackupBusy, BackupService
 from postvern.backup.snapshot import BackupError
 from postvern.backup.targets import TargetError, Targets
@@ -180,6 +180,8 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
         report = service.verify(args.snapshot, advance)
     for problem in report.problems:
         print(f"FAILED {problem}")
+    for note in report.notes:
+        print(note)
     if report.ok:
         print(
             f"snapshot {report.snapshot} verified on {len(service.targets.targets)} target(s):"
@@ -225,6 +227,9 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
             f"restored snapshot {point.summary.id} of {_iso(point.summary.created)} into"
             f" {args.to}: {report.files} file(s), {report.bytes} bytes in {report.seconds:.1f} s"
         )
+        loaded = load_directory(args.to, replace=args.replace_directory)
+        if loaded is not None:
+            print(loaded)
         return 0
     for problem in problems:
         print(f"FAILED {problem}")
@@ -286,6 +291,11 @@ def register(sub: Any) -> None:
     p.add_argument("--user", metavar="ADDRESS", help="restore only this user's mailbox")
     p.add_argument("--at", metavar="TIME", help="ISO 8601 time (default: the newest snapshot)")
     p.add_argument("--snapshot", metavar="ID")
+    p.add_argument(
+        "--replace-directory",
+        action="store_true",
+        help="overwrite the PostgreSQL database [directory] names even if it holds a directory",
+    )
     p.set_defaults(func=cmd_backup_restore)
     from postvern.backup import transfer
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from postvern.backup.catalog import Catalog, Point
 from postvern.backup.manifest import ManifestError, decrypt, object_ad
-from postvern.backup.snapshot import MAILBOX_DIR, SPOOL_DIR
+from postvern.backup.snapshot import DIRECTORY_EXPORT, MAILBOX_DIR, SPOOL_DIR
 from postvern.backup.targets import TargetError
 
 DOWNLOAD_THREADS = 8
@@ -154,6 +154,45 @@ def restore_all(
         finally:
             os.close(fd)
     return report
+
+
+def load_directory(data_dir: Path, *, replace: bool = False) -> str | None:
+    """Put a restored data directory's PostgreSQL directory back: its export
+    (``directory.pgdump``, sealed under the server key) goes into the database its
+    ``postvern.toml`` names, over TLS as the server connects; the export is removed once
+    loaded. None when the snapshot held no export (a SQLite directory); else what was done.
+
+    A database that already holds a directory is refused (RestoreError) unless ``replace``;
+    the export then stays, to be loaded with ``postvern directory load-export``.
+    """
+    exported = data_dir / DIRECTORY_EXPORT
+    if not exported.exists():
+        return None
+    from postvern import config
+    from postvern.crypto.serverkey import ServerKey
+    from postvern.directory import pgdump
+    from postvern.directory.pg import target_from_settings
+
+    settings = config.load(data_dir)
+    target = target_from_settings(settings)
+    if target is None:
+        raise RestoreError(
+            f"the snapshot's directory was in PostgreSQL but {data_dir}/postvern.toml names no"
+            " [directory] url; set it, then: postvern directory load-export"
+        )
+    server_key = ServerKey.load(data_dir)
+    try:
+        dump = pgdump.parse(pgdump.read_sealed(exported, pgdump.dump_key(server_key)))
+        counts = pgdump.load(target, dump, replace=replace)
+    except pgdump.DirectoryNotEmpty as e:
+        raise RestoreError(f"{e} (postvern directory load-export --replace-directory)") from None
+    except (pgdump.DumpError, pgdump.psycopg.Error) as e:
+        raise RestoreError(f"the directory was not loaded into {target.describe()}: {e}") from None
+    exported.unlink()
+    return (
+        f"directory loaded into PostgreSQL {target.describe()}: {counts['users']} user(s),"
+        f" {sum(counts.values())} row(s), schema {dump.schema}"
+    )
 
 
 def restore_user(

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postvern import config
 from postvern.backup import catalog, keys, retention
@@ -24,6 +25,9 @@ from postvern.backup.snapshot import Guard, Result, Snapshotter
 from postvern.backup.targets import Targets
 from postvern.backup.verify import VerifyReport, verify
 from postvern.crypto.serverkey import ServerKey
+
+if TYPE_CHECKING:
+    from postvern.directory.pg import PostgresTarget
 
 LOCK_FILE = "lock"
 # Replication points are thinned (retention) at least this often, not only at the daily
@@ -118,6 +122,14 @@ class BackupService:
     def opening(self) -> Opening:
         return Opening(server_key=self.server_key)
 
+    def directory_target(self) -> PostgresTarget | None:
+        """The PostgreSQL directory, which snapshots export; None for the SQLite file."""
+        if not self.settings.directory.url:
+            return None
+        from postvern.directory.pg import target_from_settings  # loads psycopg
+
+        return target_from_settings(self.settings)
+
     def snapshotter(self) -> Snapshotter:
         if self._snapshotter is None:
             snap = Snapshotter(
@@ -127,6 +139,7 @@ class BackupService:
                 keys.load_public(self.data_dir),
                 self.targets,
                 self.guard,
+                self.directory_target(),
             )
             snap.state = Catalog(self.targets.targets[0], self.opening()).state()
             self._snapshotter = snap
@@ -175,7 +188,14 @@ class BackupService:
     def verify(
         self, snapshot: str | None = None, progress: Callable[[int], None] | None = None
     ) -> VerifyReport:
-        report = verify(self.data_dir, self.server_key, self.targets, snapshot, progress=progress)
+        report = verify(
+            self.data_dir,
+            self.server_key,
+            self.targets,
+            snapshot,
+            progress=progress,
+            directory=self.directory_target(),
+        )
         if report.problems and self._snapshotter is not None:
             # Objects named as damaged are no longer trusted: the next snapshot stores their
             # pieces anew instead of referencing them, and the backups heal themselves.

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import apsw
 
@@ -70,6 +70,9 @@ from postvern.backup.targets import TargetError, Targets
 from postvern.crypto.serverkey import ServerKey
 from postvern.store.mailbox import writers_excluded
 
+if TYPE_CHECKING:
+    from postvern.directory.pg import PostgresTarget
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -92,7 +95,10 @@ SERVER_DATABASES: dict[str, Callable[[ServerKey], bytes]] = {
 }
 MAILBOX_DIR = "mailboxes"
 SPOOL_DIR = "spool"
-SKIPPED_TOP = {keys.BACKUP_DIR, "server.key"}
+# A PostgreSQL directory's sealed export (directory/pgdump.py) in a snapshot, and in a
+# restored data directory until it is loaded; a snapshot makes its own, never copies one.
+DIRECTORY_EXPORT = "directory.pgdump"
+SKIPPED_TOP = {keys.BACKUP_DIR, "server.key", DIRECTORY_EXPORT}
 STAGING = "tmp"
 OFFLINE_PUBLIC = f"{keys.BACKUP_DIR}/{keys.OFFLINE_PUBLIC_FILE}"
 
@@ -284,8 +290,11 @@ class Snapshotter:
         offline_public: bytes,
         targets: Targets,
         guard: Guard | None = None,
+        directory: PostgresTarget | None = None,
     ) -> None:
         self.data_dir = data_dir
+        # The directory in PostgreSQL ([directory] url): exported at every snapshot.
+        self.directory = directory
         self.server_key = server_key
         self.server_root = server_root
         self.offline_public = offline_public
@@ -398,6 +407,9 @@ class Snapshotter:
                 add_file(rel, staged, stamp)
                 staged.unlink()
 
+            if self.directory is not None:
+                schema["directory"] = self._directory_export(staging, unchanged, add_file)
+
             for rel in self._walk():
                 src = self.data_dir / rel
                 stamp = _stamp(src)
@@ -440,6 +452,31 @@ class Snapshotter:
         self._advance(manifest, files, new_objects, new_keys)
         uploaded = uploader.uploaded_bytes + (len(body) + len(header)) * len(self.targets.targets)
         return Result(manifest, uploaded, len(uploader.objects), read, time.monotonic() - started)
+
+    def _directory_export(
+        self,
+        staging: Path,
+        unchanged: Callable[[str, int], bool],
+        add_file: Callable[[str, Path, int], None],
+    ) -> int:
+        """The PostgreSQL directory, exported in one consistent transaction and sealed under
+        the server key before it is written (directory/pgdump.py); its schema version.
+        An export equal to the last one is referenced, not uploaded again."""
+        from postvern.directory import pgdump
+
+        assert self.directory is not None
+        try:
+            plain, version = pgdump.export(self.directory)
+        except (pgdump.DumpError, pgdump.psycopg.Error) as e:
+            raise BackupError(f"the directory in PostgreSQL: {e}") from None
+        stamp = pgdump.fingerprint(pgdump.stamp_key(self.server_key), plain)
+        if unchanged(DIRECTORY_EXPORT, stamp):
+            return version
+        staged = staging / DIRECTORY_EXPORT
+        pgdump.write_sealed(staged, pgdump.dump_key(self.server_key), plain)
+        add_file(DIRECTORY_EXPORT, staged, stamp)
+        staged.unlink()
+        return version
 
     def _user_unit(
         self,

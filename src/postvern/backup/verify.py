@@ -6,6 +6,11 @@ What is checked without any user's secret:
   (listed in the body), its ChaCha20-Poly1305 tag, and every piece's plaintext hash;
 * the restored directory, queue and abuse databases in full with the server key (SQLite's
   ``integrity_check``, and the directory's schema version against the manifest's);
+* a directory in PostgreSQL (its sealed export, directory/pgdump.py): the export opens with
+  the server key and parses, its schema version is the manifest's, every sealed key slot and
+  DKIM key opens in its own row, and — when the role may create a schema — it is loaded into
+  a scratch schema of the directory's database in a transaction that is rolled back, so every
+  constraint and reference is checked by PostgreSQL itself and the rows counted there;
 * every user in the directory has a mailbox file, and every mailbox file is structurally
   a SQLite3 Multiple Ciphers ChaCha20 file: the plaintext part of its header names a page size
   and the per-page reserve of the cipher (nonce + Poly1305 tag), and its length is a whole
@@ -26,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import apsw
 
@@ -33,9 +39,12 @@ from postvern.backup import keys
 from postvern.backup.catalog import Catalog
 from postvern.backup.manifest import ManifestError, Opening
 from postvern.backup.restore import materialise
-from postvern.backup.snapshot import MAILBOX_DIR, SERVER_DATABASES, STAGING
+from postvern.backup.snapshot import DIRECTORY_EXPORT, MAILBOX_DIR, SERVER_DATABASES, STAGING
 from postvern.backup.targets import TargetError, Targets
 from postvern.crypto.serverkey import ServerKey
+
+if TYPE_CHECKING:
+    from postvern.directory.pg import PostgresTarget
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,7 @@ class VerifyReport:
     files: int = 0
     users: int = 0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # how the directory was checked
 
     @property
     def ok(self) -> bool:
@@ -95,16 +105,63 @@ def _integrity(path: Path, key: bytes) -> tuple[str | None, int, apsw.Connection
     return None, version, conn
 
 
+def check_directory_export(
+    path: Path,
+    server_key: ServerKey,
+    schema: dict[str, int],
+    directory: PostgresTarget | None,
+    notes: list[str],
+) -> tuple[list[str], set[str]]:
+    """A PostgreSQL directory's export in a restored snapshot (see the module doc);
+    (problems, the users it holds). ``notes`` says how far it was checked."""
+    from postvern.directory import pgdump
+
+    try:
+        dump = pgdump.parse(pgdump.read_sealed(path, pgdump.dump_key(server_key)))
+    except pgdump.DumpError as e:
+        return [f"{DIRECTORY_EXPORT}: {e}"], set()
+    problems = [f"{DIRECTORY_EXPORT}: {p}" for p in pgdump.check(dump, server_key.derive(
+        "directory database"))]  # fmt: skip
+    if dump.schema != schema.get("directory"):
+        problems.append(f"{DIRECTORY_EXPORT}: schema {dump.schema}, manifest says {schema}")
+    if directory is None:
+        notes.append("directory export checked with the server key (no PostgreSQL to load it)")
+        return problems, pgdump.user_ids(dump)
+    try:
+        counts = pgdump.trial_load(directory, dump)
+    except pgdump.NoScratch as e:
+        notes.append(f"directory export checked with the server key; no scratch schema ({e})")
+    except pgdump.psycopg.Error as e:
+        problems.append(f"{DIRECTORY_EXPORT}: does not load into PostgreSQL ({e})")
+    else:
+        if counts != dump.counts():
+            problems.append(f"{DIRECTORY_EXPORT}: rows loaded {counts} differ from the export")
+        notes.append(
+            f"directory export loaded into a scratch schema: {sum(counts.values())} row(s)"
+        )
+    return problems, pgdump.user_ids(dump)
+
+
 def check_restored(
-    root: Path, server_key: ServerKey, schema: dict[str, int]
+    root: Path,
+    server_key: ServerKey,
+    schema: dict[str, int],
+    directory: PostgresTarget | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[list[str], int]:
-    """Structural checks of a restored data directory; (problems, number of users)."""
+    """Structural checks of a restored data directory; (problems, number of users).
+    ``directory``: the PostgreSQL directory to load an export into, on trial."""
     problems: list[str] = []
     users: set[str] = set()
+    exported = root / DIRECTORY_EXPORT
+    if exported.exists():
+        problems, users = check_directory_export(
+            exported, server_key, schema, directory, [] if notes is None else notes
+        )
     for rel, database_key in SERVER_DATABASES.items():
         path = root / rel
         if not path.exists():
-            if rel == "directory.sqlite":
+            if rel == "directory.sqlite" and not exported.exists():
                 problems.append("the directory database is missing")
             continue
         problem, version, conn = _integrity(path, database_key(server_key))
@@ -113,7 +170,7 @@ def check_restored(
             continue
         assert conn is not None
         try:
-            if rel == "directory.sqlite":
+            if rel == "directory.sqlite" and not exported.exists():
                 if version != schema.get("directory"):
                     problems.append(f"{rel}: schema {version}, manifest says {schema}")
                 users = {row[0] for row in conn.execute("SELECT id FROM users")}
@@ -138,8 +195,10 @@ def verify(
     *,
     opening: Opening | None = None,
     progress: Callable[[int], None] | None = None,
+    directory: PostgresTarget | None = None,
 ) -> VerifyReport:
-    """Verify ``snapshot`` (default: the newest) on every target, restoring it to a temp dir."""
+    """Verify ``snapshot`` (default: the newest) on every target, restoring it to a temp dir
+    (and a PostgreSQL directory's export into a scratch schema of ``directory``)."""
     started = time.monotonic()
     opening = opening or Opening(server_key=server_key)
     report = VerifyReport(snapshot)
@@ -166,7 +225,9 @@ def verify(
             )
             report.files = restored.files
             if number == 0 and not restored.problems:
-                problems, report.users = check_restored(scratch, server_key, point.schema)
+                problems, report.users = check_restored(
+                    scratch, server_key, point.schema, directory, report.notes
+                )
                 report.problems += problems
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

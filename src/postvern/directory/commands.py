@@ -1,10 +1,12 @@
-"""``postvern directory status`` and ``postvern directory copy-to-postgres``.
+"""``postvern directory status``, ``copy-to-postgres`` and ``load-export``.
 
 ``status`` says where the directory is (the SQLite file, or PostgreSQL's host and database),
 its schema version, and how many users each mailbox node holds. ``copy-to-postgres`` is the
 move from one machine to a cluster's directory: with ``[directory] url`` (and its CA and
 password file) set, it copies the data directory's SQLite directory into the empty
 PostgreSQL database, after which the server reads only PostgreSQL (docs/cluster.md).
+``load-export`` loads the directory export that a whole ``backup restore`` left in a restored
+data directory (directory/pgdump.py) once the database is right.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="copy this data directory's SQLite directory into the empty [directory] url",
     )
     p.set_defaults(func=cmd_directory_copy)
+    p = group.add_parser(
+        "load-export",
+        help="load a restored snapshot's directory export into the [directory] url",
+    )
+    p.add_argument(
+        "--replace-directory",
+        action="store_true",
+        help="overwrite the database even if it holds a directory",
+    )
+    p.set_defaults(func=cmd_directory_load)
 
 
 def _where(settings: config.Settings) -> str:
@@ -72,4 +84,19 @@ def cmd_directory_copy(args: argparse.Namespace) -> int:
     copied = ", ".join(f"{n} {table}" for table, n in counts.items() if n)
     print(f"copied into {_where(settings)}: {copied}")
     print(f"the server now reads PostgreSQL only; {DB_NAME} can be kept as a copy or removed")
+    return 0
+
+
+def cmd_directory_load(args: argparse.Namespace) -> int:
+    """The export a whole restore could not load (the database was not empty, or [directory]
+    was not set yet): load it now."""
+    from postvern.backup.restore import RestoreError, load_directory
+
+    try:
+        loaded = load_directory(Path(args.data), replace=args.replace_directory)
+    except RestoreError as e:
+        raise DirectoryError(str(e)) from None
+    if loaded is None:
+        raise DirectoryError(f"no directory export in {args.data} (nothing to load)")
+    print(loaded)
     return 0

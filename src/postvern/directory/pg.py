@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from psycopg import conninfo
 
+from postvern import config
 from postvern.directory.nodes import V8
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,25 @@ class PostgresTarget:
         except psycopg.ProgrammingError:
             return "an unparsable URL"
         return f"{p.get('host', '?')}:{p.get('port', '5432')}/{p.get('dbname', '?')}"
+
+
+def target_from_settings(settings: config.Settings) -> PostgresTarget | None:
+    """The [directory] settings as a target (paths relative to the data directory); None
+    when the directory is the SQLite file."""
+    db = settings.directory
+    if not db.url:
+        return None
+
+    def path(value: str | None) -> Path | None:
+        return None if value is None else settings.path(value)
+
+    return PostgresTarget(
+        db.url,
+        ca=None if db.ca is None else (Path("system") if db.ca == "system" else path(db.ca)),
+        client_cert=path(db.client_cert),
+        client_key=path(db.client_key),
+        password_file=path(db.password_file),
+    )
 
 
 def _unix_socket(host: str) -> bool:

@@ -587,6 +587,7 @@ CHECKS = (
     "redis",
     "queue",
     "backup",
+    "directory",
 )
 
 
@@ -644,4 +645,11 @@ async def run(
     await section("redis", lambda: one(lambda: check_redis(s.abuse.redis_url)))
     await section("queue", now(lambda: check_queue(app, s.ops.queue_max_age_hours)))
     await section("backup", now(lambda: check_backup(s)))
+    await section("directory", now(lambda: _directory(app)))
     return out
+
+
+def _directory(app: App) -> list[Result]:
+    from postvern.ops.doctor_directory import check_directory, check_node_map
+
+    return check_directory(app.settings) + check_node_map(app.settings, app.directory)
