@@ -238,6 +238,17 @@ def test_mail_for_a_node_that_is_down_waits_on_the_front_sealed_and_arrives_late
     try:
         code, lines = _status(cluster, capsys)
         assert code == 1 and "DOWN" in lines["mbx2"] and "up " in lines["mbx1"]
+        host, port = cluster.front("front2").addr("imaps")
+        imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):  # not a failure
+            imap.login(address, cluster.passwords[address])
+        imap.logout()
+        host, port = cluster.front("front1").addr("pop3s")
+        pop = poplib.POP3_SSL(host, port, context=client_tls_context(), timeout=30)
+        pop.user(address)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            pop.pass_(cluster.passwords[address])
+        pop.quit()
         _send_mx(cluster, "front1", address, subject)  # accepted: 250 from the front
         queued = [p for p in (cluster.front("front1").path / RELAY_DIR).iterdir() if p.is_file()]
         assert queued, "the accepted copy is in the front's relay queue"
