@@ -428,6 +428,31 @@ def test_a_user_moved_during_idle_gets_bye_unavailable_reconnects_and_loses_noth
     assert cluster.owner(address) == "mbx2"
 
 
+def test_a_move_the_target_refuses_is_undone_and_the_source_serves_the_user_again(
+    cluster: ClusterKit,
+) -> None:
+    address = _users_on(cluster, "mbx1")[0]
+    subject = f"before a failed move {uuid.uuid4().hex[:8]}"
+    _send_mx(cluster, "front1", address, subject)
+    assert subject in _wait_for(cluster, "front2", address, subject)
+    app = App.open(cluster.seed.path)
+    try:
+        user = app.directory.user(address)
+        assert user is not None
+    finally:
+        app.close()
+    squatter = cluster.nodes["mbx2"].path / "mailboxes" / f"{user.id}.sqlite"
+    squatter.parent.mkdir(mode=0o700, exist_ok=True)
+    squatter.write_bytes(b"not this user's mailbox")  # the target refuses to overwrite it
+    try:
+        assert cli.main(["--data", str(cluster.admin), "cluster", "move", address, "mbx2"]) == 1
+    finally:
+        squatter.unlink()
+    assert cluster.owner(address) == "mbx1"
+    assert _subjects(cluster, "front1", address).count(subject) == 1  # served again, intact
+    assert not list((cluster.nodes["mbx2"].path / "mailboxes").glob(".tmp-*"))
+
+
 def test_draining_a_node_moves_every_user_and_their_mail_to_the_other(cluster: ClusterKit) -> None:
     """Last in the module: afterwards every user lives on mbx1."""
     drained = _users_on(cluster, "mbx2")

@@ -74,25 +74,31 @@ class NodeSession:
         async with asyncio.timeout(REQUEST_TIMEOUT):
             return await self._answer()
 
-    async def export(self, user_id: str) -> list[tuple[str, bytes]]:
+    async def transfer(self, user_id: str, target: NodeSession) -> tuple[int, int]:
+        """EXPORT from this node straight into IMPORT on ``target``, a piece at a time;
+        (files, bytes)."""
         count = int((await self.request(f"EXPORT {user_id}")).split(" ")[1])
-        files = []
+        target.writer.write(f"IMPORT {user_id} {count}\r\n".encode())
+        total = 0
         async with asyncio.timeout(REQUEST_TIMEOUT):
             for _ in range(count):
-                head = (await self.reader.readline()).decode().split(" ")
-                if len(head) != 3 or head[0] != "FILE":
+                head = await self.reader.readline()
+                parts = head.decode("ascii", "replace").split(" ")
+                if len(parts) != 3 or parts[0] != "FILE":
                     raise ClusterError("malformed EXPORT")
-                files.append((head[1], await self.reader.readexactly(int(head[2]))))
+                target.writer.write(head)
+                remaining = int(parts[2])
+                total += remaining
+                while remaining:
+                    chunk = await self.reader.read(min(move.CHUNK, remaining))
+                    if not chunk:
+                        raise ClusterError("the source node closed inside a file")
+                    target.writer.write(chunk)
+                    await target.writer.drain()
+                    remaining -= len(chunk)
             await self._answer()
-        return files
-
-    async def import_(self, user_id: str, files: list[tuple[str, bytes]]) -> None:
-        self.writer.write(f"IMPORT {user_id} {len(files)}\r\n".encode())
-        for rel, data in files:
-            self.writer.write(f"FILE {rel} {len(data)}\r\n".encode() + data)
-            await self.writer.drain()
-        async with asyncio.timeout(REQUEST_TIMEOUT):
-            await self._answer()
+            await target._answer()
+        return count, total
 
     def close(self) -> None:
         self.writer.close()
@@ -141,37 +147,41 @@ class Mover:
         flipped = imported = False
         try:
             await src.request(f"EVICT {user.id}")
-            files = await src.export(user.id)
             dst = await NodeSession.open(target, self.context)
-            await dst.import_(user.id, files)
+            # The target installs the files only once all have arrived (move._install).
+            count, size = await src.transfer(user.id, dst)
             imported = True
             if not directory.move_mailbox_node(user.id, source.name, target.name):
                 raise ClusterError("the user's node changed during the move")
             flipped = True
             await src.request(f"RELEASE {user.id} moved")
         except BaseException:
-            if not flipped:
-                await self._undo(user.id, src, dst, imported)
-            raise
-        finally:
             src.close()
             if dst is not None:
                 dst.close()
-        size = sum(len(d) for _, d in files)
+            if not flipped:
+                await self._undo(user.id, source, target if imported else None)
+            raise
+        src.close()
+        dst.close()
         return MoveReport(
-            address, source.name, target.name, len(files), size, time.monotonic() - started
+            address, source.name, target.name, count, size, time.monotonic() - started
         )
 
-    async def _undo(
-        self, user_id: str, src: NodeSession, dst: NodeSession | None, imported: bool
-    ) -> None:
+    async def _undo(self, user_id: str, source: Node, target: Node | None) -> None:
+        """Serve the user from the source again (fresh connections: the old ones may have
+        stopped mid-file); ``target``: set aside the copy it had installed."""
         log.warning("move abandoned; the source node serves the user again")
         self.app.directory.set_user_moving(user_id, False)
         try:
-            if dst is not None and imported:
-                await dst.request(f"RELEASE {user_id} moved")  # the partial copy, set aside
-            await src.request(f"RELEASE {user_id} stay")
-        except (OSError, ClusterError, TimeoutError):
+            for node, how in ((target, "moved"), (source, "stay")):
+                if node is not None:
+                    session = await NodeSession.open(node, self.context)
+                    try:
+                        await session.request(f"RELEASE {user_id} {how}")
+                    finally:
+                        session.close()
+        except (OSError, ClusterError, TimeoutError, ssl.SSLError):
             log.exception("undoing the move failed; check both nodes")
 
     async def status(self) -> list[str]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from postvern.directory.accounts import MAILBOX_DIR
-from postvern.durable import fsync_dir, write_durably
+from postvern.durable import TEMP_PREFIX, fsync_dir
 from postvern.imap.serialize import Code, Condition, ResponseCode, Status
 from postvern.imap.session import ImapSession
 from postvern.net import Channel
@@ -52,6 +52,8 @@ MOVED_DIR = "moved"
 # Sessions get this long to say goodbye and release the mailbox at EVICT.
 EVICT_GRACE = 10.0
 MAX_LINE = 512
+# Files cross in pieces of this size: memory stays bounded whatever the mailbox's size.
+CHUNK = 1 << 20
 # The files of one user a move may carry; anything else in a request is refused.
 _USER_ID = re.compile(r"[A-Za-z0-9]{1,64}")
 BYE_MOVING = Condition(
@@ -234,14 +236,18 @@ class MoveService:
             files = await self._thread(user_files, self.data_dir, user_id)
             channel.write(f"OK {len(files)}\r\n".encode())
             for rel in files:
-                data = await self._thread((self.data_dir / rel).read_bytes)
-                channel.write(f"FILE {rel} {len(data)}\r\n".encode() + data)
-                await channel.drain()
+                await self._send_file(channel, rel)
             return "OK exported"
         if verb == "IMPORT":
             count = int(args[1])
-            files = [await reader.file(user_id) for _ in range(count)]
-            await self._thread(self._write, files)
+            received: list[tuple[Path, Path]] = []
+            try:
+                for _ in range(count):
+                    received.append(await self._receive_file(reader, user_id))
+                await self._thread(_install, received)
+            finally:
+                for temp, _ in received:
+                    temp.unlink(missing_ok=True)  # after _install, none is left
             return f"OK imported {count}"
         if verb == "RELEASE":
             if args[1:] == ["moved"]:
@@ -250,17 +256,41 @@ class MoveService:
             return "OK released"
         raise MoveError("unknown request")
 
-    def _write(self, files: list[tuple[str, bytes]]) -> None:
-        folders = set()
-        for rel, data in files:
-            target = self.data_dir / rel
-            if target.exists():
-                raise MoveError(f"{rel} already exists here")
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_durably(target.parent, target.name, data)
-            folders.add(target.parent)
-        for folder in folders:
-            fsync_dir(folder)
+    async def _send_file(self, channel: Channel, rel: str) -> None:
+        """One file in CHUNK pieces: a mailbox of many gigabytes never sits in memory."""
+        path = self.data_dir / rel
+        size = (await self._thread(path.stat)).st_size
+        channel.write(f"FILE {rel} {size}\r\n".encode())
+        offset = 0
+        while offset < size:
+            chunk = await self._thread(_read_at, path, offset, min(CHUNK, size - offset))
+            if not chunk:
+                raise MoveError(f"{rel} shrank while being sent")
+            channel.write(chunk)
+            await channel.drain()
+            offset += len(chunk)
+
+    async def _receive_file(self, reader: _LineReader, user_id: str) -> tuple[Path, Path]:
+        """One file into a temp file beside its place, fsynced; (temp, final path)."""
+        parts = (await reader.line() or "").split(" ")
+        if len(parts) != 3 or parts[0] != "FILE":
+            raise MoveError("FILE <path> <size> expected")
+        target = self.data_dir / check_path(user_id, parts[1])
+        remaining = int(parts[2])
+        if await self._thread(target.exists):
+            raise MoveError(f"{parts[1]} already exists here")
+        await self._thread(lambda: target.parent.mkdir(mode=0o700, parents=True, exist_ok=True))
+        temp = target.with_name(f"{TEMP_PREFIX}{target.name}")
+        fd = await self._thread(os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            while remaining:
+                chunk = await reader.take(min(CHUNK, remaining))
+                await self._thread(_write_all, fd, chunk)
+                remaining -= len(chunk)
+            await self._thread(os.fsync, fd)
+        finally:
+            os.close(fd)
+        return temp, target
 
     def _set_aside(self, user_id: str) -> None:
         """The old copy: kept under moved/<time>-<user>/ until the administrator removes it."""
@@ -294,15 +324,32 @@ class _LineReader:
         del self.buf[: end + 2]
         return text
 
-    async def file(self, user_id: str) -> tuple[str, bytes]:
-        line = await self.line()
-        parts = (line or "").split(" ")
-        if len(parts) != 3 or parts[0] != "FILE":
-            raise MoveError("FILE <path> <size> expected")
-        rel, size = check_path(user_id, parts[1]), int(parts[2])
-        while len(self.buf) < size:
-            if not await self._fill():
-                raise MoveError("connection closed inside a file")
-        data = bytes(self.buf[:size])
-        del self.buf[:size]
-        return rel, data
+    async def take(self, most: int) -> bytes:
+        """Up to ``most`` bytes of what follows (at least one)."""
+        if not self.buf and not await self._fill():
+            raise MoveError("connection closed inside a file")
+        data = bytes(self.buf[:most])
+        del self.buf[:most]
+        return data
+
+
+def _read_at(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _install(received: list[tuple[Path, Path]]) -> None:
+    """Every received file under its name, then the folders fsynced: durable together."""
+    for temp, target in received:
+        if target.exists():
+            raise MoveError(f"{target.name} already exists here")
+        os.replace(temp, target)
+    for folder in {target.parent for _, target in received}:
+        fsync_dir(folder)
