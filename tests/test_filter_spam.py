@@ -38,7 +38,10 @@ from postvern.filters.spam import (
     MAX_USER_TOKENS,
     MIN_EVIDENCE_FEATURES,
     MODEL_POINTS_MAX,
+    USER_FULL_VOICE_MARKS,
+    USER_MAX_LOGIT,
     shipped_model,
+    user_tokens,
     weigh_evidence,
 )
 from postvern.filters.verdict import FOLD_AT
@@ -114,6 +117,22 @@ def test_user_learning_moves_the_score() -> None:
     for i in range(4):
         user.unlearn(newsletter(GARDEN.replace("Bob", f"Bob {i}")), is_spam=True)
     assert model_points(target, ScanContext(user_model=user, macro_checker=None)) < after
+
+
+def test_a_few_ham_marks_cannot_outvote_many_spam_marks() -> None:
+    # A user who moved twenty offers to Junk and one note out of it: the note's words, and
+    # the common words the offers happen to lack, are not evidence of ham against them.
+    user = UserModel()
+    offers = [f"Cheap watches number {i}: replica Rolex, order today, discreet delivery."
+              for i in range(20)]  # fmt: skip
+    for text in offers:
+        user.learn(newsletter(text), is_spam=True)
+    user.learn(newsletter("Minutes of the meeting: budget, hiring, the roadmap."), False)
+    spam = read_content(newsletter("Replica Rolex watches, order today: the best of the year."))
+    assert user.token_logit(user_tokens(spam)) > 0
+    # the ham side's voice grows with its own marks only
+    note = read_content(newsletter("Minutes of the meeting: budget and hiring."))
+    assert -user.token_logit(user_tokens(note)) <= USER_MAX_LOGIT * 1 / USER_FULL_VOICE_MARKS
 
 
 def test_user_model_round_trip_and_corruption() -> None:

@@ -66,16 +66,23 @@ MAX_USER_MODEL_BYTES = 8 * 1024 * 1024
 # do), each shrunk toward neutral until seen a few times, and the total capped so that a
 # handful of marks cannot outvote the shipped model forever.
 USER_TOKENS_CONSIDERED = 40
+# A word whose log-odds lie nearer even than this is not counted: 0.4 to 0.6 in
+# probability, SpamBayes' minimum_prob_strength of 0.1.
+USER_MIN_TOKEN_LOGIT = math.log(0.6 / 0.4)
+USER_MIN_TOKEN_MARKS = 2
 # Pseudo-messages of prior per class: a token's rate in a class the user has marked fewer
 # messages of than this stays near its rate in mail at large. (bench/filter_eval.py's
-# learning curves, spam still misfiled after 20 corrections, CSDMC and R-lists users: 10.2%
-# and 10.2% with 10; 5.8% and 8.6% with 30; 12.0% and 5.5% with 100.)
+# learning curves, unseen spam still misfiled after 20 corrections, CSDMC and Enron6
+# users: 18.9% and 18.5% with 10, 5.0% and 22.0% with 30.)
 USER_PRIOR_MESSAGES = 30.0
 # The background rate of a token the shipped model does not know (a name, a rare word):
 # one message in a hundred, so that one mark of it is weak evidence.
 UNKNOWN_TOKEN_RATE = 0.01
 MAX_BACKGROUND_RATE = 0.9
 USER_MAX_LOGIT = 8.0
+# The marks of one kind speak with USER_MAX_LOGIT once there are this many of them (and in
+# proportion before): a voice that grows with the corrections, one kind at a time.
+USER_FULL_VOICE_MARKS = 10
 USER_POINTS_PER_LOGIT = 1.0
 # Sender reputation, in points for a sender whose every mark was spam (or negative for
 # ham), reached after this many marks; kinds are weighed by how hard they are to forge.
@@ -227,6 +234,12 @@ def weigh_evidence(logit: float, known: int, threshold_logit: float) -> float:
     return logit if known >= MIN_EVIDENCE_FEATURES else NO_EVIDENCE_LOGIT
 
 
+def _voice(marks: int) -> float:
+    """The most log-odds the user's marks of one kind may add: USER_MAX_LOGIT once the
+    user has marked USER_FULL_VOICE_MARKS messages of the kind, in proportion before."""
+    return USER_MAX_LOGIT * min(1.0, marks / USER_FULL_VOICE_MARKS)
+
+
 def user_points(token_logit: float) -> float:
     """The points of the log-odds a user's own marks add (postvern.filters.families bounds
     them): one point per unit, so that USER_MAX_LOGIT, a user who has marked the kind of
@@ -340,10 +353,24 @@ class UserModel:
             background = prior * model.background_rate(token)
             spam_rate = (spam + background) / (spam_n + prior)
             ham_rate = (ham + background) / (ham_n + prior)
-            scored.append(math.log(spam_rate / ham_rate))
+            logit = math.log(spam_rate / ham_rate)
+            # A word is evidence for a kind only when the user marked mail of that kind
+            # with it more than once: a word the user's spam lacks is not, by that, a
+            # word of their ham (against a history of spam marks, every common word
+            # would be), and a rare word of one marked message meets others by chance
+            # (Graham counts a word from five occurrences). And only a telling word: near
+            # even odds a word says nothing, and forty such add up to a verdict
+            # (SpamBayes' minimum_prob_strength, 0.1).
+            seen = spam if logit > 0 else ham
+            if seen >= USER_MIN_TOKEN_MARKS and abs(logit) >= USER_MIN_TOKEN_LOGIT:
+                scored.append(logit)
         scored.sort(key=abs, reverse=True)
         total = sum(scored[:USER_TOKENS_CONSIDERED])
-        return max(-USER_MAX_LOGIT, min(USER_MAX_LOGIT, total))
+        # Each kind's marks bound the evidence for that kind: three ham marks cannot
+        # rescue what forty spam marks junk. (Unbounded, the words a growing spam history
+        # lacks became ever stronger "ham" evidence for a user who had marked almost no
+        # ham, and more corrections misfiled more spam.)
+        return max(-_voice(ham_n), min(_voice(spam_n), total))
 
     def reputation(self, sender: SenderIdentity) -> tuple[float, str]:
         """Points from the user's marks on this sender, and a reason naming the kind."""
