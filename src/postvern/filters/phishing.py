@@ -174,6 +174,12 @@ class Brands:
         self.by_domain_skeleton: dict[str, Brand] = {}
         self.by_label_skeleton: dict[str, tuple[Brand, str]] = {}
         self.by_label: dict[str, Brand] = {}
+        # The brands whose name (or an alias) starts with a word: a display name is
+        # compared with those only.
+        self.by_first_word: dict[str, list[int]] = {}
+        for n, brand in enumerate(self.brands):
+            for first in {name[0] for name in brand.names if name}:
+                self.by_first_word.setdefault(first, []).append(n)
         for brand in self.brands:
             for domain in brand.domains:
                 self.by_domain_skeleton.setdefault(skeleton(domain), brand)
@@ -332,7 +338,8 @@ def _sender_claims(
         hits.append(_hit("PHISH_FROM_NAME_ADDRESS", f"name shows {m.group(1).lower()}"))
     words = [skeleton(w) for w in _NAME_WORDS.findall(msg.from_name.lower())]
     plain = set(_NAME_WORDS.findall(msg.from_name.lower()))
-    for brand in brands.brands:
+    candidates = sorted({n for w in words for n in brands.by_first_word.get(w, ())})
+    for brand in (brands.brands[n] for n in candidates):
         if not any(_contains(words, name) for name in brand.names):
             continue
         if brand.generic and not plain & _SERVICE_WORDS:
@@ -463,11 +470,17 @@ _CALL_TO_ACT = re.compile(
 )
 
 
+# Words one of which every callback lure has: found by substring first, the patterns after.
+_CALLBACK_WORDS = ("cancel", "refund", "dispute", "did not", "didn't")
+
+
 def _callback(content: Content, brands: Brands) -> list[Hit]:
     text = content.visible_text[:MAX_HOMOGLYPH_TEXT]
-    if not _PHONE.search(text) or not _CHARGE.search(text) or not _CALL_TO_ACT.search(text):
-        return []
     lowered = text.lower()
+    if not any(word in lowered for word in _CALLBACK_WORDS):
+        return []
+    if not _CALL_TO_ACT.search(text) or not _CHARGE.search(text) or not _PHONE.search(text):
+        return []
     domain = registrable_domain(to_ascii_host(content.message.from_domain))
     for brand in brands.brands:
         # (Generic names too: "Norton" beside a charge and a number to call is the brand.)

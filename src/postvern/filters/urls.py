@@ -124,6 +124,7 @@ def to_unicode_host(host: str) -> str:
     return ".".join(labels)
 
 
+@functools.lru_cache(maxsize=8192)
 def host_is_ip(host: str) -> bool:
     """True for dotted, bracketed, or the decimal/hex forms browsers accept (WHATWG URL)."""
     try:
