@@ -623,3 +623,56 @@ def test_init_creates_an_installation_whose_directory_is_in_postgres(
     assert init(tmp_path / "second", pg_database.ca) != 0
     assert "already holds domains or users" in capsys.readouterr().err
     assert not (tmp_path / "second").exists()
+
+
+def test_a_pooled_directory_serves_a_reader_while_another_thread_writes(
+    pg_database: PgDatabase,
+) -> None:
+    """With one connection, a read waited for any transaction of the process to end; with
+    the pool it runs beside it, and writers still take the advisory lock one at a time."""
+    directory = Directory.open_postgres(pg_database.target(pool=3), os.urandom(32))
+    try:
+        directory.add_domain(DOMAIN)
+        in_transaction, read_done = threading.Event(), threading.Event()
+
+        def writer() -> None:
+            with directory._tx() as c:
+                c.execute("INSERT INTO domains(name, created) VALUES('held.test', 1)")
+                in_transaction.set()
+                assert read_done.wait(30)  # the read finished while this transaction is open
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert in_transaction.wait(30)
+        assert directory.domains() == [DOMAIN]  # not the uncommitted row: another connection
+        read_done.set()
+        thread.join()
+        assert directory.has_domain("held.test")
+
+        # Eight threads of one process claim the same names at once: one wins each.
+        names = [f"p{i}@{DOMAIN}" for i in range(12)]
+        barrier = threading.Barrier(8)
+        won: list[str] = []
+        errors: list[BaseException] = []
+
+        def claim() -> None:
+            barrier.wait()
+            for name in names:
+                try:
+                    directory.insert_user(directory.new_user_id(), name, 0, b"k" * 32, [])
+                    won.append(name)
+                except DirectoryError:
+                    pass  # "already exists": the check under the advisory lock saw the winner
+                except BaseException as e:  # a unique violation: the lock did not hold
+                    errors.append(e)
+
+        threads = [threading.Thread(target=claim) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and sorted(won) == sorted(names)
+        pool = directory._conn
+        assert 1 < pool.opened <= 3  # type: ignore[attr-defined]
+    finally:
+        directory.close()

@@ -276,6 +276,9 @@ class DirectoryDB:
     password_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+    # Connections each server process keeps to PostgreSQL at most (opened as callers need
+    # them): its directory calls run this many at once (docs/cluster.md). 1: one, in turn.
+    pool: int = 4
 
 
 @dataclass

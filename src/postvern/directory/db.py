@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -293,6 +293,12 @@ def _forwarding(row: Sequence[Any]) -> Forwarding:
     return Forwarding(tuple(json.loads(str(row[0]))), bool(row[1]))
 
 
+def _pooled(conn: Connection) -> bool:
+    from postvern.directory.pgpool import PGPool
+
+    return isinstance(conn, PGPool)
+
+
 def _dkim_context(domain: str, selector: str) -> str:
     return f"postvern dkim v1|{domain}|{selector}"
 
@@ -317,7 +323,11 @@ class Directory:
         # Secret columns that the database's own encryption does not cover (PostgreSQL):
         # sealed before they are written. None for the encrypted SQLite file.
         self._seal = seal
-        self._lock = threading.RLock()
+        # One caller at a time on one connection; a pool (PostgreSQL, directory/pgpool.py)
+        # gives each caller a connection of its own and needs no lock here.
+        self._lock: AbstractContextManager[Any] = (
+            nullcontext() if backend == "postgresql" and _pooled(conn) else threading.RLock()
+        )
         # Where role addresses (ROLE_LOCALPARTS) go when a domain defines none of its own;
         # None means the first user created.
         self.postmaster = postmaster

@@ -29,7 +29,9 @@ Writers on different nodes are serialised as SQLite serialises its writers: ever
 transaction first takes one advisory lock (``pg_advisory_xact_lock``), so the check-then-write
 sequences of the directory (a name is neither a user nor an alias, then insert) stay atomic
 across nodes. Reads take no lock. Calls are synchronous, like the SQLite directory's: the
-server makes them from worker threads, never on the event loop.
+server makes them from worker threads, never on the event loop. A process keeps a small pool
+of connections (directory/pgpool.py, ``[directory] pool``), so its callers do not wait out
+each other's round trips.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from cryptography.hazmat.primitives import hashes
@@ -54,6 +56,9 @@ from psycopg import conninfo
 
 from postvern import config
 from postvern.directory.nodes import V8
+
+if TYPE_CHECKING:
+    from postvern.directory.pgpool import PGPool
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,9 @@ ADVISORY_LOCK = 0x7076646972
 # The longest password file read: a password is a line, not a file of any size.
 MAX_PASSWORD_FILE = 4096
 NONCE_BYTES = 12
+# A process's connections at most ([directory] pool): far beyond any worker thread count;
+# a typo should not open a thousand.
+MAX_POOL = 32
 # Schema versions are the SQLite directory's: version N holds the same tables in both.
 SCHEMA_TABLE = "postvern_schema"
 
@@ -97,6 +105,10 @@ class PostgresTarget:
     client_cert: Path | None = None
     client_key: Path | None = None
     password_file: Path | None = None
+    # Connections a process keeps at most (directory/pgpool.py); 1: one, calls in turn. Four
+    # took most of the measured gain with the server's 6 worker threads on 2 cores
+    # (docs/cluster.md); the database sees nodes × worker processes × this at most.
+    pool: int = 4
 
     def describe(self) -> str:
         """Host, port and database, for messages: never the user's password."""
@@ -113,6 +125,8 @@ def target_from_settings(settings: config.Settings) -> PostgresTarget | None:
     db = settings.directory
     if not db.url:
         return None
+    if not 1 <= db.pool <= MAX_POOL:
+        raise config.ConfigError(f"[directory] pool must be between 1 and {MAX_POOL}")
 
     def path(value: str | None) -> Path | None:
         return None if value is None else settings.path(value)
@@ -123,6 +137,7 @@ def target_from_settings(settings: config.Settings) -> PostgresTarget | None:
         client_cert=path(db.client_cert),
         client_key=path(db.client_key),
         password_file=path(db.password_file),
+        pool=db.pool,
     )
 
 
@@ -304,8 +319,11 @@ class PGConnection:
         self._conn.close()
 
 
-def connect(target: PostgresTarget) -> PGConnection:
-    """Connect (TLS verified, see :func:`connection_params`) and bring the schema up to date."""
+def connect(target: PostgresTarget) -> PGConnection | PGPool:
+    """Connect (TLS verified, see :func:`connection_params`) and bring the schema up to date;
+    a pool of up to ``target.pool`` connections when that is over 1 (directory/pgpool.py)."""
+    from postvern.directory.pgpool import PGPool
+
     params = connection_params(target)
 
     def fresh() -> psycopg.Connection[Any]:
@@ -318,7 +336,9 @@ def connect(target: PostgresTarget) -> PGConnection:
     except BaseException:
         conn.close()
         raise
-    return conn
+    if target.pool == 1:
+        return conn
+    return PGPool(conn, lambda: PGConnection(fresh), target.pool)
 
 
 # -- the schema ------------------------------------------------------------------------
@@ -461,7 +481,7 @@ MIGRATIONS: dict[int, str] = {7: BASELINE_V7, 8: V8}
 LATEST = max(MIGRATIONS)
 
 
-def schema_version(conn: PGConnection) -> int:
+def schema_version(conn: PGConnection | PGPool) -> int:
     rows = conn.execute(f"SELECT version FROM {SCHEMA_TABLE}").fetchall()
     return int(rows[0][0]) if rows else 0
 
