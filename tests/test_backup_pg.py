@@ -12,6 +12,7 @@ directory, restores both, and the users log in over IMAP and read their mail.
 from __future__ import annotations
 
 import imaplib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -225,3 +226,49 @@ def test_a_sealed_export_cut_short_or_altered_does_not_open(tmp_path: Path) -> N
     path.write_bytes(whole)
     with pytest.raises(pgdump.DumpError, match="does not open"):
         pgdump.read_sealed(path, pgdump.dump_key(ServerKey.generate()))
+
+
+def test_the_running_server_replicates_and_verifies_its_postgres_directory(
+    tmp_path: Path, pg_database: PgDatabase
+) -> None:
+    """The server's own schedule: replication points carry the directory's changes (a user
+    added on another node, say) within seconds, and the scheduled test restore loads the
+    export into a scratch schema."""
+    data = make_pg_data_dir(tmp_path / "data", pg_database)
+    configure(data, [f"file://{tmp_path / 'region'}"], replicate_seconds=1.0,
+              verify_interval_hours=2 / 3600)  # fmt: skip
+    init_key(data, tmp_path / "offline.key")
+    server = ServerProcess(data).start()
+    try:
+        _wait(data, "a verified backup", lambda s: s.get("verify_ok") is True)
+        app = App.open(data.path)  # as an administrator's command on another node would
+        try:
+            app.accounts.create_user("carol@example.test", "carol-correct-horse")
+        finally:
+            app.close()
+        added = time.time()
+        # A snapshot that started after carol was committed holds her (verify shows it).
+        _wait(
+            data,
+            "a replication point after the directory changed",
+            lambda s: float(str(s.get("backup_started") or 0)) > added,
+        )
+    finally:
+        server.stop()
+    verified = postvern("--data", str(data.path), "backup", "verify")
+    assert verified.returncode == 0, verified.stdout
+    assert "3 user(s)" in verified.stdout and "scratch schema" in verified.stdout
+
+
+def _wait(data: DataDir, what: str, check) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """The server's backup status once ``check`` holds (tests/test_backup_schedule.py's way)."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            status = dict(json.loads((data.path / "backup" / "status.json").read_text()))
+        except (FileNotFoundError, ValueError):
+            status = {}
+        if check(status):
+            return status
+        assert time.monotonic() < deadline, f"waited in vain for {what}: {status}"
+        time.sleep(0.2)
