@@ -31,6 +31,7 @@ from pg_server import PostgresTestServer
 from postvern import cli, config
 from postvern.app import App
 from postvern.cluster import nodes, pki, placement, proxyline
+from postvern.cluster.admin import admin_identity
 from postvern.cluster.move import MOVED_DIR
 from postvern.cluster.relay import RELAY_DIR
 from postvern.directory.db import DB_NAME
@@ -339,6 +340,27 @@ def test_the_internal_listener_refuses_a_certificate_from_another_ca(
 def test_a_mailbox_nodes_certificate_may_not_act_as_a_front(cluster: ClusterKit) -> None:
     ctx = _context(cluster.nodes["mbx2"].path / nodes.CLUSTER_DIR, "lmtp")
     assert _refused(_internal(cluster, "mbx1"), ctx, "mbx1")
+
+
+def test_only_the_admin_certificate_may_move_mailboxes_and_it_may_not_deliver(
+    cluster: ClusterKit,
+) -> None:
+    front = _context(cluster.front("front1").path / nodes.CLUSTER_DIR, "postvern-admin")
+    assert _refused(_internal(cluster, "mbx1"), front, "mbx1")
+    admin_dir = cluster.admin / nodes.CLUSTER_DIR
+    admin = admin_identity(admin_dir)
+    for alpn in ("lmtp", "postvern-admin"):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(admin.ca))
+        ctx.load_cert_chain(str(admin.cert), str(admin.key))
+        ctx.set_alpn_protocols([alpn])
+        if alpn == "lmtp":
+            assert _refused(_internal(cluster, "mbx1"), ctx, "mbx1")
+        else:
+            with socket.create_connection(_internal(cluster, "mbx1"), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname="mbx1") as tls:
+                    tls.sendall(b"STATUS\r\n")
+                    assert tls.recv(256).startswith(b"OK mailboxes-open=")
 
 
 def test_a_front_pins_the_name_of_the_node_it_meant_to_reach(cluster: ClusterKit) -> None:

@@ -1,12 +1,14 @@
-"""A mailbox node's internal listener: IMAP, POP3 and LMTP for fronts, over mutual TLS.
+"""A mailbox node's internal listener: IMAP, POP3 and LMTP for fronts, moves for the admin.
 
-One port per node; the service is the TLS ALPN protocol the front asked for ("imap", "pop3",
-"lmtp"), so a node has one address in nodes.toml and no service can be mistaken for another.
-The handshake already required a certificate from the cluster's CA; here the peer must also
-be a *front*, the only role that proxies clients and delivers mail. An IMAP or POP3
+One port per node, mutual TLS only; the service is the TLS ALPN protocol the peer asked for
+("imap", "pop3", "lmtp", "postvern-admin"), so a node has one address in nodes.toml and no
+service can be mistaken for another. The handshake already required a certificate from the
+cluster's CA; here the peer must also have the right role: a *front* (the only role that
+proxies clients and delivers mail), or the *admin* for move requests (move.py). An IMAP or POP3
 connection starts with a PROXY v1 line carrying the real client address (proxyline.py), which
 the session then uses as its peer (logs, login records). After that the sessions are the
-single-server ones, unchanged: the login runs Argon2id here, once, and opens the mailbox here.
+single server's (with a hook a move uses to end them): the login runs Argon2id here, once,
+and opens the mailbox here.
 Bans and rate limits are the front's (it sees the client); this side adds no delay of its own.
 """
 
