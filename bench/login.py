@@ -79,9 +79,10 @@ def seed(root: Path, users: int) -> tuple[Path, int, list[str]]:
 
 def serve_worker(data: Path, port: int) -> None:
     """``--serve-worker``: the IMAP listener alone (imap.py's), on the inherited socket."""
-    from postvern import config, handoff
+    from postvern import config, handoff, workers
 
     handoff.inherit(config.load(data).listen)  # POSTVERN_LISTEN_FDS: imap=<fd>
+    workers.balance_accepts()  # one connection per loop turn, as a server's worker takes
     imap.serve_postvern(data, port)  # its listener takes the inherited socket
 
 
