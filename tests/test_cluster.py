@@ -14,6 +14,7 @@ import poplib
 import smtplib
 import socket
 import ssl
+import sys
 import threading
 import time
 import urllib.request
@@ -35,6 +36,7 @@ from postvern.cluster.admin import admin_identity
 from postvern.cluster.move import MOVED_DIR
 from postvern.cluster.relay import RELAY_DIR
 from postvern.directory.db import DB_NAME
+from test_imap_clients import CONFIG, RELAY, maildir_messages, mbsync
 
 # How long a test waits for a relayed copy to show up: the relay sends at once, so this only
 # bounds a broken cluster (no time is asserted).
@@ -152,6 +154,46 @@ def test_pop3_through_a_front_sees_the_owning_nodes_maildrop(cluster: ClusterKit
         assert sum(f"Subject: {subject}".encode() in t for t in texts) == 1
     finally:
         pop.quit()
+
+
+@pytest.mark.parametrize("tls", ["IMAPS", "STARTTLS"])
+def test_mbsync_syncs_down_and_up_through_a_front(
+    cluster: ClusterKit, tmp_path: Path, tls: str
+) -> None:
+    """A real client (isync's mbsync, as tests/test_imap_clients.py runs it) through the
+    proxy: TLS or STARTTLS at the front, everything after the login on the mailbox node."""
+    address = _users_on(cluster, "mbx2")[0]
+    subject = f"for mbsync {tls} {uuid.uuid4().hex[:6]}"
+    _send_mx(cluster, "front2", address, subject)
+    assert subject in _wait_for(cluster, "front2", address, subject)
+    home = tmp_path / "home"
+    maildir = home / "mail"
+    maildir.mkdir(parents=True)
+    (home / "relay.py").write_text(RELAY)
+    front = cluster.front("front1")
+    (home / ".mbsyncrc").write_text(
+        CONFIG.format(
+            python=sys.executable,
+            relay=home / "relay.py",
+            port=front.addr("imaps" if tls == "IMAPS" else "imap")[1],
+            user=address,
+            password=cluster.passwords[address],
+            tls=tls,
+            cert=front.path / "tls" / "cert.pem",
+            maildir=maildir,
+        )
+    )
+    done = mbsync(home)
+    assert done.returncode == 0, done.stderr
+    down = maildir_messages(maildir / "INBOX")
+    assert sum(f"Subject: {subject}".encode() in raw for raw in down.values()) == 1
+    up = f"up from mbsync {tls} {uuid.uuid4().hex[:6]}"
+    (maildir / "INBOX" / "new" / f"{time.time_ns()}.up:2,").write_bytes(
+        f"From: {address}\nTo: {address}\nSubject: {up}\n\nwritten offline\n".encode()
+    )
+    done = mbsync(home)
+    assert done.returncode == 0, done.stderr
+    assert _subjects(cluster, "front2", address).count(up) == 1  # on the node, via the other
 
 
 def test_a_wrong_password_is_refused_at_the_front_and_the_right_one_then_works(
