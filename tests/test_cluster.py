@@ -14,6 +14,7 @@ import poplib
 import smtplib
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_kit import MAILBOX_NODES, ClusterKit, TlsRedis, build
-from harness import client_tls_context
+from harness import client_tls_context, make_data_dir, set_config
 from pg_server import PostgresTestServer
 from postvern import cli, config
 from postvern.app import App
@@ -595,3 +596,21 @@ def test_node_names_and_addresses_are_checked_before_they_reach_a_certificate() 
         nodes.check_node("front1", "admin", "127.0.0.1:1")  # admin is no node role
     with pytest.raises(nodes.ClusterError):
         nodes.check_node("front1", "front", '127.0.0.1:1"\n[x]')
+
+
+def test_serve_refuses_a_node_that_nodes_toml_does_not_list(tmp_path: Path) -> None:
+    data = make_data_dir(tmp_path / "ghost", passwords={}, listeners=("imap",))
+    set_config(data.path, "cluster", {"role": "front", "node": "ghost"})
+    if "workers" in config.Server.__dataclass_fields__:
+        set_config(data.path, "server", {"workers": 1})
+    done = subprocess.run(
+        [sys.executable, "-m", "postvern.cli", "--data", str(data.path), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "postvern: [cluster] node 'ghost' is not a front node in nodes.toml"
+    )

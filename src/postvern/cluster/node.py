@@ -17,6 +17,7 @@ from postvern.cluster.nodes import CLUSTER_DIR, ClusterError
 from postvern.cluster.placement import Placement
 from postvern.cluster.proxy import Front, imap_starter, pop3_starter
 from postvern.cluster.relay import RELAY_DIR, Relay, RelayRegistry, RelayStore
+from postvern.config import ConfigError
 
 if TYPE_CHECKING:
     from postvern.server import Server
@@ -32,7 +33,7 @@ class ClusterNode:
         known = nodes.load(cluster_dir)
         me = known.get(name)
         if me is None or me.role != role:
-            raise ClusterError(f"[cluster] node {name!r} is not a {role} node in nodes.toml")
+            raise ClusterError(f"node {name!r} is not a {role} node in nodes.toml")
         if s.server.workers not in (0, 1):  # 0, "one per core", is one on a node (workers.py)
             # The relay queue and the internal listener belong to one process; several
             # workers per node would race over both (not built yet).
@@ -69,7 +70,12 @@ class ClusterNode:
     @classmethod
     def attach(cls, server: Server) -> ClusterNode | None:
         """The node this server is, per ``[cluster]``; None on a single machine."""
-        return cls(server) if server.settings.cluster.role else None
+        if not server.settings.cluster.role:
+            return None
+        try:
+            return cls(server)
+        except ClusterError as e:  # said in one line by `postvern serve`, like any config error
+            raise ConfigError(f"[cluster] {e}") from None
 
     def starter(self, name: str, default: Any) -> Any:
         """The listener starter for ``name``: a front proxies IMAP and POP3."""
