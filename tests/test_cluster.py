@@ -155,6 +155,15 @@ def test_pop3_through_a_front_sees_the_owning_nodes_maildrop(cluster: ClusterKit
         assert sum(f"Subject: {subject}".encode() in t for t in texts) == 1
     finally:
         pop.quit()
+    host, port = cluster.front("front1").addr("pop3")  # STLS at the front, then the node
+    pop = poplib.POP3(host, port, timeout=30)
+    try:
+        pop.stls(context=client_tls_context())
+        pop.user(address)
+        assert pop.pass_(cluster.passwords[address]).startswith(b"+OK")
+        assert any(subject.encode() in line for line in pop.top(count, 0)[1])
+    finally:
+        pop.quit()
 
 
 @pytest.mark.parametrize("tls", ["IMAPS", "STARTTLS"])
