@@ -179,9 +179,12 @@ def _export(conn: psycopg.Connection[Any]) -> tuple[bytes, int]:
         # unchanged directory has an unchanged stamp.
         order = sql.SQL(", ").join(sql.Literal(i + 1) for i in range(len(columns)))
         query = sql.SQL("SELECT {} FROM {} ORDER BY {}").format(names, sql.Identifier(table), order)
-        data = conn.execute(query).fetchall()
-        out.append(_line({"table": table, "columns": columns, "bytes": binary, "rows": len(data)}))
-        out.extend(_line([_json_value(v) for v in row]) for row in data)
+        # Rows become Python objects one at a time (the result itself stays in libpq's
+        # compact buffer): the memory of a big table is its JSON, not its tuples.
+        cursor = conn.execute(query)
+        count = cursor.rowcount
+        out.append(_line({"table": table, "columns": columns, "bytes": binary, "rows": count}))
+        out.extend(_line([_json_value(v) for v in row]) for row in cursor)
     out.append(_line({"end": True, "tables": len(TABLES)}))
     return b"".join(out), schema
 
