@@ -23,6 +23,7 @@ one voice (postvern.filters.families): it agrees with another family, it never j
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 
@@ -259,22 +260,28 @@ _ADVANCE_FEE = _phrases(
     late|deceased husband|father|client|mr
     beneficiary
     barrister
-    the| sum of
-    # million us| dollars
-    million|millions of united| states| us| dollars
-    $|usd # million
-    us $ # million
     strictly|highly confidential
     foreign|trustworthy|reliable partner
     transfer of| the|this fund|funds|money|sum
     security|finance|diplomatic company
     consignment
     bank|central| of nigeria|ghana|africa
-    #|ten|twenty|thirty %|percent of|for|share
     your assistance|cooperation in
     lottery promotion|promotions|draw|draws|winner|winners|program|programs|board
     claim|claims|fiduciary agent|officer
     widow
+    """
+)
+# The fortune itself: said in every report about money too, so it counts as one phrase of
+# the fraud however often and however it is said.
+_FORTUNE = _phrases(
+    """
+    the| sum of
+    # million us| dollars
+    million|millions of united| states| us| dollars
+    $|usd # million
+    us $ # million
+    #|ten|twenty|thirty %|percent of|for the|this fund|funds|money|sum
     """
 )
 # Crypto-currency lures: free tokens to claim, a wallet to connect or to "validate".
@@ -495,11 +502,9 @@ class _PhraseIndex:
         the words matched."""
         found: dict[str, set[str]] = {}
         by_word, n = self.by_word, len(words)
-        for i, word in enumerate(words):
-            candidates = by_word.get(word)
-            if candidates is None:
-                continue
-            for family, phrase, at, plain in candidates:
+        # The positions of indexed words, found in C; most words start no phrase.
+        for i in itertools.compress(range(n), map(by_word.__contains__, words)):
+            for family, phrase, at, plain in by_word[words[i]]:
                 start = i - at
                 end = start + len(phrase)
                 if start < 0 or end > n:
@@ -548,6 +553,7 @@ _PHRASES = _PhraseIndex(
         "BODY_LOAN_OFFER": _LOAN,
         "BODY_INCOME_OFFER": _INCOME,
         "BODY_ADVANCE_FEE": _ADVANCE_FEE,
+        "fortune": _FORTUNE,
         "BODY_SELLING_PHRASES": _SELLING,
         "BODY_REMOVE_ME": _REMOVE_ME,
         "BODY_CRYPTO_LURE": _CRYPTO,
@@ -605,7 +611,7 @@ MAX_SALES_SCAN_WORDS = 2000
 # an "i" for an "l" beside another "i". English words have them almost never (names
 # from other languages and Roman numerals aside); a text with several was misspelt on
 # purpose. Identifiers of programs ("mysql", "irqsave") have the "q" after a consonant.
-_MISSPELT = re.compile(r"[aeiou]q[a-tv-z]|ii")
+_MISSPELT_Q = re.compile(r"q[a-tv-z]")  # after a vowel: checked for each match
 _MISSPELT_EXCEPTIONS = frozenset("skiing hawaii hawaiian radii genii ascii".split())
 _ROMAN_NUMERAL = re.compile(r"[ivxlcdm]+")
 MIN_MISSPELT_WORDS = 2
@@ -631,7 +637,9 @@ def _goods(text: str, words: list[str], found: dict[str, set[str]]) -> list[Hit]
                 hits.append(_hit("BODY_OBFUSCATED_WORD", f"'{m.group(0)}' disguises a word"))
                 break
     for code, at_least, what in _GOODS:
-        phrases = found.get(code, ())
+        phrases = found.get(code, set())
+        if code == "BODY_ADVANCE_FEE" and "fortune" in found:
+            phrases = phrases | {min(found["fortune"])}
         if len(phrases) >= at_least:
             hits.append(_hit(code, f"{what}: {', '.join(sorted(phrases)[:3])}"))
     return hits
@@ -704,11 +712,23 @@ def _runs(text: str) -> bool:
     return _PUNCTUATION_RUN.search(text) is not None
 
 
+def _after_vowel(text: str, at: int) -> bool:
+    return at > 0 and text[at - 1] in _VOWELS
+
+
 def _misspelt(text: str) -> set[str]:
-    """The words of *text* that _MISSPELT finds a look-alike spelling in."""
-    words = set()
-    for m in _MISSPELT.finditer(text):
-        start, end = m.start(), m.end()
+    """The words of *text* with a look-alike spelling (see _MISSPELT_Q), up to the number
+    the rule needs."""
+    starts = [
+        at for at in (m.start() for m in _MISSPELT_Q.finditer(text)) if _after_vowel(text, at)
+    ]
+    at = text.find("ii")
+    while at >= 0 and len(starts) < 64:
+        starts.append(at)
+        at = text.find("ii", at + 2)
+    words: set[str] = set()
+    for start in starts:
+        end = start
         while start > 0 and text[start - 1] in _LETTERS:
             start -= 1
         while end < len(text) and text[end] in _LETTERS:
