@@ -21,6 +21,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -28,11 +29,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_kit import MAILBOX_NODES, ClusterKit, TlsRedis, build
-from harness import client_tls_context, make_data_dir, set_config
+from harness import client_tls_context, free_port, make_data_dir, set_config
 from pg_server import PostgresTestServer
 from postvern import cli, config
 from postvern.app import App
 from postvern.cluster import nodes, pki, placement, proxyline
+from postvern.cluster import relay as relay_module
 from postvern.cluster.admin import admin_identity
 from postvern.cluster.move import MOVED_DIR
 from postvern.cluster.relay import RELAY_DIR
@@ -623,3 +625,44 @@ def test_serve_refuses_a_node_that_nodes_toml_does_not_list(tmp_path: Path) -> N
     assert done.stderr.strip().splitlines()[-1] == (
         "postvern: [cluster] node 'ghost' is not a front node in nodes.toml"
     )
+
+
+async def test_a_long_outage_of_one_node_does_not_hold_back_mail_for_another(
+    cluster: ClusterKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay (in this process, on the front's certificate) whose oldest copies all wait
+    for a dead node still sends a newer copy for a live one, however many there are."""
+    monkeypatch.setattr(relay_module, "BATCH", 4)  # instead of sending hundreds first
+    data = make_data_dir(tmp_path / "d", passwords={"a@example.test": "a-long-password-1",
+                                                    "b@example.test": "b-long-password-2"},
+                         listeners=())  # fmt: skip
+    app = App.open(data.path)
+    executor = ThreadPoolExecutor(2)
+    try:
+        a, b = app.directory.user("a@example.test"), app.directory.user("b@example.test")
+        assert a is not None and b is not None
+        app.directory.set_mailbox_node(a.id, "dead")
+        app.directory.set_mailbox_node(b.id, "mbx1")
+        known = {
+            "dead": nodes.Node("dead", "mailbox", f"127.0.0.1:{free_port()}"),  # nobody there
+            "mbx1": cluster.node_list["mbx1"],
+        }
+        store = relay_module.RelayStore(tmp_path / "relay", b"k" * 32)
+        identity = pki.NodeIdentity.in_dir(cluster.front("front1").path / nodes.CLUSTER_DIR)
+        relay = relay_module.Relay(
+            store, placement.Placement(app.directory, known), identity, executor
+        )
+        raw = b"Subject: queued\r\n\r\nqueued\r\n"
+        for _ in range(10):
+            relay.release(await relay.deposit(relay_module.Copy(a.id, a.address, False, raw)))
+        late = await relay.deposit(relay_module.Copy(b.id, b.address, False, raw))
+        relay.release(late)
+        await relay._pass()  # the dead node's four oldest copies fail: it backs off
+        await relay._pass()  # passed over unread now, so the live node's copy goes
+        # mbx1 answered it: the cluster's directory has no b@, so 550, and failed/ keeps it.
+        assert (store.failed / late).exists()
+        assert len(store.names()) == 10
+        await relay.stop()
+    finally:
+        executor.shutdown()
+        app.close()

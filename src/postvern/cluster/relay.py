@@ -140,6 +140,7 @@ class Relay:
         # waits on its own, so one user's trouble does not hold back the node's other mail.
         self._deferrals: dict[str, int] = {}
         self._not_before: dict[str, float] = {}
+        self._owner: dict[str, str] = {}  # copy → its user's id, once read
         self._task: asyncio.Task[None] | None = None
         self._pool: dict[str, list[LMTPClient]] = {}  # kept connections per node
         self.relayed = 0  # copies a node acknowledged (metrics)
@@ -157,6 +158,7 @@ class Relay:
 
     async def withdraw(self, name: str) -> None:
         self._held.discard(name)
+        self._forget(name)
         await self._thread(self.store.remove, [name])
 
     def release(self, name: str) -> None:
@@ -196,38 +198,70 @@ class Relay:
             self._wake.clear()
 
     async def _pass(self) -> float:
-        """Send what is due; returns how long until the next retry is due."""
+        """Send what is due; returns how long until the next retry is due.
+
+        Copies for a node that is backing off are passed over without being read (each
+        copy's user is remembered once read), so a long outage of one node, with thousands
+        of copies for it queued first, never holds back mail for the others."""
         now = time.monotonic()
         queued = await self._thread(self.store.names)
         self.queued = len(queued)
-        names = [n for n in queued if n not in self._held and self._not_before.get(n, 0.0) <= now]
+        nodes: dict[str, Node | None] = {}  # per user, for this pass
         by_node: dict[str, tuple[Node, list[tuple[str, Copy]]]] = {}
-        for name in names[:BATCH]:
-            try:
-                copy = await self._thread(self.store.get, name)
-            except Exception:
-                log.exception("a relayed copy cannot be read; kept in failed/")
-                await self._thread(self.store.fail, name)
+        taken = 0
+        more = False
+        for name in queued:
+            if name in self._held or self._not_before.get(name, 0.0) > now:
                 continue
-            try:
-                node = await self._thread(self.placement.node_for, copy.user_id)
-            except UserGone:
-                log.error("a relayed copy's user was deleted; kept in failed/")
-                await self._thread(self.store.fail, name)
+            if taken >= BATCH:
+                more = True
+                break
+            user_id = self._owner.get(name)
+            copy = None
+            if user_id is None:
+                copy = await self._read(name)
+                if copy is None:
+                    continue
+                user_id = self._owner[name] = copy.user_id
+            if user_id not in nodes:
+                nodes[user_id] = await self._node_of(name, user_id)
+            node = nodes[user_id]
+            if node is None or self._retry_at.get(node.name, 0.0) > now:
                 continue
-            except ClusterError as e:
-                log.warning("no node for a relayed copy (%s); kept for later", e)
-                self._defer(name)
-                continue
-            if self._retry_at.get(node.name, 0.0) > now:
-                continue
-            by_node.setdefault(node.name, (node, []))[1].append((name, copy))
+            copy = copy or await self._read(name)
+            if copy is not None:
+                by_node.setdefault(node.name, (node, []))[1].append((name, copy))
+                taken += 1
         await asyncio.gather(*(self._to_node(node, work) for node, work in by_node.values()))
-        if len(names) > BATCH and by_node:
+        if more:
             return 0.0  # more waiting: go on at once
         retries = (*self._retry_at.values(), *self._not_before.values())
         waits = [at - time.monotonic() for at in retries]
         return max(0.0, min(waits, default=RETRY_MAX))
+
+    async def _read(self, name: str) -> Copy | None:
+        try:
+            copy: Copy = await self._thread(self.store.get, name)
+            return copy
+        except Exception:
+            log.exception("a relayed copy cannot be read; kept in failed/")
+            await self._thread(self.store.fail, name)
+            self._forget(name)
+            return None
+
+    async def _node_of(self, name: str, user_id: str) -> Node | None:
+        """The user's node; None (the copy filed or deferred) when there is none now."""
+        try:
+            node: Node = await self._thread(self.placement.node_for, user_id)
+            return node
+        except UserGone:
+            log.error("a relayed copy's user was deleted; kept in failed/")
+            await self._thread(self.store.fail, name)
+            self._forget(name)
+        except ClusterError as e:
+            log.warning("no node for a relayed copy (%s); kept for later", e)
+            self._defer(name)
+        return None
 
     async def _to_node(self, node: Node, work: list[tuple[str, Copy]]) -> None:
         lanes = [work[i::CONNECTIONS_PER_NODE] for i in range(CONNECTIONS_PER_NODE)]
@@ -323,6 +357,7 @@ class Relay:
     def _forget(self, name: str) -> None:
         self._deferrals.pop(name, None)
         self._not_before.pop(name, None)
+        self._owner.pop(name, None)
 
 
 def _backoff(failures: int) -> float:
