@@ -584,3 +584,32 @@ def test_two_processes_append_and_import_the_spool_once(tmp_path: Path) -> None:
     )  # fmt: skip
     assert found == expected
     assert sum(imported) <= 2 * CONCURRENT_ROUNDS  # the rest, if any, at the last unlock
+
+
+async def test_the_portal_is_served_by_worker_0_and_its_sessions_hold(tmp_path: Path) -> None:
+    """HTTPS is opened in worker 0 alone (a portal session holds the unlocked mailbox key
+    in that process's memory): a session made at login holds over new connections."""
+    import aiohttp
+
+    from portal_kit import Browser
+
+    data = make_data_dir(tmp_path / "d", listeners=("https", "imap"))
+    with ServerProcess(data, env={"POSTVERN_SERVER__WORKERS": "2"}) as server:
+        browser = Browser(data)
+        await browser.http.close()
+        browser.http = aiohttp.ClientSession(  # a new connection for every request
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+            connector=aiohttp.TCPConnector(ssl=client_tls_context(), force_close=True),
+        )
+        try:
+            await browser.login(ALICE, data.passwords[ALICE])
+            for _ in range(8):
+                response = await browser.get("/account/")
+                assert response.status == 200 and "Recent logins" in browser.last
+        finally:
+            await browser.close()
+        listening = [line for line in server.output if "listening for" in line]
+    https = [line for line in listening if "listening for https" in line]
+    assert len(https) == 1 and "postvern[w0]" in https[0], listening
+    imap = [line for line in listening if "listening for imap " in line]
+    assert {re.search(r"\[w(\d)\]", line)[1] for line in imap} == {"0", "1"}  # type: ignore[index]
