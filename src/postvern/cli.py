@@ -273,7 +273,7 @@ def init_data_dir(
     *,
     clamd: str | None = None,
     postmaster: str = "",
-    directory: dict[str, str] | None = None,
+    directory: dict[str, Any] | None = None,
 ) -> None:
     """A new data directory; ``directory`` ([directory] settings: url, ca, password_file,
     client_cert, client_key) puts its directory in that empty PostgreSQL database instead
