@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 from postvern.directory.accounts import Accounts
 from postvern.directory.db import User
 from postvern.store.mailbox import INBOX, Change, Mailbox
-from postvern.store.spool import Deposit, Spool, SpoolItem, import_spool
+from postvern.store.spool import Deposit, Spool, SpoolItem, delivery_key, import_spool
 
 log = logging.getLogger(__name__)
 
@@ -410,8 +410,13 @@ class MailboxRegistry:
 def _append_item(box: Mailbox, item: SpoolItem) -> tuple[int, int]:
     folder = box.folder_by_use(item.special_use) if item.special_use else None
     folder_id = folder.id if folder is not None else box.folder(INBOX).id
-    uid, _ = box.append(folder_id, item.raw, item.flags, item.internaldate)
-    return folder_id, uid
+    key = delivery_key(item)
+    uids, _ = box.append_many(
+        folder_id,
+        [(item.raw, item.flags, item.internaldate)],
+        spool_ids=None if key is None else [key],
+    )
+    return folder_id, (uids[0] if uids else 0)  # 0: a copy with a known delivery id, skipped
 
 
 class Receipt:

@@ -65,6 +65,9 @@ class SpoolItem:
     internaldate: datetime.datetime = field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC).astimezone()
     )
+    # A cluster front's id for this copy (cluster/relay.py): a copy sent again after a
+    # failover is stored once, however many times it arrives.
+    delivery_id: str | None = None
 
     def encode(self) -> bytes:
         meta = {
@@ -72,6 +75,8 @@ class SpoolItem:
             "flags": list(self.flags),
             "date": self.internaldate.isoformat(),
         }
+        if self.delivery_id is not None:
+            meta["id"] = self.delivery_id
         return json.dumps(meta).encode() + b"\n" + self.raw
 
     @classmethod
@@ -85,7 +90,18 @@ class SpoolItem:
             special_use=meta["use"],
             flags=tuple(meta["flags"]),
             internaldate=datetime.datetime.fromisoformat(meta["date"]),
+            delivery_id=meta.get("id"),
         )
+
+
+DELIVERY_PREFIX = "delivery:"
+
+
+def delivery_key(item: SpoolItem) -> str | None:
+    """The import record that makes a copy with a delivery id idempotent. Unlike a spool
+    item's own id (segment/index, forgotten once the segment is gone), it is kept: the same
+    copy may arrive again later, sent once more by a front after a failover."""
+    return None if item.delivery_id is None else DELIVERY_PREFIX + item.delivery_id
 
 
 def _info(user_id: str, item_id: str) -> bytes:
@@ -325,7 +341,7 @@ def _import_locked(
     already = box.imported_spool_ids()
     imported: list[tuple[int, int]] = []
     for names, batch in _batches(spool, user_id, segments):
-        by_folder: dict[int, list[tuple[str, SpoolItem]]] = {}
+        by_folder: dict[int, list[tuple[str, str, SpoolItem]]] = {}
         done: list[str] = []
         for spool_id, sealed in batch:
             if spool_id in already:
@@ -337,17 +353,21 @@ def _import_locked(
                 log.warning("spool item for a mailbox does not open; set aside")
                 spool.quarantine(user_id, spool_id, sealed)
                 continue
+            key = delivery_key(item) or spool_id
+            if key in already:
+                done.append(spool_id)  # this copy is stored already (sent twice)
+                continue
             folder = _target_folder(box, item.special_use)
-            by_folder.setdefault(folder, []).append((spool_id, item))
+            by_folder.setdefault(folder, []).append((spool_id, key, item))
         for folder_id, entries in by_folder.items():
             faults.point("spool.before-insert")
             uids, _ = box.append_many(
                 folder_id,
-                [(item.raw, item.flags, item.internaldate) for _, item in entries],
-                spool_ids=[spool_id for spool_id, _ in entries],
+                [(item.raw, item.flags, item.internaldate) for _, _, item in entries],
+                spool_ids=[key for _, key, _ in entries],  # append_many skips a known key
             )
             imported += [(folder_id, uid) for uid in uids]
-            done += [spool_id for spool_id, _ in entries]
+            done += [spool_id for spool_id, _, _ in entries]  # delivery keys are kept
             faults.point("spool.after-commit")
         for segment in names:
             spool.remove(user_id, segment)
