@@ -10,7 +10,9 @@ shared) or, given a database of the private test PostgreSQL (tests/pg_server.py)
 in PostgreSQL over verified TLS, as a real cluster has it. Redis holds the shared abuse state;
 :class:`TlsRedis` is a redis-server that takes TLS only (no plaintext port), with a
 certificate from a test CA the nodes verify.
-Each user's mailbox file starts on the node placement.py gives it.
+Each user's mailbox file starts on the node placement.py gives it. Given a replica URL per
+mailbox node (SeaweedFS, tests/seaweed.py), each mailbox node replicates continuously to it
+(``[backup] targets``, every REPLICATE_SECONDS) and nodes.toml names it, for failover.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from mta_kit import TestCA
 from pg_server import issue
 from postvern import cli, config
 from postvern.app import App
+from postvern.backup import keys as backup_keys
 from postvern.cluster import nodes, pki, placement
 from postvern.crypto.serverkey import KEY_FILE
 from postvern.directory.accounts import MAILBOX_DIR
@@ -51,6 +55,9 @@ FRONTS = ("front1", "front2")
 REDIS_START_TIMEOUT = 10.0
 MAILBOX_NODES = ("mbx1", "mbx2")
 FRONT_LISTENERS = ("smtp", "submission", "imap", "imaps", "pop3", "pop3s", "https")
+# A mailbox node ships its changes to its replica this often: short, so a failover test's
+# fronts can see copies covered and dropped (the default is 15 s).
+REPLICATE_SECONDS = 1.0
 
 
 @dataclass
@@ -98,12 +105,16 @@ def _cli(*args: str) -> None:
 
 
 def build(
-    root: Path, *, redis_url: str | None = None, directory: dict[str, object] | None = None
+    root: Path,
+    *,
+    redis_url: str | None = None,
+    directory: dict[str, object] | None = None,
+    replica: Callable[[str], str] | None = None,
 ) -> ClusterKit:
     """Make the admin CA, the four nodes' data directories, and place the users.
 
     ``directory`` is a ``[directory]`` table (PostgreSQL); without it the seed's SQLite file
-    is shared."""
+    is shared. ``replica`` gives a mailbox node's replication target URL by its name."""
     if directory is None:
         seed = make_data_dir(root / "seed", listeners=())
     else:
@@ -124,7 +135,35 @@ def build(
         kit.nodes[name] = _node_dir(kit, name, redis_url)
     for address in kit.seed.passwords:
         _move_mailbox(kit, address)
+    if replica is not None:
+        enable_replicas(kit, replica)
     return kit
+
+
+def enable_replicas(
+    kit: ClusterKit, replica: Callable[[str], str], seconds: float = REPLICATE_SECONDS
+) -> None:
+    """Every mailbox node replicates to ``replica(name)`` every ``seconds`` (its [backup]
+    targets, the offline key's public half beside it), and nodes.toml names the replica, as
+    docs/cluster.md tells an administrator; for nodes that are not running."""
+    admin_cluster = kit.admin / nodes.CLUSTER_DIR
+    public = kit.admin / backup_keys.BACKUP_DIR / backup_keys.OFFLINE_PUBLIC_FILE
+    if not public.exists():  # the offline key pair; every mailbox node gets its public half
+        _cli(
+            "--data", str(kit.admin), "backup", "init", "--key-file", str(kit.root / "offline.key")
+        )
+    for name in MAILBOX_NODES:
+        old = kit.node_list[name]
+        kit.node_list[name] = nodes.Node(old.name, old.role, old.address, replica(name))
+        path = kit.nodes[name].path
+        (path / backup_keys.BACKUP_DIR).mkdir(mode=0o700, exist_ok=True)
+        shutil.copy2(public, path / backup_keys.BACKUP_DIR / backup_keys.OFFLINE_PUBLIC_FILE)
+        set_config(path, "backup", {"targets": [replica(name)], "replicate_seconds": seconds})
+    nodes.save(admin_cluster, kit.node_list)
+    for data in kit.nodes.values():
+        shutil.copy2(
+            admin_cluster / nodes.NODES_FILE, data.path / nodes.CLUSTER_DIR / nodes.NODES_FILE
+        )
 
 
 def _postgres_directory(seed: DataDir, directory: dict[str, object]) -> None:

@@ -4,7 +4,8 @@ PostgreSQL and Redis, both over verified TLS.
 Mail goes in through either front (MX and submission) and is read through either front
 (IMAP, POP3) whichever mailbox node owns the user; the internal listener refuses anything
 but a front's certificate from the cluster's own CA; a mailbox node that is down does not
-lose mail a front accepted.
+lose mail a front accepted; a killed mailbox node's users come back on the other from their
+replicas in SeaweedFS with every acknowledged message exactly once (last in the module).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_kit import MAILBOX_NODES, ClusterKit, TlsRedis, build
+from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build
 from harness import client_tls_context, free_port, make_data_dir, set_config
 from pg_server import PostgresTestServer
 from postvern import cli, config
@@ -39,6 +40,10 @@ from postvern.cluster.admin import admin_identity
 from postvern.cluster.move import MOVED_DIR
 from postvern.cluster.relay import RELAY_DIR
 from postvern.directory.db import DB_NAME
+from postvern.store.mailbox import Mailbox
+from postvern.store.service import _append_item
+from postvern.store.spool import Spool, SpoolItem, import_spool
+from seaweed import Weed
 from test_imap_clients import CONFIG, RELAY, maildir_messages, mbsync
 
 # How long a test waits for a relayed copy to show up: the relay sends at once, so this only
@@ -57,10 +62,19 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
 
 @pytest.fixture(scope="module")
 def cluster(
-    tmp_path_factory: pytest.TempPathFactory, redis: TlsRedis, pg_server: PostgresTestServer
+    tmp_path_factory: pytest.TempPathFactory,
+    redis: TlsRedis,
+    pg_server: PostgresTestServer,
+    seaweed: tuple[Weed, Weed],
 ) -> Iterator[ClusterKit]:
     directory = pg_server.new_database().settings()
-    kit = build(tmp_path_factory.mktemp("cluster"), redis_url=redis.url, directory=directory)
+    prefix = f"cluster-{uuid.uuid4().hex[:8]}"
+    kit = build(
+        tmp_path_factory.mktemp("cluster"),
+        redis_url=redis.url,
+        directory=directory,
+        replica=lambda node: seaweed[0].url(f"{prefix}-{node}"),
+    )
     try:
         kit.start_all()
         yield kit
@@ -82,10 +96,13 @@ def _message(to: str, subject: str) -> EmailMessage:
     return msg
 
 
-def _send_mx(kit: ClusterKit, front: str, to: str, subject: str) -> None:
+def _send_mx(kit: ClusterKit, front: str, to: str, subject: str) -> str:
+    """Sends through the front's MX; returns the Message-ID once the front said 250."""
     host, port = kit.front(front).addr("smtp")
+    msg = _message(to, subject)
     with smtplib.SMTP(host, port, timeout=30) as smtp:
-        smtp.send_message(_message(to, subject))
+        smtp.send_message(msg)
+    return str(msg["Message-ID"])
 
 
 def _imap(kit: ClusterKit, front: str, address: str) -> imaplib.IMAP4_SSL:
@@ -666,3 +683,96 @@ async def test_a_long_outage_of_one_node_does_not_hold_back_mail_for_another(
     finally:
         executor.shutdown()
         app.close()
+
+
+def test_a_copy_sent_twice_under_one_delivery_id_is_stored_once(tmp_path: Path) -> None:
+    """What makes a front's sending again after a failover harmless: in the spool (twice in
+    one import, and again later) and straight into an open mailbox."""
+    data = make_data_dir(tmp_path / "d", listeners=())
+    address = next(iter(data.passwords))
+    app = App.open(data.path)
+    try:
+        unlocked = app.accounts.authenticate(address, data.passwords[address])
+        user = unlocked.user
+        spool = Spool(data.path)
+        raw = b"Subject: once\r\n\r\nonce\r\n"
+        for _ in range(2):
+            spool.deposit(user.id, user.spool_public, SpoolItem(raw, delivery_id="0001-aa.relay"))
+        spool.deposit(user.id, user.spool_public, SpoolItem(raw))  # no id: always stored
+        path = app.accounts.mailbox_path(user)
+        with Mailbox.open(path, unlocked.mailbox_key) as box:
+            assert len(import_spool(box, spool, user.id)) == 2
+            spool.deposit(user.id, user.spool_public, SpoolItem(raw, delivery_id="0001-aa.relay"))
+            assert import_spool(box, spool, user.id) == []
+            assert _append_item(box, SpoolItem(raw, delivery_id="0001-aa.relay"))[1] == 0
+            assert _append_item(box, SpoolItem(raw, delivery_id="0002-bb.relay"))[1] > 0
+            assert _append_item(box, SpoolItem(raw, delivery_id="0002-bb.relay"))[1] == 0
+            inbox = box.folder("INBOX").id
+            assert len(box.uids(inbox)) == 3
+    finally:
+        app.close()
+
+
+def _message_ids(kit: ClusterKit, front: str, address: str) -> list[str]:
+    imap = _imap(kit, front, address)
+    try:
+        imap.select("INBOX")
+        _, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        ids = []
+        for part in data:
+            if isinstance(part, tuple):
+                header = part[1].decode().strip()
+                if header:
+                    ids.append(header.split(":", 1)[1].strip())
+        return ids
+    finally:
+        imap.logout()
+
+
+def test_a_killed_mailbox_nodes_users_fail_over_from_replicas_with_every_message_once(
+    cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Last in the module: mbx1 is killed and stays dead; its users live on mbx2 after."""
+    victim, survivor = "mbx1", "mbx2"
+    admin = ["--data", str(cluster.admin), "cluster", "failover"]
+    assert cli.main([*admin, survivor]) == 1  # it answers over mutual TLS: refused
+    assert "answers over mutual TLS" in capsys.readouterr().err
+    address = _users_on(cluster, victim)[0]
+    acked = [_send_mx(cluster, FRONTS[i % 2], address, f"before kill {i}") for i in range(6)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def keep_sending() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                acked.append(_send_mx(cluster, FRONTS[i % 2], address, f"around kill {i}"))
+            except (smtplib.SMTPException, OSError) as e:  # not acknowledged: not counted
+                errors.append(e)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        deadline = time.monotonic() + ARRIVAL_WAIT
+        while len(acked) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cluster.procs[victim].kill()  # SIGKILL while mail is being acknowledged
+        at_kill = len(acked)
+        while len(acked) < at_kill + 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        sender.join()
+    assert len(acked) >= at_kill + 4  # mail acknowledged after the kill too
+    assert cli.main([*admin, victim, "--to", survivor]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert f"{address}: {victim} -> {survivor} from the replica of" in out
+    assert _users_on(cluster, victim) == []
+    deadline = time.monotonic() + ARRIVAL_WAIT
+    while not set(acked) <= set(ids := _message_ids(cluster, "front2", address)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert sorted(i for i in ids if i in set(acked)) == sorted(acked)  # each exactly once
+    assert len(ids) == len(set(ids))  # nor any earlier message twice

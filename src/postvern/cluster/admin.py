@@ -12,6 +12,11 @@ reachable (``DATA/postvern.toml``). A move:
 
 A failure before step 4 undoes what was done (the target's partial copy set aside, the
 source serving again); after it, the user already lives on the target.
+
+A failover (``postvern cluster failover DEAD``) has no source to ask: it checks that the node
+does not answer over mutual TLS, then for each of its users has the new node RESTORE the
+user from the dead node's replica (failover.py) and flips the map by compare-and-set; the
+fronts then send what the replica lacks.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from postvern.app import App
@@ -114,6 +120,18 @@ class MoveReport:
     seconds: float
 
 
+@dataclass
+class FailoverReport:
+    address: str
+    source: str
+    target: str
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    point: str = ""  # when the replica's point was taken (UTC)
+    error: str = ""
+
+
 class Mover:
     def __init__(self, data_dir: Path) -> None:
         self.app = App.open(data_dir)
@@ -183,6 +201,62 @@ class Mover:
                         session.close()
         except (OSError, ClusterError, TimeoutError, ssl.SSLError):
             log.exception("undoing the move failed; check both nodes")
+
+    async def failover(
+        self, dead_name: str, *, to: str | None = None, force: bool = False
+    ) -> list[FailoverReport]:
+        """Every user of the dead node restored on another from its replica, the map flipped.
+
+        Refused while the node answers over mutual TLS (it may still be serving), unless
+        ``force``. A user whose restore fails stays on the dead node (its mail waits in the
+        fronts' queues) and is reported; running the command again retries only those."""
+        dead = self._node(dead_name)
+        if not dead.replica:
+            raise ClusterError(f"nodes.toml names no replica for {dead.name} (add-node --replica)")
+        state = await self._probe(dead)
+        if not state.startswith("DOWN") and not force:
+            raise ClusterError(
+                f"{dead.name} answers over mutual TLS ({state}): not failing over a live node"
+                " (cluster move or drain it; --force if its data is lost anyway)"
+            )
+        others = [n for n in nodes.mailbox_nodes(self.nodes) if n.name != dead.name]
+        if to is not None:
+            others = [self._node(to)]
+        if not others or dead in others:
+            raise ClusterError("no other mailbox node to fail over to")
+        directory = self.app.directory
+        sessions: dict[str, NodeSession] = {}
+        reports = []
+        try:
+            for user in directory.users_on_node(dead.name):
+                target = rendezvous(user.id, others)
+                report = FailoverReport(user.address, dead.name, target.name)
+                reports.append(report)
+                started = time.monotonic()
+                directory.set_user_moving(user.id, True)
+                try:
+                    if target.name not in sessions:
+                        sessions[target.name] = await NodeSession.open(target, self.context)
+                    answer = await sessions[target.name].request(
+                        f"RESTORE {user.id} {dead.replica}"
+                    )
+                    _, _, files, size, created = answer.split(" ")
+                    if not directory.move_mailbox_node(user.id, dead.name, target.name):
+                        raise ClusterError("the user's node changed during the failover")
+                except (OSError, ClusterError, TimeoutError, ssl.SSLError, ValueError) as e:
+                    directory.set_user_moving(user.id, False)
+                    broken = sessions.pop(target.name, None)
+                    if broken is not None:  # a fresh connection for the next user
+                        broken.close()
+                    report.error = str(e) or type(e).__name__
+                    continue
+                report.files, report.bytes = int(files), int(size)
+                report.point = datetime.fromtimestamp(float(created), UTC).isoformat(" ", "seconds")
+                report.seconds = time.monotonic() - started
+        finally:
+            for session in sessions.values():
+                session.close()
+        return reports
 
     async def status(self) -> list[str]:
         """One line per node: role, address, users placed there, and whether it answers."""

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from postvern.cluster import move, pki, proxyline
-from postvern.cluster.lmtp import LMTPSession
+from postvern.cluster.lmtp import LMTPSession, Replicated
 from postvern.cluster.nodes import ClusterError, Node
 from postvern.cluster.placement import Placement
 from postvern.config import Limits
+from postvern.crypto.serverkey import ServerKey
 from postvern.directory.db import User
 from postvern.imap.session import SessionCounter
 from postvern.login import LoggedIn, LoginRefused, LoginService
@@ -69,6 +71,8 @@ class Backend:
         login: LoginService,
         registry: MailboxRegistry,
         limits: Limits,
+        server_key: ServerKey,
+        replicated: Replicated,
     ) -> None:
         self.node = node
         self.identity = identity
@@ -84,7 +88,10 @@ class Backend:
         self.limits = limits
         self.counter = SessionCounter(limits.imap_sessions_per_user)
         self.sessions = move.Sessions()
-        self.moves = move.MoveService(login.accounts.data_dir, registry, self.sessions)
+        self.replicated = replicated
+        self.moves = move.MoveService(
+            login.accounts.data_dir, registry, self.sessions, server_key=server_key
+        )
         self.listener: ChannelServer | None = None
         self.tls = identity.server_context(ALPN)
 
@@ -174,6 +181,7 @@ class Backend:
             recipient=self._recipient,
             deliver=self._deliver,
             max_size=self.limits.message_size,
+            replicated=self.replicated,
         )
         await session.run()
 
@@ -193,14 +201,19 @@ class Backend:
             return Reply(451, "4.3.0", "lookup failed, try again"), None
         return Reply(250, "2.1.5", "recipient OK"), user
 
-    async def _deliver(self, target: object, junk: bool, raw: bytes) -> Reply:
+    async def _deliver(
+        self, target: object, junk: bool, raw: bytes, delivery_id: str | None
+    ) -> Reply:
         assert isinstance(target, User)
+        item = SpoolItem(raw, "\\Junk" if junk else None, delivery_id=delivery_id)
         try:
-            where = await self.registry.deliver(target, SpoolItem(raw, "\\Junk" if junk else None))
+            where = await self.registry.deliver(target, item)
         except Exception:
             log.exception("lmtp delivery failed")
             return Reply(451, "4.3.0", "temporary failure storing the message")
-        return Reply(250, "2.0.0", f"stored ({where})")  # durable: WAL commit or fsynced spool
+        # Durable now (WAL commit or fsynced spool). The time is taken after that, so a
+        # replication that started later holds the copy (the front waits for one: relay.py).
+        return Reply(250, "2.0.0", f"stored ({where}) at={time.time():.6f}")
 
 
 def _closer(channel: Channel) -> Callable[[], Awaitable[None]]:

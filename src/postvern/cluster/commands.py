@@ -60,9 +60,28 @@ def cmd_cluster_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_failover(args: argparse.Namespace) -> int:
+    mover = admin.Mover(args.data)
+    try:
+        reports = asyncio.run(mover.failover(args.node, to=args.to, force=args.force))
+    finally:
+        mover.close()
+    failed = 0
+    for r in reports:
+        if r.error:
+            failed += 1
+            print(f"{r.address}: NOT failed over to {r.target}: {r.error}")
+        else:
+            print(
+                f"{r.address}: {r.source} -> {r.target} from the replica of"
+                f" {r.point} ({r.files} files, {r.bytes} bytes, {r.seconds:.2f} s)"
+            )
+    return 1 if failed else 0
+
+
 def cmd_cluster_add_node(args: argparse.Namespace) -> int:
     cluster_dir = args.data / CLUSTER_DIR
-    node = nodes.check_node(args.name, args.role, args.address)
+    node = nodes.check_node(args.name, args.role, args.address, args.replica or "")
     known = nodes.load(cluster_dir)
     folder = pki.issue_node(cluster_dir, node.name, node.role)
     known[node.name] = node
@@ -103,6 +122,11 @@ def register(sub: Any) -> None:
         metavar="HOST:PORT",
         help="where other nodes reach it (a mailbox node's internal listener)",
     )
+    p.add_argument(
+        "--replica",
+        metavar="URL",
+        help="a mailbox node's replication target (its first [backup] target), for failover",
+    )
     p.set_defaults(func=_guarded(cmd_cluster_add_node))
     p = g.add_parser("list", help="the nodes of nodes.toml")
     p.set_defaults(func=_guarded(cmd_cluster_list))
@@ -115,3 +139,10 @@ def register(sub: Any) -> None:
     p = g.add_parser("drain", help="move every user of a mailbox node to the others")
     p.add_argument("node")
     p.set_defaults(func=_guarded(cmd_cluster_drain))
+    p = g.add_parser(
+        "failover", help="bring a dead mailbox node's users back on others from their replicas"
+    )
+    p.add_argument("node", help="the dead mailbox node")
+    p.add_argument("--to", metavar="NODE", help="one node for all (default: spread by hashing)")
+    p.add_argument("--force", action="store_true", help="even if the node answers over mutual TLS")
+    p.set_defaults(func=_guarded(cmd_cluster_failover))

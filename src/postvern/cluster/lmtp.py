@@ -5,7 +5,12 @@ receiving side keeps no queue: the mailbox node either has the copy durably or s
 (RFC 2033 §1). The message goes by BDAT (CHUNKING, RFC 3030, which §4.2 there extends to LMTP):
 its bytes exactly, with no dot-stuffing to undo and nothing to normalise. This is an internal
 dialect: DATA is refused, and a recipient may carry ``XJUNK`` (the front's filters filed this
-copy as junk). Both sides run over the cluster's mutual TLS (backend.py, relay.py).
+copy as junk) and ``XDELIVERY=<id>`` (the front's id for the copy, kept in the mailbox so that
+a copy sent again after a failover is stored once). The node's 250 for a copy says when it
+became durable there (``at=<unix time>``, the node's clock), and ``XREPLICATED`` asks the node
+for the start of its last completed replication to object storage (``replicated=<unix
+time>``, or ``replicated=off``): a front keeps each copy until that mark passes the copy's
+``at`` (relay.py). Both sides run over the cluster's mutual TLS (backend.py, relay.py).
 """
 
 from __future__ import annotations
@@ -28,13 +33,20 @@ MAX_LINE = 2048
 IDLE_TIMEOUT = 300.0
 # The junk marker a recipient may carry (LHLO advertises it).
 JUNK = "XJUNK"
+DELIVERY = "XDELIVERY"
+# A delivery id is the front's queue file name: letters, digits, '.', '-', '_'.
+_DELIVERY_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_AT = re.compile(r"\bat=([0-9]+(?:\.[0-9]+)?)\b")
+_REPLICATED = re.compile(r"\breplicated=([0-9]+(?:\.[0-9]+)?|off)\b")
 _PATH = re.compile(r"(?i)(MAIL FROM|RCPT TO):\s*<([^<>\s]*)>((?: [^ ]+)*)")
 _BDAT = re.compile(r"(?i)BDAT ([0-9]{1,10})( LAST)?")
 
 # What the session calls: is this recipient ours (a reply, and a handle to deliver to), and
 # store one copy for it durably (the reply is 250 only once it is on disk).
 Recipient = Callable[[str], Awaitable[tuple[Reply, object | None]]]
-Deliver = Callable[[object, bool, bytes], Awaitable[Reply]]
+Deliver = Callable[[object, bool, bytes, str | None], Awaitable[Reply]]
+# The start of the node's last completed replication (unix time); None: it does not replicate.
+Replicated = Callable[[], float | None]
 
 
 class LMTPError(Exception):
@@ -44,7 +56,7 @@ class LMTPError(Exception):
 @dataclass
 class _Transaction:
     mail_from: str | None = None
-    recipients: list[tuple[object, bool]] = field(default_factory=list)
+    recipients: list[tuple[object, bool, str | None]] = field(default_factory=list)
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
 
@@ -60,11 +72,13 @@ class LMTPSession:
         recipient: Recipient,
         deliver: Deliver,
         max_size: int,
+        replicated: Replicated = lambda: None,
     ) -> None:
         self.channel = channel
         self.hostname = hostname
         self.recipient = recipient
         self.deliver = deliver
+        self.replicated = replicated
         self.max_size = max_size
         self._buf = bytearray()
         self._greeted = False
@@ -121,7 +135,8 @@ class LMTPSession:
         if verb == "LHLO":
             self._greeted = True
             self._txn = _Transaction()
-            caps = ("PIPELINING", "ENHANCEDSTATUSCODES", "CHUNKING", "8BITMIME", JUNK)
+            caps: tuple[str, ...] = ("PIPELINING", "ENHANCEDSTATUSCODES", "CHUNKING", "8BITMIME")
+            caps += (JUNK, DELIVERY, "XREPLICATED")
             self._reply(Reply(250, None, (self.hostname, *caps, f"SIZE {self.max_size}")))
         elif verb in ("RSET", "NOOP"):
             if verb == "RSET":
@@ -133,6 +148,10 @@ class LMTPSession:
             await self._rcpt(line)
         elif verb == "BDAT":
             await self._bdat(line)
+        elif verb == "XREPLICATED":
+            mark = self.replicated()
+            said = "off" if mark is None else f"{mark:.6f}"
+            self._reply(Reply(250, "2.0.0", f"replicated={said}"))
         elif verb == "DATA":
             self._reply(Reply(503, "5.5.1", "this endpoint takes BDAT (CHUNKING) only"))
         else:
@@ -156,13 +175,19 @@ class LMTPSession:
         if match is None or match.group(1).upper() != "RCPT TO":
             self._reply(Reply(501, "5.5.4", "syntax: RCPT TO:<address>"))
             return
-        params = match.group(3).upper().split()
-        if any(p != JUNK for p in params):
-            self._reply(Reply(555, "5.5.4", "unknown RCPT parameter"))
-            return
+        junk, delivery_id = False, None
+        for param in match.group(3).split():
+            key, _, value = param.partition("=")
+            if key.upper() == JUNK and not value:
+                junk = True
+            elif key.upper() == DELIVERY and _DELIVERY_ID.fullmatch(value):
+                delivery_id = value
+            else:
+                self._reply(Reply(555, "5.5.4", "unknown RCPT parameter"))
+                return
         reply, target = await self.recipient(match.group(2))
         if target is not None:
-            self._txn.recipients.append((target, JUNK in params))
+            self._txn.recipients.append((target, junk, delivery_id))
         self._reply(reply)
 
     async def _bdat(self, line: str) -> None:
@@ -184,11 +209,11 @@ class LMTPSession:
         if txn.mail_from is None or not txn.recipients:
             self._reply(Reply(554, "5.5.1", "no valid recipients"))
             return
-        for target, junk in txn.recipients:  # RFC 2033 §4.2: one reply per recipient
+        for target, junk, delivery_id in txn.recipients:  # RFC 2033 §4.2: one per recipient
             if txn.size > self.max_size:
                 self._reply(Reply(552, "5.3.4", "message too big"))
                 continue
-            self._reply(await self.deliver(target, junk, b"".join(txn.chunks)))
+            self._reply(await self.deliver(target, junk, b"".join(txn.chunks), delivery_id))
 
 
 class LMTPClient:
@@ -235,9 +260,13 @@ class LMTPClient:
             raise LMTPError(f"unexpected reply {reply.code}")
         return reply
 
-    async def send(self, mail_from: str, recipient: str, junk: bool, raw: bytes) -> Reply:
+    async def send(
+        self, mail_from: str, recipient: str, junk: bool, raw: bytes, delivery_id: str = ""
+    ) -> Reply:
         """One copy for one recipient, pipelined; the recipient's final reply."""
         rcpt = f"RCPT TO:<{recipient}>" + (f" {JUNK}" if junk else "")
+        if delivery_id:
+            rcpt += f" {DELIVERY}={delivery_id}"
         head = f"MAIL FROM:<{mail_from}>\r\n{rcpt}\r\nBDAT {len(raw)} LAST\r\n"
         self.writer.write(head.encode() + raw)
         await self.writer.drain()
@@ -245,6 +274,18 @@ class LMTPClient:
         if not mail.is_positive:
             return mail
         return final if rcpt_reply.is_positive else rcpt_reply
+
+    async def replicated(self) -> float | None:
+        """The node's replication mark: the start (unix time, its clock) of its last
+        completed replication; None when it does not replicate. Raises LMTPError if the
+        node does not say."""
+        self.writer.write(b"XREPLICATED\r\n")
+        await self.writer.drain()
+        reply = await self._reply()
+        found = _REPLICATED.search(" ".join(reply.lines)) if reply.is_positive else None
+        if found is None:
+            raise LMTPError("no replication mark")
+        return None if found.group(1) == "off" else float(found.group(1))
 
     def usable(self) -> bool:
         """Still open both ways, as far as this side knows (kept between relay passes)."""
@@ -262,3 +303,10 @@ class LMTPClient:
             pass
         finally:
             self.writer.close()
+
+
+def stored_at(reply: Reply) -> float | None:
+    """When a 250 says the copy became durable on the node (its clock); None if it does not
+    say (then there is no replication to wait for)."""
+    found = _AT.search(" ".join(reply.lines))
+    return float(found.group(1)) if found else None

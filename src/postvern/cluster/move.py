@@ -16,6 +16,10 @@ with the cluster's *admin* certificate (ALPN ``postvern-admin``), one line per r
     The target writes those files durably (temp, fsync, rename, fsync of the folder).
 ``STATUS``
     For ``cluster status``: the node answers, with how many mailboxes it has open.
+``RESTORE <user-id> <replica-url>``
+    Failover (failover.py): the user's files from the newest point of a dead node's
+    replica in object storage, written here; answers ``OK restored <files> <bytes>
+    <point-time>``.
 ``RELEASE <user-id> moved|stay``
     ``moved``: the map now points elsewhere; the old files are kept aside under
     ``moved/`` (removed by the administrator) and the user is no longer served here.
@@ -36,6 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from postvern.cluster.failover import FailoverError, ReplicaReader
+from postvern.crypto.serverkey import ServerKey
 from postvern.directory.accounts import MAILBOX_DIR
 from postvern.durable import TEMP_PREFIX, fsync_dir
 from postvern.imap.serialize import Code, Condition, ResponseCode, Status
@@ -188,11 +194,19 @@ async def close_mailbox(registry: MailboxRegistry, user_id: str) -> bool:
 class MoveService:
     """The node's half of a move, spoken over ALPN ``postvern-admin``."""
 
-    def __init__(self, data_dir: Path, registry: MailboxRegistry, sessions: Sessions) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        registry: MailboxRegistry,
+        sessions: Sessions,
+        *,
+        server_key: ServerKey | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.registry = registry
         self.sessions = sessions
         self.evicted: set[str] = set()  # users this node must not serve (moving away)
+        self.replicas = None if server_key is None else ReplicaReader(data_dir, server_key)
 
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
@@ -206,7 +220,7 @@ class MoveService:
             verb, *args = line.split(" ")
             try:
                 answer = await self._request(verb.upper(), args, reader, channel)
-            except (MoveError, OSError, TimeoutError, ValueError) as e:
+            except (MoveError, FailoverError, OSError, TimeoutError, ValueError) as e:
                 answer = f"NO {type(e).__name__}: {e}"
             channel.write(answer.encode() + b"\r\n")
             await channel.drain()
@@ -249,6 +263,12 @@ class MoveService:
                 for temp, _ in received:
                     temp.unlink(missing_ok=True)  # after _install, none is left
             return f"OK imported {count}"
+        if verb == "RESTORE":
+            if self.replicas is None or len(args) != 2:
+                raise MoveError("RESTORE <user-id> <replica-url>")
+            done = await self._thread(self.replicas.restore, args[1], user_id)
+            log.info("user restored from a replica for a failover")
+            return f"OK restored {done.files} {done.bytes} {done.point_created:.3f}"
         if verb == "RELEASE":
             if args[1:] == ["moved"]:
                 await self._thread(self._set_aside, user_id)

@@ -65,6 +65,8 @@ class ClusterNode:
                 login=server.login,
                 registry=server.registry,
                 limits=s.limits,
+                server_key=server.app.server_key,
+                replicated=lambda: _replicated(server),
             )
 
     @classmethod
@@ -103,6 +105,8 @@ class ClusterNode:
             return {
                 "postvern_cluster_relay_queued": self.relay.queued,
                 "postvern_cluster_relayed_total": self.relay.relayed,
+                "postvern_cluster_relay_kept": self.relay.kept,
+                "postvern_cluster_relay_resent_total": self.relay.resent,
                 "postvern_cluster_proxied_sessions_total": self.front.proxied,
             }
         return {
@@ -114,3 +118,10 @@ class ClusterNode:
             await self.relay.stop()
         if self.backend is not None and self.backend.listener is not None:
             await self.backend.listener.shutdown()
+
+
+def _replicated(server: Server) -> float | None:
+    """The start of the node's last completed replication to object storage (0.0: none yet
+    since it started); None when it does not replicate (no [backup] targets)."""
+    backup = server.backup
+    return None if backup.service is None else backup.last_point_started

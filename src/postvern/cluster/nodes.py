@@ -20,6 +20,9 @@ ROLES = ("front", "mailbox")
 NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # host:port, [v6]:port: written into nodes.toml unquoted-safe.
 ADDRESS = re.compile(r"[A-Za-z0-9.\-]+:[0-9]+|\[[0-9A-Fa-f:.]+\]:[0-9]+")
+# A mailbox node's replica: the object-storage URL its replication writes to (its first
+# [backup] target), read by a failover. No quotes, spaces or newlines: written unquoted-safe.
+REPLICA = re.compile(r"(s3|file)://[A-Za-z0-9._~%+\-/:?&=\[\]]+")
 
 
 class ClusterError(Exception):
@@ -31,6 +34,7 @@ class Node:
     name: str
     role: str  # "front" or "mailbox"
     address: str  # host:port (a mailbox node's internal listener; a front's, informational)
+    replica: str = ""  # a mailbox node's replication target (failover.py); "" if none
 
     @property
     def hostport(self) -> tuple[str, int]:
@@ -43,8 +47,10 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_node(name: str, role: str, address: str) -> Node:
+def check_node(name: str, role: str, address: str, replica: str = "") -> Node:
     check_name(name)
+    if replica and (role != "mailbox" or not REPLICA.fullmatch(replica)):
+        raise ClusterError(f"{name}: a replica is an s3:// or file:// URL, for a mailbox node")
     if role not in ROLES:
         raise ClusterError(f"{name}: role must be one of {', '.join(ROLES)}, not {role!r}")
     try:
@@ -53,7 +59,7 @@ def check_node(name: str, role: str, address: str) -> Node:
             raise ConfigError(f"{address!r}: expected host:port")
     except ConfigError as e:
         raise ClusterError(f"{name}: {e}") from None
-    return Node(name, role, address)
+    return Node(name, role, address, replica)
 
 
 def load(cluster_dir: Path) -> dict[str, Node]:
@@ -72,7 +78,9 @@ def load(cluster_dir: Path) -> dict[str, Node]:
     for name, entry in table.items():
         if not isinstance(entry, dict):
             raise ClusterError(f"{path}: [nodes.{name}] must be a table")
-        nodes[name] = check_node(name, str(entry.get("role")), str(entry.get("address")))
+        nodes[name] = check_node(
+            name, str(entry.get("role")), str(entry.get("address")), str(entry.get("replica", ""))
+        )
     return nodes
 
 
@@ -81,7 +89,8 @@ def save(cluster_dir: Path, nodes: dict[str, Node]) -> None:
     lines = ["# Written by `postvern cluster add-node`; the same file goes to every node.", ""]
     for node in sorted(nodes.values(), key=lambda n: n.name):
         lines += [f"[nodes.{node.name}]", f'role = "{node.role}"']
-        lines += [f'address = "{node.address}"', ""]
+        lines += [f'address = "{node.address}"']
+        lines += [f'replica = "{node.replica}"', ""] if node.replica else [""]
     (cluster_dir / NODES_FILE).write_text("\n".join(lines))
 
 

@@ -14,8 +14,20 @@ copy durable there). A node that is down or answers 4xx keeps its copies queued 
 again after a growing delay; a 5xx (the user is gone) moves the copy to ``failed/`` for the
 administrator rather than dropping mail that was accepted.
 
+**Kept until replicated.** A mailbox node can die with its disk, and its users then come back
+on another node from their replicas in object storage (failover.py), which lag behind by up
+to a replication interval. So a node's 250 does not delete the copy: it moves to
+``delivered/<node>/`` under the time the node says it became durable (``at=``, the node's
+clock), and is deleted only once the node reports a completed replication that started after
+that time (LMTP ``XREPLICATED``, asked every COVERAGE_INTERVAL) — or that it does not
+replicate at all. A kept copy whose user the directory no longer places on that node (a
+failover, or a move) goes back into the queue and is sent to the user's node now; it carries
+its delivery id (the file name), so a copy the replica already holds is not stored twice
+(store/spool.py keeps the ids).
+
 Exactly-once holds except in one window, as for the outbound queue (mta/queue.py): a crash
-after the node's 250 and before the deletion is durable sends that copy once more.
+after the node's 250 and before the move to ``delivered/`` is durable sends that copy once
+more — and then the node recognises its delivery id.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from postvern.cluster import pki
-from postvern.cluster.lmtp import LMTPClient, LMTPError
+from postvern.cluster.lmtp import LMTPClient, LMTPError, stored_at
 from postvern.cluster.nodes import ClusterError, Node
 from postvern.cluster.placement import Placement, UserGone
 from postvern.directory.db import User
@@ -49,6 +61,7 @@ T = TypeVar("T")
 
 RELAY_DIR = "cluster-relay"
 FAILED_DIR = "failed"
+DELIVERED_DIR = "delivered"
 SUFFIX = ".relay"
 NONCE_BYTES = 12
 # A node that failed is tried again after RETRY_BASE·2^n seconds, at most RETRY_MAX: quick
@@ -63,6 +76,10 @@ SEND_TIMEOUT = 120.0
 # node: the node commits concurrent copies together (its spool's group commit).
 BATCH = 256
 CONNECTIONS_PER_NODE = 4
+# How often the copies kept for replication are looked at: which are covered (one question
+# per node) and which belong to a user who now lives elsewhere (one directory query per
+# node). A failover's mail reaches the new node within about this, after the map flips.
+COVERAGE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +92,31 @@ class Copy:
     raw: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A copy a node acknowledged, kept until its replication covers it."""
+
+    file: str  # its name under delivered/<node>/
+    name: str  # its name in the queue: the delivery id
+    at: float  # when the node had it durable (the node's clock)
+    user_id: str
+
+    @classmethod
+    def parse(cls, file: str) -> Kept | None:
+        at, _, rest = file.partition(".")
+        user_id, _, name = rest.partition(".")
+        if not (at.isdigit() and user_id.isalnum() and name.endswith(SUFFIX)):
+            return None
+        return cls(file, name, int(at) / 1e9, user_id)
+
+
 class RelayStore:
     """The files; blocking, so every call runs in a worker thread."""
 
     def __init__(self, root: Path, key: bytes) -> None:
         self.root = root
         self.failed = root / FAILED_DIR
+        self.delivered = root / DELIVERED_DIR
         self._aead = ChaCha20Poly1305(key)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -110,6 +146,42 @@ class RelayStore:
         for name in names:
             (self.root / name).unlink(missing_ok=True)
         fsync_dir(self.root)
+
+    def keep(self, node: str, kept: list[tuple[str, float, str]]) -> None:
+        """Acknowledged copies (name, at, user id) into delivered/<node>/ until covered."""
+        folder = self.delivered / node
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name, at, user_id in kept:
+            os.replace(self.root / name, folder / f"{round(at * 1e9):020d}.{user_id}.{name}")
+        fsync_dir(folder)
+        fsync_dir(self.root)
+
+    def kept(self) -> dict[str, list[Kept]]:
+        """Every kept copy, by the node that acknowledged it."""
+        out: dict[str, list[Kept]] = {}
+        if not self.delivered.is_dir():
+            return out
+        for node in os.listdir(self.delivered):
+            entries = [Kept.parse(f) for f in os.listdir(self.delivered / node)]
+            found = [k for k in entries if k is not None]
+            if found:
+                out[node] = found
+        return out
+
+    def drop(self, node: str, kept: list[Kept]) -> None:
+        """Covered copies: the node's replica has them."""
+        folder = self.delivered / node
+        for k in kept:
+            (folder / k.file).unlink(missing_ok=True)
+        fsync_dir(folder)
+
+    def requeue(self, node: str, kept: list[Kept]) -> None:
+        """Copies whose user lives elsewhere now: back into the queue, same names."""
+        folder = self.delivered / node
+        for k in kept:
+            os.replace(folder / k.file, self.root / k.name)
+        fsync_dir(self.root)
+        fsync_dir(folder)
 
     def fail(self, name: str) -> None:
         self.failed.mkdir(mode=0o700, exist_ok=True)
@@ -145,6 +217,9 @@ class Relay:
         self._pool: dict[str, list[LMTPClient]] = {}  # kept connections per node
         self.relayed = 0  # copies a node acknowledged (metrics)
         self.queued = 0  # copies in the queue at the last pass (metrics)
+        self.kept = 0  # acknowledged copies waiting for replication (metrics)
+        self.resent = 0  # kept copies sent again, to a user's new node (metrics)
+        self._coverage_at = 0.0
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -233,9 +308,13 @@ class Relay:
                 by_node.setdefault(node.name, (node, []))[1].append((name, copy))
                 taken += 1
         await asyncio.gather(*(self._to_node(node, work) for node, work in by_node.values()))
+        if time.monotonic() >= self._coverage_at:
+            await self._coverage()
+            self._coverage_at = time.monotonic() + COVERAGE_INTERVAL
         if more:
             return 0.0  # more waiting: go on at once
-        retries = (*self._retry_at.values(), *self._not_before.values())
+        coverage = (self._coverage_at,) if self.kept else ()
+        retries = (*self._retry_at.values(), *self._not_before.values(), *coverage)
         waits = [at - time.monotonic() for at in retries]
         return max(0.0, min(waits, default=RETRY_MAX))
 
@@ -283,11 +362,12 @@ class Relay:
             log.warning("cannot reach mailbox node %s: %s", node.name, type(e).__name__)
             return False
         done: list[str] = []
+        kept: list[tuple[str, float, str]] = []
         healthy = True
         try:
             for name, copy in lane:
                 try:
-                    reply = await self._send(client, copy)
+                    reply = await self._send(client, name, copy)
                 except (OSError, LMTPError) as e:
                     if not reused:
                         raise
@@ -295,27 +375,42 @@ class Relay:
                     log.info("kept connection to %s was closed (%s)", node.name, type(e).__name__)
                     client.abort()
                     client, reused = await self._connect(node), False
-                    reply = await self._send(client, copy)
+                    reply = await self._send(client, name, copy)
                 reused = False
-                await self._settle(node, name, reply, done)
+                await self._settle(node, name, copy, reply, done, kept)
         except (OSError, LMTPError, TimeoutError) as e:
             log.warning("relay to %s broke off: %s", node.name, type(e).__name__)
             healthy = False
         finally:
             if done:
                 await self._thread(self.store.remove, done)
-                self.relayed += len(done)
-                for name in done:
-                    self._forget(name)
+            if kept:
+                await self._thread(self.store.keep, node.name, kept)
+                self.kept += len(kept)
+            self.relayed += len(done) + len(kept)
+            for name in (*done, *(k[0] for k in kept)):
+                self._forget(name)
             if healthy:
                 self._keep(node, client)
             else:
                 client.abort()
         return healthy
 
-    async def _settle(self, node: Node, name: str, reply: Reply, done: list[str]) -> None:
+    async def _settle(
+        self,
+        node: Node,
+        name: str,
+        copy: Copy,
+        reply: Reply,
+        done: list[str],
+        kept: list[tuple[str, float, str]],
+    ) -> None:
         if reply.is_positive:
-            done.append(name)
+            at = stored_at(reply)
+            if at is None or not copy.user_id.isalnum():
+                done.append(name)  # a node that does not say when: nothing to wait for
+            else:
+                kept.append((name, at, copy.user_id))
         elif reply.is_permanent:
             log.error("mailbox node %s refused a copy (%d); kept in failed/", node.name, reply.code)
             await self._thread(self.store.fail, name)
@@ -323,9 +418,63 @@ class Relay:
         else:
             self._defer(name)
 
-    async def _send(self, client: LMTPClient, copy: Copy) -> Reply:
+    async def _send(self, client: LMTPClient, name: str, copy: Copy) -> Reply:
         async with asyncio.timeout(SEND_TIMEOUT):
-            return await client.send("", copy.address, copy.junk, copy.raw)
+            return await client.send("", copy.address, copy.junk, copy.raw, name)
+
+    # -- copies kept until the node's replication covers them ---------------------------
+
+    async def _coverage(self) -> None:
+        """Drop the kept copies a node's replica now holds; send those whose user the
+        directory places elsewhere now (a failover or a move) to the user's node."""
+        by_node = await self._thread(self.store.kept)
+        total = 0
+        for node_name, kept in by_node.items():
+            try:
+                here = await self._thread(self._users_on, node_name)
+            except Exception:
+                log.exception("directory lookup for kept copies failed")
+                total += len(kept)
+                continue
+            away = [k for k in kept if k.user_id not in here]
+            if away:
+                await self._thread(self.store.requeue, node_name, away)
+                self.resent += len(away)
+                self._wake.set()
+                log.info("%d kept copies go to their users' new node", len(away))
+            kept = [k for k in kept if k.user_id in here]
+            node = self.placement.nodes.get(node_name)
+            covered: list[Kept] = []
+            if kept and node is not None and self._retry_at.get(node_name, 0.0) <= time.monotonic():
+                mark = await self._mark(node)
+                if mark == "off":
+                    covered = kept
+                elif isinstance(mark, float):
+                    covered = [k for k in kept if k.at < mark]
+            if covered:
+                await self._thread(self.store.drop, node_name, covered)
+            total += len(kept) - len(covered)
+        self.kept = total
+
+    def _users_on(self, node_name: str) -> set[str]:
+        return {u.id for u in self.placement.directory.users_on_node(node_name)}
+
+    async def _mark(self, node: Node) -> float | str | None:
+        """The node's replication mark; "off" if it does not replicate; None if unknown."""
+        try:
+            client, _ = await self._client(node)
+        except (OSError, LMTPError, TimeoutError) as e:
+            log.info("no replication mark from %s: %s", node.name, type(e).__name__)
+            return None
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                mark = await client.replicated()
+        except (OSError, LMTPError, TimeoutError) as e:
+            log.info("no replication mark from %s: %s", node.name, type(e).__name__)
+            client.abort()
+            return None
+        self._keep(node, client)
+        return "off" if mark is None else mark
 
     async def _connect(self, node: Node) -> LMTPClient:
         host, port = node.hostport
