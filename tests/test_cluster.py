@@ -776,3 +776,7 @@ def test_a_killed_mailbox_nodes_users_fail_over_from_replicas_with_every_message
         time.sleep(0.3)
     assert sorted(i for i in ids if i in set(acked)) == sorted(acked)  # each exactly once
     assert len(ids) == len(set(ids))  # nor any earlier message twice
+    # Copies mbx1 acknowledged just before it died were not in a completed replication yet:
+    # the fronts had kept them, and sent them to mbx2.
+    gauges = [_metrics(cluster, front) for front in FRONTS]
+    assert sum(g["postvern_cluster_relay_resent_total"] for g in gauges) >= 1
