@@ -624,6 +624,16 @@ def test_node_names_and_addresses_are_checked_before_they_reach_a_certificate() 
         nodes.check_node("front1", "admin", "127.0.0.1:1")  # admin is no node role
     with pytest.raises(nodes.ClusterError):
         nodes.check_node("front1", "front", '127.0.0.1:1"\n[x]')
+    for role, replica in (("front", "s3://b/p"), ("mailbox", 's3://b/p"\n[x]'), ("mailbox", "x")):
+        with pytest.raises(nodes.ClusterError):
+            nodes.check_node("mbx9", role, "127.0.0.1:1", replica)
+
+
+def test_a_mailbox_nodes_replica_goes_into_nodes_toml_and_back(tmp_path: Path) -> None:
+    url = "s3://bucket/mbx9?endpoint=http://127.0.0.1:8333&region=x"
+    written = {"mbx9": nodes.check_node("mbx9", "mailbox", "127.0.0.1:1", url)}
+    nodes.save(tmp_path, written)
+    assert nodes.load(tmp_path) == written
 
 
 def test_serve_refuses_a_node_that_nodes_toml_does_not_list(tmp_path: Path) -> None:
