@@ -97,6 +97,9 @@ def test_mail_that_declares_itself_bulk_is_not_judged_on_its_manner() -> None:
 def test_the_display_name_is_read_too() -> None:
     raw = mail("x", "Order today: 60 pills $99.", sender='"BestViagra Shop" <s@shop.example>')
     assert "BODY_DRUGS_SALE" in codes(raw)
+    # a sender named after the drug sells it, whatever the text says
+    raw = mail("Hey, 80% off", "Read more.", sender='"Real Viagra USA" <s@shop.example>')
+    assert "BODY_DRUGS_SALE" in codes(raw)
 
 
 def test_uri_rules() -> None:

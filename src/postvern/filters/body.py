@@ -458,7 +458,7 @@ def check_body(content: Content) -> list[Hit]:
     words = _TOKEN.findall(plain)
     found = _PHRASES.find(words, plain)
     hits: list[Hit] = []
-    hits += _goods(text, words, found)
+    hits += _goods(text, words, found, msg.from_name.lower())
     broken = _BROKEN_WORD.findall(content.judged_subject) + _BROKEN_WORD.findall(msg.from_name)
     if len(broken) >= MIN_BROKEN_WORDS:
         hits.append(_hit("BODY_BROKEN_WORDS", f"'{broken[0]}', '{broken[1]}'"))
@@ -624,13 +624,15 @@ def _hit(code: str, detail: str) -> Hit:
     return Hit(code, POINTS[code], detail)
 
 
-def _goods(text: str, words: list[str], found: dict[str, set[str]]) -> list[Hit]:
+def _goods(text: str, words: list[str], found: dict[str, set[str]], sender: str) -> list[Hit]:
     hits = []
     folded = text.translate(_FOLD)
     # (A substring test per word costs less than one pattern of them all.)
     if any(word in folded for word in _FOLDED_WORDS):  # a name, plain or not: read closely
         drugs = {_plain(m) for m in _DRUG.findall(text)}
-        if drugs and (len(drugs) >= 3 or "drug-sale" in found or _amounts(words)):
+        # A sender that names itself after such a drug ("BestViagra Shop") sells it.
+        offered = len(drugs) >= 3 or "drug-sale" in found or _amounts(words)
+        if drugs and (offered or _DRUG.search(sender)):
             hits.append(_hit("BODY_DRUGS_SALE", f"offers {sorted(drugs)[0]}"))
         for m in _DISGUISABLE.finditer(text):
             if _disguised(m.group(0)):
