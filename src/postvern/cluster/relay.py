@@ -349,6 +349,10 @@ class Relay:
             self._failures.pop(node.name, None)
             self._retry_at.pop(node.name, None)
             return
+        self._failed(node)
+
+    def _failed(self, node: Node) -> None:
+        """The node did not answer: it is left alone (sending and asking) for a while."""
         failures = self._failures[node.name] = self._failures.get(node.name, 0) + 1
         wait = _backoff(failures)
         self._retry_at[node.name] = time.monotonic() + wait
@@ -461,20 +465,25 @@ class Relay:
 
     async def _mark(self, node: Node) -> float | str | None:
         """The node's replication mark; "off" if it does not replicate; None if unknown."""
-        try:
-            client, _ = await self._client(node)
-        except (OSError, LMTPError, TimeoutError) as e:
-            log.info("no replication mark from %s: %s", node.name, type(e).__name__)
-            return None
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                mark = await client.replicated()
-        except (OSError, LMTPError, TimeoutError) as e:
-            log.info("no replication mark from %s: %s", node.name, type(e).__name__)
-            client.abort()
-            return None
-        self._keep(node, client)
-        return "off" if mark is None else mark
+        for attempt in range(2):  # a kept connection the node closed while idle: a new one
+            client: LMTPClient | None = None
+            try:
+                client, reused = await self._client(node)
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    mark = await client.replicated()
+            except (OSError, LMTPError, TimeoutError) as e:
+                if client is not None:
+                    client.abort()
+                    if reused and attempt == 0:
+                        continue
+                # A dead node's address may not even refuse: back off, as for sending, so
+                # that the connect timeout is not waited out on every check.
+                log.info("no replication mark from %s: %s", node.name, type(e).__name__)
+                self._failed(node)
+                return None
+            self._keep(node, client)
+            return "off" if mark is None else mark
+        return None
 
     async def _connect(self, node: Node) -> LMTPClient:
         host, port = node.hostport
