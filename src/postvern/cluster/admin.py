@@ -33,6 +33,7 @@ from postvern.app import App
 from postvern.cluster import move, nodes, pki
 from postvern.cluster.nodes import CLUSTER_DIR, ClusterError, Node
 from postvern.cluster.placement import Placement, rendezvous
+from postvern.directory.db import User
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ ADMIN_NAME = "admin"  # the administrator's certificate: role "admin", kept with
 REQUEST_TIMEOUT = 600.0
 # A node that does not answer `cluster status` within this is reported down.
 PROBE_TIMEOUT = 5.0
+# A failover restores this many users at once: each restore waits on object storage and on
+# the new node's disk, so a few overlap well, and the node's worker threads stay free for
+# the users it already serves.
+FAILOVER_PARALLEL = 4
 
 
 def issue_admin(cluster_dir: Path) -> Path:
@@ -224,39 +229,38 @@ class Mover:
             others = [self._node(to)]
         if not others or dead in others:
             raise ClusterError("no other mailbox node to fail over to")
+        users = self.app.directory.users_on_node(dead.name)
+        at_once = asyncio.Semaphore(FAILOVER_PARALLEL)
+
+        async def one(user: User) -> FailoverReport:
+            async with at_once:
+                return await self._fail_over(user, dead, rendezvous(user.id, others))
+
+        return list(await asyncio.gather(*(one(u) for u in users)))
+
+    async def _fail_over(self, user: User, dead: Node, target: Node) -> FailoverReport:
+        """One user: RESTORE on the target, then the map flipped by compare-and-set."""
         directory = self.app.directory
-        sessions: dict[str, NodeSession] = {}
-        reports = []
+        report = FailoverReport(user.address, dead.name, target.name)
+        started = time.monotonic()
+        directory.set_user_moving(user.id, True)
         try:
-            for user in directory.users_on_node(dead.name):
-                target = rendezvous(user.id, others)
-                report = FailoverReport(user.address, dead.name, target.name)
-                reports.append(report)
-                started = time.monotonic()
-                directory.set_user_moving(user.id, True)
-                try:
-                    if target.name not in sessions:
-                        sessions[target.name] = await NodeSession.open(target, self.context)
-                    answer = await sessions[target.name].request(
-                        f"RESTORE {user.id} {dead.replica}"
-                    )
-                    _, _, files, size, created = answer.split(" ")
-                    if not directory.move_mailbox_node(user.id, dead.name, target.name):
-                        raise ClusterError("the user's node changed during the failover")
-                except (OSError, ClusterError, TimeoutError, ssl.SSLError, ValueError) as e:
-                    directory.set_user_moving(user.id, False)
-                    broken = sessions.pop(target.name, None)
-                    if broken is not None:  # a fresh connection for the next user
-                        broken.close()
-                    report.error = str(e) or type(e).__name__
-                    continue
-                report.files, report.bytes = int(files), int(size)
-                report.point = datetime.fromtimestamp(float(created), UTC).isoformat(" ", "seconds")
-                report.seconds = time.monotonic() - started
-        finally:
-            for session in sessions.values():
+            session = await NodeSession.open(target, self.context)
+            try:
+                answer = await session.request(f"RESTORE {user.id} {dead.replica}")
+            finally:
                 session.close()
-        return reports
+            _, _, files, size, created = answer.split(" ")
+            if not directory.move_mailbox_node(user.id, dead.name, target.name):
+                raise ClusterError("the user's node changed during the failover")
+        except (OSError, ClusterError, TimeoutError, ssl.SSLError, ValueError) as e:
+            directory.set_user_moving(user.id, False)
+            report.error = str(e) or type(e).__name__
+            return report
+        report.files, report.bytes = int(files), int(size)
+        report.point = datetime.fromtimestamp(float(created), UTC).isoformat(" ", "seconds")
+        report.seconds = time.monotonic() - started
+        return report
 
     async def status(self) -> list[str]:
         """One line per node: role, address, users placed there, and whether it answers."""
