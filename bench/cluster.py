@@ -32,7 +32,7 @@ four nodes, PostgreSQL and Redis, so the two-front ratio is a lower bound of wha
 machines would give.
 
 Usage: python bench/cluster.py [--messages 1000] [--connections 8] [--imap-seconds 10]
-       [--imap-clients 8] [--move-messages 10000] [--replicate-seconds 15]
+       [--imap-clients 8] [--move-messages 10000] [--replicate-seconds 15] [--failover-only]
 """
 
 from __future__ import annotations
