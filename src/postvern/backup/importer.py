@@ -22,6 +22,7 @@ import json
 import mailbox
 import re
 import ssl
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ IMPORT_BATCH_BYTES = 16 << 20
 FETCH_CHUNK = 50  # UIDs per UID FETCH: bounded responses, few round trips
 PROGRESS_BLOB = "import progress "
 IMAP_TIMEOUT_SECONDS = 60
+# Pauses before trying LOGIN again after a temporary failure ([UNAVAILABLE]): a loaded
+# authentication service (Dovecot's answers so when its auth process is slow) recovers in
+# seconds; three tries over ~10 s, then the import stops and may be run again.
+LOGIN_RETRY_PAUSES = (2.0, 8.0)
 # Maildir info flags (https://cr.yp.to/proto/maildir.html) and mbox Status/X-Status letters.
 MAILDIR_FLAGS = {
     "D": "\\Draft",
@@ -184,12 +189,25 @@ class IMAPSource:
                     self._imap.starttls(ssl_context=context)
                 elif not _is_loopback(host):
                     raise ImportError_(f"{host} offers no STARTTLS: the password would go in clear")
-            self._imap.login(urllib.parse.unquote(parts.username), password)
+            self._login(urllib.parse.unquote(parts.username), password)
         except (OSError, imaplib.IMAP4.error) as e:
             raise ImportError_(f"{host}: {e}") from None
         self._folders: dict[str, str] = {}  # our name → the server's (mUTF-7) name
         self._selected: str | None = None
         self._validity: dict[str, int] = {}
+
+    def _login(self, user: str, password: str) -> None:
+        """LOGIN, tried again after a pause when the server says its failure is temporary
+        (RFC 5530 ``[UNAVAILABLE]``: a busy or restarting authentication service), as a
+        client should; any other refusal is final."""
+        for pause in (*LOGIN_RETRY_PAUSES, None):
+            try:
+                self._imap.login(user, password)
+                return
+            except imaplib.IMAP4.error as e:
+                if pause is None or b"[UNAVAILABLE]" not in str(e).encode():
+                    raise
+                time.sleep(pause)
 
     def folders(self) -> list[str]:
         status, lines = self._imap.list()
