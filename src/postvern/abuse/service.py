@@ -112,7 +112,7 @@ class Abuse:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._data_version = -1
-        self._bans_signature: tuple[int, float] | None = None
+        self._ban_epoch: int | None = None
         self._sync_interval = LOCAL_SYNC_INTERVAL
 
     def share_between_workers(self) -> None:
@@ -292,10 +292,10 @@ class Abuse:
                 return False
             self._data_version = version
             # Other workers' counter hits change the file too; the ban table seldom does.
-            signature = await self._store.bans_signature()
-            if signature == self._bans_signature:
+            epoch = await self._store.ban_epoch()
+            if epoch == self._ban_epoch:
                 return False
-            self._bans_signature = signature
+            self._ban_epoch = epoch
             self._index.replace_all(await self._store.load_bans())
         return True
 

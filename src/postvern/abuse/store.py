@@ -57,7 +57,26 @@ def _v2(conn: apsw.Connection) -> None:
     )
 
 
-MIGRATIONS = [_v1, _v2]
+def _v3(conn: apsw.Connection) -> None:
+    # A counter that every change of the ban table moves, kept by triggers: with several
+    # workers the file changes with every counter hit, and a worker reloads its bans only
+    # when this moves. (Count and latest update together miss a removal that brings the
+    # table back to a state seen before.)
+    conn.execute(
+        """
+        CREATE TABLE ban_epoch (n INTEGER NOT NULL);
+        INSERT INTO ban_epoch VALUES (0);
+        CREATE TRIGGER bans_inserted AFTER INSERT ON bans
+            BEGIN UPDATE ban_epoch SET n = n + 1; END;
+        CREATE TRIGGER bans_updated AFTER UPDATE ON bans
+            BEGIN UPDATE ban_epoch SET n = n + 1; END;
+        CREATE TRIGGER bans_deleted AFTER DELETE ON bans
+            BEGIN UPDATE ban_epoch SET n = n + 1; END;
+        """
+    )
+
+
+MIGRATIONS = [_v1, _v2, _v3]
 
 
 class AbuseStore:
@@ -134,16 +153,15 @@ class AbuseStore:
         with self.conn:
             self.conn.executemany("DELETE FROM bans WHERE network = ?", [(n,) for n in networks])
 
-    async def bans_signature(self) -> tuple[int, float]:
-        """How many ban records there are and the latest change among them: with several
-        workers the file changes with every counter hit, and the bans need reloading only
-        when this does."""
-        signature: tuple[int, float] = await self._run(self._bans_signature)
-        return signature
+    async def ban_epoch(self) -> int:
+        """A number that every change of the ban table, by any process, moves on: with
+        several workers the file changes with every counter hit, and the bans need
+        reloading only when this does."""
+        epoch: int = await self._run(self._ban_epoch)
+        return epoch
 
-    def _bans_signature(self) -> tuple[int, float]:
-        row = self.conn.execute("SELECT count(*), coalesce(max(updated), 0) FROM bans").fetchall()
-        return cast(int, row[0][0]), cast(float, row[0][1])
+    def _ban_epoch(self) -> int:
+        return cast(int, self.conn.execute("SELECT n FROM ban_epoch").fetchall()[0][0])
 
     async def data_version(self) -> int:
         """Changes when another connection (``postvern ban`` in another process) commits."""
