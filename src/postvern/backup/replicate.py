@@ -71,28 +71,30 @@ class RegistryGuard:
         try:
             if box is None:
                 return work()
-            with box._lock:
-                box._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-                return work()
+            return box.quiesced(work)
         finally:
             self.loop.call_soon_threadsafe(release.set)
 
     async def _acquire(self, user_id: str) -> tuple[Mailbox | None, asyncio.Event]:
-        lock = self.registry._lock(user_id)
-        await lock.acquire()
+        """Hold the user's mailbox still (the registry's ``held``) from a task of the loop
+        until ``release`` is set from the backup thread."""
+        got: asyncio.Future[Mailbox | None] = self.loop.create_future()
         release = asyncio.Event()
 
-        async def give_back() -> None:
+        async def hold() -> None:
             try:
-                await release.wait()
-            finally:
-                lock.release()
+                async with self.registry.held(user_id) as box:
+                    got.set_result(box)
+                    await release.wait()
+            except BaseException as e:
+                if not got.done():
+                    got.set_exception(e)
+                raise
 
-        task = asyncio.create_task(give_back())
+        task = asyncio.create_task(hold())
         self._holders.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._holders.discard)
-        entry = self.registry._open.get(user_id)
-        return (entry.box if entry is not None else None), release
+        return await got, release
 
 
 def alert_message(hostname: str, postmaster: str, subject: str, text: str) -> bytes:

@@ -176,19 +176,8 @@ class Sessions:
 
 async def close_mailbox(registry: MailboxRegistry, user_id: str) -> bool:
     """Close the user's mailbox now (not after its linger), once deliveries in flight have
-    settled; False if something still holds it. Reaches into the registry: only a move needs
-    a mailbox closed on demand."""
-    async with registry._lock(user_id):
-        await registry._deposits_settled(user_id)
-        entry = registry._open.get(user_id)
-        if entry is None:
-            return True
-        if entry.refs > 0:
-            return False
-        if entry.linger is not None:
-            entry.linger.cancel()
-        await registry._close(user_id, entry)
-        return True
+    settled; False if something still holds it."""
+    return await registry.close_now(user_id)
 
 
 class MoveService:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import apsw
 
@@ -30,6 +30,8 @@ from postvern.encdb import open_encrypted
 from postvern.mime.model import body_to_json, envelope_to_json
 from postvern.store import faults, fulltext
 from postvern.store.schema import MIGRATIONS
+
+T = TypeVar("T")
 
 INBOX = "INBOX"
 DELIMITER = "/"
@@ -319,6 +321,14 @@ class Mailbox:
                 self._conn.execute("COMMIT")
         self._tell(changes)
         return len(changes)
+
+    def quiesced(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a copy of the file, in this thread) with no write of this process in
+        between and the WAL folded into the main file first, so the file alone is the whole
+        mailbox (the backup's and a move's copy)."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            return work()
 
     def release_memory(self) -> None:
         """Give SQLite's page cache back (``PRAGMA shrink_memory``): a mailbox whose sessions

@@ -12,9 +12,10 @@ Every call into SQLite or the spool runs in a worker thread; the event loop only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -204,6 +205,32 @@ class MailboxRegistry:
         if lock is None:
             lock = self._locks[user_id] = asyncio.Lock()
         return lock
+
+    @contextlib.asynccontextmanager
+    async def held(self, user_id: str) -> AsyncIterator[Mailbox | None]:
+        """Hold the user's mailbox still: no unlock, close, import or spool delivery for the
+        user runs until the block ends. Yields the open mailbox, or None when it is closed
+        (then its file and the spool are all there is). For a consistent copy (the backup's
+        replication)."""
+        async with self._lock(user_id):
+            entry = self._open.get(user_id)
+            yield entry.box if entry is not None else None
+
+    async def close_now(self, user_id: str) -> bool:
+        """Close the user's mailbox at once instead of after its linger, once deliveries in
+        flight have settled; True when it is closed, False while a session still holds it.
+        For a mailbox leaving this node (a cluster move)."""
+        async with self._lock(user_id):
+            await self._deposits_settled(user_id)
+            entry = self._open.get(user_id)
+            if entry is None:
+                return True
+            if entry.refs > 0:
+                return False
+            if entry.linger is not None:
+                entry.linger.cancel()
+            await self._close(user_id, entry)
+            return True
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
