@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,14 @@ __all__ = ["clamd_fixture", "data_dir", "dns_server", "pg_database", "pg_server"
 def data_dir(tmp_path: Path) -> DataDir:
     """A fresh data directory (postvern init) with users alice and bob on example.test."""
     return make_data_dir(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _umask_kept() -> Iterator[None]:
+    """A test that runs ``cli.main`` in-process leaves the command's umask 077 behind; the
+    next tests' files for other programs (a Dovecot passwd file read by its auth user)
+    must not depend on which tests ran first."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)

@@ -125,8 +125,11 @@ def dovecot() -> Iterator[tuple[int, Path]]:
     )
     port = free_port()
     (base / "passwd").write_text(f"{DOVE_USER}:{{PLAIN}}{DOVE_PASSWORD}::::::\n")
+    # Read by Dovecot's auth process, which runs as its own user: whatever the umask.
+    (base / "passwd").chmod(0o644)
     subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(base / "home")], check=True)
     (base / "dovecot.conf").write_text(DOVECOT_CONF.format(root=base, uid=NOBODY, port=port))
+    (base / "dovecot.conf").chmod(0o644)
     proc = subprocess.Popen(
         [DOVECOT, "-F", "-c", str(base / "dovecot.conf")],
         stdout=subprocess.DEVNULL,
