@@ -170,6 +170,43 @@ def services(data: DataDir) -> Services:
     return Services(app, registry, login)
 
 
+@dataclass
+class SocketActivated:
+    """``postvern serve`` under ``systemd-socket-activate``, which holds the listening
+    sockets and starts the server at the first connection, as a .socket unit does. ``lines``
+    fills with the output as it comes; ``ready`` is set at the server's ready line."""
+
+    proc: subprocess.Popen[bytes]
+    lines: list[str]
+    ready: threading.Event
+
+    @classmethod
+    def start(cls, data: Path, listens: list[str], names: str) -> SocketActivated:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVERN_")}
+        command = [
+            "systemd-socket-activate",
+            *(f"--listen={address}" for address in listens),
+            f"--fdname={names}",
+            sys.executable,
+            *("-m", "postvern.cli", "--data", str(data), "serve"),
+        ]
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        started = cls(proc, [], threading.Event())
+        threading.Thread(target=started._pump, daemon=True).start()
+        return started
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.decode(errors="replace").rstrip())
+            if self.lines[-1] == READY_LINE:
+                self.ready.set()
+
+    def listening(self) -> int:
+        """How many sockets systemd-socket-activate says it listens on."""
+        return sum("Listening on" in line for line in self.lines)
+
+
 class ServerProcess:
     """``postvern serve`` as a real subprocess; waits for the ready line, stops with SIGTERM.
 

@@ -18,8 +18,6 @@ import re
 import signal
 import smtplib
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,13 +31,13 @@ from dnsserver import DNSTestServer
 from harness import (
     DataDir,
     ServerProcess,
+    SocketActivated,
     client_tls_context,
     free_port,
     mailbox_messages,
     make_data_dir,
     set_config,
 )
-from postvern.server import READY_LINE
 from test_queue_ids import SINK_ADDRESS, ThreadedSink
 from test_zero_downtime import FollowedServer, become_subreaper, send_one
 
@@ -488,29 +486,12 @@ def test_sigusr2_hands_over_to_a_new_supervisor_and_workers(lone: DataDir) -> No
 def test_systemd_socket_activation_with_workers(lone: DataDir) -> None:
     """systemd-socket-activate passes the sockets to the supervisor, which hands them to
     its workers; the connection that started it all is served."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVERN_")}
-    command = [
-        "systemd-socket-activate",
-        f"--listen={lone.listen['smtp']}",
-        f"--listen={lone.listen['imap']}",
-        "--fdname=smtp:imap",
-        sys.executable,
-        *("-m", "postvern.cli", "--data", str(lone.path), "serve"),
-    ]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.decode(errors="replace").rstrip())
-            if lines[-1] == READY_LINE:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    activated = SocketActivated.start(
+        lone.path, [lone.listen["smtp"], lone.listen["imap"]], "smtp:imap"
+    )
+    proc, lines, ready = activated.proc, activated.lines, activated.ready
     try:
-        wait_until(lambda: sum("Listening on" in line for line in lines) == 2, "activation")
+        wait_until(lambda: activated.listening() == 2, "activation")
         assert send_one(lone.addr("smtp"), "activated-first") == 250
         assert ready.wait(WAIT_LIMIT), "\n".join(lines)
         assert any("serving with 2 worker processes" in line for line in lines)

@@ -22,8 +22,6 @@ import imaplib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -39,6 +37,7 @@ from dnsserver import DNSTestServer
 from harness import (
     DataDir,
     ServerProcess,
+    SocketActivated,
     client_tls_context,
     free_port,
     mailbox_messages,
@@ -409,31 +408,11 @@ def test_systemd_socket_activation(data: DataDir, names: str) -> None:
     """systemd-socket-activate opens the sockets and passes them as a .socket unit does, and
     starts the server at the first connection; that connection, made before the server ran,
     is served, and so are later ones (the other listeners are bound as usual)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVERN_")}
-    smtp, imaps = data.listen["smtp"], data.listen["imaps"]
-    command = [
-        "systemd-socket-activate",
-        f"--listen={smtp}",
-        f"--listen={imaps}",
-        f"--fdname={names}",
-        sys.executable,
-        *("-m", "postvern.cli", "--data", str(data.path), "serve"),
-    ]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.decode(errors="replace").rstrip())
-            if lines[-1] == READY_LINE:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    activated = SocketActivated.start(data.path, [data.listen["smtp"], data.listen["imaps"]], names)
+    proc, lines, ready = activated.proc, activated.lines, activated.ready
     try:
         deadline = time.monotonic() + WAIT_SECONDS
-        while sum("Listening on" in line for line in lines) < 2:
+        while activated.listening() < 2:
             assert time.monotonic() < deadline and proc.poll() is None, "\n".join(lines)
             time.sleep(0.05)
         # The first connection starts the server, and waits in the accept queue meanwhile.
