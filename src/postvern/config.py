@@ -259,6 +259,13 @@ class Cluster:
 
     role: str = ""  # "front" or "mailbox"
     node: str = ""  # this node's name in cluster/nodes.toml and its certificate
+    # A front's shared queue (cluster/sharedq.py): an s3:// URL every front reaches, where each
+    # accepted message is durable before 250 so that another front can take it over; empty:
+    # each front's queues live on its disk only. Needs Redis ([abuse] redis_url).
+    queue_store: str = ""
+    # A front holds a lease in Redis this long without renewing it (renewed every third of it);
+    # when it lapses, another front takes the front's queued mail over.
+    lease_seconds: float = 10.0
 
 
 @dataclass
