@@ -131,6 +131,8 @@ class ImapSession:
                 await self._command(event.command)
             elif isinstance(event, IdleDone):
                 self._idling = False
+                if self.handle is not None:
+                    self.handle.active()
                 if not event.aborted:
                     self.conn.send(Completion.ok(event.tag, "IDLE terminated"))
             elif isinstance(event, ConnectionClosed):
@@ -232,6 +234,8 @@ class ImapSession:
             return
         await self.executor.report_changes(allow_expunge=True)
         await self._write_out()
+        if self.handle is not None:
+            self.handle.quiet()  # the report may have woken the mailbox: to sleep again
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -243,8 +247,8 @@ class ImapSession:
             self._idling = True
             if self.executor is not None:  # RFC 9051 §6.3.13: report what is pending now
                 await self.executor.report_changes(allow_expunge=True)
-            if self.handle is not None:  # idle for minutes: SQLite's page cache can go
-                await self.handle.run(self.handle.box.release_memory)
+            if self.handle is not None:  # idle for minutes: the SQLite connection can go
+                self.handle.quiet()
             return
         if isinstance(command, c.Noop) and self.executor is None:
             self.conn.send(Completion.ok(command.tag, "NOOP completed"))

@@ -206,19 +206,55 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).astimezone()
 
 
+# ``Mailbox._data_version`` before the first look (nothing known yet: the base is taken) and
+# after a reopen (``_known`` stands; the new connection's counter is not comparable).
+_UNKNOWN = -1
+_REOPENED = -2
+
+
+def _file_signature(path: Path) -> tuple[object, ...]:
+    """What changes whenever any connection commits to ``path``, read without opening it:
+    the WAL index header (its first 48 bytes hold a counter SQLite increments on every
+    write transaction, the frame count and the salts; it is not encrypted and holds no
+    mail), the WAL's and the main file's size and mtime (a checkpoint, or a commit by a
+    connection that then closed, deleting the index)."""
+    parts: list[object] = []
+    for suffix in ("", "-wal"):
+        try:
+            st = os.stat(f"{path}{suffix}")
+            parts += [st.st_ino, st.st_size, st.st_mtime_ns]
+        except FileNotFoundError:
+            parts.append(None)
+    try:
+        with open(f"{path}-shm", "rb", buffering=0) as shm:
+            parts.append(shm.read(48))
+    except FileNotFoundError:
+        parts.append(None)
+    return tuple(parts)
+
+
 class Mailbox:
     """An open, unlocked mailbox. Obtain with :meth:`open` or :meth:`create`."""
 
-    def __init__(self, conn: apsw.Connection, path: Path) -> None:
-        self._conn = conn
+    def __init__(self, conn: apsw.Connection, path: Path, key: bytes | None = None) -> None:
+        self._connection: apsw.Connection | None = conn
         self.path = path
+        # Kept so that :meth:`hibernate` can drop the connection and the next use reopen it
+        # (the key is in memory as long as the mailbox is unlocked anyway: SQLite's codec
+        # holds it while the connection is open). None: this box never hibernates.
+        self._key = key
+        # Calls in flight from sessions (:meth:`using`): hibernation waits until none is.
+        self._users = 0
+        # While hibernated: what the file looked like when the connection closed
+        # (:meth:`_file_signature`), compared by :meth:`poll_external` instead of a query.
+        self._asleep: tuple[object, ...] | None = None
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
         self._pending: list[Change] = []
         # What this connection last knew of each folder, and SQLite's data_version then:
         # the base from which changes other processes committed are derived (``shared``).
         self._known: dict[int, _FolderMark] = {}
-        self._data_version = -1
+        self._data_version = _UNKNOWN
         # Several workers: a descriptor of the file for flock(2), held shared around every
         # write (and the checkpoint at close) so a backup can hold it exclusively.
         self._writing_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if Mailbox.shared else -1
@@ -227,7 +263,7 @@ class Mailbox:
 
     @classmethod
     def open(cls, path: Path, key: bytes) -> Mailbox:
-        box = cls(open_encrypted(path, key, MIGRATIONS), path)
+        box = cls(open_encrypted(path, key, MIGRATIONS), path, key)
         if Mailbox.shared:
             box.poll_external()  # the base from which other processes' changes are derived
         return box
@@ -237,7 +273,7 @@ class Mailbox:
         """Create a new mailbox file with the default folders and the user's spool key."""
         if path.exists():
             raise StoreError(f"{path.name} already exists")
-        box = cls(open_encrypted(path, key, MIGRATIONS, create=True), path)
+        box = cls(open_encrypted(path, key, MIGRATIONS, create=True), path, key)
         with box._tx():
             box._set_meta("spool_private", spool_private)
             box._set_meta("modseq", 1)
@@ -248,10 +284,80 @@ class Mailbox:
 
     def close(self) -> None:
         with self._lock, self._writing():
-            self._conn.close()  # the last connection to close checkpoints: a write
+            if self._connection is not None:
+                self._connection.close()  # the last connection to close checkpoints: a write
+                self._connection = None
+            self._asleep = None
+            self._key = None
         if self._writing_fd >= 0:
             os.close(self._writing_fd)
             self._writing_fd = -1
+
+    # -- hibernation: an idle mailbox without its SQLite connection ----------------------
+
+    @property
+    def _conn(self) -> apsw.Connection:
+        """The connection, reopened first if the mailbox hibernates (any use wakes it)."""
+        conn = self._connection
+        if conn is None:
+            conn = self._wake()
+        return conn
+
+    def _wake(self) -> apsw.Connection:
+        with self._lock:
+            if self._connection is not None:
+                return self._connection
+            if self._key is None:
+                raise StoreError("the mailbox is closed")
+            self._connection = open_encrypted(self.path, self._key, MIGRATIONS)
+            self._asleep = None
+            if Mailbox.shared:
+                # data_version belongs to a connection: this new one's is not comparable with
+                # the old one's, so the next look compares every folder with ``_known``.
+                self._data_version = _REOPENED
+            return self._connection
+
+    @property
+    def hibernating(self) -> bool:
+        return self._connection is None and self._key is not None
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        """Around a session's call (MailboxHandle.run): no hibernation while it runs."""
+        with self._lock:
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+
+    def hibernate(self) -> bool:
+        """Close the SQLite connection (about 160 KiB: page cache, schema, the cipher's
+        state) while keeping the key, the listeners and what is known of each folder; the
+        next use reopens it. For a mailbox whose every session is in IDLE (the registry
+        decides). False if a call is in flight, or the box cannot hibernate.
+
+        With several workers, changes other processes commit while it sleeps are noticed by
+        :meth:`poll_external` from the file's signature, without reopening: so no commit may
+        fall between the last look and the signature, and the exclusive flock(2) (which
+        every writer takes shared around its transaction) holds them off for that moment.
+        """
+        with self._lock:
+            if self._connection is None or self._key is None or self._users:
+                return False
+            if self._writing_fd >= 0:
+                fcntl.flock(self._writing_fd, fcntl.LOCK_EX)
+            try:
+                if Mailbox.shared:
+                    self.poll_external()  # everything committed until now is told
+                conn, self._connection = self._connection, None
+                conn.close()
+                self._asleep = _file_signature(self.path)
+            finally:
+                if self._writing_fd >= 0:
+                    fcntl.flock(self._writing_fd, fcntl.LOCK_UN)
+            return True
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -311,7 +417,10 @@ class Mailbox:
         (RFC 7162 §3.1: every change has a MODSEQ, every expunge is in ``expunged``); returns
         how many changes were told. Cheap when nothing changed: one ``PRAGMA data_version``."""
         with self._lock:
-            if self._read_data_version() == self._data_version:
+            if self._connection is None:
+                if self._asleep is not None and self._asleep == _file_signature(self.path):
+                    return 0  # hibernating and nothing was written since
+            elif self._read_data_version() == self._data_version:
                 return 0
             # A read transaction (one snapshot for every query), not the write lock.
             self._conn.execute("BEGIN DEFERRED")
@@ -330,13 +439,6 @@ class Mailbox:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             return work()
 
-    def release_memory(self) -> None:
-        """Give SQLite's page cache back (``PRAGMA shrink_memory``): a mailbox whose sessions
-        all IDLE then holds about 80 KiB less (bench/imap_idle.py); the next query reads the
-        few pages it needs again."""
-        with self._lock:
-            self._conn.execute("PRAGMA shrink_memory")
-
     def _read_data_version(self) -> int:
         # Changes whenever another connection commits, never for this one's own commits.
         return int(self._q("PRAGMA data_version")[0][0])
@@ -350,7 +452,7 @@ class Mailbox:
         version = self._read_data_version()
         if version == self._data_version:
             return []
-        first = self._data_version < 0
+        first = self._data_version == _UNKNOWN
         self._data_version = version
         marks = self._folder_marks()
         known, self._known = self._known, marks

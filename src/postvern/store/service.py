@@ -82,13 +82,31 @@ class MailboxHandle:
         self.user = user
         self.box = box
         self.released = False
+        self.idle = False  # the session sits in IDLE (see quiet())
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` in a worker thread (``fn`` is usually a Mailbox method)."""
+        """Run ``fn(*args, **kwargs)`` in a worker thread (``fn`` is usually a Mailbox method);
+        the mailbox does not hibernate meanwhile, and wakes first if it does."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.registry.executor, functools.partial(fn, *args, **kwargs)
+            self.registry.executor, _using, self.box, functools.partial(fn, *args, **kwargs)
         )
+
+    def quiet(self) -> None:
+        """The session waits in IDLE: once every session of the mailbox does, its SQLite
+        connection is closed after HIBERNATE_SECONDS (:meth:`Mailbox.hibernate`). Called
+        again after each report during IDLE, which may have woken it."""
+        if not self.released:
+            if not self.idle:
+                self.idle = True
+                self.registry._idle_changed(self.user.id, +1)
+            self.registry._arm_hibernation(self.user.id)
+
+    def active(self) -> None:
+        """The session left IDLE (the next call wakes the mailbox if it sleeps)."""
+        if self.idle:
+            self.idle = False
+            self.registry._idle_changed(self.user.id, -1)
 
     def feed(self) -> ChangeFeed:
         feed = ChangeFeed(asyncio.get_running_loop())
@@ -97,8 +115,14 @@ class MailboxHandle:
 
     async def release(self) -> None:
         if not self.released:
+            self.active()
             self.released = True
             await self.registry._release(self.user.id)
+
+
+def _using(box: Mailbox, call: Callable[[], T]) -> T:
+    with box.using():
+        return call()
 
 
 class DepositBatcher:
@@ -166,14 +190,21 @@ MAX_LINGERING = 256
 # went to the sealed spool because the delivering worker had the mailbox locked. It is how
 # late an IDLE session hears of such a change.
 SHARED_POLL_SECONDS = 0.25
+# A mailbox whose every session has sat in IDLE this long closes its SQLite connection
+# (Mailbox.hibernate; about 160 KiB each, the bulk of an open mailbox — bench/imap_idle.py).
+# Long enough that a client's IDLE/DONE/NOOP/IDLE round does not reopen it each time,
+# short next to how long IDLE lasts (RFC 9051 §6.3.13: up to 29 minutes per round).
+HIBERNATE_SECONDS = 2.0
 
 
 class _Open:
-    __slots__ = ("box", "cancel_hook", "hook", "linger", "refs")
+    __slots__ = ("box", "cancel_hook", "hook", "idle", "linger", "refs", "sleeper")
 
     def __init__(self, box: Mailbox) -> None:
         self.box = box
         self.refs = 0
+        self.idle = 0  # handles whose session is in IDLE
+        self.sleeper: asyncio.TimerHandle | None = None  # hibernation armed
         self.hook: MailboxHook | None = None
         self.cancel_hook: Callable[[], None] = lambda: None
         self.linger: asyncio.TimerHandle | None = None  # set while no session holds it
@@ -274,6 +305,40 @@ class MailboxRegistry:
             entry.refs += 1
             return MailboxHandle(self, user, entry.box)
 
+    # -- hibernation (Mailbox.hibernate) --------------------------------------------------
+
+    def _idle_changed(self, user_id: str, delta: int) -> None:
+        entry = self._open.get(user_id)
+        if entry is not None:
+            entry.idle += delta
+
+    def _arm_hibernation(self, user_id: str) -> None:
+        """Close the mailbox's connection in HIBERNATE_SECONDS if every session is in IDLE
+        then; nothing if it already sleeps or is about to."""
+        entry = self._open.get(user_id)
+        if entry is None or entry.sleeper is not None or not self._all_idle(entry):
+            return
+        if entry.box.hibernating:
+            return
+        loop = asyncio.get_running_loop()
+        entry.sleeper = loop.call_later(HIBERNATE_SECONDS, self._hibernate_soon, user_id, entry)
+
+    @staticmethod
+    def _all_idle(entry: _Open) -> bool:
+        # refs also counts delivery receipts in flight, which are never idle.
+        return entry.refs > 0 and entry.idle >= entry.refs
+
+    def _hibernate_soon(self, user_id: str, entry: _Open) -> None:
+        task = asyncio.get_running_loop().create_task(self._hibernate(user_id, entry))
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
+
+    async def _hibernate(self, user_id: str, entry: _Open) -> None:
+        async with self._lock(user_id):
+            entry.sleeper = None
+            if self._open.get(user_id) is entry and self._all_idle(entry):
+                await self._thread(entry.box.hibernate)
+
     # -- other worker processes (workers.py) ----------------------------------------------
 
     def watch_other_processes(self) -> None:
@@ -290,7 +355,10 @@ class MailboxRegistry:
             if not self._open:
                 continue
             boxes = [(user_id, entry.box) for user_id, entry in self._open.items()]
+            asleep = [user_id for user_id, box in boxes if box.hibernating]
             spooled = await self._thread(self._poll_boxes, boxes)
+            for user_id in asleep:
+                self._arm_hibernation(user_id)  # a look that woke it: to sleep again
             for user_id in spooled:
                 try:
                     await self._import_spooled(user_id)
@@ -338,7 +406,11 @@ class MailboxRegistry:
                 return
             entry.refs -= 1
             if entry.refs > 0:
+                self._arm_hibernation(user_id)  # the sessions left may all be in IDLE
                 return
+            if entry.sleeper is not None:
+                entry.sleeper.cancel()
+                entry.sleeper = None
             if self.linger_seconds <= 0:
                 await self._close(user_id, entry)
                 return
@@ -364,6 +436,9 @@ class MailboxRegistry:
 
     async def _close(self, user_id: str, entry: _Open) -> None:
         del self._open[user_id]
+        if entry.sleeper is not None:
+            entry.sleeper.cancel()
+            entry.sleeper = None
         entry.cancel_hook()
         await self._thread(self._lock_mailbox, user_id, entry.box)
 
@@ -428,8 +503,9 @@ class MailboxRegistry:
             task.cancel()
         for user_id in list(self._open):
             entry = self._open.pop(user_id)
-            if entry.linger is not None:
-                entry.linger.cancel()
+            for timer in (entry.linger, entry.sleeper):
+                if timer is not None:
+                    timer.cancel()
             await self._thread(entry.box.close)
         self.executor.shutdown(wait=True)
 
