@@ -281,6 +281,8 @@ class Server:
         """The queue, the MTA that empties it, and the forwarding that fills it."""
         s = self.settings
         self.queue = await Queue.open(s.path(QUEUE_FILE), self.app.server_key.derive("queue"))
+        if self.cluster is not None:  # a front's queue is shared (cluster/sharedq.py)
+            self.cluster.attach_queue(self.queue)
         self.pipeline.srs = self.srs
         self.pipeline.forwarder = AliasForwarder(
             srs=self.srs, signer=self.signer, queue=self.queue, authserv_id=s.hostname

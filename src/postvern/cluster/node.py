@@ -17,9 +17,11 @@ from postvern.cluster.nodes import CLUSTER_DIR, ClusterError
 from postvern.cluster.placement import Placement
 from postvern.cluster.proxy import Front, imap_starter, pop3_starter
 from postvern.cluster.relay import RELAY_DIR, Relay, RelayRegistry, RelayStore
+from postvern.cluster.sharedq import SharedQueue
 from postvern.config import ConfigError
 
 if TYPE_CHECKING:
+    from postvern.mta.queue import Queue
     from postvern.server import Server
 
 log = logging.getLogger(__name__)
@@ -45,9 +47,21 @@ class ClusterNode:
         self.relay: Relay | None = None
         self.front: Front | None = None
         self.backend: Backend | None = None
+        self.shared: SharedQueue | None = None
         if role == "front":
-            store = RelayStore(s.path(RELAY_DIR), server.app.server_key.derive("cluster relay"))
-            self.relay = Relay(store, placement, identity, executor)
+            self.shared = _shared_queue(server, known)
+            store = RelayStore(
+                s.path(RELAY_DIR),
+                server.app.server_key.derive("cluster relay"),
+                self.shared.store if self.shared else None,
+            )
+            self.relay = Relay(
+                store, placement, identity, executor, self.shared.coord if self.shared else None
+            )
+            if self.shared is not None:
+                self.relay.gate = self.shared.gate
+                self.shared.relay = store
+                self.shared.on_adopted.append(self.relay.wake)
             server.pipeline.registry = RelayRegistry(server.registry, self.relay)  # type: ignore[assignment]
             self.front = Front(
                 directory=server.app.directory,
@@ -91,7 +105,15 @@ class ClusterNode:
         }
         return proxies.get(name, default)
 
+    def attach_queue(self, queue: Queue) -> None:
+        """The outbound queue, once server.py has opened it: shared too (sharedq.py)."""
+        if self.shared is not None:
+            queue.shared = self.shared
+            self.shared.queue = queue
+
     async def start(self) -> None:
+        if self.shared is not None:
+            self.shared.start()  # lease, reconciliation, then watch; nothing sent before
         if self.relay is not None:
             self.relay.start()
         if self.backend is not None:
@@ -108,6 +130,9 @@ class ClusterNode:
                 "postvern_cluster_relay_kept": self.relay.kept,
                 "postvern_cluster_relay_resent_total": self.relay.resent,
                 "postvern_cluster_proxied_sessions_total": self.front.proxied,
+                "postvern_cluster_queue_taken_over_total": (
+                    self.shared.taken_over if self.shared else 0
+                ),
             }
         return {
             "postvern_cluster_evicted_users": len(self.backend.moves.evicted) if self.backend else 0
@@ -116,8 +141,27 @@ class ClusterNode:
     async def stop(self) -> None:
         if self.relay is not None:
             await self.relay.stop()
+        if self.shared is not None:
+            await self.shared.stop()
         if self.backend is not None and self.backend.listener is not None:
             await self.backend.listener.shutdown()
+
+
+def _shared_queue(server: Server, known: dict[str, nodes.Node]) -> SharedQueue | None:
+    """The front's shared queue if ``[cluster] queue_store`` names one (it needs Redis)."""
+    s = server.settings
+    if not s.cluster.queue_store:
+        return None
+    if not s.abuse.redis_url:
+        raise ClusterError("queue_store needs Redis: set [abuse] redis_url")
+    if s.cluster.lease_seconds <= 0:
+        raise ClusterError("lease_seconds must be positive")
+    me = s.cluster.node
+    others = sorted(n.name for n in known.values() if n.role == "front" and n.name != me)
+    return SharedQueue.open(
+        s.cluster.queue_store, s.abuse.redis_url, me, others,
+        server.app.server_key.derive("cluster queue"), s.data_dir, s.cluster.lease_seconds,
+    )  # fmt: skip
 
 
 def _replicated(server: Server) -> float | None:

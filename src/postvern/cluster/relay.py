@@ -25,6 +25,12 @@ failover, or a move) goes back into the queue and is sent to the user's node now
 its delivery id (the file name), so a copy the replica already holds is not stored twice
 (store/spool.py keeps the ids).
 
+**Shared with the other fronts** (sharedq.py, with ``[cluster] queue_store``): each file also
+goes, byte for byte (it is sealed already), to the object store under this front's prefix
+before the pipeline may answer 250, and leaves it when the copy is finished here (delivered and
+covered, withdrawn, or failed); a copy is sent only under its claim in Redis, so another front
+that takes this one's copies over after its lease lapsed never sends one at the same time.
+
 Exactly-once holds except in one window, as for the outbound queue (mta/queue.py): a crash
 after the node's 250 and before the move to ``delivered/`` is durable sends that copy once
 more — and then the node recognises its delivery id.
@@ -50,6 +56,7 @@ from postvern.cluster import pki
 from postvern.cluster.lmtp import LMTPClient, LMTPError, stored_at
 from postvern.cluster.nodes import ClusterError, Node
 from postvern.cluster.placement import Placement, UserGone
+from postvern.cluster.sharedq import RELAY, Coordinator, Gate, SharedStore
 from postvern.directory.db import User
 from postvern.durable import TEMP_PREFIX, fsync_dir, write_durably
 from postvern.smtp.replies import Reply
@@ -113,11 +120,12 @@ class Kept:
 class RelayStore:
     """The files; blocking, so every call runs in a worker thread."""
 
-    def __init__(self, root: Path, key: bytes) -> None:
+    def __init__(self, root: Path, key: bytes, shared: SharedStore | None = None) -> None:
         self.root = root
         self.failed = root / FAILED_DIR
         self.delivered = root / DELIVERED_DIR
         self._aead = ChaCha20Poly1305(key)
+        self.shared = shared  # the object store's copy (sharedq.py), written first
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def put(self, copy: Copy) -> str:
@@ -125,9 +133,49 @@ class RelayStore:
         head = json.dumps({"user": copy.user_id, "address": copy.address, "junk": copy.junk})
         nonce = secrets.token_bytes(NONCE_BYTES)
         sealed = self._aead.encrypt(nonce, head.encode() + b"\n" + copy.raw, name.encode())
+        if self.shared is not None:  # before the local file: the local copy is the cache
+            self.shared.put(RELAY, name, nonce + sealed)
         write_durably(self.root, name, nonce + sealed)
         fsync_dir(self.root)
         return name
+
+    def adopt(self, name: str, data: bytes) -> None:
+        """A copy taken over from another front (or fetched back from the store): queued here
+        under its name, unless this front has it already."""
+        if not name.endswith(SUFFIX) or "/" in name or name in self.all_names():
+            return
+        write_durably(self.root, name, data)
+        fsync_dir(self.root)
+
+    def all_names(self) -> set[str]:
+        """Every copy this front still answers for: queued, or kept until covered."""
+        kept = {k.name for ks in self.kept().values() for k in ks}
+        return set(self.names()) | kept
+
+    def raw(self, name: str) -> bytes:
+        """A copy's sealed bytes, queued or kept."""
+        path = self.root / name
+        if not path.exists():
+            path = next(
+                self.delivered / node / k.file for node, ks in self.kept().items() for k in ks
+                if k.name == name
+            )  # fmt: skip
+        return path.read_bytes()
+
+    def forget(self, names: set[str]) -> None:
+        """Copies another front took over: gone from here (queued and kept), not from the
+        store (they are under the other front's prefix now)."""
+        for name in names:
+            (self.root / name).unlink(missing_ok=True)
+        for node, ks in self.kept().items():
+            for k in ks:
+                if k.name in names:
+                    (self.delivered / node / k.file).unlink(missing_ok=True)
+        fsync_dir(self.root)
+
+    def _unshare(self, names: list[str]) -> None:
+        if self.shared is not None:
+            self.shared.delete(RELAY, names)
 
     def get(self, name: str) -> Copy:
         data = (self.root / name).read_bytes()
@@ -146,6 +194,7 @@ class RelayStore:
         for name in names:
             (self.root / name).unlink(missing_ok=True)
         fsync_dir(self.root)
+        self._unshare(names)
 
     def keep(self, node: str, kept: list[tuple[str, float, str]]) -> None:
         """Acknowledged copies (name, at, user id) into delivered/<node>/ until covered."""
@@ -174,6 +223,7 @@ class RelayStore:
         for k in kept:
             (folder / k.file).unlink(missing_ok=True)
         fsync_dir(folder)
+        self._unshare([k.name for k in kept])
 
     def requeue(self, node: str, kept: list[Kept]) -> None:
         """Copies whose user lives elsewhere now: back into the queue, same names."""
@@ -188,6 +238,7 @@ class RelayStore:
         os.replace(self.root / name, self.failed / name)
         fsync_dir(self.root)
         fsync_dir(self.failed)
+        self._unshare([name])  # settled: a 5xx or unreadable; the administrator's now
 
 
 class Relay:
@@ -199,8 +250,11 @@ class Relay:
         placement: Placement,
         identity: pki.NodeIdentity,
         executor: Executor,
+        claims: Coordinator | None = None,
     ) -> None:
         self.store = store
+        self.claims = claims  # sharedq.py: a copy is sent only under its claim in Redis
+        self.gate: Gate | None = None  # sharedq.py: deposits wait while it reconciles
         self.placement = placement
         self.context = identity.client_context("lmtp")
         self.executor = executor
@@ -227,7 +281,11 @@ class Relay:
     # -- what the pipeline calls ------------------------------------------------------
 
     async def deposit(self, copy: Copy) -> str:
-        name = await self._thread(self.store.put, copy)
+        if self.gate is None:
+            name = await self._thread(self.store.put, copy)
+        else:
+            async with self.gate.enter():
+                name = await self._thread(self.store.put, copy)
         self._held.add(name)
         return name
 
@@ -238,6 +296,10 @@ class Relay:
 
     def release(self, name: str) -> None:
         self._held.discard(name)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look at the queue now (copies were taken over from another front)."""
         self._wake.set()
 
     # -- the task ---------------------------------------------------------------------
@@ -307,7 +369,12 @@ class Relay:
             if copy is not None:
                 by_node.setdefault(node.name, (node, []))[1].append((name, copy))
                 taken += 1
-        await asyncio.gather(*(self._to_node(node, work) for node, work in by_node.values()))
+        claimed = await self._claim(by_node)
+        try:
+            await asyncio.gather(*(self._to_node(node, work) for node, work in by_node.values()))
+        finally:
+            if claimed and self.claims is not None:
+                await self.claims.release(claimed)
         if time.monotonic() >= self._coverage_at:
             await self._coverage()
             self._coverage_at = time.monotonic() + COVERAGE_INTERVAL
@@ -317,6 +384,27 @@ class Relay:
         retries = (*self._retry_at.values(), *self._not_before.values(), *coverage)
         waits = [at - time.monotonic() for at in retries]
         return max(0.0, min(waits, default=RETRY_MAX))
+
+    async def _claim(self, by_node: dict[str, tuple[Node, list[tuple[str, Copy]]]]) -> list[str]:
+        """Keep only the copies this front holds the claim of (sharedq.py); one round trip."""
+        if self.claims is None:
+            return []
+        names = [name for _, work in by_node.values() for name, _ in work]
+        if not names:
+            return []
+        mine = await self.claims.claim(names)
+        # A copy taken over while this front's lease had lapsed is gone from here by now.
+        gone = await self._thread(lambda: {n for n in mine if not (self.store.root / n).exists()})
+        if gone:
+            await self.claims.release(list(gone))
+            mine -= gone
+        for key, (node, work) in list(by_node.items()):
+            kept = [(n, c) for n, c in work if n in mine]
+            if kept:
+                by_node[key] = (node, kept)
+            else:
+                del by_node[key]
+        return list(mine)
 
     async def _read(self, name: str) -> Copy | None:
         try:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import apsw
 
@@ -35,6 +35,9 @@ from postvern.dns.resolver import name_text, to_name
 from postvern.encdb import open_encrypted
 from postvern.mta.mtasts import CachedPolicy, Mode, Policy
 from postvern.smtp.address import AddressError, parse_mailbox
+
+if TYPE_CHECKING:
+    from postvern.cluster.sharedq import SharedQueue
 
 T = TypeVar("T")
 
@@ -517,6 +520,9 @@ class Queue:
         self._write_lock = threading.Lock()
         self._listeners: list[Callable[[list[DueRecipient]], None]] = []
         self._closed = False
+        # A cluster front's copy in object storage (cluster/sharedq.py), written before the
+        # entry is committed here and deleted once it is finished; None on one machine.
+        self.shared: SharedQueue | None = None
 
     @classmethod
     async def open(cls, path: Path, key: bytes, *, create: bool = True) -> Queue:
@@ -585,7 +591,19 @@ class Queue:
             except apsw.ConstraintError:
                 raise QueueError("queue id already in use") from None
 
-        await self.write(insert)
+        if self.shared is None:
+            await self.write(insert)
+        else:
+            async with self.shared.gate.enter():
+                await self.shared.put_outbound(
+                    entry_id, mail_from, rcpts, message, envid, ret, smtputf8
+                )
+                try:
+                    await self.write(insert)
+                except Exception as e:
+                    if not isinstance(e, QueueError):  # a duplicate id's object is the entry's
+                        await self.shared.finished(entry_id)
+                    raise
         due = [
             DueRecipient(entry_id, seq, routing_domain(r.address)) for seq, r in enumerate(rcpts)
         ]
@@ -610,10 +628,24 @@ class Queue:
 
     async def update(self, entry_id: str, updates: Sequence[RecipientUpdate]) -> bool:
         """Commit attempt outcomes; True if a notification is owed for the entry."""
-        return await self.write(lambda s: s.update(entry_id, updates))
+        if self.shared is None:
+            return await self.write(lambda s: s.update(entry_id, updates))
+        owed, gone = await self.write(lambda s: (s.update(entry_id, updates), _gone(s, entry_id)))
+        if gone:
+            await self.shared.finished(entry_id)
+        return bool(owed)
 
     async def clear_notices(self, entry_id: str, seqs: Sequence[int]) -> None:
-        await self.write(lambda s: s.clear_notices(entry_id, seqs))
+        if self.shared is None:
+            await self.write(lambda s: s.clear_notices(entry_id, seqs))
+            return
+
+        def clear(s: QueueStore) -> bool:
+            s.clear_notices(entry_id, seqs)
+            return _gone(s, entry_id)
+
+        if await self.write(clear):
+            await self.shared.finished(entry_id)
 
     async def entries_with_notices(self) -> list[str]:
         return await self._read(lambda s: s.entries_with_notices())
@@ -685,6 +717,11 @@ def _settle_future(future: asyncio.Future[Any], value: Any, error: BaseException
         future.set_exception(error)
     else:
         future.set_result(value)
+
+
+def _gone(store: QueueStore, entry_id: str) -> bool:
+    """The entry was finished and deleted (in the same transaction as the last update)."""
+    return not store.conn.execute("SELECT 1 FROM entries WHERE id = ?", (entry_id,)).fetchall()
 
 
 def _deduplicate(recipients: list[QueueRecipient]) -> list[QueueRecipient]:

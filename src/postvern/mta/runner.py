@@ -339,6 +339,19 @@ class OutboundMTA:
     async def _job(
         self, destination: _Destination, entry_id: str, connection: Connection | None
     ) -> Connection | None:
+        shared = self._queue.shared  # a cluster front: only under the entry's claim in Redis
+        if shared is None:
+            return await self._claimed_job(destination, entry_id, connection)
+        if not await shared.claim(entry_id):
+            return connection
+        try:
+            return await self._claimed_job(destination, entry_id, connection)
+        finally:
+            await shared.release(entry_id)
+
+    async def _claimed_job(
+        self, destination: _Destination, entry_id: str, connection: Connection | None
+    ) -> Connection | None:
         entry = await self._queue.entry(entry_id)
         recipients = _pending_for(entry, destination.domain, self._clock()) if entry else []
         if entry is None or not recipients:
