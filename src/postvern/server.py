@@ -453,7 +453,13 @@ async def _start_web(server: Server, host: str, port: int) -> Listener:
         metrics=server.refresh_metrics,
         routes=[
             *WKD(server.app.directory).routes(server.pipeline.is_local_domain),
-            *account_routes(server.app, server.login, server.abuse, server.resolver),
+            *account_routes(
+                server.app,
+                server.login,
+                server.abuse,
+                server.resolver,
+                server.cluster.portal if server.cluster else None,  # a front: cluster/portal.py
+            ),
         ],
     )
 

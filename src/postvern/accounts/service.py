@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from postvern.accounts.tokens import APITokens
 from postvern.accounts.totp import DIGITS as TOTP_DIGITS
 from postvern.accounts.totp import TOTP
 from postvern.app import App
+from postvern.cluster.portal import UNAVAILABLE, PortalClient, PortalError
 from postvern.directory.accounts import Accounts, check_password
 from postvern.directory.addresses import AddressError
 from postvern.directory.db import DirectoryError, User
@@ -41,6 +42,12 @@ MAX_USER_ALIASES = 20
 
 class AccountError(Exception):
     """A request refused with a message for the user."""
+
+
+def _refusal(e: LoginRefused, wrong: str) -> str:
+    if e.reason == "banned":
+        return "Too many failed attempts. Try again later."
+    return UNAVAILABLE if e.reason == "unavailable" else wrong
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,10 @@ class AccountService:
         self.passkeys = Passkeys(self.store, rp_name=f"Postvern ({app.settings.hostname})")
         self.settings = Settings(self.store)
         self.history = LoginHistory(self.store)
-        self.sessions = sessions or SessionStore()
+        self.sessions = sessions if sessions is not None else SessionStore()
+        # On a cluster front: the user's mailbox node logs in and keeps the mailbox key
+        # (cluster/portal.py); sessions then hold its grant, never the key.
+        self.remote: PortalClient | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -82,16 +92,15 @@ class AccountService:
         service runs Argon2id for both), so the answer tells nothing about who exists.
         """
         try:
-            unlocked = await self.login.verify(address, password, ip, policy.WEB)
+            if self.remote is not None:
+                user, session.mailbox_grant = await self.remote.login(address, password, ip)
+            else:
+                unlocked = await self.login.verify(address, password, ip, policy.WEB)
+                user, session.mailbox_key = unlocked.user, unlocked.mailbox_key
         except LoginRefused as e:
-            raise AccountError(
-                "Too many failed attempts. Try again later."
-                if e.reason == "banned"
-                else "The address or the password is not right."
-            ) from None
-        user = unlocked.user  # the login service refuses a disabled account
+            raise AccountError(_refusal(e, "The address or the password is not right.")) from None
+        # The login service (here or on the mailbox node) refuses a disabled account.
         session.user_id, session.address = user.id, user.address
-        session.mailbox_key = unlocked.mailbox_key
         session.tries = 0
         if await self.run(policy.two_factor_on, self.directory, user.id):
             session.stage = PENDING
@@ -146,7 +155,10 @@ class AccountService:
         user = await self.run(self.directory.user_by_id, passkey_user)
         if user is None or (await self.run(self.settings.get, user.id)).disabled:
             raise AccountError("This passkey cannot log in.")
-        session.user_id, session.address, session.mailbox_key = user.id, user.address, mk
+        session.user_id, session.address = user.id, user.address
+        # A front keeps no mailbox key: the password, when a page needs the mailbox, has its
+        # node unlock it there.
+        session.mailbox_key = mk if self.remote is None else None
         await self._complete(session, ip, "passkey")
 
     async def reauthenticate(self, session: Session, secret: str, ip: str) -> None:
@@ -167,12 +179,13 @@ class AccountService:
                 raise AccountError("That is neither your password nor a current code.")
         else:
             try:
-                await self.login.verify(session.address, secret, ip, policy.WEB)
+                if self.remote is not None:  # and the node's grant is renewed
+                    _, session.mailbox_grant = await self.remote.login(session.address, secret, ip)
+                else:
+                    await self.login.verify(session.address, secret, ip, policy.WEB)
             except LoginRefused as e:
                 raise AccountError(
-                    "Too many failed attempts. Try again later."
-                    if e.reason == "banned"
-                    else "That is neither your password nor a current code."
+                    _refusal(e, "That is neither your password nor a current code.")
                 ) from None
         self.sessions.mark_authenticated(session)
 
@@ -224,6 +237,8 @@ class AccountService:
     async def add_app_password(self, session: Session, label: str) -> str:
         """A new app password, wrapped with the mailbox key the session holds; shown once."""
         user = await self.user(session)
+        if self.remote is not None:
+            return await self._on_node(self.remote.app_password(session, label))
         if session.mailbox_key is None:
             raise AccountError("Log in again to add an app password.")
         try:
@@ -242,9 +257,22 @@ class AccountService:
 
     async def regenerate_recovery_key(self, session: Session) -> str:
         user = await self.user(session)
+        if self.remote is not None:
+            return await self._on_node(self.remote.recovery_key(session))
         if session.mailbox_key is None:
             raise AccountError("Log in again to make a new recovery key.")
         return await self.run(self.accounts.new_recovery_key, user, session.mailbox_key)
+
+    async def _on_node(self, call: Awaitable[str]) -> str:
+        """A secret the mailbox node made with the key it holds (cluster/portal.py)."""
+        try:
+            return await call
+        except PortalError as e:
+            if e.reason == "unavailable":
+                raise AccountError(UNAVAILABLE) from None
+            if e.reason == "refused":
+                raise AccountError(e.message.capitalize() + ".") from None
+            raise AccountError("Confirm your password again to do this.") from None
 
     async def two_factor_changed(self, user: User) -> None:
         """Second factors changed: cached mail logins are re-judged from scratch."""

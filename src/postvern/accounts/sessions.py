@@ -43,6 +43,9 @@ class Session:
     user_id: str | None = None
     address: str | None = None
     mailbox_key: bytes | None = field(default=None, repr=False)
+    # On a cluster front: the mailbox node's grant for this session's unlocked mailbox, in
+    # place of the key, which only that node holds (cluster/portal.py).
+    mailbox_grant: str | None = field(default=None, repr=False)
     method: str = ""
     network: str = ""
     agent: str = ""
@@ -113,7 +116,22 @@ class SessionStore:
     def drop(self, session: Session) -> None:
         self._sessions.pop(session.key, None)
         session.mailbox_key = None
+        session.mailbox_grant = None
         session.scratch.clear()
+
+    # A store shared between processes (web/portal/shared_sessions.py) fetches a session
+    # before the request and writes it back after; in one process there is nothing to do.
+    async def load(self, token: str | None) -> None:
+        return None
+
+    async def settle(self, session: Session) -> None:
+        return None
+
+    async def list_user(self, user_id: str) -> list[Session]:
+        return self.of_user(user_id)
+
+    async def end_user(self, user_id: str, *, keep: Session | None = None) -> int:
+        return self.drop_user(user_id, keep=keep)
 
     def of_user(self, user_id: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.user_id == user_id and s.logged_in]

@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from postvern.cluster import move, pki, proxyline
+from postvern.cluster import move, pki, portal, proxyline
 from postvern.cluster.lmtp import LMTPSession, Replicated
 from postvern.cluster.nodes import ClusterError, Node
 from postvern.cluster.placement import Placement
@@ -36,7 +36,7 @@ from postvern.store.spool import SpoolItem
 
 log = logging.getLogger(__name__)
 
-ALPN = ["imap", "pop3", "lmtp", move.ALPN]  # "imap", "pop3": IANA's ALPN ids
+ALPN = ["imap", "pop3", "lmtp", move.ALPN, portal.ALPN]  # "imap", "pop3": IANA's ALPN ids
 # A front sends the PROXY line at once; one that does not within this is not a front.
 PROXY_LINE_TIMEOUT = 10.0
 BUSY = b"* BYE too many internal connections\r\n"
@@ -94,6 +94,9 @@ class Backend:
         )
         self.listener: ChannelServer | None = None
         self.tls = identity.server_context(ALPN)
+        self.portal = portal.PortalService(
+            login=self.login, accounts=login.accounts, registry=registry, owns=self.owns
+        )
 
     def owns(self, user_id: str) -> bool:
         """Blocking (the directory): is ``user_id`` placed on this node?"""
@@ -127,6 +130,9 @@ class Backend:
             return
         if service == "lmtp":
             await self._lmtp(channel)
+            return
+        if service == portal.ALPN:  # the account portal of a front (portal.py)
+            await converse_and_close("portal", lambda: self.portal.serve(channel), _closer(channel))
             return
         client_ip = await self._proxy_line(channel)
         if client_ip is None:

@@ -15,6 +15,7 @@ from postvern.cluster import nodes, pki
 from postvern.cluster.backend import Backend
 from postvern.cluster.nodes import CLUSTER_DIR, ClusterError
 from postvern.cluster.placement import Placement
+from postvern.cluster.portal import PortalClient
 from postvern.cluster.proxy import Front, imap_starter, pop3_starter
 from postvern.cluster.relay import RELAY_DIR, Relay, RelayRegistry, RelayStore
 from postvern.cluster.sharedq import SharedQueue
@@ -47,6 +48,7 @@ class ClusterNode:
         self.relay: Relay | None = None
         self.front: Front | None = None
         self.backend: Backend | None = None
+        self.portal: PortalClient | None = None  # a front's account portal (portal.py)
         self.shared: SharedQueue | None = None
         if role == "front":
             self.shared = _shared_queue(server, known)
@@ -71,6 +73,7 @@ class ClusterNode:
                 failure_delay=s.limits.auth_failure_delay,
                 executor=executor,
             )
+            self.portal = PortalClient(self.front, identity)
         else:
             self.backend = Backend(
                 node=me,

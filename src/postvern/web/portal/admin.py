@@ -201,7 +201,7 @@ class AdminPages:
                     raise SettingsError("you cannot disable your own account")
                 await s.run(s.settings.set_disabled, user.id, action == "disable")
                 if action == "disable":
-                    s.sessions.drop_user(user.id)
+                    await s.sessions.end_user(user.id)
                     s.login.cache.forget(user.address)
             elif action == "quota":
                 quota = int(ctx.field("quota") or 0)

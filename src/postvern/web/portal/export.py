@@ -1,8 +1,10 @@
 """Reading the user's own mailbox for the portal: the whole of it as mbox, and what the
 filter sent to Junk this week.
 
-Both open the mailbox with the key the user's session holds, in the registry's worker
-thread, and release it after; nothing decrypted is written anywhere but the response.
+On one machine both open the mailbox with the key the user's session holds, in the
+registry's worker thread, and release it after (:class:`LocalMailbox`). On a cluster front
+the mailbox node does it, with the key only it holds (cluster/portal.py, the same
+:class:`MailboxAccess` face). Nothing decrypted is written anywhere but the response.
 The mbox is streamed message by message (``mboxrd``: every ``>*From `` line of a body
 gains one ``>``, so the file reads back exactly), never held whole in memory.
 """
@@ -15,12 +17,14 @@ import re
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
+from typing import Protocol
 
 from aiohttp import web
 
-from postvern.accounts.service import AccountService
+from postvern.accounts.sessions import Session
 from postvern.directory.db import User
 from postvern.store.mailbox import Mailbox
+from postvern.store.service import MailboxRegistry
 from postvern.web.portal import security
 
 JUNK_DAYS = 7
@@ -35,7 +39,26 @@ class JunkItem:
     subject: str
 
 
-def _junk(box: Mailbox, since: datetime.datetime) -> list[JunkItem]:
+class MailboxAccess(Protocol):
+    """How the portal reads the session's mailbox: here, or on the user's mailbox node."""
+
+    def can_read(self, session: Session) -> bool:
+        """Whether the session can open its mailbox without the password again."""
+
+    async def junk(self, session: Session, user: User) -> list[JunkItem] | None:
+        """This week's junk; None when the mailbox cannot be opened without the password."""
+
+    async def mbox(
+        self, session: Session, user: User, request: web.Request
+    ) -> web.StreamResponse | None:
+        """The mailbox as an mbox download; None as for :meth:`junk`."""
+
+
+def junk_since() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=JUNK_DAYS)
+
+
+def junk(box: Mailbox, since: datetime.datetime) -> list[JunkItem]:
     folder = box.folder_by_use("\\Junk")
     if folder is None:
         return []
@@ -55,16 +78,7 @@ def _junk(box: Mailbox, since: datetime.datetime) -> list[JunkItem]:
     return found
 
 
-async def junk_this_week(service: AccountService, user: User, mailbox_key: bytes) -> list[JunkItem]:
-    handle = await service.login.registry.unlock(user, mailbox_key)
-    try:
-        since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=JUNK_DAYS)
-        return await handle.run(_junk, handle.box, since)
-    finally:
-        await handle.release()
-
-
-def _message_list(box: Mailbox) -> list[tuple[int, str, int, datetime.datetime]]:
+def message_list(box: Mailbox) -> list[tuple[int, str, int, datetime.datetime]]:
     return [
         (f.id, f.name, info.uid, info.internaldate)
         for f in box.folders()
@@ -83,9 +97,7 @@ def mbox_entry(raw: bytes, folder: str, when: datetime.datetime) -> bytes:
     return b"From MAILER-DAEMON " + stamp.encode() + b"\n" + folder_header + body + b"\n"
 
 
-async def stream_mbox(
-    service: AccountService, user: User, mailbox_key: bytes, request: web.Request
-) -> web.StreamResponse:
+def mbox_response(user: User) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
             "Content-Type": "application/mbox",
@@ -93,14 +105,41 @@ async def stream_mbox(
         }
     )
     security.harden(response)
-    handle = await service.login.registry.unlock(user, mailbox_key)
-    try:
-        listing = await handle.run(_message_list, handle.box)
-        await response.prepare(request)
-        for folder_id, name, uid, when in listing:
-            raw = await handle.run(handle.box.raw, folder_id, uid)
-            await response.write(mbox_entry(raw, name, when))
-        await response.write_eof()
-    finally:
-        await handle.release()
     return response
+
+
+class LocalMailbox:
+    """One machine: the session holds the mailbox key; open the mailbox here."""
+
+    def __init__(self, registry: MailboxRegistry) -> None:
+        self.registry = registry
+
+    def can_read(self, session: Session) -> bool:
+        return session.mailbox_key is not None
+
+    async def junk(self, session: Session, user: User) -> list[JunkItem] | None:
+        if session.mailbox_key is None:
+            return None
+        handle = await self.registry.unlock(user, session.mailbox_key)
+        try:
+            return await handle.run(junk, handle.box, junk_since())
+        finally:
+            await handle.release()
+
+    async def mbox(
+        self, session: Session, user: User, request: web.Request
+    ) -> web.StreamResponse | None:
+        if session.mailbox_key is None:
+            return None
+        response = mbox_response(user)
+        handle = await self.registry.unlock(user, session.mailbox_key)
+        try:
+            listing = await handle.run(message_list, handle.box)
+            await response.prepare(request)
+            for folder_id, name, uid, when in listing:
+                raw = await handle.run(handle.box.raw, folder_id, uid)
+                await response.write(mbox_entry(raw, name, when))
+            await response.write_eof()
+        finally:
+            await handle.release()
+        return response

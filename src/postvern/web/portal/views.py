@@ -29,10 +29,12 @@ from postvern.accounts.sessions import ANONYMOUS, FULL, PENDING, Session
 from postvern.accounts.settings import SettingsError
 from postvern.accounts.tokens import SCOPES, TokenError
 from postvern.web.portal import security
-from postvern.web.portal.export import junk_this_week, stream_mbox
+from postvern.web.portal.export import LocalMailbox, MailboxAccess
 
 PREFIX = "/account"
 HERE = Path(__file__).parent
+# Where a request's session is kept for writing it back after the response (routes.py).
+SESSION_KEY = "postvern.portal.session"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Actions that need the user to have proved who they are recently (login, or the confirm
 # page: password or a current code), and where the confirm page sends them back.
@@ -61,9 +63,17 @@ class Ctx:
 
 
 class Portal:
-    def __init__(self, service: AccountService, *, rp_ids: frozenset[str]) -> None:
+    def __init__(
+        self,
+        service: AccountService,
+        *,
+        rp_ids: frozenset[str],
+        mailbox: MailboxAccess | None = None,
+    ) -> None:
         self.service = service
         self.sessions = service.sessions
+        # The pages that read the mailbox: here, or (a cluster front) on its mailbox node.
+        self.mailbox: MailboxAccess = mailbox or LocalMailbox(service.login.registry)
         # Host names passkeys may be bound to (WebAuthn's RP ID): the server's own name and
         # "localhost" for a portal reached through a tunnel; others get no passkey button.
         self.rp_ids = rp_ids
@@ -84,12 +94,15 @@ class Portal:
         ``upload``: the form may carry files (into ``ctx.files``) and text fields longer than
         ``MAX_FORM_FIELD`` (a pasted key); the server's request size limit still bounds them.
         """
-        session = self.sessions.get(request.cookies.get(security.COOKIE))
+        token = request.cookies.get(security.COOKIE)
+        await self.sessions.load(token)  # from Redis, when sessions are shared
+        session = self.sessions.get(token)
         new_token = None
         if session is None:
             new_token, session = self.sessions.new(
                 request.remote or "", request.headers.get("User-Agent", "")
             )
+        request[SESSION_KEY] = session
         ctx = Ctx(request, session, {}, new_token)
         if request.method == "POST":
             if not security.same_origin(request):
@@ -203,6 +216,8 @@ class Portal:
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         ctx = await self._enter(request, ANONYMOUS)
+        if self.service.remote is not None:
+            await self.service.remote.revoke(ctx.session)  # the mailbox node's grant
         self.sessions.drop(ctx.session)
         response = web.HTTPSeeOther(f"{PREFIX}/login")
         security.harden(response)
@@ -612,9 +627,7 @@ class Portal:
     async def _spam(self, ctx: Ctx, status: int = 200, error: str | None = None) -> web.Response:
         s = self.service
         user = await s.user(ctx.session)
-        junk = []
-        if ctx.session.mailbox_key is not None:
-            junk = await junk_this_week(s, user, ctx.session.mailbox_key)
+        junk = await self.mailbox.junk(ctx.session, user) or []
         return await self.render(
             ctx,
             "spam.html",
@@ -660,13 +673,13 @@ class Portal:
     async def sessions_page(self, request: web.Request) -> web.StreamResponse:
         ctx = await self._enter(request)
         assert ctx.session.user_id is not None
-        mine = self.sessions.of_user(ctx.session.user_id)
+        mine = await self.sessions.list_user(ctx.session.user_id)
         return await self.render(ctx, "sessions.html", sessions=mine, current=ctx.session)
 
     async def sessions_revoke(self, request: web.Request) -> web.StreamResponse:
         ctx = await self._enter(request)
         assert ctx.session.user_id is not None
-        ended = self.sessions.drop_user(ctx.session.user_id, keep=ctx.session)
+        ended = await self.sessions.end_user(ctx.session.user_id, keep=ctx.session)
         raise self._done(ctx, f"{PREFIX}/sessions", f"{ended} other session(s) ended.")
 
     async def confirm_page(self, request: web.Request) -> web.StreamResponse:
@@ -712,12 +725,21 @@ class Portal:
 
     async def export(self, request: web.Request) -> web.StreamResponse:
         ctx = await self._enter(request)
-        if ctx.session.mailbox_key is None:
-            raise web.HTTPForbidden()
+        just_confirmed = ctx.session.scratch.get("confirmed") == "export"
         if not self._fresh(ctx, "export"):
             raise self._redirect(ctx, f"{PREFIX}/confirm?action=export")
         user = await self.service.user(ctx.session)
-        return await stream_mbox(self.service, user, ctx.session.mailbox_key, request)
+        response = None
+        if self.mailbox.can_read(ctx.session):
+            response = await self.mailbox.mbox(ctx.session, user, request)
+        if response is not None:
+            return response
+        # The mailbox cannot be opened without the password (a passkey login on a cluster
+        # front, or the mailbox node forgot its grant): the confirm page asks for it.
+        if just_confirmed:
+            error = "Your password is needed to open your mailbox (a code does not open it)."
+            return await self.render(ctx, "confirm.html", 403, action="export", error=error)
+        raise self._redirect(ctx, f"{PREFIX}/confirm?action=export")
 
     # -- routes ------------------------------------------------------------------------
 

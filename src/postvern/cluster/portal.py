@@ -1,0 +1,431 @@
+"""The account portal on a front: what needs the mailbox is done on the user's mailbox node.
+
+A front holds no mailbox and no mailbox key, yet its portal logs users in and serves pages
+that read the mailbox (the mbox export, this week's Junk) or need its key (a new app
+password, a new recovery key). Each of those is one request to the user's mailbox node on
+its internal port, over the cluster's mutual TLS with the ALPN protocol ``postvern-portal``;
+only a *front* certificate may ask (backend.py checks the role, as for IMAP and LMTP).
+
+**Logging in** (and confirming with the password later) is done by the mailbox node: the
+front passes the address, the password and the client's address; the node runs its own
+login (Argon2id, or a hit in its login cache) and, if the user is its own, keeps the
+unlocked mailbox key in memory under a fresh random **grant** and answers only the grant —
+as an IMAP login through a front leaves the key in the node's session and nowhere else. The
+front keeps the grant in the portal session (sealed in Redis: web/portal/shared_sessions.py)
+and shows it for every later request. The grant is worth nothing without a front
+certificate, is tied to its user (a grant of another user is refused the same as none), is
+forgotten after ``IDLE_SECONDS`` unused or ``MAX_AGE_SECONDS`` in all, at logout, and when
+the user is moved off the node; the portal then asks for the password again. Abuse checks
+(bans, failure counting and delay) stay on the front, which sees the client.
+
+The wire: one request per connection, a JSON line (``MAX_REQUEST``); one JSON line back;
+for the mbox export that line is followed by frames of a 4-byte length and that many bytes,
+one message each, and an empty frame at the end — so neither side holds the whole mailbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from postvern.accounts import policy
+from postvern.accounts.sessions import IDLE_SECONDS, MAX_AGE_SECONDS, Session
+from postvern.cluster import pki
+from postvern.cluster.nodes import ClusterError, Node, mailbox_nodes
+from postvern.cluster.placement import rendezvous
+from postvern.cluster.proxy import Front
+from postvern.directory.accounts import Accounts
+from postvern.directory.db import DirectoryError, User
+from postvern.login import LoginRefused, LoginService
+from postvern.net import Channel
+from postvern.store.service import MailboxRegistry
+from postvern.web.portal import export
+
+log = logging.getLogger(__name__)
+
+ALPN = "postvern-portal"
+# A request is a JSON line of an address, a password, a grant and a label: far below this.
+MAX_REQUEST = 16 * 1024
+# An answer line (a grant, or at most MAX_JUNK_LISTED short junk entries).
+MAX_ANSWER = 256 * 1024
+# One frame is one message of the export: the node's message size limit bounds it; this
+# bounds what a front reads from a node whatever that limit is.
+MAX_FRAME = 256 * 1024 * 1024
+FRAME = struct.Struct(">I")
+# Connecting and a request's answer; a login may wait for Argon2id on the node.
+CONNECT_TIMEOUT = 10.0
+ANSWER_TIMEOUT = 60.0
+# Grants a node keeps at most (the oldest go first): each is a user record and a 32-byte key.
+MAX_GRANTS = 20_000
+GRANT_BYTES = 32
+UNAVAILABLE = "Your mailbox cannot be reached right now; try again in a moment."
+
+
+class PortalError(Exception):
+    """The mailbox node refused or could not be reached; ``reason`` says which."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.message = message  # the node's words for a refusal the user can act on
+
+
+# -- the mailbox node's side ---------------------------------------------------------------
+
+
+@dataclass
+class _Grant:
+    user: User
+    mailbox_key: bytes = field(repr=False)
+    created: float
+    used: float
+
+
+class Grants:
+    """Unlocked mailbox keys of portal sessions, by the SHA-256 of their grant."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._grants: OrderedDict[bytes, _Grant] = OrderedDict()
+
+    def issue(self, user: User, mailbox_key: bytes) -> str:
+        grant = secrets.token_urlsafe(GRANT_BYTES)
+        now = self._clock()
+        self._grants[_digest(grant)] = _Grant(user, mailbox_key, now, now)
+        while len(self._grants) > MAX_GRANTS:
+            self._grants.popitem(last=False)
+        return grant
+
+    def get(self, grant: object, user_id: object) -> _Grant | None:
+        """The grant's entry if it is live and the user's; None otherwise, alike."""
+        if not isinstance(grant, str) or len(grant) > 100:
+            return None
+        key = _digest(grant)
+        entry = self._grants.get(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        if now - entry.used > IDLE_SECONDS or now - entry.created > MAX_AGE_SECONDS:
+            del self._grants[key]
+            return None
+        if entry.user.id != user_id:
+            return None
+        entry.used = now
+        self._grants.move_to_end(key)
+        return entry
+
+    def revoke(self, grant: object) -> None:
+        if isinstance(grant, str):
+            self._grants.pop(_digest(grant), None)
+
+    def forget_user(self, user_id: str) -> None:
+        for key in [k for k, g in self._grants.items() if g.user.id == user_id]:
+            del self._grants[key]
+
+    def __len__(self) -> int:
+        return len(self._grants)
+
+
+def _digest(grant: str) -> bytes:
+    return hashlib.sha256(grant.encode()).digest()
+
+
+class PortalService:
+    """Serves ``postvern-portal`` on a mailbox node (backend.py hands it the connections)."""
+
+    def __init__(
+        self,
+        *,
+        login: LoginService,
+        accounts: Accounts,
+        registry: MailboxRegistry,
+        owns: Callable[[str], bool],
+    ) -> None:
+        self.login = login
+        self.accounts = accounts
+        self.registry = registry
+        self.owns = owns
+        self.grants = Grants()
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
+
+    async def serve(self, channel: Channel) -> str:
+        request = await _read_request(channel)
+        if request is None:
+            return "no request"
+        op = str(request.get("op", ""))
+        try:
+            if op == "mbox":
+                entry = await self._granted(request)
+                await self._mbox(channel, entry)
+                return "mbox sent"
+            answer = await self._answer(op, request)
+        except PortalError as e:
+            answer = {"ok": False, "error": e.reason}
+        channel.write(_line(answer))
+        await channel.drain()
+        return op or "unknown request"
+
+    async def _answer(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        if op == "login":
+            return await self._login(request)
+        if op == "revoke":
+            self.grants.revoke(request.get("grant"))
+            return {"ok": True}
+        entry = await self._granted(request)
+        if op == "junk":
+            items = await _read_junk(self.registry, entry)
+            return {"ok": True, "junk": [[i.date, i.sender, i.subject] for i in items]}
+        if op == "app-password":
+            label = str(request.get("label", ""))
+            try:
+                secret = await self._thread(
+                    self.accounts.add_app_password_unlocked, entry.user, entry.mailbox_key, label
+                )
+            except DirectoryError as e:
+                return {"ok": False, "error": "refused", "message": str(e)}
+            return {"ok": True, "secret": secret}
+        if op == "recovery-key":
+            key = await self._thread(self.accounts.new_recovery_key, entry.user, entry.mailbox_key)
+            return {"ok": True, "secret": key}
+        raise PortalError("unknown request")
+
+    async def _login(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The node's own login for the portal: the secret unlocks the key here, or not."""
+        address, secret = str(request.get("address", "")), str(request.get("secret", ""))
+        ip = str(request.get("ip", ""))
+        try:
+            unlocked = await self.login.verify(address, secret, ip, policy.WEB)
+        except LoginRefused as e:
+            raise PortalError("banned" if e.reason == "banned" else "failed") from None
+        if not await self._thread(self.owns, unlocked.user.id):
+            raise PortalError("elsewhere")
+        grant = self.grants.issue(unlocked.user, unlocked.mailbox_key)
+        return {"ok": True, "user": unlocked.user.id, "grant": grant}
+
+    async def _granted(self, request: dict[str, Any]) -> _Grant:
+        entry = self.grants.get(request.get("grant"), request.get("user"))
+        if entry is None:
+            raise PortalError("grant")
+        if not await self._thread(self.owns, entry.user.id):
+            self.grants.forget_user(entry.user.id)  # moved away: its key is not ours to keep
+            raise PortalError("elsewhere")
+        return entry
+
+    async def _mbox(self, channel: Channel, entry: _Grant) -> None:
+        handle = await self.registry.unlock(entry.user, entry.mailbox_key)
+        try:
+            listing = await handle.run(export.message_list, handle.box)
+            channel.write(_line({"ok": True, "messages": len(listing)}))
+            for folder_id, name, uid, when in listing:
+                raw = await handle.run(handle.box.raw, folder_id, uid)
+                data = export.mbox_entry(raw, name, when)
+                channel.write(FRAME.pack(len(data)) + data)
+                await channel.drain()
+                if channel.lost:
+                    return
+            channel.write(FRAME.pack(0))
+            await channel.drain()
+        finally:
+            await handle.release()
+
+
+async def _read_junk(registry: MailboxRegistry, entry: _Grant) -> list[export.JunkItem]:
+    handle = await registry.unlock(entry.user, entry.mailbox_key)
+    try:
+        return await handle.run(export.junk, handle.box, export.junk_since())
+    finally:
+        await handle.release()
+
+
+async def _read_request(channel: Channel) -> dict[str, Any] | None:
+    data = b""
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            while b"\n" not in data:
+                chunk = await channel.read()
+                if not chunk or len(data) + len(chunk) > MAX_REQUEST:
+                    return None
+                data += chunk
+        request = json.loads(data.split(b"\n", 1)[0])
+    except (TimeoutError, ValueError):
+        return None
+    return request if isinstance(request, dict) else None
+
+
+def _line(answer: dict[str, Any]) -> bytes:
+    return json.dumps(answer, separators=(",", ":")).encode() + b"\n"
+
+
+# -- the front's side ----------------------------------------------------------------------
+
+
+class PortalClient:
+    """The front's calls to a user's mailbox node, and the portal's face for them."""
+
+    def __init__(self, front: Front, identity: pki.NodeIdentity) -> None:
+        # The proxies' directory, placement, abuse gate and failure delay (proxy.py).
+        self.front = front
+        self.placement = front.placement
+        self.directory = front.directory
+        self.gate = front.gate
+        self._thread = front._thread
+        self.context = identity.client_context(ALPN)
+
+    async def _open(
+        self, node: Node, request: dict[str, Any]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
+        host, port = node.hostport
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=self.context, server_hostname=node.name, limit=MAX_ANSWER
+                )
+        except (OSError, TimeoutError) as e:
+            log.warning("portal: mailbox node %s unreachable (%s)", node.name, type(e).__name__)
+            raise PortalError("unavailable") from None
+        try:
+            writer.write(_line(request))
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                answer = json.loads(await reader.readline())
+        except (OSError, TimeoutError, ValueError) as e:
+            writer.close()
+            log.warning("portal: no answer from %s (%s)", node.name, type(e).__name__)
+            raise PortalError("unavailable") from None
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            writer.close()
+            if not isinstance(answer, dict):
+                raise PortalError("unavailable")
+            raise PortalError(str(answer.get("error")), str(answer.get("message", "")))
+        return reader, writer, answer
+
+    async def _ask(self, node: Node, request: dict[str, Any]) -> dict[str, Any]:
+        _, writer, answer = await self._open(node, request)
+        writer.close()
+        return answer
+
+    async def _node_of(self, user_id: str) -> Node:
+        try:
+            node: Node = await self._thread(self.placement.node_for, user_id)
+        except ClusterError:
+            raise PortalError("unavailable") from None
+        return node
+
+    # -- logging in ----------------------------------------------------------------------
+
+    async def login(self, address: str, secret: str, ip: str) -> tuple[User, str]:
+        """The user and their node's grant; LoginRefused as the login service would."""
+        refusal = await self.gate.login_allowed(ip, address)
+        if refusal is not None:
+            raise LoginRefused("banned", refusal)
+        user = await self._thread(self.directory.user, address)
+        if user is not None:
+            node = await self._node_of(user.id)
+        else:  # no such user: a node still runs Argon2id, so the answer takes as long
+            node = rendezvous(address.lower(), mailbox_nodes(self.placement.nodes))
+        request = {"op": "login", "address": address, "secret": secret, "ip": ip}
+        try:
+            answer = await self._ask(node, request)
+        except PortalError as e:
+            if e.reason in ("unavailable", "elsewhere"):
+                raise LoginRefused("unavailable", UNAVAILABLE) from None
+            await self.gate.login_failed(ip, address, policy.WEB)
+            await asyncio.sleep(self.front.failure_delay)
+            if e.reason == "banned" or self.gate.is_banned(ip) is not None:
+                raise LoginRefused("banned", "too many failed logins") from None
+            raise LoginRefused("failed", "authentication failed") from None
+        found = await self._thread(self.directory.user_by_id, str(answer["user"]))
+        if found is None:
+            raise LoginRefused("failed", "authentication failed")
+        await self.gate.login_succeeded(ip, address, policy.WEB)
+        return found, str(answer["grant"])
+
+    async def revoke(self, session: Session) -> None:
+        """Forget the session's grant on its node (logout); best effort, it expires anyway."""
+        if session.mailbox_grant is None or session.user_id is None:
+            return
+        try:
+            await self._ask(await self._node_of(session.user_id), {
+                "op": "revoke", "grant": session.mailbox_grant})  # fmt: skip
+        except PortalError:
+            pass
+
+    async def _granted(self, session: Session, op: str, **more: Any) -> dict[str, Any]:
+        if session.mailbox_grant is None or session.user_id is None:
+            raise PortalError("grant")
+        node = await self._node_of(session.user_id)
+        request = {"op": op, "user": session.user_id, "grant": session.mailbox_grant, **more}
+        try:
+            return await self._ask(node, request)
+        except PortalError as e:
+            if e.reason in ("grant", "elsewhere"):
+                session.mailbox_grant = None  # the portal asks for the password again
+            raise
+
+    async def app_password(self, session: Session, label: str) -> str:
+        answer = await self._granted(session, "app-password", label=label)
+        return str(answer["secret"])
+
+    async def recovery_key(self, session: Session) -> str:
+        return str((await self._granted(session, "recovery-key"))["secret"])
+
+    # -- the pages that read the mailbox (export.MailboxAccess) --------------------------
+
+    def can_read(self, session: Session) -> bool:
+        return session.mailbox_grant is not None
+
+    async def junk(self, session: Session, user: User) -> list[export.JunkItem] | None:
+        try:
+            answer = await self._granted(session, "junk")
+        except PortalError:
+            return None
+        return [export.JunkItem(*map(str, item)) for item in answer["junk"]]
+
+    async def mbox(
+        self, session: Session, user: User, request: web.Request
+    ) -> web.StreamResponse | None:
+        """The mailbox node's mbox, frame by frame into the response; None: no grant."""
+        if session.mailbox_grant is None or session.user_id is None:
+            return None
+        node = await self._node_of(session.user_id)
+        ask = {"op": "mbox", "user": session.user_id, "grant": session.mailbox_grant}
+        try:
+            reader, writer, _ = await self._open(node, ask)
+        except PortalError as e:
+            if e.reason in ("grant", "elsewhere"):
+                session.mailbox_grant = None
+                return None
+            raise web.HTTPServiceUnavailable(text=UNAVAILABLE) from None
+        try:
+            response = export.mbox_response(user)
+            await response.prepare(request)
+            while True:
+                async with asyncio.timeout(ANSWER_TIMEOUT):
+                    (size,) = FRAME.unpack(await reader.readexactly(FRAME.size))
+                    if size == 0:
+                        break
+                    if size > MAX_FRAME:
+                        raise ValueError("frame too large")
+                    data = await reader.readexactly(size)
+                await response.write(data)
+            await response.write_eof()
+            return response
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
+            # Headers are out: all that can be done is to cut the response short, so the
+            # browser reports a failed download rather than a complete one.
+            log.warning("portal: mbox from %s cut short (%s)", node.name, type(e).__name__)
+            raise ConnectionResetError("mailbox node stopped") from None
+        finally:
+            writer.close()

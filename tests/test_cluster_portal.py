@@ -1,0 +1,246 @@
+"""The account portal on a real cluster (issue #20): sessions in Redis, mailbox pages through
+the user's mailbox node.
+
+Two fronts, two mailbox nodes, the directory in PostgreSQL and Redis over verified TLS (as
+tests/test_cluster.py builds them, without replicas). A browser logs in on one front and
+goes on on the other; logging out or "log out everywhere else" on one ends the session on
+both; the mbox export and the week's Junk come from the user's mailbox node through either
+front; and a front's certificate alone cannot read anyone's mailbox on the internal service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import imaplib
+import json
+import mailbox
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from backup_kit import user_id
+from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build
+from harness import client_tls_context, set_config
+from pg_server import PostgresTestServer
+from portal_kit import Browser, base_url
+from postvern.cluster import nodes, pki, portal
+from postvern.web.portal.security import COOKIE
+
+ARRIVAL_WAIT = 60.0  # bounds a broken cluster; no time is asserted
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    server = TlsRedis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, tls_redis: TlsRedis, pg_server: PostgresTestServer
+) -> Iterator[ClusterKit]:
+    kit = build(
+        tmp_path_factory.mktemp("cluster"),
+        redis_url=tls_redis.url,
+        directory=pg_server.new_database().settings(),
+    )
+    for front in FRONTS:  # every export asks for the password again: confirms cross fronts
+        set_config(kit.nodes[front].path, "accounts", {"reauth_minutes": 0})
+    try:
+        kit.start_all()
+        yield kit
+    finally:
+        kit.stop_all()
+
+
+def _user_on(kit: ClusterKit, node: str) -> str:
+    return next(a for a in sorted(kit.passwords) if kit.owner(a) == node)
+
+
+class Fronts(Browser):
+    """One browser (one cookie jar) that may talk to either front."""
+
+    def __init__(self, kit: ClusterKit) -> None:
+        super().__init__(kit.front(FRONTS[0]))
+        self.kit = kit
+
+    def on(self, front: str) -> Fronts:
+        self.base = base_url(self.kit.front(front))
+        return self
+
+    def token(self) -> str:
+        return next(c.value for c in self.http.cookie_jar if c.key == COOKIE)
+
+
+@pytest.fixture
+async def browser(cluster: ClusterKit) -> AsyncIterator[Fronts]:
+    b = Fronts(cluster)
+    yield b
+    await b.close()
+
+
+async def _logged_in(b: Fronts, front: str, address: str) -> bool:
+    r = await b.on(front).http.get(b.base + "/account/", allow_redirects=False)
+    return r.status == 200 and address in await r.text()
+
+
+async def test_a_session_made_on_one_front_is_valid_on_the_other_until_logout_there(
+    cluster: ClusterKit, browser: Fronts, tls_redis: TlsRedis
+) -> None:
+    address = _user_on(cluster, MAILBOX_NODES[0])
+    r = await browser.on(FRONTS[0]).login(address, cluster.passwords[address])
+    assert r.status == 200 and address in browser.last
+    assert await _logged_in(browser, FRONTS[1], address)
+
+    # Redis holds neither the cookie nor its SHA-256 (the in-process key), nor the address.
+    token = browser.token()
+    dump = tls_redis.command(b"KEYS postvern:portal:*")
+    assert b"postvern:portal:s:" in dump
+    for secret in (token.encode(), hashlib.sha256(token.encode()).hexdigest().encode()):
+        assert secret not in dump
+    rid = next(w for w in dump.split(b"\r\n") if w.startswith(b"postvern:portal:s:"))
+    assert address.encode() not in tls_redis.command(b"GET " + rid)
+    ttl = int(tls_redis.command(b"TTL " + rid).strip().lstrip(b":"))
+    assert ttl > 0  # expires by itself
+
+    await browser.on(FRONTS[1]).get("/account/")
+    r = await browser.post("/account/logout")
+    assert r.status == 200 and "/account/login" in str(r.url)
+    browser.http.cookie_jar.update_cookies({COOKIE: token})  # the old cookie, replayed
+    assert not await _logged_in(browser, FRONTS[0], address)
+    assert not await _logged_in(browser, FRONTS[1], address)
+
+
+async def test_log_out_everywhere_else_on_one_front_ends_a_session_made_on_the_other(
+    cluster: ClusterKit, browser: Fronts
+) -> None:
+    address = _user_on(cluster, MAILBOX_NODES[1])
+    other = Fronts(cluster)
+    try:
+        await other.on(FRONTS[0]).login(address, cluster.passwords[address])
+        await browser.on(FRONTS[1]).login(address, cluster.passwords[address])
+        await browser.get("/account/sessions")
+        assert browser.last.count("<tr><td>") >= 2  # both sessions listed, on either front
+        assert "this one" in browser.last
+        r = await browser.post("/account/sessions/revoke")
+        assert r.status == 200 and "other session(s) ended" in browser.last
+        assert not await _logged_in(other, FRONTS[0], address)
+        assert await _logged_in(browser, FRONTS[0], address)
+    finally:
+        await other.close()
+
+
+def _append(kit: ClusterKit, address: str, folder: str, subject: str) -> None:
+    """A message put into ``folder`` over IMAP through a front (as a client files one)."""
+    host, port = kit.front(FRONTS[0]).addr("imaps")
+    message = (
+        f"From: someone@outside.test\r\nTo: {address}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{uuid.uuid4()}@outside.test>\r\n\r\nFrom the body of {subject}\r\n"
+    )
+    with imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30) as imap:
+        imap.login(address, kit.passwords[address])
+        typ, _ = imap.append(folder, "", imaplib.Time2Internaldate(time.time()), message.encode())
+        assert typ == "OK", folder
+        imap.logout()
+
+
+async def test_mbox_export_and_junk_come_from_the_users_mailbox_node_through_either_front(
+    cluster: ClusterKit, browser: Fronts, tmp_path: Path
+) -> None:
+    address = _user_on(cluster, MAILBOX_NODES[1])
+    kept, junk = f"kept {uuid.uuid4().hex[:8]}", f"junk {uuid.uuid4().hex[:8]}"
+    _append(cluster, address, "INBOX", kept)
+    _append(cluster, address, "Junk", junk)
+    await browser.on(FRONTS[0]).login(address, cluster.passwords[address])
+
+    await browser.on(FRONTS[1]).get("/account/spam")
+    assert junk in browser.last and kept not in browser.last
+
+    # reauth_minutes = 0: confirm on one front, download on the other.
+    await browser.on(FRONTS[0]).get("/account/confirm?action=export")
+    r = await browser.http.post(
+        browser.base + "/account/confirm",
+        data={"csrf": browser.csrf, "action": "export", "confirm": cluster.passwords[address]},
+        headers={"Origin": browser.base},
+        allow_redirects=False,
+    )
+    assert r.status == 303 and r.headers["Location"] == "/account/export.mbox"
+    r = await browser.on(FRONTS[1]).http.get(browser.base + "/account/export.mbox")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("application/mbox")
+    assert r.headers.get("Transfer-Encoding") == "chunked"  # streamed, no length up front
+    path = tmp_path / "export.mbox"
+    with path.open("wb") as out:
+        async for chunk in r.content.iter_chunked(4096):
+            out.write(chunk)
+    box = mailbox.mbox(path, create=False)
+    try:
+        subjects = {str(box[k]["Subject"]): str(box[k]["X-Folder"]) for k in box.keys()}
+    finally:
+        box.close()
+    assert subjects[kept] == "INBOX" and subjects[junk] == "Junk"
+    assert b"\n>From the body of" in path.read_bytes()  # mboxrd quoting, from the node
+
+
+def _internal(kit: ClusterKit, node: str, cert_of: str) -> ssl.SSLSocket:
+    """A portal connection to ``node`` with the certificate of node ``cert_of``."""
+    folder = kit.admin / nodes.CLUSTER_DIR
+    identity = pki.NodeIdentity(
+        folder / pki.CA_CERT,
+        folder / pki.NODES_SUBDIR / cert_of / pki.NODE_CERT,
+        folder / pki.NODES_SUBDIR / cert_of / pki.NODE_KEY,
+    )
+    ctx = identity.client_context(portal.ALPN)
+    raw = socket.create_connection(kit.node_list[node].hostport, timeout=30)
+    return ctx.wrap_socket(raw, server_hostname=node)
+
+
+def _ask(kit: ClusterKit, node: str, request: dict[str, object], cert_of: str) -> dict[str, object]:
+    try:
+        with _internal(kit, node, cert_of) as tls:
+            tls.sendall(json.dumps(request).encode() + b"\n")
+            answer = tls.makefile("rb").readline()
+    except (ConnectionResetError, ssl.SSLError):  # closed after the handshake
+        answer = b""
+    if not answer:
+        return {"closed": True}
+    found = json.loads(answer)
+    assert isinstance(found, dict)
+    return found
+
+
+async def test_a_front_certificate_cannot_read_a_mailbox_without_its_users_own_login(
+    cluster: ClusterKit,
+) -> None:
+    node = MAILBOX_NODES[0]
+    mine, theirs = [a for a in sorted(cluster.passwords) if cluster.owner(a) == node][:2]
+    their_id, my_id = user_id(cluster.seed, theirs), user_id(cluster.seed, mine)
+    front = FRONTS[0]
+
+    def ask(request: dict[str, object], cert_of: str = front) -> dict[str, object]:
+        return _ask(cluster, node, request, cert_of)
+
+    forged = {"op": "mbox", "user": their_id, "grant": "made-up"}
+    assert await asyncio.to_thread(ask, forged) == {"ok": False, "error": "grant"}
+    wrong = {"op": "login", "address": theirs, "secret": "not-the-password", "ip": "192.0.2.1"}
+    assert await asyncio.to_thread(ask, wrong) == {"ok": False, "error": "failed"}
+    # My own login gives a grant for my mailbox, and for nobody else's.
+    login = {"op": "login", "address": mine, "secret": cluster.passwords[mine], "ip": "192.0.2.1"}
+    answer = await asyncio.to_thread(ask, login)
+    assert answer["ok"] is True and answer["user"] == my_id and "secret" not in answer
+    grant = str(answer["grant"])
+    for op in ("mbox", "junk", "recovery-key", "app-password"):
+        refused = await asyncio.to_thread(ask, {"op": op, "user": their_id, "grant": grant})
+        assert refused == {"ok": False, "error": "grant"}, op
+    assert (await asyncio.to_thread(ask, {"op": "junk", "user": my_id, "grant": grant}))["ok"]
+    # Only fronts may ask at all: a mailbox node's certificate is turned away.
+    assert await asyncio.to_thread(ask, login, MAILBOX_NODES[1]) == {"closed": True}
+    await asyncio.to_thread(ask, {"op": "revoke", "grant": grant})
+    gone = await asyncio.to_thread(ask, {"op": "junk", "user": my_id, "grant": grant})
+    assert gone == {"ok": False, "error": "grant"}
