@@ -9,7 +9,7 @@ from postvern.filters import Analysis, FilterSettings, ScanContext, analyse, dec
 from postvern.filters.body import POINTS, check_body
 from postvern.filters.content import read_content
 from postvern.filters.families import FAMILY_MAX_POINTS, family_of
-from postvern.filters.spam import MODEL_POINTS_MAX
+from postvern.filters.spam import MODEL_POINTS_FULL
 from postvern.filters.verdict import Hit
 
 
@@ -115,7 +115,7 @@ def test_the_body_family_is_capped_and_agrees_with_the_model() -> None:
     assert alone.action == "inbox" and alone.score == FAMILY_MAX_POINTS
     # the model's full voice and one clear body rule junk together
     agreed = decide(
-        Analysis(hits=[Hit("SPAM_MODEL", MODEL_POINTS_MAX), Hit("BODY_REMOVE_ME", 1.0)]),
+        Analysis(hits=[Hit("SPAM_MODEL", MODEL_POINTS_FULL), Hit("BODY_REMOVE_ME", 1.0)]),
         settings,
     )
     assert agreed.action == "junk"

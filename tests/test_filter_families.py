@@ -10,9 +10,14 @@ from postvern.filters.families import (
     family_of,
 )
 from postvern.filters.spam import (
+    FULL_VOICE_LOGIT,
     MIN_EVIDENCE_FEATURES,
+    MODEL_POINTS_FULL,
     MODEL_POINTS_MAX,
     MODEL_POINTS_MIN,
+    STRONG_LOGIT,
+    STRONG_POINTS,
+    logit_points,
     shipped_model,
 )
 from postvern.filters.verdict import Hit
@@ -26,8 +31,21 @@ def verdict_of(*hits: Hit):  # type: ignore[no-untyped-def]
 
 
 def test_the_model_is_capped_below_the_junk_score() -> None:
-    assert MODEL_POINTS_MAX <= FAMILY_MAX_POINTS < SETTINGS.junk_score
+    assert MODEL_POINTS_FULL <= FAMILY_MAX_POINTS < SETTINGS.junk_score
+    assert MODEL_POINTS_FULL < STRONG_POINTS < MODEL_POINTS_MAX < SETTINGS.junk_score
     assert shipped_model().points(1e6) == MODEL_POINTS_MAX
+    assert verdict_of(Hit("SPAM_MODEL", 1e6)).score == MODEL_POINTS_MAX
+
+
+def test_the_model_keeps_rising_past_its_full_voice() -> None:
+    # full voice at odds of 4 to 1, half a point more at 99 to 1, then slowly on to the cap
+    assert logit_points(FULL_VOICE_LOGIT, 0.0) == MODEL_POINTS_FULL
+    assert abs(logit_points(STRONG_LOGIT, 0.0) - STRONG_POINTS) < 1e-9
+    steps = [logit_points(FULL_VOICE_LOGIT + n / 2, 0.0) for n in range(20)]
+    assert steps == sorted(steps) and steps[-1] == MODEL_POINTS_MAX
+    # a model with a higher threshold reaches its full voice there, and rises from there
+    assert logit_points(3.0, 3.0) == MODEL_POINTS_FULL
+    assert MODEL_POINTS_FULL < logit_points(3.5, 3.0) < STRONG_POINTS
 
 
 def test_one_family_never_junks_alone() -> None:
@@ -42,8 +60,13 @@ def test_one_family_never_junks_alone() -> None:
 
 
 def test_two_families_agreeing_junk() -> None:
-    verdict = verdict_of(Hit("SPAM_MODEL", MODEL_POINTS_MAX), Hit("RCVD_DYNAMIC_CLIENT", 1.0))
+    verdict = verdict_of(Hit("SPAM_MODEL", MODEL_POINTS_FULL), Hit("RCVD_DYNAMIC_CLIENT", 1.0))
     assert verdict.action == "junk"
+    # at its full voice (80%) the model needs a whole point of another family; sure at 99%,
+    # the weakest rule of another family (half a point) agrees enough
+    weakest = Hit("RCVD_NO_RDNS", 0.5)
+    assert verdict_of(Hit("SPAM_MODEL", MODEL_POINTS_FULL), weakest).action == "inbox"
+    assert verdict_of(Hit("SPAM_MODEL", STRONG_POINTS), weakest).action == "junk"
     verdict = verdict_of(Hit("SPAM_MODEL", 2.0), Hit("PHISH_HOMOGRAPH", 6.0))
     assert verdict.action == "junk"
 

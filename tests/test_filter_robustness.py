@@ -15,7 +15,7 @@ import pytest
 
 from postvern.filters import AuthSummary, ScanContext, analyse, decide
 from postvern.filters.content import read_content
-from postvern.filters.spam import MODEL_POINTS_MAX
+from postvern.filters.spam import MODEL_POINTS_FULL
 from postvern.filters.verdict import Action
 
 DMARC_PASS_ENFORCED = AuthSummary(
@@ -412,7 +412,7 @@ def test_obvious_spam_is_junked_when_a_second_family_agrees() -> None:
     # record: the model alone never junks, so it stays at the model's full voice (#13).
     ctx = ScanContext(auth=DMARC_PASS_ENFORCED, macro_checker=None)
     verdict = decide(analyse(SPAM, ctx), ctx.settings)
-    assert verdict.score >= MODEL_POINTS_MAX - 1.0
+    assert verdict.score >= MODEL_POINTS_FULL - 1.0
     # ... and a second family's word junks it (here, a link to a bare IP address).
     with_ip = SPAM.replace(b"click here.", b"click http://192.0.2.7/stop here.")
     assert action(with_ip, DMARC_PASS_ENFORCED) == "junk"

@@ -37,7 +37,7 @@ from postvern.filters.features import MAX_TOKENS, language_of, spam_features, to
 from postvern.filters.spam import (
     MAX_USER_TOKENS,
     MIN_EVIDENCE_FEATURES,
-    MODEL_POINTS_MAX,
+    MODEL_POINTS_FULL,
     USER_FULL_VOICE_MARKS,
     USER_MAX_LOGIT,
     shipped_model,
@@ -89,19 +89,19 @@ def test_model_scores_held_out_ham_and_spam(held_out: list[train_spam.Sample]) -
         chosen = [s for s in held_out if s.kind == kind and s.source == source][::37][:25]
         # the model leans the right way by half its voice (it never junks alone, and
         # speaks fully only at odds of 4 to 1: postvern.filters.spam)
-        as_spam = [model_points(s.raw) >= MODEL_POINTS_MAX / 2 for s in chosen]
+        as_spam = [model_points(s.raw) >= MODEL_POINTS_FULL / 2 for s in chosen]
         right = sum(as_spam) if kind == "spam" else len(as_spam) - sum(as_spam)
         assert right >= len(chosen) - 2, (kind, source, right, len(chosen))
 
 
 def test_obvious_ham_and_spam() -> None:
-    assert model_points(newsletter(GARDEN)) < MODEL_POINTS_MAX
+    assert model_points(newsletter(GARDEN)) < MODEL_POINTS_FULL
     spam = newsletter(
         "CHEAP VIAGRA!!! Buy now, 80% off, no prescription needed. Best online pharmacy, "
         "click here http://pills.example.biz/buy to order, satisfaction guaranteed. "
         "To unsubscribe from this mailing list click here.",
     )
-    assert model_points(spam) >= MODEL_POINTS_MAX
+    assert model_points(spam) >= MODEL_POINTS_FULL
 
 
 def test_user_learning_moves_the_score() -> None:

@@ -25,6 +25,12 @@ from postvern.filters.verdict import Hit
 # strongest Bayes rule gives 3.5 of 5.0; one point more lets the content model say "sure"
 # louder than any single header rule.
 FAMILY_MAX_POINTS = 4.0
+# The content model is the exception above: past its full voice (+4, at a calibrated 80%)
+# it keeps rising with its log-odds, slowly, to just below the junk score
+# (postvern.filters.spam), so that a model sure at 99% needs only the weakest rule of
+# another family (half a point) to junk, and the score still orders the mail it is sure of.
+# It never reaches the junk score: alone it junks nothing.
+CONTENT_MAX_POINTS = 4.9
 # Negative evidence is capped too, so that one family cannot hide a phishing lure either;
 # the evidence that the user wanted a message (they wrote to the sender, it answers their
 # own message) may outweigh any one family of spam evidence, but not two.
@@ -99,7 +105,7 @@ def bounds(family: str) -> tuple[float, float]:
     if family == PERSONAL:
         return -PERSONAL_BOUND_POINTS, PERSONAL_BOUND_POINTS
     low = WANTED_MIN_POINTS if family == WANTED else FAMILY_MIN_POINTS
-    return low, FAMILY_MAX_POINTS
+    return low, CONTENT_MAX_POINTS if family == CONTENT else FAMILY_MAX_POINTS
 
 
 def family_sums(hits: Iterable[Hit]) -> dict[str, float]:

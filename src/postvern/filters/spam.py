@@ -21,6 +21,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from postvern.filters.content import Content, read_content
+from postvern.filters.families import CONTENT_MAX_POINTS
 from postvern.filters.features import language_of, spam_features
 from postvern.filters.sender import SenderIdentity
 
@@ -29,14 +30,14 @@ MODEL_FORMAT = "postvern-spam-4"
 
 # The shipped model's log-odds are mapped to points in proportion: "don't know" (even odds)
 # is 0 points, and the model's threshold (chosen at training on sources each model never
-# saw) is its full voice, MODEL_POINTS_MAX. The model is one family of evidence
+# saw) is its full voice, MODEL_POINTS_FULL. The model is one family of evidence
 # (postvern.filters.families): its points stop below the junk score, so it never junks a
 # message alone; another family (links, headers, sender, attachments) must agree. Its
 # negative points are capped too: ham-looking text must not cancel a phishing rule or a
 # bad attachment entirely.
 JUNK_POINTS = 5.0
 MODEL_POINTS_MIN = -3.0
-MODEL_POINTS_MAX = 4.0
+MODEL_POINTS_FULL = 4.0
 # ... and it speaks fully only when it is also at least this sure (odds of 4 to 1, a
 # calibrated 80%, where SpamAssassin's BAYES_80 starts): the threshold chosen on unseen
 # sources lies near even odds, where a two-line note the model half-recognises would
@@ -44,6 +45,22 @@ MODEL_POINTS_MAX = 4.0
 # at 9 to 1 the pooled ham junked is 0.006% and CSDMC spam caught 55%; at 4 to 1, 0.013%
 # and 64%; at 7 to 3, 0.013% and 68%.)
 FULL_VOICE_LOGIT = math.log(4.0)
+# Past its full voice the model keeps saying how sure it is, in a narrow band below the
+# junk score: half a point more at odds of 99 to 1 (a calibrated 99%, SpamAssassin's
+# BAYES_99), at the same rate per unit of log-odds beyond, up to MODEL_POINTS_MAX. At 99%
+# the weakest rule of another family (half a point) agrees enough to junk — a strong model
+# and any second family — while at 80% a whole point is needed; and the score keeps
+# ordering messages the model is sure of, so that a user's own Junk threshold below the
+# default (delivery/userrules) trades ham for spam gradually instead of at one step. The
+# model still never junks alone. (Leave-one-source-out: pooled ham junked unchanged at
+# 0.06%; spam caught 49.5% -> 50.5%, phishing 83.8% -> 84.5%; spam caught at a 0.1% ham
+# false-positive rate 50% -> 61%.)
+STRONG_LOGIT = math.log(99.0)
+STRONG_POINTS = 4.5
+MODEL_POINTS_MAX = CONTENT_MAX_POINTS
+_POINTS_PER_LOGIT_PAST_FULL = (STRONG_POINTS - MODEL_POINTS_FULL) / (
+    STRONG_LOGIT - FULL_VOICE_LOGIT
+)
 
 # Even odds: the calibration is fitted with both classes weighed equally, so a message the
 # model has no evidence about sits here, not at the training corpora's spam share.
@@ -119,7 +136,7 @@ def sigmoid(z: float) -> float:
 class ModelScore:
     logit: float  # calibrated log-odds of spam
     probability: float
-    points: float  # on the SpamAssassin-like scale (MODEL_POINTS_MAX at the threshold)
+    points: float  # on the SpamAssassin-like scale (MODEL_POINTS_FULL at the threshold)
     known: int = 0  # features the model knew (fewer than MIN_EVIDENCE_FEATURES: abstains)
 
 
@@ -131,7 +148,7 @@ class ShippedModel:
     ``platt_a · z + platt_b`` calibrates z to log-odds at equal class priors (fitted on
     scores of sources each model never saw), and :func:`weigh_evidence` sets even odds for
     messages with too little known text (the model abstains). The threshold, where the
-    model's points reach MODEL_POINTS_MAX, is on that final logit.
+    model's points reach MODEL_POINTS_FULL, is on that final logit.
 
     The model file lists the languages its training ham *and* spam were written in. A
     message in any other language (German when the ham was all English; Korean; Russian)
@@ -220,11 +237,15 @@ class ShippedModel:
 
 def logit_points(logit: float, threshold_logit: float) -> float:
     """The points of a model *logit* for a model whose threshold is *threshold_logit*:
-    in proportion to the log-odds, MODEL_POINTS_MAX from the threshold or FULL_VOICE_LOGIT,
-    whichever is higher."""
+    in proportion to the log-odds up to MODEL_POINTS_FULL, reached at the threshold or
+    FULL_VOICE_LOGIT, whichever is higher; past it, rising slowly toward MODEL_POINTS_MAX
+    (STRONG_POINTS at STRONG_LOGIT when the threshold is FULL_VOICE_LOGIT)."""
     full = max(threshold_logit, FULL_VOICE_LOGIT)
+    if logit > full:
+        past = MODEL_POINTS_FULL + _POINTS_PER_LOGIT_PAST_FULL * (logit - full)
+        return min(MODEL_POINTS_MAX, past)
     share = (logit - NO_EVIDENCE_LOGIT) / (full - NO_EVIDENCE_LOGIT)
-    return max(MODEL_POINTS_MIN, min(MODEL_POINTS_MAX, MODEL_POINTS_MAX * share))
+    return max(MODEL_POINTS_MIN, MODEL_POINTS_FULL * share)
 
 
 def weigh_evidence(logit: float, known: int, threshold_logit: float) -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from postvern.filters import FilterSettings, ScanContext, analyse, decide
-from postvern.filters.spam import MODEL_POINTS_MAX, shipped_model
+from postvern.filters.spam import MODEL_POINTS_FULL, shipped_model
 from postvern.filters.verdict import Verdict
 
 # A message larger than this is skipped (and counted): the SMTP server refuses such mail
@@ -128,11 +128,11 @@ class Tally:
 
 def judge(raw: bytes, ctx: ScanContext) -> tuple[Verdict, bool]:
     """The verdict on *raw*, and whether the model alone is past its threshold (its full
-    voice, MODEL_POINTS_MAX: what would junk the message if the model junked alone)."""
+    voice, MODEL_POINTS_FULL: what would junk the message if the model junked alone)."""
     analysis = analyse(raw, ctx)
     verdict = decide(analysis, ctx.settings)
     model = sum(h.points for h in analysis.hits if h.code == "SPAM_MODEL")
-    return verdict, model >= MODEL_POINTS_MAX
+    return verdict, model >= MODEL_POINTS_FULL
 
 
 def run_trial(
