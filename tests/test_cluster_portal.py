@@ -15,6 +15,7 @@ import hashlib
 import imaplib
 import json
 import mailbox
+import re
 import socket
 import ssl
 import time
@@ -28,7 +29,7 @@ from backup_kit import user_id
 from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build
 from harness import client_tls_context, set_config
 from pg_server import PostgresTestServer
-from portal_kit import Browser, base_url
+from portal_kit import Browser, base_url, imap_login
 from postvern.cluster import nodes, pki, portal
 from postvern.web.portal.security import COOKIE
 
@@ -239,8 +240,41 @@ async def test_a_front_certificate_cannot_read_a_mailbox_without_its_users_own_l
         refused = await asyncio.to_thread(ask, {"op": op, "user": their_id, "grant": grant})
         assert refused == {"ok": False, "error": "grant"}, op
     assert (await asyncio.to_thread(ask, {"op": "junk", "user": my_id, "grant": grant}))["ok"]
+    made_up = {"op": "passkey-login", "user": their_id, "passkey": 1, "prf": "A" * 44}
+    assert await asyncio.to_thread(ask, made_up) == {"ok": False, "error": "failed"}
+    change = {"op": "password", "address": theirs, "current": "guess", "new": "x" * 20}
+    assert await asyncio.to_thread(ask, change) == {"ok": False, "error": "failed"}
     # Only fronts may ask at all: a mailbox node's certificate is turned away.
     assert await asyncio.to_thread(ask, login, MAILBOX_NODES[1]) == {"closed": True}
     await asyncio.to_thread(ask, {"op": "revoke", "grant": grant})
     gone = await asyncio.to_thread(ask, {"op": "junk", "user": my_id, "grant": grant})
     assert gone == {"ok": False, "error": "grant"}
+
+
+async def test_app_passwords_and_password_changes_through_a_front_are_made_on_the_node(
+    cluster: ClusterKit, browser: Fronts
+) -> None:
+    """The front holds no mailbox key: the node wraps the new app password and rewraps the
+    password slot with the key it unlocked; mail logins through any front see both."""
+    address = _user_on(cluster, MAILBOX_NODES[0])
+    old, new = cluster.passwords[address], f"changed-{uuid.uuid4().hex}"
+    await browser.on(FRONTS[0]).login(address, old)
+    await browser.on(FRONTS[1]).get("/account/app-passwords")
+    await browser.post("/account/app-passwords", {"label": "phone"})
+    found = re.search(r"data-new-app-password>([^<]+)<", browser.last)
+    assert found, browser.last[-500:]
+    assert imap_login(cluster.front(FRONTS[0]), address, found.group(1)) == "OK"
+
+    await browser.get("/account/password")
+    form = {"current": "not-the-password", "new": new, "repeat": new}
+    r = await browser.post("/account/password", form)
+    assert r.status == 400 and "current password is not right" in browser.last
+    try:
+        r = await browser.post("/account/password", {**form, "current": old})
+        assert r.status == 200 and "Your password is changed" in browser.last
+        assert imap_login(cluster.front(FRONTS[1]), address, new) == "OK"
+        assert "AUTHENTICATIONFAILED" in imap_login(cluster.front(FRONTS[1]), address, old)
+    finally:
+        await browser.get("/account/password")
+        await browser.post("/account/password", {"current": new, "new": old, "repeat": old})
+    assert imap_login(cluster.front(FRONTS[0]), address, old) == "OK"

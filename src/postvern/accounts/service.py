@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from postvern.accounts import policy
 from postvern.accounts.history import LoginHistory
 from postvern.accounts.invitations import Invitations
-from postvern.accounts.passkeys import Passkeys
+from postvern.accounts.passkeys import Passkey, PasskeyError, Passkeys
 from postvern.accounts.recovery_codes import RecoveryCodes
 from postvern.accounts.sessions import FULL, PENDING, Session, SessionStore
 from postvern.accounts.settings import Settings
@@ -151,14 +151,25 @@ class AccountService:
         await self.login.gate.login_succeeded(ip, session.address, policy.WEB)
         await self.run(self.history.record, session.user_id, ip, f"web: {method}")
 
-    async def passkey_login(self, session: Session, passkey_user: str, mk: bytes, ip: str) -> None:
-        user = await self.run(self.directory.user_by_id, passkey_user)
+    async def passkey_login(self, session: Session, passkey: Passkey, prf: bytes, ip: str) -> None:
+        """A whole login with a passkey that is a key slot: its PRF output opens the mailbox
+        key (here, or on a cluster front by the user's mailbox node, which keeps it)."""
+        user = await self.run(self.directory.user_by_id, passkey.user_id)
         if user is None or (await self.run(self.settings.get, user.id)).disabled:
             raise AccountError("This passkey cannot log in.")
+        if self.remote is not None:
+            try:
+                grant = await self.remote.passkey_login(user.id, passkey.id, prf)
+            except LoginRefused as e:
+                raise AccountError(_refusal(e, "This passkey cannot log in.")) from None
+            session.mailbox_grant = grant
+        else:
+            session.mailbox_key = await self.run(self.passkeys.unlock, passkey, prf)
+        if session.mailbox_grant is None and session.mailbox_key is None:
+            raise PasskeyError(
+                "This passkey is a second factor only: log in with your password first."
+            )
         session.user_id, session.address = user.id, user.address
-        # A front keeps no mailbox key: the password, when a page needs the mailbox, has its
-        # node unlock it there.
-        session.mailbox_key = mk if self.remote is None else None
         await self._complete(session, ip, "passkey")
 
     async def reauthenticate(self, session: Session, secret: str, ip: str) -> None:
@@ -227,12 +238,20 @@ class AccountService:
             check_password(new)
         except DirectoryError as e:
             raise AccountError(str(e).capitalize() + ".") from None
-        try:
-            await self.login.verify(session.address, current, ip, policy.WEB)
-        except LoginRefused:
-            raise AccountError("The current password is not right.") from None
-        await self.run(self.accounts.change_password, session.address, current, new)
-        self.login.cache.forget(session.address)
+        if self.remote is not None:  # the mailbox node unlocks and rewraps (cluster/portal.py)
+            try:
+                await self.remote.change_password(session.address, current, new, ip)
+            except LoginRefused as e:
+                raise AccountError(_refusal(e, "The current password is not right.")) from None
+            except PortalError as e:
+                raise AccountError(e.message.capitalize() + ".") from None
+        else:
+            try:
+                await self.login.verify(session.address, current, ip, policy.WEB)
+            except LoginRefused:
+                raise AccountError("The current password is not right.") from None
+            await self.run(self.accounts.change_password, session.address, current, new)
+        self.login.cache.forget(session.address)  # a front's too (submission logs in there)
 
     async def add_app_password(self, session: Session, label: str) -> str:
         """A new app password, wrapped with the mailbox key the session holds; shown once."""

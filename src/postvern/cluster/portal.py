@@ -26,6 +26,7 @@ one message each, and an empty frame at the end — so neither side holds the wh
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -40,7 +41,9 @@ from typing import Any
 from aiohttp import web
 
 from postvern.accounts import policy
+from postvern.accounts.passkeys import PRF_OUTPUT_BYTES, Passkey, PasskeyError, Passkeys
 from postvern.accounts.sessions import IDLE_SECONDS, MAX_AGE_SECONDS, Session
+from postvern.accounts.store import AccountStore
 from postvern.cluster import pki
 from postvern.cluster.nodes import ClusterError, Node, mailbox_nodes
 from postvern.cluster.placement import rendezvous
@@ -157,6 +160,7 @@ class PortalService:
         self.registry = registry
         self.owns = owns
         self.grants = Grants()
+        self.passkeys = Passkeys(AccountStore(accounts.directory), rp_name="")  # unlock only
 
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
@@ -181,6 +185,10 @@ class PortalService:
     async def _answer(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         if op == "login":
             return await self._login(request)
+        if op == "passkey-login":
+            return await self._passkey_login(request)
+        if op == "password":
+            return await self._change_password(request)
         if op == "revoke":
             self.grants.revoke(request.get("grant"))
             return {"ok": True}
@@ -197,6 +205,13 @@ class PortalService:
             except DirectoryError as e:
                 return {"ok": False, "error": "refused", "message": str(e)}
             return {"ok": True, "secret": secret}
+        if op == "passkey-slot":
+            passkey, prf = await self._passkey(request)
+            try:
+                await self._thread(self.passkeys.add_slot, passkey, entry.mailbox_key, prf)
+            except PasskeyError as e:
+                return {"ok": False, "error": "refused", "message": str(e)}
+            return {"ok": True}
         if op == "recovery-key":
             key = await self._thread(self.accounts.new_recovery_key, entry.user, entry.mailbox_key)
             return {"ok": True, "secret": key}
@@ -214,6 +229,49 @@ class PortalService:
             raise PortalError("elsewhere")
         grant = self.grants.issue(unlocked.user, unlocked.mailbox_key)
         return {"ok": True, "user": unlocked.user.id, "grant": grant}
+
+    async def _passkey(self, request: dict[str, Any]) -> tuple[Passkey, bytes]:
+        """The user's passkey the request names, and the PRF output it carries."""
+        user_id, passkey_id = request.get("user"), request.get("passkey")
+        if not isinstance(user_id, str) or not isinstance(passkey_id, int):
+            raise PortalError("failed")
+        try:
+            prf = base64.b64decode(str(request.get("prf", "")), validate=True)
+        except ValueError:
+            raise PortalError("failed") from None
+        found = [p for p in await self._thread(self.passkeys.list, user_id) if p.id == passkey_id]
+        if not found or len(prf) != PRF_OUTPUT_BYTES:
+            raise PortalError("failed")
+        return found[0], prf
+
+    async def _passkey_login(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A passkey that is a key slot: its PRF output unlocks the key here, or not. (The
+        front checked the WebAuthn assertion; the PRF output is the secret itself.)"""
+        passkey, prf = await self._passkey(request)
+        mailbox_key = await self._thread(self.passkeys.unlock, passkey, prf)
+        user = await self._thread(self.accounts.directory.user_by_id, passkey.user_id)
+        if mailbox_key is None or user is None:
+            raise PortalError("failed")
+        if not await self._thread(self.owns, user.id):
+            raise PortalError("elsewhere")
+        return {"ok": True, "user": user.id, "grant": self.grants.issue(user, mailbox_key)}
+
+    async def _change_password(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Rewrap the password slot: the current password unlocks the key here."""
+        address, current = str(request.get("address", "")), str(request.get("current", ""))
+        try:
+            unlocked = await self.login.verify(address, current, str(request.get("ip")), policy.WEB)
+        except LoginRefused:
+            raise PortalError("failed") from None
+        if not await self._thread(self.owns, unlocked.user.id):
+            raise PortalError("elsewhere")
+        new = str(request.get("new", ""))
+        try:
+            await self._thread(self.accounts.change_password, address, current, new)
+        except DirectoryError as e:
+            return {"ok": False, "error": "refused", "message": str(e)}
+        self.login.cache.forget(unlocked.user.address)
+        return {"ok": True}
 
     async def _granted(self, request: dict[str, Any]) -> _Grant:
         entry = self.grants.get(request.get("grant"), request.get("user"))
@@ -327,6 +385,22 @@ class PortalClient:
 
     async def login(self, address: str, secret: str, ip: str) -> tuple[User, str]:
         """The user and their node's grant; LoginRefused as the login service would."""
+        request = {"op": "login", "address": address, "secret": secret, "ip": ip}
+        answer = await self._checked(address, ip, request)
+        found = await self._thread(self.directory.user_by_id, str(answer["user"]))
+        if found is None:
+            raise LoginRefused("failed", "authentication failed")
+        return found, str(answer["grant"])
+
+    async def change_password(self, address: str, current: str, new: str, ip: str) -> None:
+        """The node checks the current password and rewraps the slot with the key it
+        unlocks; a refusal of the new one is a PortalError("refused") with its reason."""
+        request = {"op": "password", "address": address, "current": current, "new": new}
+        await self._checked(address, ip, {**request, "ip": ip})
+
+    async def _checked(self, address: str, ip: str, request: dict[str, Any]) -> dict[str, Any]:
+        """A request that carries the user's secret, under the front's abuse gate: refused
+        at once while the client is banned; a wrong secret counted and answered late."""
         refusal = await self.gate.login_allowed(ip, address)
         if refusal is not None:
             raise LoginRefused("banned", refusal)
@@ -335,22 +409,42 @@ class PortalClient:
             node = await self._node_of(user.id)
         else:  # no such user: a node still runs Argon2id, so the answer takes as long
             node = rendezvous(address.lower(), mailbox_nodes(self.placement.nodes))
-        request = {"op": "login", "address": address, "secret": secret, "ip": ip}
         try:
             answer = await self._ask(node, request)
         except PortalError as e:
             if e.reason in ("unavailable", "elsewhere"):
                 raise LoginRefused("unavailable", UNAVAILABLE) from None
+            if e.reason == "refused":
+                raise
             await self.gate.login_failed(ip, address, policy.WEB)
             await asyncio.sleep(self.front.failure_delay)
             if e.reason == "banned" or self.gate.is_banned(ip) is not None:
                 raise LoginRefused("banned", "too many failed logins") from None
             raise LoginRefused("failed", "authentication failed") from None
-        found = await self._thread(self.directory.user_by_id, str(answer["user"]))
-        if found is None:
-            raise LoginRefused("failed", "authentication failed")
         await self.gate.login_succeeded(ip, address, policy.WEB)
-        return found, str(answer["grant"])
+        return answer
+
+    async def passkey_login(self, user_id: str, passkey_id: int, prf: bytes) -> str | None:
+        """The node's grant for a passkey's PRF output; None if it unlocks nothing. (The
+        front has checked the assertion and counts failures as for any passkey.)"""
+        request = {"op": "passkey-login", "user": user_id, "passkey": passkey_id,
+                   "prf": base64.b64encode(prf).decode()}  # fmt: skip
+        try:
+            answer = await self._ask(await self._node_of(user_id), request)
+        except PortalError as e:
+            if e.reason in ("unavailable", "elsewhere"):
+                raise LoginRefused("unavailable", UNAVAILABLE) from None
+            return None
+        return str(answer["grant"])
+
+    async def passkey_slot(self, session: Session, passkey_id: int, prf: bytes) -> bool:
+        """Make the passkey a key slot with the key the node holds; False without a grant."""
+        try:
+            await self._granted(session, "passkey-slot", passkey=passkey_id,
+                                prf=base64.b64encode(prf).decode())  # fmt: skip
+        except PortalError:
+            return False
+        return True
 
     async def revoke(self, session: Session) -> None:
         """Forget the session's grant on its node (logout); best effort, it expires anyway."""

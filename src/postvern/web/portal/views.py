@@ -373,7 +373,9 @@ class Portal:
             )
             prf = _prf_output(data)
             slot = False
-            if prf is not None and ctx.session.mailbox_key is not None:
+            if prf is not None and s.remote is not None:  # the mailbox node holds the key
+                slot = await s.remote.passkey_slot(ctx.session, passkey.id, prf)
+            elif prf is not None and ctx.session.mailbox_key is not None:
                 await s.run(s.passkeys.add_slot, passkey, ctx.session.mailbox_key, prf)
                 slot = True
         except PasskeyError as e:
@@ -449,12 +451,11 @@ class Portal:
                 await s.complete_second_factor(session, ctx.ip, "password + passkey")
             else:
                 prf = _prf_output(data)
-                mk = None if prf is None else await s.run(s.passkeys.unlock, passkey, prf)
-                if mk is None:
+                if prf is None:
                     raise PasskeyError(
                         "This passkey is a second factor only: log in with your password first."
                     )
-                await s.passkey_login(session, passkey.user_id, mk, ctx.ip)
+                await s.passkey_login(session, passkey, prf, ctx.ip)
         except (PasskeyError, AccountError) as e:
             await s.login.gate.login_failed(ctx.ip, session.address or "", "web-passkey")
             return _json_response({"ok": False, "error": str(e)}, 401)
