@@ -1,4 +1,5 @@
-"""Portal sessions: a server-side store, held in memory by the one process that serves HTTPS.
+"""Portal sessions: a server-side store, held in memory by the one process that serves HTTPS
+(or, with a Redis backend, shared through Redis: web/portal/shared_sessions.py).
 
 The browser holds only a random 256-bit token in a ``__Host-`` cookie (``Secure; HttpOnly;
 SameSite=Strict; Path=/``); the store keys sessions by the token's SHA-256, so nothing in
@@ -7,8 +8,10 @@ accepted, second factor accepted) so a token planted before login is worth nothi
 it (session fixation, OWASP ASVS V3.2.1). A session that completed login holds the mailbox
 key it unlocked — as an open IMAP session does — so the user can create app passwords and
 export mail; it is dropped at logout, after ``IDLE_SECONDS`` without a request, or after
-``MAX_AGE_SECONDS`` whatever happens. A restart logs everyone out, which is the right
-failure for a zero-access server (nothing of a session is ever written down).
+``MAX_AGE_SECONDS`` whatever happens. In process memory, a restart logs everyone out,
+which is the right failure for a zero-access server (nothing of a session is written down);
+in Redis the key is sealed under a key only the cookie gives, and a cluster front holds its
+mailbox node's grant instead of the key (cluster/portal.py).
 """
 
 from __future__ import annotations
