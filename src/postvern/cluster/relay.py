@@ -152,15 +152,20 @@ class RelayStore:
         kept = {k.name for ks in self.kept().values() for k in ks}
         return set(self.names()) | kept
 
-    def raw(self, name: str) -> bytes:
-        """A copy's sealed bytes, queued or kept."""
-        path = self.root / name
-        if not path.exists():
-            path = next(
-                self.delivered / node / k.file for node, ks in self.kept().items() for k in ks
-                if k.name == name
-            )  # fmt: skip
-        return path.read_bytes()
+    def raw(self, name: str) -> bytes | None:
+        """A copy's sealed bytes, queued or kept; None if it is gone (delivered meanwhile)."""
+        paths = [self.root / name] + [
+            self.delivered / node / k.file
+            for node, ks in self.kept().items()
+            for k in ks
+            if k.name == name
+        ]
+        for path in paths:
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                continue
+        return None
 
     def forget(self, names: set[str]) -> None:
         """Copies another front took over: gone from here (queued and kept), not from the
@@ -340,6 +345,8 @@ class Relay:
         Copies for a node that is backing off are passed over without being read (each
         copy's user is remembered once read), so a long outage of one node, with thousands
         of copies for it queued first, never holds back mail for the others."""
+        if self.claims is not None:  # nothing, not even dropping kept copies, before the
+            await self.claims.ready.wait()  # shared queue has reconciled (sharedq.py)
         now = time.monotonic()
         queued = await self._thread(self.store.names)
         self.queued = len(queued)

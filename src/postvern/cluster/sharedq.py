@@ -68,6 +68,10 @@ NONCE_BYTES = 12
 # front that turns the shared queue on uploads what it already holds instead of taking the
 # missing objects for a takeover (which would drop its queue).
 MIRRORED_MARK = "cluster-queue.mirrored"
+# A takeover claims this many messages in one round trip, and moves this many at a time (each
+# is a read from the store, a write to it, and a local write, all waiting on I/O).
+TAKEOVER_BATCH = 256
+TAKEOVER_PARALLEL = 8
 # A claim another front holds is tried again after this: that front is delivering it.
 CLAIM_RETRY = 1.0
 # Several Redis errors in a row are logged once per this.
@@ -413,7 +417,9 @@ class SharedQueue:
         local = self.relay.all_names()
         if first:
             for name in local - objects:
-                self.store.put(RELAY, name, self.relay.raw(name))
+                data = self.relay.raw(name)
+                if data is not None:
+                    self.store.put(RELAY, name, data)
             return
         gone = local - objects
         if gone:
@@ -468,21 +474,44 @@ class SharedQueue:
                     continue
                 if kind == OUTBOUND and self.queue is None:
                     continue
-                for name in await self.coord.claim(names):  # the dead front's claims expire
-                    try:
-                        await adopt(front, name)
-                        await self._thread(self.store.delete, kind, [name], front)
-                        moved += 1
-                    finally:
-                        await self.coord.release([name])
+                for start in range(0, len(names), TAKEOVER_BATCH):
+                    batch = names[start : start + TAKEOVER_BATCH]
+                    moved += await self._take_batch(front, kind, adopt, batch)
         finally:
             await self.coord.unlock(front)
         if moved:
             self.taken_over += moved
             self.last_takeover = time.time()
             log.warning("shared queue: took over %d queued messages of front %s", moved, front)
-            for wake in self.on_adopted:
+
+    async def _take_batch(
+        self, front: str, kind: str, adopt: Callable[[str, str], Awaitable[None]], names: list[str]
+    ) -> int:
+        """Claim a batch (one round trip), adopt it a few at a time, delete what was adopted
+        from the dead front's prefix (one request), release the claims."""
+        mine = sorted(await self.coord.claim(names))  # the dead front's claims expire first
+        lanes = [mine[i::TAKEOVER_PARALLEL] for i in range(TAKEOVER_PARALLEL)]
+        adopted: list[str] = []
+
+        async def lane(part: list[str]) -> None:
+            for name in part:
+                try:
+                    await adopt(front, name)
+                    adopted.append(name)
+                except Exception:
+                    log.exception(
+                        "shared queue: cannot take over %s/%s; left for later", kind, name
+                    )
+
+        try:
+            await asyncio.gather(*(lane(part) for part in lanes if part))
+            await self._thread(self.store.delete, kind, adopted, front)
+        finally:
+            await self.coord.release(mine)
+        if adopted:
+            for wake in self.on_adopted:  # deliver this batch while the next one moves
                 wake()
+        return len(adopted)
 
     async def _adopt_relay(self, front: str, name: str) -> None:
         assert self.relay is not None
