@@ -189,6 +189,31 @@ async def test_mbox_export_and_junk_come_from_the_users_mailbox_node_through_eit
     assert b"\n>From the body of" in path.read_bytes()  # mboxrd quoting, from the node
 
 
+async def test_after_the_mailbox_node_restarts_the_portal_asks_for_the_password_again(
+    cluster: ClusterKit, browser: Fronts
+) -> None:
+    """The node's grants live in its memory: gone with a restart, the session stays logged
+    in but must confirm the password before the mailbox opens again (on the node)."""
+    node = MAILBOX_NODES[0]
+    address = _user_on(cluster, node)
+    junk = f"junk {uuid.uuid4().hex[:8]}"
+    _append(cluster, address, "Junk", junk)
+    await browser.on(FRONTS[0]).login(address, cluster.passwords[address])
+    await browser.get("/account/spam")
+    assert junk in browser.last
+    cluster.procs[node].stop()
+    cluster.start(node)
+
+    await browser.on(FRONTS[1]).get("/account/spam")
+    assert "not open in this session" in browser.last and junk not in browser.last
+    r = await browser.http.get(browser.base + "/account/export.mbox", allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == "/account/confirm?action=export"
+    await browser.get("/account/confirm?action=junk")
+    form = {"action": "junk", "confirm": cluster.passwords[address]}
+    r = await browser.on(FRONTS[0]).post("/account/confirm", form)
+    assert r.status == 200 and junk in browser.last
+
+
 def _internal(kit: ClusterKit, node: str, cert_of: str) -> ssl.SSLSocket:
     """A portal connection to ``node`` with the certificate of node ``cert_of``."""
     folder = kit.admin / nodes.CLUSTER_DIR

@@ -38,7 +38,7 @@ SESSION_KEY = "postvern.portal.session"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Actions that need the user to have proved who they are recently (login, or the confirm
 # page: password or a current code), and where the confirm page sends them back.
-CONFIRMED_ACTIONS = {"export": f"{PREFIX}/export.mbox"}
+CONFIRMED_ACTIONS = {"export": f"{PREFIX}/export.mbox", "junk": f"{PREFIX}/spam"}
 MAX_FORM_FIELD = 4096  # no field of ours is longer; a longer one is refused, not cut
 # What templates may show when a handler has it (an error, a secret shown once, …).
 OPTIONAL: dict[str, Any] = dict.fromkeys(
@@ -628,7 +628,9 @@ class Portal:
     async def _spam(self, ctx: Ctx, status: int = 200, error: str | None = None) -> web.Response:
         s = self.service
         user = await s.user(ctx.session)
-        junk = await self.mailbox.junk(ctx.session, user) or []
+        # None: the mailbox cannot be opened without the password (a cluster front whose
+        # mailbox node forgot this session's grant); the page offers the confirm page.
+        junk = await self.mailbox.junk(ctx.session, user)
         return await self.render(
             ctx,
             "spam.html",
@@ -637,7 +639,8 @@ class Portal:
             default_threshold=s.app.settings.filters.spam_junk_score,
             allow=await s.run(s.settings.sender_list, user.id, "allow"),
             block=await s.run(s.settings.sender_list, user.id, "block"),
-            junk=junk,
+            junk=junk or [],
+            junk_locked=junk is None,
             error=error,
         )
 
