@@ -11,12 +11,24 @@ import http.client
 import imaplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyotp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import DataDir, ServerProcess, client_tls_context, make_data_dir, services
+from harness import (
+    DataDir,
+    ServerProcess,
+    Services,
+    client_tls_context,
+    make_data_dir,
+    services,
+)
+from postvern.accounts.settings import Settings
+from postvern.accounts.store import AccountStore
+from postvern.accounts.totp import DIGITS, PERIOD, TOTP
 from postvern.crypto.keyslots import KDFParams, WrappedKey
 from postvern.directory.accounts import Unlocked
 from postvern.directory.db import KeySlot, User
@@ -85,10 +97,15 @@ def test_the_key_is_per_process_and_nothing_secret_is_kept() -> None:
     assert b"correct-horse-battery" not in repr(a._accounts).encode()
 
 
-async def test_login_service_warm_path_and_changed_secrets(tmp_path: Path) -> None:
+def cached_services(tmp_path: Path) -> tuple[DataDir, Services]:
     data = make_data_dir(tmp_path / "d")
     svc = services(data)
     svc.login.cache.idle_seconds = 300
+    return data, svc
+
+
+async def test_login_service_warm_path_and_changed_secrets(tmp_path: Path) -> None:
+    data, svc = cached_services(tmp_path)
     try:
         password = data.passwords[ALICE]
         first = await svc.login.verify(ALICE, password, "127.0.0.1", "imap")
@@ -109,6 +126,44 @@ async def test_login_service_warm_path_and_changed_secrets(tmp_path: Path) -> No
             await svc.login.verify(ALICE, password, "127.0.0.1", "imap")
         fresh = await svc.login.verify(ALICE, "a-brand-new-password", "127.0.0.1", "imap")
         assert fresh.mailbox_key == first.mailbox_key
+    finally:
+        await svc.close()
+
+
+async def test_warm_logins_ask_the_directory_only_after_it_changed(tmp_path: Path) -> None:
+    """While nothing is committed to the directory, a warm login makes no trip to its
+    thread; any commit — here an administrator disabling the account from another process,
+    then turning two-factor authentication on in this one — is seen by the next login."""
+    data, svc = cached_services(tmp_path)
+    try:
+        password = data.passwords[ALICE]
+        cold = await svc.login.verify(ALICE, password, "127.0.0.1", "imap")
+        for _ in range(3):
+            assert await svc.login.verify(ALICE, password, "127.0.0.1", "imap") is cold
+        assert (svc.login.kdf_runs, svc.login.warm_logins, svc.login.directory_checks) == (1, 3, 0)
+        # Another protocol was never checked for this entry: one trip, then none.
+        await svc.login.verify(ALICE, password, "127.0.0.1", "pop3")
+        await svc.login.verify(ALICE, password, "127.0.0.1", "pop3")
+        assert svc.login.directory_checks == 1
+
+        other = data.app()
+        try:
+            Settings(AccountStore(other.accounts.directory)).set_disabled(cold.user.id, True)
+        finally:
+            other.close()
+        with pytest.raises(LoginRefused):
+            await svc.login.verify(ALICE, password, "127.0.0.1", "imap")
+        Settings(AccountStore(svc.app.accounts.directory)).set_disabled(cold.user.id, False)
+        fresh = await svc.login.verify(ALICE, password, "127.0.0.1", "imap")
+        assert fresh.user.id == cold.user.id
+
+        totp = TOTP(AccountStore(svc.app.accounts.directory), bytes(32), "example.test")
+        enrolment = totp.begin(cold.user.id, ALICE)
+        code = pyotp.TOTP(enrolment.secret, digits=DIGITS, interval=PERIOD).now()
+        assert totp.confirm(cold.user.id, code, time.time())
+        with pytest.raises(LoginRefused) as refused:
+            await svc.login.verify(ALICE, password, "127.0.0.1", "imap")
+        assert refused.value.reason == "app-password"
     finally:
         await svc.close()
 

@@ -8,6 +8,7 @@ would cost ~25 ms per open for nothing (DESIGN.md).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,33 @@ KEY_BYTES = 32
 BUSY_TIMEOUT_MS = 10_000
 
 Migration = Callable[[apsw.Connection], None]
+
+
+# The WAL index header (https://sqlite.org/walformat.html §2.1): its first copy holds a
+# counter of write transactions, the frame count and the WAL salts, so it changes with every
+# commit by any connection, and with nothing else a reader does.
+WAL_INDEX_HEADER = 48
+
+
+def wal_index_header(path: Path) -> bytes | None:
+    """The first copy of ``path``'s WAL index header, read from ``<path>-shm`` without
+    opening the database (it is neither encrypted nor secret: counters and salts); None
+    when there is none (no connection has the file open in WAL mode). A cheap "has anyone
+    committed since?" that takes no SQLite call.
+
+    Only while no connection of this process has ``path`` open: closing any descriptor of
+    a file drops every POSIX lock the process holds on it (fcntl(2)), SQLite's included.
+    For a file that is open here, read SQLite's own descriptor (login_cache.WalIndexWatch).
+    """
+    try:
+        fd = os.open(f"{path}-shm", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        header = os.pread(fd, WAL_INDEX_HEADER, 0)
+    finally:
+        os.close(fd)
+    return header if len(header) == WAL_INDEX_HEADER else None
 
 
 class WrongKey(Exception):

@@ -17,8 +17,8 @@ from typing import Any, NoReturn, Protocol, TypeVar
 from postvern.accounts import policy
 from postvern.directory.accounts import Accounts, AuthFailed, Unlocked
 from postvern.directory.addresses import AddressError, normalise_address
-from postvern.directory.db import User
-from postvern.login_cache import LoginCache
+from postvern.directory.db import DB_NAME, User
+from postvern.login_cache import LoginCache, WalIndexWatch
 from postvern.store.service import MailboxHandle, MailboxRegistry
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,11 @@ class LoginService:
         self.gate: AbuseGate = gate or OpenGate()
         self.kdf_runs = 0  # how often a password reached Argon2id (exported as a metric)
         self.warm_logins = 0  # how often the cache answered instead (exported as a metric)
+        self.directory_checks = 0  # warm logins that had to ask the directory (_warm)
         self.failure_delay = failure_delay
         self.cache = LoginCache(cache_seconds)
+        sqlite = accounts.directory.backend == "sqlite"
+        self._directory = WalIndexWatch(accounts.data_dir / DB_NAME) if sqlite else None
         self._kdf_slots = asyncio.Semaphore(MAX_CONCURRENT_KDF)
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -114,6 +117,7 @@ class LoginService:
             if isinstance(warm, Unlocked):
                 await self.gate.login_succeeded(peer_ip, address, protocol)
                 return warm
+        version = self._directory_version()  # before the reads: see LoginCache.confirm
         try:
             async with self._kdf_slots:
                 self.kdf_runs += 1
@@ -124,6 +128,7 @@ class LoginService:
             await self._refuse(address, peer_ip, protocol)
         if account is not None:
             self.cache.store(account, secret, unlocked)
+            self.cache.confirm(account, unlocked, protocol, version)
         await self.gate.login_succeeded(peer_ip, address, protocol)
         return unlocked
 
@@ -161,14 +166,24 @@ class LoginService:
         cached = self.cache.lookup(account, secret, self.registry.is_unlocked)
         if cached is None:
             return None
-        verdict = await self._thread(self._recheck, cached, protocol)
-        if verdict is None:
-            self.cache.forget(account)  # password changed, app password revoked, user gone
-            return None
-        if verdict is REFUSED:
-            return REFUSED
+        version = self._directory_version()
+        if not self.cache.confirmed(account, cached, protocol, version):
+            self.directory_checks += 1
+            verdict = await self._thread(self._recheck, cached, protocol)
+            if verdict is None:
+                self.cache.forget(account)  # password changed, app password revoked, user gone
+                return None
+            if verdict is REFUSED:
+                return REFUSED
+            self.cache.confirm(account, cached, protocol, version)
         self.warm_logins += 1
         return cached
+
+    def _directory_version(self) -> bytes | None:
+        """What every commit to the directory changes, read on the loop (a stat, an fstat
+        and a pread of a file SQLite keeps mapped: no SQLite call); None for PostgreSQL,
+        where every warm login asks the directory."""
+        return self._directory.version() if self._directory is not None else None
 
     def _recheck(self, cached: Unlocked, protocol: str) -> Unlocked | object | None:
         if not self.accounts.directory.confirm_slot(cached.slot):

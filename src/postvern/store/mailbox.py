@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import apsw
 
 from postvern import mime
-from postvern.encdb import open_encrypted
+from postvern.encdb import open_encrypted, wal_index_header
 from postvern.mime.model import body_to_json, envelope_to_json
 from postvern.store import faults, fulltext
 from postvern.store.schema import MIGRATIONS
@@ -214,10 +214,9 @@ _REOPENED = -2
 
 def _file_signature(path: Path) -> tuple[object, ...]:
     """What changes whenever any connection commits to ``path``, read without opening it:
-    the WAL index header (its first 48 bytes hold a counter SQLite increments on every
-    write transaction, the frame count and the salts; it is not encrypted and holds no
-    mail), the WAL's and the main file's size and mtime (a checkpoint, or a commit by a
-    connection that then closed, deleting the index)."""
+    the WAL index header (encdb.wal_index_header), the WAL's and the main file's size and
+    mtime (a checkpoint, or a commit by a connection that then closed, deleting the
+    index)."""
     parts: list[object] = []
     for suffix in ("", "-wal"):
         try:
@@ -225,11 +224,7 @@ def _file_signature(path: Path) -> tuple[object, ...]:
             parts += [st.st_ino, st.st_size, st.st_mtime_ns]
         except FileNotFoundError:
             parts.append(None)
-    try:
-        with open(f"{path}-shm", "rb", buffering=0) as shm:
-            parts.append(shm.read(48))
-    except FileNotFoundError:
-        parts.append(None)
+    parts.append(wal_index_header(path))
     return tuple(parts)
 
 
