@@ -11,10 +11,12 @@ front; and a front's certificate alone cannot read anyone's mailbox on the inter
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import imaplib
 import json
 import mailbox
+import os
 import re
 import socket
 import ssl
@@ -30,6 +32,9 @@ from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build
 from harness import client_tls_context, set_config
 from pg_server import PostgresTestServer
 from portal_kit import Browser, base_url, imap_login
+from postvern.accounts.passkeys import Passkeys
+from postvern.accounts.store import AccountStore
+from postvern.app import App
 from postvern.cluster import nodes, pki, portal
 from postvern.web.portal.security import COOKIE
 
@@ -303,3 +308,49 @@ async def test_app_passwords_and_password_changes_through_a_front_are_made_on_th
         await browser.get("/account/password")
         await browser.post("/account/password", {"current": new, "new": old, "repeat": old})
     assert imap_login(cluster.front(FRONTS[0]), address, old) == "OK"
+
+
+def _passkey(kit: ClusterKit, address: str) -> tuple[str, int]:
+    """A passkey row for the user, as a registration would leave it (the WebAuthn ceremony
+    itself is the single server's, tested with a real browser in test_portal_browser.py)."""
+    app = App.open(kit.seed.path)
+    try:
+        user = app.directory.user(address)
+        assert user is not None
+        passkeys = Passkeys(AccountStore(app.directory), rp_name="test")
+        credential = os.urandom(16)
+        with passkeys.store.tx() as c:
+            c.execute(
+                "INSERT INTO passkeys(user_id, credential_id, public_key, sign_count, name,"
+                " created) VALUES(?, ?, ?, ?, ?, ?)",
+                (user.id, credential, b"unused here", 0, "test key", int(time.time())),
+            )
+        found = passkeys.by_credential(credential)
+        assert found is not None
+        return user.id, found.id
+    finally:
+        app.close()
+
+
+async def test_a_passkeys_key_slot_is_made_and_opened_on_the_mailbox_node(
+    cluster: ClusterKit,
+) -> None:
+    node = MAILBOX_NODES[1]
+    address = _user_on(cluster, node)
+    user, passkey = await asyncio.to_thread(_passkey, cluster, address)
+    prf = base64.b64encode(os.urandom(32)).decode()
+
+    def ask(request: dict[str, object]) -> dict[str, object]:
+        return _ask(cluster, node, request, FRONTS[1])
+
+    login = {"op": "login", "address": address, "secret": cluster.passwords[address], "ip": ""}
+    grant = (await asyncio.to_thread(ask, login))["grant"]
+    slot = {"op": "passkey-slot", "user": user, "grant": grant, "passkey": passkey, "prf": prf}
+    assert await asyncio.to_thread(ask, slot) == {"ok": True}
+    unlock = {"op": "passkey-login", "user": user, "passkey": passkey, "prf": prf}
+    answer = await asyncio.to_thread(ask, unlock)
+    assert answer["ok"] is True and answer["grant"] != grant
+    junk = {"op": "junk", "user": user, "grant": answer["grant"]}
+    assert (await asyncio.to_thread(ask, junk))["ok"] is True
+    wrong = {**unlock, "prf": base64.b64encode(os.urandom(32)).decode()}
+    assert await asyncio.to_thread(ask, wrong) == {"ok": False, "error": "failed"}
