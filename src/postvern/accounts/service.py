@@ -130,6 +130,8 @@ class AccountService:
         session.tries += 1
         await asyncio.sleep(self.login.failure_delay)
         if session.tries >= 5 or self.login.gate.is_banned(ip) is not None:
+            if self.remote is not None:  # the mailbox node's grant goes with the session
+                await self.remote.revoke(session)
             self.sessions.drop(session)
             raise AccountError("Too many wrong codes. Log in again.")
         raise AccountError("That code is not right, or it was already used.")
