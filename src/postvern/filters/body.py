@@ -455,7 +455,7 @@ def check_body(content: Content) -> list[Hit]:
     msg = content.message
     text = content.scan_text[:MAX_SCAN_CHARS]
     plain = _URL_TEXT.sub(" ", text) if "://" in text or "www." in text else text
-    words = _TOKEN.findall(plain)
+    words = (_ASCII_TOKEN if plain.isascii() else _TOKEN).findall(plain)
     found = _PHRASES.find(words, plain)
     hits: list[Hit] = []
     hits += _goods(text, words, found, msg.from_name.lower())
@@ -478,6 +478,9 @@ _COMMON_WORDS = frozenset(
 # Words, numbers and the symbols of money: what the phrases above are made of. Every
 # spacing of "$279.99", "$ 279 . 99" reads the same.
 _TOKEN = re.compile(r"[^\W_]+|[$€£%]")
+# The same on ASCII text (most mail): a bitmap test per character instead of a Unicode
+# category look-up, with the same matches.
+_ASCII_TOKEN = re.compile(r"[a-zA-Z0-9]+|[$%]")
 
 
 class _PhraseIndex:

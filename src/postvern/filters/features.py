@@ -37,6 +37,9 @@ MAX_URL_FACTS = 100
 
 # Words, and the few symbols that carry spam signal on their own (money, emphasis).
 _WORD = re.compile(r"[^\W_]+|[$€£¥!%]")
+# The same on ASCII text (most mail), where a class of ASCII letters is a bitmap test
+# rather than a Unicode category look-up per character: same matches, less time.
+_ASCII_WORD = re.compile(r"[a-zA-Z0-9]+|[$!%]")
 _WORD_CHUNK = 16 * 1024  # characters searched for words at a time
 _SYMBOLS = frozenset("$€£¥!%")
 _DIGITS = re.compile(r"\d")
@@ -65,6 +68,9 @@ _INVISIBLE = re.compile("[\u00ad\u034f\u180e\u200b-\u200f\u2060-\u2064\ufeff]")
 # Three or more single letters with a little punctuation or space between them
 # ("v i a g r a", "v.i.a.g.r.a", "e . . n . . o . . u . . g . . h") are read as one word.
 _SPACED_LETTERS = re.compile(r"(?<![^\W\d_])(?:[^\W\d_][\s.*_,-]{1,5}){2,}[^\W\d_](?![^\W\d_])")
+_ASCII_SPACED_LETTERS = re.compile(
+    r"(?<![a-zA-Z])(?:[a-zA-Z][\s.*_,-]{1,5}){2,}[a-zA-Z](?![a-zA-Z])"
+)
 _NOT_LETTER = re.compile(r"[\W\d_]+")
 # A letter replaced by "?" inside a word ("d?bt", "elim?nat?", "c?ns?lid?tion"): spam
 # masks its words so that no filter knows them. A charset lost in transit makes "?" of a
@@ -120,14 +126,15 @@ def tokens(text: str, limit: int = MAX_TOKENS) -> list[str]:
 def _words(text: str) -> Iterator[str]:
     """The _WORD matches of *text*, found a chunk at a time so that a long text costs only
     as much as the tokens taken from it. Chunks end at white space, which no match spans."""
+    pattern = _ASCII_WORD if text.isascii() else _WORD
     pos, size = 0, len(text)
     while size - pos > _WORD_CHUNK:
         end = text.rfind(" ", pos, pos + _WORD_CHUNK)
         if end <= pos:
             break
-        yield from _WORD.findall(text, pos, end)
+        yield from pattern.findall(text, pos, end)
         pos = end
-    yield from _WORD.findall(text, pos)
+    yield from pattern.findall(text, pos)
 
 
 def readable_text(text: str) -> str:
@@ -136,7 +143,7 @@ def readable_text(text: str) -> str:
     signature and list footer."""
     text = _without_signature(_without_armor(_INVISIBLE.sub("", text)))
     text = _ENCODED_LINE.sub(" ", strip_urls(text))
-    return _SPACED_LETTERS.sub(_joined, text)
+    return (_ASCII_SPACED_LETTERS if text.isascii() else _SPACED_LETTERS).sub(_joined, text)
 
 
 def _without_armor(text: str) -> str:

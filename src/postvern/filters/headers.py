@@ -95,6 +95,20 @@ _OPT_OUT = re.compile(
 # Opt-out wording is looked for in the first and the last part of the text only, where
 # senders put it (a discussion quoting "unsubscribe" in its middle is not bulk).
 OPT_OUT_SCAN_CHARS = 2000
+# Every _OPT_OUT match in ASCII text holds one of these in lower case (in other text, case
+# folding has its exceptions, and the pattern is asked directly).
+_OPT_OUT_ASCII_NEEDLES = (
+    "unsubscri", "opt", "remove", "abmelden", "cancelar", "descadastr", "disiscriv"
+)  # fmt: skip
+
+
+def _may_opt_out(text: str) -> bool:
+    """False when *text* cannot match _OPT_OUT: a substring test per needle costs a
+    fraction of the case-insensitive pattern's scan, and most mail says no such thing."""
+    if not text.isascii():
+        return True
+    lowered = text.lower()
+    return any(needle in lowered for needle in _OPT_OUT_ASCII_NEEDLES)
 
 
 def check_headers(content: Content) -> list[Hit]:
@@ -203,8 +217,9 @@ def _structure_rules(content: Content) -> list[Hit]:
         hits.append(_hit("MIME_BASE64_TEXT", "ASCII text sent as base64"))
     if msg.report_type:
         return hits  # a bounce's form is its MTA's
-    text_words = len(msg.text.split()) + len(content.html.text.split())
     images = sum(t.startswith("image/") for t in msg.leaf_types) + msg.html.lower().count("<img")
+    # (Words are counted only for mail with images: most has none, and a long text costs.)
+    text_words = len(msg.text.split()) + len(content.html.text.split()) if images else 0
     if images and text_words <= IMAGE_ONLY_MAX_WORDS:
         hits.append(_hit("MIME_IMAGE_ONLY", f"{images} image(s), {text_words} words"))
     elif (
@@ -223,7 +238,7 @@ def _bulk_rules(content: Content) -> list[Hit]:
     text = content.visible_text
     ends = text[:OPT_OUT_SCAN_CHARS] + "\n" + text[-OPT_OUT_SCAN_CHARS:]
     # (Precedence: bulk alone is not counted: lists older than RFC 2369 wrote it.)
-    if _OPT_OUT.search(ends):
+    if _may_opt_out(ends) and _OPT_OUT.search(ends):
         return [_hit("BULK_NO_LIST_UNSUB", "bulk mail without List-Unsubscribe")]
     return []
 

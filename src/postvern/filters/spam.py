@@ -16,6 +16,7 @@ import gzip
 import importlib.resources
 import json
 import math
+import operator
 import zlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -211,9 +212,17 @@ class ShippedModel:
         """The uncalibrated decision value *z*, and how many features the model knows."""
         found = [i for i in map(self._index.get, features) if i is not None]
         # Summed in feature order, as tools/train_spam.py sums them: same input, same z.
-        num = sum(map(self._svm.__getitem__, found), 0.0)
-        norm = sum(map(self._idf2.__getitem__, found), 0.0)
-        naive = sum(map(self._nb.__getitem__, found), 0.0)
+        # (One itemgetter gathers a column's values in C; it returns a tuple for two or
+        # more indices only.)
+        if len(found) > 1:
+            column = operator.itemgetter(*found)
+            num = sum(column(self._svm), 0.0)
+            norm = sum(column(self._idf2), 0.0)
+            naive = sum(column(self._nb), 0.0)
+        else:
+            num = sum(map(self._svm.__getitem__, found), 0.0)
+            norm = sum(map(self._idf2.__getitem__, found), 0.0)
+            naive = sum(map(self._nb.__getitem__, found), 0.0)
         z = self.bias + (num / math.sqrt(norm) if norm else 0.0) + self.nb_scale * naive
         return z, len(found)
 
