@@ -230,3 +230,79 @@ async def test_bad_allowlist_entry_is_a_configuration_error(tmp_path: Path) -> N
     cfg.abuse.allowlist = ["192.0.2.0/24", "not-a-network"]
     with pytest.raises(ValueError, match="allowlist"):
         Abuse(cfg, tmp_path, os.urandom(32))
+
+
+async def two_workers(tmp_path: Path, **settings: Any) -> tuple[Abuse, Abuse]:
+    """Two Abuse objects on one data directory sharing counters through abuse.sqlite, as
+    two worker processes of one server do (workers.py; no Redis)."""
+    data = tmp_path / "shared"
+    data.mkdir()
+    cfg = config.Settings(data_dir=data)
+    for name, value in settings.items():
+        setattr(cfg.abuse, name, value)
+    key = os.urandom(32)
+    pair = []
+    for _ in range(2):
+        abuse = Abuse(cfg, data, key)
+        abuse.share_between_workers()
+        await abuse.start()
+        pair.append(abuse)
+    return pair[0], pair[1]
+
+
+async def test_workers_share_one_allowance_through_leases(tmp_path: Path) -> None:
+    """A limit large enough for leases (ratelimit.lease_size > 1): the two workers together
+    accept exactly the limit, however the messages fall on them, and both refuse after."""
+    limit = 1000  # leases of 10 messages
+    one, two = await two_workers(tmp_path, messages_per_ip_per_hour=limit)
+    try:
+        ip, accepted, refused = "192.0.2.1", 0, {id(one): 0, id(two): 0}
+        # An irregular spread: bursts on one worker, then the other.
+        pattern = [one] * 7 + [two] * 3 + [one, two] * 5
+        for n in range(limit + 200):
+            worker = pattern[n % len(pattern)]
+            if await worker.on_message(ip, "", 1) is None:
+                accepted += 1
+            else:
+                refused[id(worker)] += 1
+        assert accepted == limit
+        assert all(refused.values())
+        # Neither worker accepts another, nor does MAIL get past either.
+        for worker in (one, two):
+            assert await worker.on_mail(ip, "a@example.org") is not None
+            assert await worker.on_message(ip, "", 1) is not None
+        # Another client has its own allowance.
+        assert await two.on_mail("192.0.2.2", "a@example.org") is None
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_a_closing_worker_gives_its_lease_back(tmp_path: Path) -> None:
+    """What a worker reserved and did not spend counts again for the others once it stops."""
+    limit = 1000
+    one, two = await two_workers(tmp_path, recipients_per_ip_per_hour=limit)
+    ip = "192.0.2.1"
+    try:
+        assert await one.on_message(ip, "", 1) is None  # one reserves a lease, spends 1
+        await one.close()
+        # Two can now take all the rest: limit - 1 more recipients, then no more.
+        assert await two.on_message(ip, "", limit - 1) is None
+        assert await two.on_message(ip, "", 1) is not None
+    finally:
+        await two.close()
+
+
+async def test_small_limits_are_counted_hit_by_hit_across_workers(tmp_path: Path) -> None:
+    """Below LEASE_FRACTION a lease is one hit: the third connection is refused on whichever
+    worker it reaches, exactly as with one process."""
+    one, two = await two_workers(tmp_path, connections_per_ip_per_minute=3)
+    try:
+        assert await one.on_connect("192.0.2.1", "smtp") is None
+        assert await two.on_connect("192.0.2.1", "smtp") is None
+        assert await one.on_connect("192.0.2.1", "smtp") is None
+        assert await two.on_connect("192.0.2.1", "smtp") is not None
+        assert await one.on_connect("192.0.2.1", "smtp") is not None
+    finally:
+        await one.close()
+        await two.close()

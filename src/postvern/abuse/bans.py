@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from postvern.abuse.network import (
     AddressError,
+    IPAddress,
     IPNetwork,
     client_key,
     network_key,
@@ -140,8 +141,12 @@ class BanIndex:
             address = parse_ip(ip)
         except AddressError:
             return None
+        return self.lookup_parsed(address, client_key(address))
+
+    def lookup_parsed(self, address: IPAddress, key: str) -> Ban | None:
+        """:meth:`lookup` for an address already parsed, with its ``client_key``."""
         now = self._clock()
-        ban = self._clients.get(client_key(address))
+        ban = self._clients.get(key)
         if ban is not None and ban.active(now):
             return ban
         for network, wide in self._wide.values():

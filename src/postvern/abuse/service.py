@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from postvern.abuse import refusal
@@ -29,6 +30,7 @@ from postvern.abuse.greylist import Decision, Entry, GreylistPolicy, decide
 from postvern.abuse.network import (
     AddressError,
     Allowlist,
+    IPAddress,
     client_key,
     greylist_key,
     network_key,
@@ -63,6 +65,10 @@ PURGE_INTERVAL = 3600.0
 # Background jobs end within a Redis or SQLite round trip of being told to; past this, close()
 # stops waiting for them (and says so) rather than hang a shutdown.
 CLOSE_TIMEOUT = 10.0
+# Peers whose parsed address, client key, allowlisting and counter pseudonym are kept, so
+# that the MAIL, RCPT and end-of-DATA checks of a message do not each parse the address and
+# compute an HMAC again. Past this many the table starts afresh (a few hundred bytes each).
+PEER_CACHE = 4096
 # The reasons recorded for automatic bans (operators give their own).
 AUTH_FAILURES = "authentication failures"
 ENUMERATION = "unknown recipients"
@@ -114,6 +120,7 @@ class Abuse:
         self._data_version = -1
         self._ban_epoch: int | None = None
         self._sync_interval = LOCAL_SYNC_INTERVAL
+        self._peers: dict[str, _Peer | None] = {}
 
     def share_between_workers(self) -> None:
         """Several worker processes serve this data directory (call before :meth:`start`):
@@ -130,6 +137,7 @@ class Abuse:
         DNSBL zones and the scan detection are set up at start only."""
         config = settings.abuse
         self.allowlist = Allowlist(config.allowlist)
+        self._peers.clear()  # they say whether each is allowlisted
         self.policy = BanPolicy(config.ban_seconds, config.ban_max_seconds)
         self.greylisting = config.greylisting
         self.greylist_policy = GreylistPolicy.from_settings(config)
@@ -403,13 +411,13 @@ class Abuse:
 
     async def on_mail(self, ip: str, sender: str) -> Refusal | None:
         """MAIL FROM on the MX: refuse (451) a client or sender already over its limit."""
-        client = self._client_or_none(ip)
-        if client is None or ip in self.allowlist:
+        peer = self._peer(ip)
+        if peer is None:
             return None
-        ban = self._index.lookup(ip)
+        ban = self._index.lookup_parsed(peer.address, peer.client)
         if ban is not None:
             return self.ban_refusal(ban)
-        if await self._limits.reached(Counter.MESSAGES, self._names.text("ip", client)):
+        if await self._limits.reached(Counter.MESSAGES, peer.who):
             return refusal.over_limit_mail("messages from your address this hour")
         address = normalise_address(sender)
         # The null sender (bounces, RFC 5321 §4.5.5) is shared by every MTA on the Internet:
@@ -430,13 +438,13 @@ class Abuse:
         until the count bans the client (421, close). A known one is checked against the
         recipient rate (450) and greylisting (451).
         """
-        client = self._client_or_none(ip)
-        if client is None or ip in self.allowlist:
+        peer = self._peer(ip)
+        if peer is None:
             return None
-        ban = self._index.lookup(ip)
+        client, who = peer.client, peer.who
+        ban = self._index.lookup_parsed(peer.address, client)
         if ban is not None:
             return self.ban_refusal(ban)
-        who = self._names.text("ip", client)
         if not known:
             await self._limits.hit(Counter.UNKNOWN_RCPT, who)
             if await self._limits.reached(Counter.UNKNOWN_RCPT, who):
@@ -452,10 +460,10 @@ class Abuse:
 
     async def on_message(self, ip: str, sender: str, rcpt_count: int) -> Refusal | None:
         """End of DATA on the MX: count the message; 451 if that took a counter over."""
-        client = self._client_or_none(ip)
-        if client is None or ip in self.allowlist:
+        peer = self._peer(ip)
+        if peer is None:
             return None
-        who = self._names.text("ip", client)
+        client, who = peer.client, peer.who
         hits = [(Counter.MESSAGES, who, 1), (Counter.RECIPIENTS, who, max(1, rcpt_count))]
         address = normalise_address(sender)
         if address:
@@ -511,6 +519,27 @@ class Abuse:
 
     # -- helpers -------------------------------------------------------------------------
 
+    def _peer(self, ip: str) -> _Peer | None:
+        """The counted identity of ``ip``; None for a peer that is not counted (no IP
+        address, or allowlisted). Kept per address (PEER_CACHE): the allowlist is the only
+        thing it depends on that can change, and apply_settings() empties it then."""
+        try:
+            return self._peers[ip]
+        except KeyError:
+            pass
+        peer = None
+        try:
+            address = parse_ip(ip)
+        except AddressError:
+            address = None
+        if address is not None and address not in self.allowlist:
+            client = client_key(address)
+            peer = _Peer(address, client, self._names.text("ip", client))
+        if len(self._peers) >= PEER_CACHE:
+            self._peers.clear()
+        self._peers[ip] = peer
+        return peer
+
     def _client_or_none(self, ip: str) -> str | None:
         """The client client, or None for a peer that has no IP address (a Unix socket)."""
         try:
@@ -523,3 +552,13 @@ class Abuse:
 
     def _account(self, account: str) -> str:
         return self._names.text("account", account)
+
+
+@dataclass(frozen=True, slots=True)
+class _Peer:
+    """A counted client address: parsed, its client key (an IPv4 address or an IPv6 /64),
+    and the pseudonym its per-client counters are kept under."""
+
+    address: IPAddress
+    client: str
+    who: str

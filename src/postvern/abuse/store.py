@@ -196,14 +196,19 @@ class AbuseStore:
 
     # -- rate-limit counters (several workers, no Redis) ----------------------------------
 
-    async def counter_incr(self, hits: list[tuple[str, float, int]], now: float) -> list[int]:
+    async def counter_incr(
+        self, hits: list[tuple[str, float, int]], now: float
+    ) -> list[tuple[int, float]]:
         """Add each ``(key, seconds, amount)``: ``amount`` to the window of ``key`` (a new
-        one of ``seconds`` if it has ended); the counts after. One transaction for them all,
-        so every worker sees every hit and a message's several counters cost one commit."""
-        counts: list[int] = await self._run(self._counter_incr, hits, now)
+        one of ``seconds`` if it has ended); the count after and the window's end. One
+        transaction for them all, so every worker sees every hit and a message's several
+        counters cost one commit."""
+        counts: list[tuple[int, float]] = await self._run(self._counter_incr, hits, now)
         return counts
 
-    def _counter_incr(self, hits: list[tuple[str, float, int]], now: float) -> list[int]:
+    def _counter_incr(
+        self, hits: list[tuple[str, float, int]], now: float
+    ) -> list[tuple[int, float]]:
         counts = []
         with self.conn:
             for key, seconds, amount in hits:
@@ -213,11 +218,24 @@ class AbuseStore:
                     " count = CASE WHEN expires > ? THEN count + excluded.count"
                     " ELSE excluded.count END,"
                     " expires = CASE WHEN expires > ? THEN expires ELSE excluded.expires END"
-                    " RETURNING count",
+                    " RETURNING count, expires",
                     (key, amount, now + seconds, now, now),
                 ).fetchall()
-                counts.append(cast(int, rows[0][0]))
+                counts.append((cast(int, rows[0][0]), cast(float, rows[0][1])))
         return counts
+
+    async def counter_release(self, returns: list[tuple[str, float, int]]) -> None:
+        """Take ``amount`` back off each ``(key, window end, amount)``: hits a worker
+        reserved (ratelimit.py's leases) and did not spend. A window that has ended or been
+        replaced since is left alone."""
+        await self._run(self._counter_release, returns)
+
+    def _counter_release(self, returns: list[tuple[str, float, int]]) -> None:
+        with self.conn:
+            self.conn.executemany(
+                "UPDATE counters SET count = max(0, count - ?) WHERE key = ? AND expires = ?",
+                [(amount, key, expires) for key, expires, amount in returns],
+            )
 
     async def counter_get(self, key: str, now: float) -> int:
         count: int = await self._run(self._counter_get, key, now)
