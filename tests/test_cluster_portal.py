@@ -33,6 +33,7 @@ from harness import client_tls_context, set_config
 from pg_server import PostgresTestServer
 from portal_kit import Browser, base_url, imap_login
 from postvern.accounts.passkeys import Passkeys
+from postvern.accounts.settings import Settings
 from postvern.accounts.store import AccountStore
 from postvern.app import App
 from postvern.cluster import nodes, pki, portal
@@ -354,3 +355,33 @@ async def test_a_passkeys_key_slot_is_made_and_opened_on_the_mailbox_node(
     assert (await asyncio.to_thread(ask, junk))["ok"] is True
     wrong = {**unlock, "prf": base64.b64encode(os.urandom(32)).decode()}
     assert await asyncio.to_thread(ask, wrong) == {"ok": False, "error": "failed"}
+
+
+def _set_disabled(kit: ClusterKit, user_id: str, disabled: bool) -> None:
+    app = App.open(kit.seed.path)
+    try:
+        Settings(AccountStore(app.directory)).set_disabled(user_id, disabled)
+    finally:
+        app.close()
+
+
+async def test_a_disabled_account_gets_no_grant_and_loses_the_ones_it_had(
+    cluster: ClusterKit,
+) -> None:
+    node = MAILBOX_NODES[0]
+    address = _user_on(cluster, node)
+    user = user_id(cluster.seed, address)
+
+    def ask(request: dict[str, object]) -> dict[str, object]:
+        return _ask(cluster, node, request, FRONTS[0])
+
+    login = {"op": "login", "address": address, "secret": cluster.passwords[address], "ip": ""}
+    grant = (await asyncio.to_thread(ask, login))["grant"]
+    await asyncio.to_thread(_set_disabled, cluster, user, True)
+    try:
+        junk = {"op": "junk", "user": user, "grant": grant}
+        assert await asyncio.to_thread(ask, junk) == {"ok": False, "error": "grant"}
+        assert await asyncio.to_thread(ask, login) == {"ok": False, "error": "failed"}
+    finally:
+        await asyncio.to_thread(_set_disabled, cluster, user, False)
+    assert await asyncio.to_thread(ask, junk) == {"ok": False, "error": "grant"}  # forgotten

@@ -252,6 +252,8 @@ class PortalService:
         user = await self._thread(self.accounts.directory.user_by_id, passkey.user_id)
         if mailbox_key is None or user is None:
             raise PortalError("failed")
+        if await self._thread(policy.disabled, self.accounts.directory, user.id):
+            raise PortalError("failed")  # as the password login refuses a disabled account
         if not await self._thread(self.owns, user.id):
             raise PortalError("elsewhere")
         return {"ok": True, "user": user.id, "grant": self.grants.issue(user, mailbox_key)}
@@ -280,6 +282,9 @@ class PortalService:
         if not await self._thread(self.owns, entry.user.id):
             self.grants.forget_user(entry.user.id)  # moved away: its key is not ours to keep
             raise PortalError("elsewhere")
+        if await self._thread(policy.disabled, self.accounts.directory, entry.user.id):
+            self.grants.forget_user(entry.user.id)  # disabled since: no secret opens it now
+            raise PortalError("grant")
         return entry
 
     async def _mbox(self, channel: Channel, entry: _Grant) -> None:
