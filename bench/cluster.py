@@ -27,12 +27,24 @@ process:
   through a front of a user of the dead node — for the first user it restores and for the
   big mailbox; then every message acknowledged is checked to be there exactly once.
 
+* **Front takeover** (``--takeover-only`` runs just this): SMTP through one front with its
+  queues on its disk only, then — the fronts restarted with ``[cluster] queue_store`` on
+  SeaweedFS — the same through one front whose every accepted message is also written to the
+  object store before 250 (cluster/sharedq.py): the cost of that durable write per message.
+  Then both mailbox nodes are stopped, T messages are accepted by front2, front2 is killed
+  with SIGKILL, the mailbox nodes come back, and front1 takes front2's copies over once its
+  lease (``--lease-seconds``) lapses. Reported: the time from the kill to the lapse (when the
+  lease key leaves Redis), and from the lapse to every copy delivered to its mailbox node
+  (front1's relay queue and front2's prefix empty); then each message is checked to be
+  there exactly once.
+
 Every figure is from this run on this machine; the load generator shares its cores with the
 four nodes, PostgreSQL and Redis, so the two-front ratio is a lower bound of what two
 machines would give.
 
 Usage: python bench/cluster.py [--messages 1000] [--connections 8] [--imap-seconds 10]
        [--imap-clients 8] [--move-messages 10000] [--replicate-seconds 15] [--failover-only]
+       [--takeover-only] [--takeover-messages 200] [--lease-seconds 5]
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ from common import Job, Target, cpu_seconds, machine_load, send_all, text_messag
 
 from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build  # isort: skip
 from cluster_kit import enable_replicas  # isort: skip
+from harness import set_config  # isort: skip
 from pg_server import PostgresTestServer  # isort: skip
 from seaweed import S3_ENV, Weed  # isort: skip
 
@@ -68,6 +81,7 @@ from postvern.cluster import proxyline
 from postvern.cluster.nodes import CLUSTER_DIR
 from postvern.cluster.pki import NodeIdentity
 from postvern.cluster.relay import RELAY_DIR
+from postvern.cluster.sharedq import KEY_PREFIX
 from postvern.crypto.serverkey import ServerKey
 from postvern.store.mailbox import INBOX, Mailbox
 
@@ -100,10 +114,10 @@ def _cpu(kit: ClusterKit, names: tuple[str, ...]) -> float:
     return total
 
 
-def _relay_pending(kit: ClusterKit) -> int:
+def _relay_pending(kit: ClusterKit, fronts: tuple[str, ...] = FRONTS) -> int:
     return sum(
         1
-        for front in FRONTS
+        for front in fronts
         for p in (kit.nodes[front].path / RELAY_DIR).glob("*.relay")
         if p.is_file()
     )
@@ -392,6 +406,89 @@ def failover_run(kit: ClusterKit, args: argparse.Namespace, mover: str) -> None:
     print(f"  {total} messages acknowledged around the kill: all present, {doubled} twice")
 
 
+def _lease_held(redis: TlsRedis, front: str) -> bool:
+    return redis.command(f"EXISTS {KEY_PREFIX}:lease:{front}".encode()).startswith(b":1")
+
+
+def _objects(store: str, front: str) -> int:
+    return len(Targets.from_urls([store]).targets[0].list(f"{front}/"))
+
+
+def takeover_run(kit: ClusterKit, args: argparse.Namespace, redis: TlsRedis) -> None:
+    """The shared queue's cost per message, then a killed front's mail taken over."""
+    weed = Weed("bench-queue", kit.root / "weed-queue").start()
+    try:
+        _takeover(kit, args, redis, weed)
+    finally:
+        weed.stop()
+
+
+def _takeover(kit: ClusterKit, args: argparse.Namespace, redis: TlsRedis, weed: Weed) -> None:
+    smtp_run(kit, FRONTS[:1], min(100, args.messages), args.connections, seed=10)  # warm-up
+    local = smtp_run(kit, FRONTS[:1], args.messages, args.connections, seed=11)
+    store = weed.url(f"bench-queue-{uuid.uuid4().hex[:8]}")
+    for front in FRONTS:
+        kit.procs[front].stop()
+        set_config(kit.nodes[front].path, "cluster",
+                   {"queue_store": store, "lease_seconds": args.lease_seconds})  # fmt: skip
+        kit.start(front)
+    smtp_run(kit, FRONTS[:1], min(100, args.messages), args.connections, seed=12)  # warm-up
+    shared = smtp_run(kit, FRONTS[:1], args.messages, args.connections, seed=13)
+    print(f"\nShared queue, {args.messages} messages of {MESSAGE_SIZE} B through one front,"
+          f" {args.connections} connections")  # fmt: skip
+    for label, r in (("queues on the front's disk", local), ("+ object store before 250", shared)):
+        print(f"  {label}: accepted {r.rate:.1f} msg/s, delivered {r.count / r.extra:.1f} msg/s;"
+              f" front CPU per 1,000 msgs {1000 * r.front_cpu / r.count:.2f} s")  # fmt: skip
+    extra_ms = 1000 * (shared.seconds - local.seconds) / args.messages
+    print(f"  shared / local: accepted x{shared.rate / local.rate:.2f}, delivered"
+          f" x{(shared.count / shared.extra) / (local.count / local.extra):.2f};"
+          f" {extra_ms:+.2f} ms of wall time per message")  # fmt: skip
+    users = sorted(kit.passwords)
+    for node in MAILBOX_NODES:
+        kit.procs[node].stop()
+    sent: dict[str, list[str]] = {}
+    try:
+        for i in range(args.takeover_messages):
+            to = users[i % len(users)]
+            sent.setdefault(to, []).append(_send(kit, FRONTS[1], to))
+        held = _objects(store, FRONTS[1])
+        kit.procs[FRONTS[1]].kill()
+        killed = time.monotonic()
+    finally:
+        # The mailbox nodes come back meanwhile (a start takes seconds here): timed apart.
+        starter = threading.Thread(target=lambda: [kit.start(n) for n in MAILBOX_NODES])
+        starter.start()
+    deadline = killed + DRAIN_TIMEOUT
+    while _lease_held(redis, FRONTS[1]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the killed front's lease never lapsed")
+        time.sleep(0.01)
+    lapsed = time.monotonic()
+    while _objects(store, FRONTS[1]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the killed front's mail was not taken over")
+        time.sleep(0.02)
+    moved = time.monotonic()
+    starter.join()
+    ready = time.monotonic()
+    while _relay_pending(kit, FRONTS[:1]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the taken-over copies were not delivered")
+        time.sleep(0.02)
+    done = time.monotonic()
+    doubled = sum(_present(kit, address, ids) for address, ids in sent.items())
+    print(f"\nTakeover of a killed front ({args.takeover_messages} relay copies queued, "
+          f"{held} objects under its prefix; lease {args.lease_seconds:.1f} s)")  # fmt: skip
+    print(f"  kill -> lease lapsed: {lapsed - killed:.2f} s; lapse -> all {held} taken over by"
+          f" front1: {moved - lapsed:.2f} s")  # fmt: skip
+    print(f"  mailbox nodes back {ready - killed:.2f} s after the kill; from the lapse (or their"
+          f" return, if later) to all delivered: {done - max(lapsed, ready):.2f} s;"
+          f" kill -> all delivered: {done - killed:.2f} s")  # fmt: skip
+    print(f"  {args.takeover_messages} messages accepted by the killed front: all present,"
+          f" {doubled} twice")  # fmt: skip
+    kit.start(FRONTS[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1000)
@@ -401,6 +498,9 @@ def main() -> None:
     parser.add_argument("--move-messages", type=int, default=10000)
     parser.add_argument("--replicate-seconds", type=float, default=15.0)
     parser.add_argument("--failover-only", action="store_true", help="only the failover (RTO)")
+    parser.add_argument("--takeover-only", action="store_true", help="only the front takeover")
+    parser.add_argument("--takeover-messages", type=int, default=200)
+    parser.add_argument("--lease-seconds", type=float, default=5.0)
     args = parser.parse_args()
     os.environ.update(S3_ENV)
     print(f"machine: {machine_load()}")
@@ -418,9 +518,13 @@ def main() -> None:
 def run(tmp: Path, pg: PostgresTestServer, redis: TlsRedis, args: argparse.Namespace) -> None:
     kit = build(tmp / "cluster", redis_url=redis.url, directory=pg.new_database().settings())
     mover = sorted(a for a in kit.passwords if kit.owner(a) == MAILBOX_NODES[0])[0]
-    seed_mailbox(kit, mover, args.move_messages, seed=7)
+    if not args.takeover_only:
+        seed_mailbox(kit, mover, args.move_messages, seed=7)
     try:
         kit.start_all()
+        if args.takeover_only:
+            takeover_run(kit, args, redis)
+            return
         report(kit, args, mover)
     except BaseException:
         for name, proc in kit.procs.items():  # what the nodes said, to see why

@@ -28,7 +28,7 @@ its delivery id (the file name), so a copy the replica already holds is not stor
 **Shared with the other fronts** (sharedq.py, with ``[cluster] queue_store``): each file also
 goes, byte for byte (it is sealed already), to the object store under this front's prefix
 before the pipeline may answer 250, and leaves it when the copy is finished here (delivered and
-covered, withdrawn, or failed); a copy is sent only under its claim in Redis, so another front
+covered, or failed: in batches, UNSHARE_INTERVAL; withdrawn: at once); a copy is sent only under its claim in Redis, so another front
 that takes this one's copies over after its lease lapsed never sends one at the same time.
 
 Exactly-once holds except in one window, as for the outbound queue (mta/queue.py): a crash
@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -87,6 +88,10 @@ CONNECTIONS_PER_NODE = 4
 # per node) and which belong to a user who now lives elsewhere (one directory query per
 # node). A failover's mail reaches the new node within about this, after the map flips.
 COVERAGE_INTERVAL = 1.0
+# With a shared queue, finished copies leave the object store in batches: one request per
+# this many seconds (or BATCH copies) rather than one per copy. A crash before a batch goes
+# leaves its objects behind; the copies are then sent again, and stored once (delivery ids).
+UNSHARE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +131,8 @@ class RelayStore:
         self.delivered = root / DELIVERED_DIR
         self._aead = ChaCha20Poly1305(key)
         self.shared = shared  # the object store's copy (sharedq.py), written first
+        self._unshared: list[str] = []  # finished copies whose objects go in the next batch
+        self._unshared_lock = threading.Lock()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def put(self, copy: Copy) -> str:
@@ -178,9 +185,31 @@ class RelayStore:
                     (self.delivered / node / k.file).unlink(missing_ok=True)
         fsync_dir(self.root)
 
-    def _unshare(self, names: list[str]) -> None:
-        if self.shared is not None:
+    def _unshare(self, names: list[str], *, now: bool = False) -> None:
+        if self.shared is None:
+            return
+        if now:
             self.shared.delete(RELAY, names)
+            return
+        with self._unshared_lock:
+            self._unshared.extend(names)
+
+    @property
+    def unshared(self) -> int:
+        return len(self._unshared)
+
+    def flush_unshared(self) -> None:
+        """Delete the finished copies' objects, in one request."""
+        with self._unshared_lock:
+            names, self._unshared = self._unshared, []
+        if not names or self.shared is None:
+            return
+        try:
+            self.shared.delete(RELAY, names)
+        except Exception:
+            with self._unshared_lock:
+                self._unshared[:0] = names
+            raise
 
     def get(self, name: str) -> Copy:
         data = (self.root / name).read_bytes()
@@ -195,11 +224,11 @@ class RelayStore:
             n for n in os.listdir(self.root) if n.endswith(SUFFIX) and not n.startswith(TEMP_PREFIX)
         )
 
-    def remove(self, names: list[str]) -> None:
+    def remove(self, names: list[str], withdrawn: bool = False) -> None:
         for name in names:
             (self.root / name).unlink(missing_ok=True)
         fsync_dir(self.root)
-        self._unshare(names)
+        self._unshare(names, now=withdrawn)  # a withdrawn copy was never acknowledged: now
 
     def keep(self, node: str, kept: list[tuple[str, float, str]]) -> None:
         """Acknowledged copies (name, at, user id) into delivered/<node>/ until covered."""
@@ -279,6 +308,7 @@ class Relay:
         self.kept = 0  # acknowledged copies waiting for replication (metrics)
         self.resent = 0  # kept copies sent again, to a user's new node (metrics)
         self._coverage_at = 0.0
+        self._unshare_at = 0.0
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -297,7 +327,7 @@ class Relay:
     async def withdraw(self, name: str) -> None:
         self._held.discard(name)
         self._forget(name)
-        await self._thread(self.store.remove, [name])
+        await self._thread(self.store.remove, [name], True)
 
     def release(self, name: str) -> None:
         self._held.discard(name)
@@ -321,6 +351,7 @@ class Relay:
             for client in kept:
                 await client.close()
         self._pool.clear()
+        await self._flush_unshared(force=True)
 
     async def pending(self) -> int:
         return len(await self._thread(self.store.names))
@@ -387,8 +418,10 @@ class Relay:
             self._coverage_at = time.monotonic() + COVERAGE_INTERVAL
         if more:
             return 0.0  # more waiting: go on at once
+        await self._flush_unshared()
         coverage = (self._coverage_at,) if self.kept else ()
-        retries = (*self._retry_at.values(), *self._not_before.values(), *coverage)
+        unshare = (self._unshare_at,) if self.store.unshared else ()
+        retries = (*self._retry_at.values(), *self._not_before.values(), *coverage, *unshare)
         waits = [at - time.monotonic() for at in retries]
         return max(0.0, min(waits, default=RETRY_MAX))
 
@@ -412,6 +445,17 @@ class Relay:
             else:
                 del by_node[key]
         return list(mine)
+
+    async def _flush_unshared(self, force: bool = False) -> None:
+        store = self.store
+        if not store.unshared:
+            return
+        if force or time.monotonic() >= self._unshare_at or store.unshared >= BATCH:
+            try:
+                await self._thread(store.flush_unshared)
+            except Exception as e:  # kept for the next batch
+                log.warning("shared queue: cannot delete finished copies' objects: %s", e)
+            self._unshare_at = time.monotonic() + UNSHARE_INTERVAL
 
     async def _read(self, name: str) -> Copy | None:
         try:

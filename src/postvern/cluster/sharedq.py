@@ -414,6 +414,7 @@ class SharedQueue:
 
     def _reconcile_relay(self, objects: set[str], first: bool) -> None:
         assert self.relay is not None
+        self.relay.flush_unshared()  # finished here: not to be fetched back
         local = self.relay.all_names()
         if first:
             for name in local - objects:
