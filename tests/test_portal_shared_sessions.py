@@ -4,6 +4,7 @@ Two stores with the same server key stand for two nodes (or worker processes): w
 writes the other loads, what one ends is ended for both, and a write-back from a request
 that was still running when the session ended elsewhere does not bring it back. Redis holds
 neither the cookie nor anything that opens a session or a mailbox, and every record expires.
+A mailbox node's table of portal grants (the front's sessions' stand-in for the key) last.
 """
 
 from __future__ import annotations
@@ -13,8 +14,18 @@ import os
 
 import redis as redis_sync
 
+from clock import Clock
 from postvern.abuse.shared import connection_pool
-from postvern.accounts.sessions import FULL, IDLE_SECONDS, PENDING, PENDING_SECONDS, Session
+from postvern.accounts.sessions import (
+    FULL,
+    IDLE_SECONDS,
+    MAX_AGE_SECONDS,
+    PENDING,
+    PENDING_SECONDS,
+    Session,
+)
+from postvern.cluster.portal import MAX_GRANTS, Grants
+from postvern.directory.db import User
 from postvern.web.portal.shared_sessions import SharedSessions
 from redis_server import redis_server, redis_url
 
@@ -134,3 +145,36 @@ async def test_another_installations_key_opens_nothing(redis_url: str) -> None:
     stranger = SharedSessions(connection_pool(redis_url), b"x" * 32)
     await stranger.load(token)
     assert stranger.get(token) is None
+
+
+def test_a_mailbox_nodes_grants_are_its_users_own_and_end_with_the_session() -> None:
+    """cluster/portal.py's grant table: tied to one user, ended by idleness, absolute age,
+    revocation or the user leaving the node, and bounded."""
+    clock = Clock()
+    grants = Grants(clock)
+    alice = User("u-alice", "alice", "example.test", 0, b"")
+    bob = User("u-bob", "bob", "example.test", 0, b"")
+    grant = grants.issue(alice, MAILBOX_KEY)
+    entry = grants.get(grant, alice.id)
+    assert entry is not None and entry.mailbox_key == MAILBOX_KEY
+    assert grants.get(grant, bob.id) is None and grants.get("made-up", alice.id) is None
+    clock.advance(IDLE_SECONDS - 1)
+    assert grants.get(grant, alice.id) is not None  # in use: the idle limit moves on
+    clock.advance(IDLE_SECONDS + 1)
+    assert grants.get(grant, alice.id) is None
+
+    kept = grants.issue(alice, MAILBOX_KEY)
+    for _ in range(MAX_AGE_SECONDS // (IDLE_SECONDS // 2) + 1):
+        clock.advance(IDLE_SECONDS // 2)
+        grants.get(kept, alice.id)
+    assert grants.get(kept, alice.id) is None  # however busy, not past the absolute age
+
+    revoked, moved = grants.issue(alice, MAILBOX_KEY), grants.issue(bob, MAILBOX_KEY)
+    grants.revoke(revoked)
+    grants.forget_user(bob.id)
+    assert grants.get(revoked, alice.id) is None and grants.get(moved, bob.id) is None
+
+    first = grants.issue(alice, MAILBOX_KEY)
+    for _ in range(MAX_GRANTS):
+        grants.issue(bob, MAILBOX_KEY)
+    assert len(grants) == MAX_GRANTS and grants.get(first, alice.id) is None
