@@ -72,9 +72,11 @@ class FilterStage:
         """Each recipient domain may set its own attachment policy; one SMTP reply covers
         every recipient, so if any of them rejects dangerous attachments, the message is
         rejected (the strictest wins)."""
-        policies = {
-            self.directory.attachment_policy(d) or self.settings.attachment_policy for d in domains
-        }
+        return self._strictest([self.directory.attachment_policy(d) for d in domains])
+
+    def _strictest(self, own: list[str | None]) -> filters.FilterSettings:
+        """The settings under the strictest of the domains' own policies (None: ours)."""
+        policies = {policy or self.settings.attachment_policy for policy in own}
         strictest: Literal["reject", "quarantine"] = (
             "reject" if "reject" in policies or not policies else "quarantine"
         )
@@ -82,9 +84,13 @@ class FilterStage:
 
     async def check(self, raw: bytes, txn: Transaction, auth: AuthVerdict | None) -> FilterVerdict:
         domains = tuple(dict.fromkeys(r.address.rpartition("@")[2].lower() for r in txn.recipients))
-        settings = await asyncio.get_running_loop().run_in_executor(
-            None, self._settings_for, domains
-        )
+        if all(r.policy_known for r in txn.recipients):
+            # Read with each recipient at RCPT time (pipeline._lookup): no thread round trip.
+            settings = self._strictest([r.attachment_policy for r in txn.recipients])
+        else:
+            settings = await asyncio.get_running_loop().run_in_executor(
+                None, self._settings_for, domains
+            )
         ctx = filters.ScanContext(
             recipient_domains=domains,
             auth=filters.AuthSummary.from_verdict(auth) if auth else filters.AuthSummary(),

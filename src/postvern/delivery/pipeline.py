@@ -61,6 +61,11 @@ class Recipient:
     address: str
     users: tuple[User, ...]
     external: tuple[str, ...]
+    # The domain's own attachment policy (None: the server's), read with the recipient so
+    # the filter stage needs no directory round trip of its own; ``policy_known`` False:
+    # not read (SRS bounces), the filter stage looks it up.
+    attachment_policy: str | None = None
+    policy_known: bool = False
 
 
 @dataclass
@@ -102,8 +107,9 @@ class OutboundQueue(Protocol):
 
 
 RemoteSender = Callable[[bytes, list[str]], Awaitable[None]]
-# Where one user's copy goes, after their own rules (delivery/userrules.py).
-FilingRule = Callable[[User], Awaitable[Filing]]
+# Where one user's copy goes, after their own rules (delivery/userrules.py); called in a
+# worker thread, so it may read the directory.
+FilingRule = Callable[[User], Filing]
 INBOX = Filing(junk=False, header=b"")
 
 
@@ -148,15 +154,26 @@ class InboundPipeline:
     async def is_local_domain(self, domain: str) -> bool:
         return bool(await self._thread(self.directory.has_domain, domain))
 
+    def _lookup(self, address: str) -> tuple[Resolution | Reply | None, str | None]:
+        """Worker-thread part of RCPT, in one hand-off (each costs the event loop a thread
+        round trip): whether the domain is ours (NOT_OURS if not), the address's resolution
+        (None for an SRS address, resolved apart), and the domain's attachment policy."""
+        domain = address.rpartition("@")[2]
+        if not self.directory.has_domain(domain):
+            return NOT_OURS, None
+        policy = self.directory.attachment_policy(domain)
+        if is_srs(address):
+            return None, policy
+        return self.directory.resolve(address), policy
+
     async def check_recipient(self, address: str) -> tuple[Reply, Recipient | None]:
         """Decide RCPT TO: unknown users are refused now, not bounced later (no backscatter)."""
-        domain = address.rpartition("@")[2]
         try:
-            if not await self.is_local_domain(domain):
-                return NOT_OURS, None
-            if is_srs(address):
+            resolution, policy = await self._thread(self._lookup, address)
+            if isinstance(resolution, Reply):
+                return resolution, None
+            if resolution is None and is_srs(address):
                 return await self._srs_recipient(address)
-            resolution: Resolution | None = await self._thread(self.directory.resolve, address)
         except Exception:
             # The directory could not answer (busy, I/O): the sender retries, nothing is lost.
             log.exception("recipient lookup failed")
@@ -171,7 +188,9 @@ class InboundPipeline:
         for user in resolution.users:
             if await self._over_quota(user):
                 return MAILBOX_FULL, None
-        return RCPT_OK, Recipient(address, resolution.users, resolution.external)
+        return RCPT_OK, Recipient(
+            address, resolution.users, resolution.external, policy, policy_known=True
+        )
 
     async def _srs_recipient(self, address: str) -> tuple[Reply, Recipient | None]:
         """A bounce to an address we rewrote when forwarding goes back to the original sender."""
@@ -251,8 +270,8 @@ class InboundPipeline:
         del parsed
         rules = self.user_rules
 
-        async def filing(user: User) -> Filing:
-            return await self._thread(rules.file, user.id, shared, sender)
+        def filing(user: User) -> Filing:
+            return rules.file(user.id, shared, sender)
 
         external = list(dict.fromkeys(t for r in txn.recipients for t in r.external))
         forwarder = self.forwarder
@@ -287,11 +306,8 @@ class InboundPipeline:
                     if user.id in seen:
                         continue  # one copy per mailbox, however many of its names were used
                     seen.add(user.id)
-                    filed = await filing(user) if filing is not None else INBOX
-                    copy = self._trace(txn, rcpt.address) + filed.header + message
-                    # Encrypted to the user's own key if they chose it, before it is stored.
-                    copy = await self._thread(protect_copy, self.directory, user, copy)
-                    item = SpoolItem(copy, "\\Junk" if filed.junk else None)
+                    trace = self._trace(txn, rcpt.address)
+                    item = await self._thread(self._copy, user, trace, message, filing)
                     done.append(await self.registry.deliver_undoable(user, item))
             if remote:
                 assert send_remote is not None
@@ -307,6 +323,15 @@ class InboundPipeline:
         for receipt in done:
             await receipt.close()
         return Reply(250, "2.0.0", f"OK queued as {txn.queue_id}")
+
+    def _copy(
+        self, user: User, trace: bytes, message: bytes, filing: FilingRule | None
+    ) -> SpoolItem:
+        """Worker-thread part of one user's copy: their filing rules (directory reads), then
+        encryption to their own key if they chose it, before it is stored; one hand-off."""
+        filed = filing(user) if filing is not None else INBOX
+        copy = protect_copy(self.directory, user, trace + filed.header + message)
+        return SpoolItem(copy, "\\Junk" if filed.junk else None)
 
     def _trace(self, txn: Transaction, recipient: str) -> bytes:
         return (
