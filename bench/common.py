@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -370,6 +370,15 @@ def _frame_name(frame: str) -> str:
     return f"{function} ({where.rpartition(':')[0] or where.rstrip(')')})"
 
 
+def py_spy_stacks(path: Path) -> Iterator[tuple[list[str], int]]:
+    """py-spy's raw (collapsed) output: each stack, thread first then outermost frame
+    first, with its sample count."""
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield stack.split(";"), int(count_text)
+
+
 def summarise_py_spy(path: Path, seconds: float | None = None, top: int = 25) -> str:
     """Shares of the GIL-holding samples per thread, per function (self) and per function
     including callees, from py-spy's collapsed stacks. With ``seconds`` (how long it ran),
@@ -381,12 +390,7 @@ def summarise_py_spy(path: Path, seconds: float | None = None, top: int = 25) ->
     inclusive: Counter[str] = Counter()
     threads: Counter[str] = Counter()
     total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = stack.split(";")
+    for frames, count in py_spy_stacks(path):
         total += count
         threads[frames[0]] += count
         named = [_frame_name(f) for f in frames[1:]]

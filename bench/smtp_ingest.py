@@ -22,8 +22,12 @@ at the receiving end (Postvern: the sealed spool, then opened and checked with t
 key; Postfix: Maildir files). CPU per message is the steadier figure on a shared machine.
 
 DNS answers carry a 300 s TTL, as real sender domains' records do, so Postvern's resolver
-cache works as in production; the sending IP is not allowlisted (its rate limits are raised
-above the load instead, so the accounting still runs).
+cache works as in production. That includes the client's HELO name (``common.Target.helo``),
+which publishes its own SPF record as sending hosts do (RFC 7208 §2.3): without a record
+the HELO check got NXDOMAIN, and the test DNS server's negative answers carry a zero TTL (for
+the tests of caching), so every message cost a real query, which no real resolver's cache
+would. The sending IP is not allowlisted (its rate limits are raised above the load
+instead, so the accounting still runs).
 
 ``--workers 1,2`` runs Postvern once per worker count (``[server] workers``; 1 is the single
 process, more are a supervisor and that many workers sharing the listener): CPU and PSS are
@@ -31,6 +35,7 @@ then summed over the process tree, as for Postfix.
 
 Usage: python bench/smtp_ingest.py [--messages 5000] [--connections 16] [--size 10000]
                                    [--only sink,postvern,postfix] [--profile] [--workers 1,2]
+                                   [--keep-profile PATH]
 """
 
 from __future__ import annotations
@@ -352,6 +357,7 @@ def run_postvern(
     filter_processes: int = 0,
     event_loop: str = "asyncio",
     workers: int = 1,
+    keep_profile: Path | None = None,
 ) -> tuple[Figures, Verification, str]:
     """The load against ``postvern serve``; with ``profile``, py-spy samples it during the
     timed load (or, without py-spy, cProfile records its event-loop thread throughout)."""
@@ -373,6 +379,11 @@ def run_postvern(
         rss = common.peak_rss_kib(pid) if workers == 1 else m.sampler.peak_rss_kib
         log_tail = server.output[-LOG_LINES_ON_REFUSAL:] if m.result.refused else []
     report = m.profile
+    if use_spy:
+        spy_file = root / "postvern.spy"
+        report += "\n" + stage_breakdown(spy_file)
+        if keep_profile is not None:
+            keep_profile.write_bytes(spy_file.read_bytes())
     if log_tail:
         report = "\n".join(["postvern refused messages; the end of its log:", *log_tail, report])
     if profile and not use_spy and cprofile_out.exists():
@@ -409,6 +420,57 @@ def uvloop_env(root: Path, env: dict[str, str]) -> dict[str, str]:
     )
     path = os.pathsep.join([str(site), env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))])
     return {**env, "PYTHONPATH": path}
+
+
+# Where a py-spy sample's time goes: the stage of the innermost frame that names one (a
+# frame's file as py-spy prints it, "(package/module.py:line)"; the first match in this
+# order), so that dkimpy under our DKIM counts for DKIM and logging under the pipeline for
+# logging; "threads" is the pool's own hand-off work, "event loop" asyncio's.
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("logging", ("(logging/",)),
+    ("filter", ("(postvern/filters/",)),
+    ("SPF", ("(postvern/emailauth/spf.py",)),
+    ("DKIM", ("(postvern/emailauth/dkim", "(postvern/emailauth/canon.py",
+              "(postvern/emailauth/domainkeys.py", "(dkim/")),
+    ("ARC", ("(postvern/emailauth/arc.py",)),
+    ("DMARC", ("(postvern/emailauth/dmarc.py",)),
+    ("auth headers/results", ("(postvern/emailauth/",)),
+    ("DNS", ("(postvern/dns/", "(dns/")),
+    ("abuse accounting", ("(postvern/abuse/", "(limits/", "(apsw")),
+    ("spool/encryption/fsync", ("(postvern/store/", "(postvern/crypto/", "(postvern/e2e/",
+                                "(postvern/durable.py", "(cryptography/", "(hpke")),
+    ("directory/rules", ("(postvern/directory/", "(postvern/delivery/userrules.py")),
+    ("header rewriting/pipeline", ("(postvern/delivery/", "(postvern/mime/")),
+    ("SMTP core (sans-I/O)", ("(postvern/smtp/protocol.py", "(postvern/smtp/commands.py",
+                              "(postvern/smtp/events.py", "(postvern/smtp/replies.py",
+                              "(postvern/smtp/address.py")),
+    ("SMTP session/handler", ("(postvern/smtp/", "(postvern/net.py")),
+    ("TLS", ("(ssl.py", "(asyncio/sslproto.py")),
+    ("threads (pool hand-offs)", ("(threading.py", "(concurrent/", "(asyncio/threads.py")),
+    ("event loop", ("(asyncio/", "(selectors.py", "(uvloop")),
+]  # fmt: skip
+
+
+def stage_breakdown(path: Path) -> str:
+    """Shares of py-spy's samples per pipeline stage (see STAGES), from its raw output."""
+    if not path.exists():
+        return ""
+    shares: Counter[str] = Counter()
+    total = 0
+    for frames, count in common.py_spy_stacks(path):
+        total += count
+        stage = "other"
+        for frame in reversed(frames[1:]):
+            found = next((n for n, keys in STAGES if any(k in frame for k in keys)), None)
+            if found is not None:
+                stage = found
+                break
+        shares[stage] += count
+    if not total:
+        return ""
+    lines = [f"py-spy samples by pipeline stage ({total} samples):"]
+    lines += [f"  {100 * c / total:5.1f}%  {name}" for name, c in shares.most_common()]
+    return "\n".join(lines)
 
 
 def summarise_cprofile(path: Path, top: int = 25) -> str:
@@ -656,6 +718,11 @@ def main() -> None:
         default=0,
         help="[filters] processes for Postvern (0: the filter in a thread)",
     )
+    parser.add_argument(
+        "--keep-profile",
+        type=Path,
+        help="with --profile and py-spy: keep its raw stacks here (PATH-<workers>.spy)",
+    )
     parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument(
         "--workers", default="1,2", help="comma-separated [server] workers counts for Postvern"
@@ -682,6 +749,7 @@ def main() -> None:
         for d in domains:
             for name, txt in d.zone().items():
                 dns.add(name, "TXT", txt, ttl=DNS_TTL)
+        dns.add(Target("", 0).helo, "TXT", "v=spf1 ip4:127.0.0.1 -all", ttl=DNS_TTL)
         ca = TestCA(root)
         total = args.messages + WARMUP
         # The same signed messages for every system (each has its own mailbox).
@@ -702,6 +770,9 @@ def main() -> None:
                         args.filter_processes,
                         args.event_loop,
                         count,
+                        args.keep_profile.with_name(f"{args.keep_profile.name}-{count}.spy")
+                        if args.keep_profile
+                        else None,
                     )
                     rows.append(fig)
                     checks.append((fig.system, check))
