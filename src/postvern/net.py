@@ -326,6 +326,11 @@ class Channel(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    @property
+    def write_paused(self) -> bool:
+        """Whether :meth:`drain` would wait (the transport's buffer is over its high mark)."""
+        return self._writable is not None
+
     async def drain(self) -> None:
         """Wait until the transport takes writes again, or the connection is lost."""
         if self._writable is not None:

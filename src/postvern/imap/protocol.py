@@ -289,6 +289,43 @@ def _advertised(capabilities: tuple[str, ...]) -> frozenset[str]:
     return frozenset(capabilities)
 
 
+@functools.lru_cache(maxsize=16)
+def _advertised_upper(capabilities: tuple[str, ...]) -> frozenset[str]:
+    """The same, upper-cased once for :meth:`ImapConnection.has_capability` (every command)."""
+    return frozenset(cap.upper() for cap in capabilities)
+
+
+@functools.lru_cache(maxsize=64)
+def _capability_list(
+    offered: tuple[str, ...],
+    mechanisms: tuple[str, ...],
+    append_limit: int,
+    state: tuple[bool, bool, bool, bool],
+) -> tuple[str, ...]:
+    """What :meth:`ImapConnection.capabilities` answers; the same few lists for every
+    connection, built once (each connection asks twice: greeting and login). ``state``:
+    not authenticated, STARTTLS possible, authentication allowed, compression on."""
+    pre_auth, starttls, auth, deflate = state
+    if pre_auth:
+        caps = [cap for cap in offered if cap in _PRE_AUTH_CAPABILITIES]
+        if starttls:
+            caps.append("STARTTLS")
+        if auth:
+            caps += [f"AUTH={m}" for m in mechanisms]
+        else:
+            caps.append("LOGINDISABLED")  # RFC 9051 §6.2.3
+        return tuple(caps)
+    caps = []
+    for cap in offered:
+        if cap == "APPENDLIMIT":
+            caps.append(f"APPENDLIMIT={append_limit}")
+        elif cap == "SASL-IR" or (cap == "COMPRESS=DEFLATE" and deflate):
+            continue
+        else:
+            caps.append(cap)
+    return tuple(caps)
+
+
 class ImapConnection:
     """One client connection, server side. See the module docstring for the loop."""
 
@@ -359,7 +396,7 @@ class ImapConnection:
         """Advertised by configuration (a "THREAD=" style prefix matches any value)."""
         if name.endswith("="):
             return any(cap.upper().startswith(name.upper()) for cap in self._advertised)
-        return name.upper() in {cap.upper() for cap in self._advertised}
+        return name.upper() in _advertised_upper(self.config.capabilities)
 
     def capabilities(self, state: ConnectionState | None = None) -> list[str]:
         """The CAPABILITY list for the current state, or for ``state`` (RFC 9051 §6.1.1).
@@ -367,15 +404,21 @@ class ImapConnection:
         A LOGIN/AUTHENTICATE OK carries the list of the state it leads to:
         ``ResponseCode.capability(conn.capabilities(ConnectionState.AUTHENTICATED))``.
         """
-        if (state or self.state) is _NA:
-            caps = [cap for cap in self.config.capabilities if cap in _PRE_AUTH_CAPABILITIES]
-            if self.config.tls_available and not self.tls_active:
-                caps.append("STARTTLS")
-            if self._auth_allowed:
-                caps += [f"AUTH={m}" for m in self.config.sasl_mechanisms]
-            else:
-                caps.append("LOGINDISABLED")  # RFC 9051 §6.2.3
-            return caps
+        config = self.config
+        state_now = (
+            (state or self.state) is _NA,
+            config.tls_available and not self.tls_active,
+            self._auth_allowed,
+            self._deflate is not None,
+        )
+        return list(
+            _capability_list(
+                config.capabilities,
+                config.sasl_mechanisms,
+                config.limits.imap_literal,
+                state_now,
+            )
+        )
         caps = []
         for cap in self.config.capabilities:
             if cap == "APPENDLIMIT":

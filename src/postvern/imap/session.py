@@ -51,6 +51,30 @@ PREAUTH_TIMEOUT = 60.0
 SERVER_ID = ProtocolConfig().server_id
 
 
+# The protocol configurations in use: a listener's sessions all share one.
+_CONFIGS: dict[tuple[int, bool, bool, object], tuple[Limits, ProtocolConfig]] = {}
+
+
+def _protocol_config(limits: Limits, tls_available: bool, plaintext_auth: bool) -> ProtocolConfig:
+    # With several worker processes, ID (RFC 2971) also says which one answers.
+    server_id = SERVER_ID + workers.server_id(workers.current)
+    key = (id(limits), tls_available, plaintext_auth, server_id)
+    cached = _CONFIGS.get(key)
+    if cached is not None and cached[0] is limits:
+        return cached[1]
+    config = ProtocolConfig(
+        capabilities=CAPABILITIES,
+        tls_available=tls_available,
+        plaintext_auth=plaintext_auth,
+        limits=limits,
+        server_id=server_id,
+    )
+    if len(_CONFIGS) > 16:  # limits objects replaced by reloads: keep only recent ones
+        _CONFIGS.clear()
+    _CONFIGS[key] = (limits, config)
+    return config
+
+
 class SessionCounter:
     """Open sessions per user, shared by every IMAP listener (Limits.imap_sessions_per_user)."""
 
@@ -92,14 +116,7 @@ class ImapSession:
         self.hostname = hostname
         self.counter = counter
         self.peer_ip = channel.peer_ip
-        config = ProtocolConfig(
-            capabilities=CAPABILITIES,
-            tls_available=ssl_context is not None,
-            plaintext_auth=plaintext_auth,
-            limits=limits,
-            # With several worker processes, ID (RFC 2971) also says which one answers.
-            server_id=SERVER_ID + workers.server_id(workers.current),
-        )
+        config = _protocol_config(limits, ssl_context is not None, plaintext_auth)
         self.conn = ImapConnection(config, tls_active=tls_active)
         self.handle: MailboxHandle | None = None
         self.executor: Executor | None = None
@@ -175,11 +192,12 @@ class ImapSession:
         data = self.conn.data_to_send()
         if data:
             self.channel.write(data)
-        try:
-            async with asyncio.timeout(self.limits.imap_idle_timeout):
-                await self.channel.drain()
-        except TimeoutError:
-            return False
+        if self.channel.write_paused:  # a timer only when there is something to wait for
+            try:
+                async with asyncio.timeout(self.limits.imap_idle_timeout):
+                    await self.channel.drain()
+            except TimeoutError:
+                return False
         return not self.channel.lost
 
     async def _write_out(self) -> None:
