@@ -95,46 +95,48 @@ def tokens(text: str, limit: int = MAX_TOKENS) -> list[str]:
     """Normalised words of *text*: lower case, digits reduced to their shape."""
     out: list[str] = []
     append = out.append
-    for word in _words(text.lower()):
-        if word.isalpha():  # most words: checked first, the rest as below
-            if len(word) < 2:
+    for words in _word_chunks(text.lower()):
+        for word in words:
+            size = len(word)
+            if size <= MAX_TOKEN_CHARS and word.isalpha():  # most words: checked first
+                if size >= 2:
+                    append(word)
+                    if len(out) >= limit:
+                        return out
                 continue
-            if len(word) <= MAX_TOKEN_CHARS:
+            if size < 2 and word not in _SYMBOLS:
+                continue
+            if size > MAX_TOKEN_CHARS:
+                if _CJK.search(word):
+                    out.extend(_cjk_pairs(word))
+                else:
+                    append("#long")
+            elif size == 1:
                 append(word)
-                if len(out) >= limit:
-                    break
-                continue
-        if len(word) < 2 and word not in _SYMBOLS:
-            continue
-        if len(word) > MAX_TOKEN_CHARS:
-            if _CJK.search(word):
-                out.extend(_cjk_pairs(word))
+            elif word.isdigit():
+                # "2004" and "2024" alike: a year must not tell the model the era.
+                append("#" + "9" * min(size, 6))
             else:
-                append("#long")
-        elif len(word) == 1:
-            append(word)
-        elif word.isdigit():
-            # "2004" and "2024" alike: a year must not tell the model the era.
-            append("#" + "9" * min(len(word), 6))
-        else:
-            append(_DIGITS.sub("9", word))
-        if len(out) >= limit:
-            break
+                append(_DIGITS.sub("9", word))
+            if len(out) >= limit:
+                return out
     return out
 
 
-def _words(text: str) -> Iterator[str]:
+def _word_chunks(text: str) -> Iterator[list[str]]:
     """The _WORD matches of *text*, found a chunk at a time so that a long text costs only
-    as much as the tokens taken from it. Chunks end at white space, which no match spans."""
+    as much as the tokens taken from it. Chunks end at white space, which no match spans.
+    (A list per chunk rather than a word at a time: resuming a generator per word cost
+    as much as the test of the word.)"""
     pattern = _ASCII_WORD if text.isascii() else _WORD
     pos, size = 0, len(text)
     while size - pos > _WORD_CHUNK:
         end = text.rfind(" ", pos, pos + _WORD_CHUNK)
         if end <= pos:
             break
-        yield from pattern.findall(text, pos, end)
+        yield pattern.findall(text, pos, end)
         pos = end
-    yield from pattern.findall(text, pos)
+    yield pattern.findall(text, pos)
 
 
 def readable_text(text: str) -> str:
