@@ -23,7 +23,8 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +98,15 @@ class ClusterKit:
     def stop_all(self) -> None:
         for proc in self.procs.values():
             proc.stop()
+
+    @contextmanager
+    def running(self) -> Iterator[ClusterKit]:
+        """Every node started; all stopped at the end, whatever happened."""
+        try:
+            self.start_all()
+            yield self
+        finally:
+            self.stop_all()
 
 
 def _cli(*args: str) -> None:

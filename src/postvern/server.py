@@ -388,11 +388,13 @@ async def _start_mx(server: Server, host: str, port: int) -> Listener:
 def _start_submission(implicit_tls: bool) -> Starter:
     async def start(server: Server, host: str, port: int) -> Listener:
         s = server.settings
+        # A cluster front has AUTH checked by the user's mailbox node (cluster/portal.py).
+        auth = (server.cluster.portal if server.cluster else None) or server.login
         return await serve_smtp(
             host,
             port,
             lambda: SubmissionHandler(
-                login=server.login,
+                login=auth,
                 directory=server.app.directory,
                 pipeline=server.pipeline,
                 signer=server.signer,

@@ -73,6 +73,9 @@ ANSWER_TIMEOUT = 60.0
 MAX_GRANTS = 20_000
 GRANT_BYTES = 32
 UNAVAILABLE = "Your mailbox cannot be reached right now; try again in a moment."
+# The protocols whose logins a front asks a node to check without a grant (``verify``):
+# SMTP submission AUTH. (IMAP and POP3 logins are relayed by proxy.py instead.)
+VERIFY_PROTOCOLS = ("smtp",)
 
 
 class PortalError(Exception):
@@ -189,6 +192,8 @@ class PortalService:
             return await self._passkey_login(request)
         if op == "password":
             return await self._change_password(request)
+        if op == "verify":
+            return await self._verify(request)
         if op == "revoke":
             self.grants.revoke(request.get("grant"))
             return {"ok": True}
@@ -229,6 +234,23 @@ class PortalService:
             raise PortalError("elsewhere")
         grant = self.grants.issue(unlocked.user, unlocked.mailbox_key)
         return {"ok": True, "user": unlocked.user.id, "grant": grant}
+
+    async def _verify(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A mail protocol's AUTH on a front (SMTP submission): the node's own login checks
+        the secret (Argon2id, or its login cache) and answers only the user — no grant, the
+        key stays here (in the login cache, as after any login on one machine)."""
+        protocol = str(request.get("protocol", ""))
+        if protocol not in VERIFY_PROTOCOLS:
+            raise PortalError("unknown request")
+        address, secret = str(request.get("address", "")), str(request.get("secret", ""))
+        try:
+            unlocked = await self.login.verify(address, secret, str(request.get("ip")), protocol)
+        except LoginRefused as e:
+            raise PortalError("app-password" if e.reason == "app-password" else "failed") from None
+        if not await self._thread(self.owns, unlocked.user.id):
+            raise PortalError("elsewhere")
+        log.info("verified a login for a front", extra={"protocol": protocol})
+        return {"ok": True, "user": unlocked.user.id}
 
     async def _passkey(self, request: dict[str, Any]) -> tuple[Passkey, bytes]:
         """The user's passkey the request names, and the PRF output it carries."""
@@ -335,6 +357,13 @@ def _line(answer: dict[str, Any]) -> bytes:
 # -- the front's side ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Verified:
+    """A login the user's node checked: who it is (all SMTP AUTH needs; no key)."""
+
+    user: User
+
+
 class PortalClient:
     """The front's calls to a user's mailbox node, and the portal's face for them."""
 
@@ -397,13 +426,27 @@ class PortalClient:
             raise LoginRefused("failed", "authentication failed")
         return found, str(answer["grant"])
 
+    async def verify(self, address: str, secret: str, ip: str, protocol: str) -> Verified:
+        """A mail login checked by the user's node (SMTP submission AUTH on a front), under
+        the front's abuse gate; LoginRefused as LoginService.verify would refuse it, or with
+        the reason ``unavailable`` when the node cannot answer."""
+        request = {"op": "verify", "address": address, "secret": secret, "ip": ip,
+                   "protocol": protocol}  # fmt: skip
+        answer = await self._checked(address, ip, request, protocol)
+        found = await self._thread(self.directory.user_by_id, str(answer["user"]))
+        if found is None:
+            raise LoginRefused("failed", "authentication failed")
+        return Verified(found)
+
     async def change_password(self, address: str, current: str, new: str, ip: str) -> None:
         """The node checks the current password and rewraps the slot with the key it
         unlocks; a refusal of the new one is a PortalError("refused") with its reason."""
         request = {"op": "password", "address": address, "current": current, "new": new}
         await self._checked(address, ip, {**request, "ip": ip})
 
-    async def _checked(self, address: str, ip: str, request: dict[str, Any]) -> dict[str, Any]:
+    async def _checked(
+        self, address: str, ip: str, request: dict[str, Any], protocol: str = policy.WEB
+    ) -> dict[str, Any]:
         """A request that carries the user's secret, under the front's abuse gate: refused
         at once while the client is banned; a wrong secret counted and answered late."""
         refusal = await self.gate.login_allowed(ip, address)
@@ -421,12 +464,14 @@ class PortalClient:
                 raise LoginRefused("unavailable", UNAVAILABLE) from None
             if e.reason == "refused":
                 raise
-            await self.gate.login_failed(ip, address, policy.WEB)
+            await self.gate.login_failed(ip, address, protocol)
             await asyncio.sleep(self.front.failure_delay)
             if e.reason == "banned" or self.gate.is_banned(ip) is not None:
                 raise LoginRefused("banned", "too many failed logins") from None
+            if e.reason == "app-password":  # 2FA on: any failure says so (login.py)
+                raise LoginRefused("app-password", policy.APP_PASSWORD_REQUIRED) from None
             raise LoginRefused("failed", "authentication failed") from None
-        await self.gate.login_succeeded(ip, address, policy.WEB)
+        await self.gate.login_succeeded(ip, address, protocol)
         return answer
 
     async def passkey_login(self, user_id: str, passkey_id: int, prf: bytes) -> str | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import email.utils
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from postvern import mime
 from postvern.abuse import Abuse, subject
@@ -32,7 +32,7 @@ from postvern.directory.addresses import AddressError, normalise_address
 from postvern.directory.db import Directory, User
 from postvern.e2e import autocrypt
 from postvern.emailauth.signing import Signer
-from postvern.login import LoginRefused, LoginService
+from postvern.login import LoginRefused
 from postvern.smtp import replies
 from postvern.smtp.address import Address
 from postvern.smtp.commands import MailParams, RcptParams
@@ -53,6 +53,18 @@ LITERAL_NOT_ROUTED = Reply(550, "5.1.2", "address literals other than this serve
 MAX_LOGGED_DOMAIN = 255
 
 
+class Verified(Protocol):
+    @property
+    def user(self) -> User: ...
+
+
+class Authenticator(Protocol):
+    """Who checks AUTH: the LoginService on one machine; on a cluster front the user's
+    mailbox node (cluster/portal.py), so the front never unwraps a mailbox key."""
+
+    async def verify(self, address: str, secret: str, peer_ip: str, protocol: str) -> Verified: ...
+
+
 class SubmissionHandler(BaseHandler):
     auth_mechanisms = ("PLAIN", "LOGIN")
     auth_requires_tls = True
@@ -60,7 +72,7 @@ class SubmissionHandler(BaseHandler):
     def __init__(
         self,
         *,
-        login: LoginService,
+        login: Authenticator,
         directory: Directory,
         pipeline: InboundPipeline,
         signer: Signer,
@@ -103,6 +115,8 @@ class SubmissionHandler(BaseHandler):
                 return Reply(421, "4.7.0", str(e))
             if e.reason == "app-password":
                 return replies.app_password_required()
+            if e.reason == "unavailable":  # a front whose mailbox node did not answer
+                return Reply(454, "4.7.0", "temporary authentication failure")  # RFC 4954 §6
             return replies.auth_failed()
         self.user = unlocked.user
         state.user = unlocked.user.address

@@ -1,0 +1,156 @@
+"""Accounts on a real cluster (issue #20): mail logins and new users go to the mailbox node.
+
+Two fronts, two mailbox nodes, the directory in PostgreSQL and Redis over verified TLS (built
+by cluster_kit as for tests/test_cluster.py). SMTP submission AUTH through a front is checked
+by the user's mailbox node over the internal portal service, so the front runs no Argon2id
+and opens no key slot (its ``postvern_kdf_runs`` and ``postvern_warm_logins`` stay 0), while
+bans and failure counting stay on the fronts, shared through Redis.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build
+from harness import client_tls_context, set_config
+from pg_server import PostgresTestServer
+from postvern.app import App
+from test_cluster import _message, _metrics, _users_on, _wait_for
+from test_cluster_portal import tls_redis  # noqa: F401 (the module's redis-server)
+
+# The fronts ban a client after this many failed logins (the default is 10): the guesser
+# below reaches it quickly. It comes from its own loopback address, so no other test's
+# client is banned with it.
+FAILURES_TO_BAN = 3
+GUESSER = "127.0.0.3"
+# What a mailbox node logs for each login it checked for a front (cluster/portal.py).
+VERIFIED = "verified a login for a front"
+# Bounds how long a ban made on one front takes to reach the other (it is in Redis at once;
+# this only bounds a broken cluster, no time is asserted).
+BAN_WAIT = 30.0
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+    tls_redis: TlsRedis,  # noqa: F811 (test_cluster_portal's fixture, imported above)
+    pg_server: PostgresTestServer,
+) -> Iterator[ClusterKit]:
+    database = pg_server.new_database().settings()
+    kit = build(tmp_path_factory.mktemp("cluster"), redis_url=tls_redis.url, directory=database)
+    for front in FRONTS:
+        # The test clients' 127.0.0.1 stays allowlisted; the guesser's address is not.
+        abuse = {"auth_failures_per_ip": FAILURES_TO_BAN, "allowlist": ["127.0.0.1", "::1"]}
+        set_config(kit.nodes[front].path, "abuse", abuse)
+    with kit.running():
+        yield kit
+
+
+def _front_logins(kit: ClusterKit, front: str) -> tuple[float, float]:
+    """The front's own cold and warm logins (Argon2id runs, cache hits) from /metrics."""
+    gauges = _metrics(kit, front)
+    return gauges["postvern_kdf_runs_total"], gauges["postvern_warm_logins_total"]
+
+
+def _verified_on(kit: ClusterKit, node: str) -> int:
+    return sum(VERIFIED in line and "smtp" in line for line in kit.procs[node].output)
+
+
+def _connect(
+    kit: ClusterKit, front: str, source: str = "127.0.0.1"
+) -> smtplib.SMTP:  # STARTTLS done, EHLO again
+    host, port = kit.front(front).addr("submission")
+    smtp = smtplib.SMTP(host, port, timeout=30, source_address=(source, 0))
+    smtp.starttls(context=client_tls_context())
+    smtp.ehlo()
+    return smtp
+
+
+def _auth(smtp: smtplib.SMTP, mechanism: str, address: str, secret: str) -> tuple[int, bytes]:
+    """One AUTH exchange with exactly this mechanism (smtplib's login() would try the next
+    mechanism after a failure, counting twice)."""
+    smtp.user, smtp.password = address, secret
+    method = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
+    try:
+        return smtp.auth(mechanism, method, initial_response_ok=mechanism == "PLAIN")
+    except smtplib.SMTPResponseException as e:
+        return e.smtp_code, e.smtp_error
+
+
+def _app_password(kit: ClusterKit, address: str) -> str:
+    app = App.open(kit.seed.path)
+    try:
+        return app.accounts.add_app_password(address, kit.passwords[address], "mail client")
+    finally:
+        app.close()
+
+
+def test_submission_auth_through_a_front_is_checked_by_the_users_mailbox_node(
+    cluster: ClusterKit,
+) -> None:
+    """PLAIN with the password on one front, LOGIN with an app password on the other: both
+    accepted, the mail delivered, and neither front ran a login of its own."""
+    sender = _users_on(cluster, MAILBOX_NODES[0])[0]
+    recipient = _users_on(cluster, MAILBOX_NODES[1])[0]
+    app_password = _app_password(cluster, sender)
+    before = {f: _front_logins(cluster, f) for f in FRONTS}
+    node = MAILBOX_NODES[0]
+    verified = _verified_on(cluster, node)
+
+    sent = []
+    for front, mechanism, secret in (
+        (FRONTS[0], "PLAIN", cluster.passwords[sender]),
+        (FRONTS[1], "LOGIN", app_password),
+        (FRONTS[1], "PLAIN", cluster.passwords[sender]),  # again: the node's login cache
+    ):
+        subject = f"submitted via {front} {mechanism} {uuid.uuid4().hex[:8]}"
+        with _connect(cluster, front) as smtp:
+            assert _auth(smtp, mechanism, sender, secret)[0] == 235
+            msg = _message(recipient, subject)
+            msg.replace_header("From", sender)
+            smtp.send_message(msg)
+        sent.append(subject)
+    for subject in sent:
+        assert _wait_for(cluster, FRONTS[0], recipient, subject).count(subject) == 1
+
+    assert _verified_on(cluster, node) == verified + 3  # the owning node checked all three
+    assert (
+        {f: _front_logins(cluster, f) for f in FRONTS} == before == {f: (0.0, 0.0) for f in FRONTS}
+    )
+
+
+def _turned_away(kit: ClusterKit, front: str, source: str) -> bool:
+    """Whether the front refuses ``source`` at connect (421, banned), waiting a bounded while
+    for a ban made on another front to reach it (no time is asserted)."""
+    deadline = time.monotonic() + BAN_WAIT
+    while True:
+        try:
+            _connect(kit, front, source).quit()
+        except smtplib.SMTPConnectError as e:
+            return e.smtp_code == 421
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def test_a_wrong_submission_password_is_refused_counted_and_bans_on_both_fronts(
+    cluster: ClusterKit,
+) -> None:
+    address = _users_on(cluster, MAILBOX_NODES[1])[0]
+    for attempt in range(FAILURES_TO_BAN):
+        with _connect(cluster, FRONTS[attempt % 2], GUESSER) as smtp:
+            code, _ = _auth(smtp, "PLAIN", address, f"not-the-password-{attempt}")
+            # Refused; the last failure may already say the client is banned.
+            assert code in ((535, 421) if attempt == FAILURES_TO_BAN - 1 else (535,)), attempt
+    # Counted by the fronts in Redis, failures on both adding up: both turn the client away
+    # at connect now, while another client logs in with the password as before.
+    for front in FRONTS:
+        assert _turned_away(cluster, front, GUESSER), front
+    with _connect(cluster, FRONTS[1]) as smtp:
+        assert _auth(smtp, "PLAIN", address, cluster.passwords[address])[0] == 235
+    assert {f: _front_logins(cluster, f) for f in FRONTS} == {f: (0.0, 0.0) for f in FRONTS}
