@@ -4,11 +4,15 @@ Two fronts, two mailbox nodes, the directory in PostgreSQL and Redis over verifi
 by cluster_kit as for tests/test_cluster.py). SMTP submission AUTH through a front is checked
 by the user's mailbox node over the internal portal service, so the front runs no Argon2id
 and opens no key slot (its ``postvern_kdf_runs`` and ``postvern_warm_logins`` stay 0), while
-bans and failure counting stay on the fronts, shared through Redis.
+bans and failure counting stay on the fronts, shared through Redis. A user made on a front
+(an invitation accepted in its portal, ``postvern user add`` there) gets the mailbox file on
+the mailbox node the map names, and on no other machine.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import smtplib
 import time
 import uuid
@@ -19,8 +23,13 @@ import pytest
 from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build
 from harness import client_tls_context, set_config
 from pg_server import PostgresTestServer
+from portal_kit import Browser, imap_login
+from postvern import cli
+from postvern.accounts.invitations import Invitations
+from postvern.accounts.store import AccountStore
 from postvern.app import App
-from test_cluster import _message, _metrics, _users_on, _wait_for
+from postvern.directory.accounts import MAILBOX_DIR
+from test_cluster import _message, _metrics, _send_mx, _users_on, _wait_for
 from test_cluster_portal import tls_redis  # noqa: F401 (the module's redis-server)
 
 # The fronts ban a client after this many failed logins (the default is 10): the guesser
@@ -122,6 +131,75 @@ def test_submission_auth_through_a_front_is_checked_by_the_users_mailbox_node(
     assert (
         {f: _front_logins(cluster, f) for f in FRONTS} == before == {f: (0.0, 0.0) for f in FRONTS}
     )
+
+
+def _lives_only_on_its_node(kit: ClusterKit, address: str) -> str:
+    """The user's node: the map names it, its file is there and on no other machine."""
+    app = App.open(kit.seed.path)
+    try:
+        user = app.directory.user(address)
+        assert user is not None
+        node = app.directory.mailbox_node(user.id)  # set at creation, not by a later lookup
+    finally:
+        app.close()
+    assert node in MAILBOX_NODES
+    name = f"{user.id}.sqlite"
+    holders = [n for n, d in kit.nodes.items() if (d.path / MAILBOX_DIR / name).exists()]
+    assert holders == [node]
+    assert not (kit.seed.path / MAILBOX_DIR / name).exists()
+    return node
+
+
+def _reaches_its_mailbox(kit: ClusterKit, address: str, password: str) -> None:
+    """Logs in over IMAP through either front and receives mail sent through each."""
+    kit.passwords[address] = password  # what the test_cluster helpers log in with
+    for sender, reader in ((FRONTS[0], FRONTS[1]), (FRONTS[1], FRONTS[0])):
+        assert imap_login(kit.front(reader), address, password) == "OK"
+        subject = f"to a new user via {sender} {uuid.uuid4().hex[:8]}"
+        _send_mx(kit, sender, address, subject)
+        assert _wait_for(kit, reader, address, subject).count(subject) == 1
+
+
+def _invite(kit: ClusterKit, address: str) -> str:
+    app = App.open(kit.seed.path)
+    try:
+        invitations = Invitations(AccountStore(app.directory), app.server_key.derive("invitations"))
+        return invitations.create(address, 0)
+    finally:
+        app.close()
+
+
+async def test_an_invitation_accepted_on_a_front_makes_the_mailbox_on_its_node_only(
+    cluster: ClusterKit,
+) -> None:
+    address = f"invited-{uuid.uuid4().hex[:8]}@{cluster.seed.domain}"
+    password = f"invited-{uuid.uuid4().hex}"
+    path = f"/account/invite/{await asyncio.to_thread(_invite, cluster, address)}"
+    invited = Browser(cluster.front(FRONTS[0]))
+    try:
+        await invited.get(path)
+        assert address in invited.last
+        r = await invited.post(path, {"password": password, "repeat": password})
+        assert r.status == 200 and "recovery key" in invited.last
+    finally:
+        await invited.close()
+    await asyncio.to_thread(_lives_only_on_its_node, cluster, address)
+    await asyncio.to_thread(_reaches_its_mailbox, cluster, address, password)
+
+
+def test_user_add_on_a_front_makes_the_mailbox_on_its_node_only(
+    cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = f"added-{uuid.uuid4().hex[:8]}@{cluster.seed.domain}"
+    front = cluster.front(FRONTS[1]).path
+    capsys.readouterr()
+    assert cli.main(["--data", str(front), "user", "add", address, "--generate"]) == 0
+    found = re.search(r"^password: (\S+)$", capsys.readouterr().out, re.MULTILINE)
+    assert found, "a generated password is shown"
+    _lives_only_on_its_node(cluster, address)
+    _reaches_its_mailbox(cluster, address, found.group(1))
+    # The name is taken now, whichever node holds it.
+    assert cli.main(["--data", str(front), "user", "add", address, "--generate"]) != 0
 
 
 def _turned_away(kit: ClusterKit, front: str, source: str) -> bool:

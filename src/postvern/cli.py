@@ -29,6 +29,7 @@ from postvern.abuse import admin as abuse_admin
 from postvern.app import App, open_directory
 from postvern.backup import commands as backup_commands
 from postvern.cluster import commands as cluster_commands
+from postvern.cluster import portal as cluster_portal
 from postvern.crypto.keyslots import BadSlot
 from postvern.crypto.serverkey import KEY_FILE, ServerKey, ServerKeyError
 from postvern.crypto.tls import (
@@ -598,7 +599,10 @@ def cmd_user_add(app: App, args: argparse.Namespace) -> int:
         if args.password_stdin or sys.stdin.isatty():
             password = Secrets(args.password_stdin).read("New password", confirm=True)
     quota = _quota(args.quota) if args.quota else app.settings.limits.default_quota
-    new = app.accounts.create_user(args.address, password, quota)
+    if app.settings.cluster.role:  # made on (and placed on) a mailbox node
+        new = cluster_portal.create_user(app, args.address, password, quota)
+    else:
+        new = app.accounts.create_user(args.address, password, quota)
     print(f"created {new.user.address}")
     if new.generated_password:
         print(f"password: {new.password}")

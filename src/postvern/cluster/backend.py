@@ -95,7 +95,11 @@ class Backend:
         self.listener: ChannelServer | None = None
         self.tls = identity.server_context(ALPN)
         self.portal = portal.PortalService(
-            login=self.login, accounts=login.accounts, registry=registry, owns=self.owns
+            login=self.login,
+            accounts=login.accounts,
+            registry=registry,
+            owns=self.owns,
+            node=node.name,
         )
 
     def owns(self, user_id: str) -> bool:

@@ -30,13 +30,15 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import secrets
+import ssl
 import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -45,15 +47,20 @@ from postvern.accounts.passkeys import PRF_OUTPUT_BYTES, Passkey, PasskeyError, 
 from postvern.accounts.sessions import IDLE_SECONDS, MAX_AGE_SECONDS, Session
 from postvern.accounts.store import AccountStore
 from postvern.cluster import pki
-from postvern.cluster.nodes import ClusterError, Node, mailbox_nodes
+from postvern.cluster.nodes import CLUSTER_DIR, ClusterError, Node, mailbox_nodes
+from postvern.cluster.nodes import load as load_nodes
 from postvern.cluster.placement import rendezvous
 from postvern.cluster.proxy import Front
-from postvern.directory.accounts import Accounts
+from postvern.directory.accounts import Accounts, NewUser, check_password
+from postvern.directory.addresses import AddressError
 from postvern.directory.db import DirectoryError, User
 from postvern.login import LoginRefused, LoginService
 from postvern.net import Channel
 from postvern.store.service import MailboxRegistry
 from postvern.web.portal import export
+
+if TYPE_CHECKING:
+    from postvern.app import App
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,8 @@ UNAVAILABLE = "Your mailbox cannot be reached right now; try again in a moment."
 # The protocols whose logins a front asks a node to check without a grant (``verify``):
 # SMTP submission AUTH. (IMAP and POP3 logins are relayed by proxy.py instead.)
 VERIFY_PROTOCOLS = ("smtp",)
+# A user id as Directory.new_user_id makes it (a front chooses it for a new user).
+USER_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class PortalError(Exception):
@@ -157,7 +166,9 @@ class PortalService:
         accounts: Accounts,
         registry: MailboxRegistry,
         owns: Callable[[str], bool],
+        node: str = "",
     ) -> None:
+        self.node = node  # this node's name: where the users it creates are placed
         self.login = login
         self.accounts = accounts
         self.registry = registry
@@ -194,6 +205,8 @@ class PortalService:
             return await self._change_password(request)
         if op == "verify":
             return await self._verify(request)
+        if op == "create":
+            return await self._create(request)
         if op == "revoke":
             self.grants.revoke(request.get("grant"))
             return {"ok": True}
@@ -251,6 +264,38 @@ class PortalService:
             raise PortalError("elsewhere")
         log.info("verified a login for a front", extra={"protocol": protocol})
         return {"ok": True, "user": unlocked.user.id}
+
+    async def _create(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A new user (``user add`` or an accepted invitation on a front): the mailbox file is
+        made here, with the id the front chose, and the map names this node."""
+        user_id, address = request.get("user"), str(request.get("address", ""))
+        password, quota = request.get("password"), request.get("quota", 0)
+        if (
+            not isinstance(user_id, str)
+            or not USER_ID.fullmatch(user_id)
+            or not (password is None or isinstance(password, str))
+            or not isinstance(quota, int)
+            or quota < 0
+        ):
+            raise PortalError("unknown request")
+        try:
+            new = await self._thread(self._create_here, user_id, address, password, quota)
+        except (DirectoryError, AddressError) as e:
+            return {"ok": False, "error": "refused", "message": str(e)}
+        log.info("created a user for a front")
+        return {
+            "ok": True,
+            "user": new.user.id,
+            "password": new.password if new.generated_password else None,
+            "recovery": new.recovery_key,
+        }
+
+    def _create_here(self, user_id: str, address: str, password: str | None, quota: int) -> NewUser:
+        new = self.accounts.create_user(address, password, quota, user_id=user_id)
+        # Placed here, where its file is; should this fail, rendezvous hashing of its id (by
+        # which the front chose this node) places it here too.
+        self.accounts.directory.set_mailbox_node(new.user.id, self.node)
+        return new
 
     async def _passkey(self, request: dict[str, Any]) -> tuple[Passkey, bytes]:
         """The user's passkey the request names, and the PRF output it carries."""
@@ -357,6 +402,82 @@ def _line(answer: dict[str, Any]) -> bytes:
 # -- the front's side ----------------------------------------------------------------------
 
 
+async def _open(
+    context: ssl.SSLContext, node: Node, request: dict[str, Any]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
+    """Send one request to ``node``'s portal service; the connection and its answer line
+    (PortalError if it refused or did not answer)."""
+    host, port = node.hostport
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=context, server_hostname=node.name, limit=MAX_ANSWER
+            )
+    except (OSError, TimeoutError) as e:
+        log.warning("portal: mailbox node %s unreachable (%s)", node.name, type(e).__name__)
+        raise PortalError("unavailable") from None
+    try:
+        writer.write(_line(request))
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            answer = json.loads(await reader.readline())
+    except (OSError, TimeoutError, ValueError) as e:
+        writer.close()
+        log.warning("portal: no answer from %s (%s)", node.name, type(e).__name__)
+        raise PortalError("unavailable") from None
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        writer.close()
+        if not isinstance(answer, dict):
+            raise PortalError("unavailable")
+        raise PortalError(str(answer.get("error")), str(answer.get("message", "")))
+    return reader, writer, answer
+
+
+async def _create_on(
+    context: ssl.SSLContext, node: Node, user_id: str, address: str, password: str | None,
+    quota: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Ask ``node`` to create the user; DirectoryError with the reason if it cannot."""
+    if password is not None:
+        check_password(password)  # said at once; the node checks again
+    request = {"op": "create", "user": user_id, "address": address, "password": password,
+               "quota": quota}  # fmt: skip
+    try:
+        _, writer, answer = await _open(context, node, request)
+    except PortalError as e:
+        if e.reason == "refused":
+            raise DirectoryError(e.message) from None
+        raise DirectoryError(f"mailbox node {node.name} cannot be reached; try again") from None
+    writer.close()
+    return answer
+
+
+def _new_user(found: User | None, answer: dict[str, Any], password: str | None) -> NewUser:
+    if found is None:  # removed again at once, by someone else
+        raise DirectoryError("the new user is gone")
+    generated = answer.get("password")
+    secret = str(generated) if generated is not None else password or ""
+    return NewUser(found, secret, str(answer["recovery"]), generated is not None)
+
+
+def create_user(app: App, address: str, password: str | None, quota: int) -> NewUser:
+    """``postvern user add`` on a cluster node (blocking). On a front the user is placed on
+    a mailbox node by rendezvous hashing of a fresh id, and that node makes the mailbox file
+    (``create``): a front's disk holds no mailbox. On a mailbox node it is made and placed
+    here."""
+    s = app.settings
+    if s.cluster.role != "front":
+        new = app.accounts.create_user(address, password, quota)
+        app.directory.set_mailbox_node(new.user.id, s.cluster.node)
+        return new
+    folder = s.path(CLUSTER_DIR)
+    identity = pki.NodeIdentity.in_dir(folder)
+    user_id = app.directory.new_user_id()
+    node = rendezvous(user_id, mailbox_nodes(load_nodes(folder)))
+    context = identity.client_context(ALPN)
+    answer = asyncio.run(_create_on(context, node, user_id, address, password, quota))
+    return _new_user(app.directory.user_by_id(str(answer["user"])), answer, password)
+
+
 @dataclass(frozen=True)
 class Verified:
     """A login the user's node checked: who it is (all SMTP AUTH needs; no key)."""
@@ -379,29 +500,7 @@ class PortalClient:
     async def _open(
         self, node: Node, request: dict[str, Any]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
-        host, port = node.hostport
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                reader, writer = await asyncio.open_connection(
-                    host, port, ssl=self.context, server_hostname=node.name, limit=MAX_ANSWER
-                )
-        except (OSError, TimeoutError) as e:
-            log.warning("portal: mailbox node %s unreachable (%s)", node.name, type(e).__name__)
-            raise PortalError("unavailable") from None
-        try:
-            writer.write(_line(request))
-            async with asyncio.timeout(ANSWER_TIMEOUT):
-                answer = json.loads(await reader.readline())
-        except (OSError, TimeoutError, ValueError) as e:
-            writer.close()
-            log.warning("portal: no answer from %s (%s)", node.name, type(e).__name__)
-            raise PortalError("unavailable") from None
-        if not isinstance(answer, dict) or not answer.get("ok"):
-            writer.close()
-            if not isinstance(answer, dict):
-                raise PortalError("unavailable")
-            raise PortalError(str(answer.get("error")), str(answer.get("message", "")))
-        return reader, writer, answer
+        return await _open(self.context, node, request)
 
     async def _ask(self, node: Node, request: dict[str, Any]) -> dict[str, Any]:
         _, writer, answer = await self._open(node, request)
@@ -437,6 +536,15 @@ class PortalClient:
         if found is None:
             raise LoginRefused("failed", "authentication failed")
         return Verified(found)
+
+    async def create_user(self, address: str, password: str | None, quota: int) -> NewUser:
+        """An accepted invitation on a front: made on the mailbox node that rendezvous
+        hashing of a fresh id picks (as ``create_user`` above); DirectoryError if refused."""
+        user_id = self.directory.new_user_id()
+        node = rendezvous(user_id, mailbox_nodes(self.placement.nodes))
+        answer = await _create_on(self.context, node, user_id, address, password, quota)
+        found = await self._thread(self.directory.user_by_id, str(answer["user"]))
+        return _new_user(found, answer, password)
 
     async def change_password(self, address: str, current: str, new: str, ip: str) -> None:
         """The node checks the current password and rewraps the slot with the key it

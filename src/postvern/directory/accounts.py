@@ -100,13 +100,17 @@ class Accounts:
             raise DirectoryError(f"{address} already exists")
         return address
 
-    def create_user(self, address: str, password: str | None, quota: int = 0) -> NewUser:
+    def create_user(
+        self, address: str, password: str | None, quota: int = 0, *, user_id: str | None = None
+    ) -> NewUser:
+        """``user_id``: the id a cluster front chose, by which it placed the user on this
+        node (cluster/portal.py); a fresh one otherwise."""
         address = self.check_new_address(address)
         generated = password is None
         if password is None:
             password = keyslots.generate_secret(4)
         check_password(password)
-        user_id = self.directory.new_user_id()
+        user_id = user_id or self.directory.new_user_id()
         mk = keyslots.new_mailbox_key()
         private, public = seal.generate_keypair()
         recovery = keyslots.generate_secret(RECOVERY_GROUPS)

@@ -258,9 +258,12 @@ class AdminPages:
         if not await s.run(s.invitations.consume, token):
             raise web.HTTPNotFound(text="this invitation is used or has expired")
         try:
-            created = await s.run(
-                s.accounts.create_user, invitation.address, password, invitation.quota
-            )
+            if s.remote is not None:  # a cluster front: made on a mailbox node
+                created = await s.remote.create_user(invitation.address, password, invitation.quota)
+            else:
+                created = await s.run(
+                    s.accounts.create_user, invitation.address, password, invitation.quota
+                )
         except (DirectoryError, AddressError) as e:
             # The link is spent only by success: put it back for another try.
             await s.run(self._restore, invitation.address, invitation.quota, token)
