@@ -320,8 +320,11 @@ class SharedQueue:
             "ret": ret,
             "utf8": smtputf8,
         }
-        sealed = self.store.seal(entry_id, envelope, message)
-        await self._thread(self.store.put, OUTBOUND, entry_id, sealed)
+
+        def seal_and_put() -> None:  # sealing a large message is off the loop too
+            self.store.put(OUTBOUND, entry_id, self.store.seal(entry_id, envelope, message))
+
+        await self._thread(seal_and_put)
 
     async def finished(self, entry_id: str) -> None:
         """The entry is done (final reply or DSN queued): its object goes."""
@@ -450,6 +453,8 @@ class SharedQueue:
         from postvern.mta.queue import QueueRecipient
 
         info = entry.info
+        # Recipients still owed a notice go too: after a takeover they are tried once more
+        # and reported again, rather than their notice lost with this front.
         pending = [
             QueueRecipient(r.address, r.notify, r.orcpt)
             for r in info.recipients
@@ -526,7 +531,7 @@ class SharedQueue:
 
         assert self.queue is not None
         data = await self._thread(self.store.get, front, OUTBOUND, entry_id)
-        envelope, message = self.store.unseal(entry_id, data)
+        envelope, message = await self._thread(self.store.unseal, entry_id, data)
         recipients = [
             QueueRecipient(a, frozenset(n) if n is not None else None, o)
             for a, n, o in envelope["rcpts"]
