@@ -30,7 +30,7 @@ from postvern.accounts.store import AccountStore
 from postvern.app import App
 from postvern.directory.accounts import MAILBOX_DIR
 from test_cluster import _message, _metrics, _send_mx, _users_on, _wait_for
-from test_cluster_portal import tls_redis  # noqa: F401 (the module's redis-server)
+from test_cluster_portal import _ask, tls_redis  # noqa: F401 (tls_redis: the module's redis)
 
 # The fronts ban a client after this many failed logins (the default is 10): the guesser
 # below reaches it quickly. It comes from its own loopback address, so no other test's
@@ -200,6 +200,52 @@ def test_user_add_on_a_front_makes_the_mailbox_on_its_node_only(
     _reaches_its_mailbox(cluster, address, found.group(1))
     # The name is taken now, whichever node holds it.
     assert cli.main(["--data", str(front), "user", "add", address, "--generate"]) != 0
+
+
+async def test_the_internal_create_and_verify_requests_take_only_what_they_are_for(
+    cluster: ClusterKit,
+) -> None:
+    """On the internal service with a front's certificate: ``verify`` checks mail logins
+    only (IMAP and POP3 go through the proxy), ``create`` wants a well-formed new id and
+    refuses a taken name, and a mailbox node's certificate may ask neither."""
+    node = MAILBOX_NODES[0]
+    taken = _users_on(cluster, node)[0]
+
+    def ask(request: dict[str, object], cert_of: str = FRONTS[0]) -> dict[str, object]:
+        return _ask(cluster, node, request, cert_of)
+
+    verify = {"op": "verify", "address": taken, "secret": cluster.passwords[taken], "ip": ""}
+    imap = {**verify, "protocol": "imap"}
+    assert await asyncio.to_thread(ask, imap) == {"ok": False, "error": "unknown request"}
+    assert (await asyncio.to_thread(ask, {**verify, "protocol": "smtp"}))["ok"] is True
+    wrong = {**verify, "protocol": "smtp", "secret": "not-the-password"}
+    assert await asyncio.to_thread(ask, wrong) == {"ok": False, "error": "failed"}
+
+    create = {"op": "create", "address": f"new-{uuid.uuid4().hex[:8]}@{cluster.seed.domain}",
+              "password": None, "quota": 0}  # fmt: skip
+    for bad_id in ("../../etc", "A" * 32, 7):
+        refused = await asyncio.to_thread(ask, {**create, "user": bad_id})
+        assert refused == {"ok": False, "error": "unknown request"}, bad_id
+    again = {**create, "address": taken, "user": uuid.uuid4().hex}
+    answer = await asyncio.to_thread(ask, again)
+    assert answer["ok"] is False and "already exists" in str(answer["message"])
+    assert await asyncio.to_thread(ask, again, MAILBOX_NODES[1]) == {"closed": True}
+
+
+def test_submission_auth_for_a_user_whose_node_is_down_is_a_temporary_failure(
+    cluster: ClusterKit,
+) -> None:
+    node = MAILBOX_NODES[1]
+    address = _users_on(cluster, node)[0]
+    cluster.procs[node].stop()
+    try:
+        with _connect(cluster, FRONTS[0]) as smtp:
+            code, text = _auth(smtp, "PLAIN", address, cluster.passwords[address])
+        assert (code, text.split()[0]) == (454, b"4.7.0")  # RFC 4954 §6: try again later
+    finally:
+        cluster.start(node)
+    with _connect(cluster, FRONTS[0]) as smtp:
+        assert _auth(smtp, "PLAIN", address, cluster.passwords[address])[0] == 235
 
 
 def _turned_away(kit: ClusterKit, front: str, source: str) -> bool:
