@@ -27,9 +27,10 @@ its delivery id (the file name), so a copy the replica already holds is not stor
 
 **Shared with the other fronts** (sharedq.py, with ``[cluster] queue_store``): each file also
 goes, byte for byte (it is sealed already), to the object store under this front's prefix
-before the pipeline may answer 250, and leaves it when the copy is finished here (delivered and
-covered, or failed: in batches, UNSHARE_INTERVAL; withdrawn: at once); a copy is sent only under its claim in Redis, so another front
-that takes this one's copies over after its lease lapsed never sends one at the same time.
+before the pipeline may answer 250, and leaves it when the copy is finished here (delivered
+and covered, or failed: in batches, UNSHARE_INTERVAL; withdrawn: at once); a copy is sent only
+under its claim in Redis, so another front that takes this one's copies over after its lease
+lapsed never sends one at the same time.
 
 Exactly-once holds except in one window, as for the outbound queue (mta/queue.py): a crash
 after the node's 250 and before the move to ``delivered/`` is durable sends that copy once
@@ -148,8 +149,10 @@ class RelayStore:
 
     def adopt(self, name: str, data: bytes) -> None:
         """A copy taken over from another front (or fetched back from the store): queued here
-        under its name, unless this front has it already."""
-        if not name.endswith(SUFFIX) or "/" in name or name in self.all_names():
+        under its name, unless it is queued here already. (One kept here is queued again: it
+        is sent once more and stored once, by its delivery id; listing the kept copies for
+        every adopted one would make a takeover quadratic in the queue.)"""
+        if not name.endswith(SUFFIX) or "/" in name or (self.root / name).exists():
             return
         write_durably(self.root, name, data)
         fsync_dir(self.root)
