@@ -16,9 +16,11 @@ and one imap process per session), measured as the summed PSS of its processes.
 
 The file-descriptor limit is raised to the hard limit, as the systemd unit does; the
 sessions one process can hold are bounded by it (each session is one descriptor, each open
-mailbox three). ``--users`` matters: sessions of one user share its open mailbox (an
-encrypted SQLite connection, about 170 KiB), so the figure per session is the session's own
-cost plus that mailbox's share; ``--users`` equal to ``--sessions`` measures the worst case.
+mailbox three). ``--users`` matters: sessions of one user share its open mailbox, so the
+figure per session is the session's own cost plus that mailbox's share; ``--users`` equal
+to ``--sessions`` measures the worst case. A mailbox whose sessions all sit in IDLE closes
+its encrypted SQLite connection (about 160 KiB) after HIBERNATE_SECONDS
+(store/service.py), within the settling time below, and keeps a few KiB.
 
 Usage: python bench/imap_idle.py [--sessions 10000] [--clients 4] [--users 100] [--dovecot 0]
 """
@@ -53,7 +55,8 @@ GOAL_KIB = 2 * 1024 * 1024  # 2 GiB
 # every mailbox the measured sessions open is counted in their figure.
 WARM_UP = 200
 WARM_USERS = 10
-# Let the server settle (mailbox linger timers, freed buffers) before a reading.
+# Let the server settle (mailbox linger timers, freed buffers, the last mailboxes'
+# hibernation after their sessions entered IDLE: HIBERNATE_SECONDS) before a reading.
 SETTLE_SECONDS = 3.0
 # One command's answer on loopback; far above what a healthy server needs.
 CLIENT_TIMEOUT = 300.0
