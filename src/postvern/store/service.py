@@ -489,8 +489,8 @@ class MailboxRegistry:
         """Bytes the user's mail takes: exact when unlocked, else the last known figure plus
         the sealed spool (the server cannot look inside a locked mailbox)."""
         entry = self._open.get(user.id)
-        if entry is not None:
-            return await self._thread(entry.box.usage)
+        if entry is not None:  # outside the user's lock: held awake like a session's call
+            return await self._thread(_using, entry.box, entry.box.usage)
         hint = await self._thread(self.accounts.directory.usage_hint, user.id)
         return hint + await self._thread(self.spool.size, user.id)
 
