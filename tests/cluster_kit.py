@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import smtplib
 import socket
 import ssl
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -56,6 +59,7 @@ FRONTS = ("front1", "front2")
 REDIS_START_TIMEOUT = 10.0
 MAILBOX_NODES = ("mbx1", "mbx2")
 FRONT_LISTENERS = ("smtp", "submission", "imap", "imaps", "pop3", "pop3s", "https")
+OUTSIDE_SENDER = "sender@outside.test"
 # A mailbox node ships its changes to its replica this often: short, so a failover test's
 # fronts can see copies covered and dropped (the default is 15 s).
 REPLICATE_SECONDS = 1.0
@@ -308,3 +312,23 @@ class TlsRedis:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+def message(to: str, subject: str, sender: str = OUTSIDE_SENDER) -> EmailMessage:
+    """A small message with a unique Message-ID, for counting arrivals."""
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{uuid.uuid4()}@outside.test>"
+    msg.set_content(f"body of {subject}\n")
+    return msg
+
+
+def send_mx(kit: ClusterKit, front: str, to: str, subject: str) -> str:
+    """Sends through the front's MX; returns the Message-ID once the front said 250."""
+    host, port = kit.front(front).addr("smtp")
+    msg = message(to, subject)
+    with smtplib.SMTP(host, port, timeout=30) as smtp:
+        smtp.send_message(msg)
+    return str(msg["Message-ID"])

@@ -23,13 +23,12 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build
+from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build, message, send_mx
 from harness import client_tls_context, free_port, make_data_dir, set_config
 from pg_server import PostgresTestServer
 from postvern import cli, config
@@ -86,25 +85,6 @@ def _users_on(kit: ClusterKit, node: str) -> list[str]:
     return [a for a in kit.passwords if kit.owner(a) == node]
 
 
-def _message(to: str, subject: str) -> EmailMessage:
-    msg = EmailMessage()
-    msg["From"] = "sender@outside.test"
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{uuid.uuid4()}@outside.test>"
-    msg.set_content(f"body of {subject}\n")
-    return msg
-
-
-def _send_mx(kit: ClusterKit, front: str, to: str, subject: str) -> str:
-    """Sends through the front's MX; returns the Message-ID once the front said 250."""
-    host, port = kit.front(front).addr("smtp")
-    msg = _message(to, subject)
-    with smtplib.SMTP(host, port, timeout=30) as smtp:
-        smtp.send_message(msg)
-    return str(msg["Message-ID"])
-
-
 def _imap(kit: ClusterKit, front: str, address: str) -> imaplib.IMAP4_SSL:
     host, port = kit.front(front).addr("imaps")
     imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
@@ -141,7 +121,7 @@ def test_mail_in_and_out_through_both_fronts_for_users_on_both_nodes(cluster: Cl
         address = _users_on(cluster, node)[0]
         for sender_front, reader_front in (("front1", "front2"), ("front2", "front1")):
             subject = f"via {sender_front} to {node} {uuid.uuid4().hex[:8]}"
-            _send_mx(cluster, sender_front, address, subject)
+            send_mx(cluster, sender_front, address, subject)
             assert _wait_for(cluster, reader_front, address, subject).count(subject) == 1
 
 
@@ -153,7 +133,7 @@ def test_submission_on_one_front_reaches_a_user_on_the_other_node(cluster: Clust
     with smtplib.SMTP(host, port, timeout=30) as smtp:
         smtp.starttls(context=client_tls_context())
         smtp.login(sender, cluster.passwords[sender])
-        msg = _message(recipient, subject)
+        msg = message(recipient, subject)
         msg.replace_header("From", sender)
         smtp.send_message(msg)
     assert _wait_for(cluster, "front1", recipient, subject).count(subject) == 1
@@ -162,7 +142,7 @@ def test_submission_on_one_front_reaches_a_user_on_the_other_node(cluster: Clust
 def test_pop3_through_a_front_sees_the_owning_nodes_maildrop(cluster: ClusterKit) -> None:
     address = _users_on(cluster, "mbx2")[-1]
     subject = f"for pop3 {uuid.uuid4().hex[:8]}"
-    _send_mx(cluster, "front1", address, subject)
+    send_mx(cluster, "front1", address, subject)
     assert subject in _wait_for(cluster, "front1", address, subject)
     host, port = cluster.front("front2").addr("pop3s")
     pop = poplib.POP3_SSL(host, port, context=client_tls_context(), timeout=30)
@@ -193,7 +173,7 @@ def test_mbsync_syncs_down_and_up_through_a_front(
     proxy: TLS or STARTTLS at the front, everything after the login on the mailbox node."""
     address = _users_on(cluster, "mbx2")[0]
     subject = f"for mbsync {tls} {uuid.uuid4().hex[:6]}"
-    _send_mx(cluster, "front2", address, subject)
+    send_mx(cluster, "front2", address, subject)
     assert subject in _wait_for(cluster, "front2", address, subject)
     home = tmp_path / "home"
     maildir = home / "mail"
@@ -252,7 +232,7 @@ def test_idle_through_the_proxy_reports_a_delivery_made_through_the_other_front(
         before = int(data[0])
         imap.send(b"i1 IDLE\r\n")
         assert imap.readline().startswith(b"+")
-        _send_mx(cluster, "front1", address, f"wake {uuid.uuid4().hex[:8]}")
+        send_mx(cluster, "front1", address, f"wake {uuid.uuid4().hex[:8]}")
         line = imap.readline()  # the socket's timeout (30 s) bounds a missing report
         assert line == f"* {before + 1} EXISTS\r\n".encode()
         imap.send(b"DONE\r\n")
@@ -276,7 +256,7 @@ def test_a_front_reports_its_relay_queue_and_proxied_sessions_in_metrics(
 ) -> None:
     address = _users_on(cluster, "mbx1")[0]
     subject = f"counted {uuid.uuid4().hex[:8]}"
-    _send_mx(cluster, "front1", address, subject)
+    send_mx(cluster, "front1", address, subject)
     assert subject in _wait_for(cluster, "front1", address, subject)
     gauges = _metrics(cluster, "front1")
     assert gauges["postvern_cluster_relayed_total"] >= 1
@@ -321,7 +301,7 @@ def test_mail_for_a_node_that_is_down_waits_on_the_front_sealed_and_arrives_late
         with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
             pop.pass_(cluster.passwords[address])
         pop.quit()
-        _send_mx(cluster, "front1", address, subject)  # accepted: 250 from the front
+        send_mx(cluster, "front1", address, subject)  # accepted: 250 from the front
         queued = [p for p in (cluster.front("front1").path / RELAY_DIR).iterdir() if p.is_file()]
         assert queued, "the accepted copy is in the front's relay queue"
         assert all(subject.encode() not in p.read_bytes() for p in queued)  # sealed at rest
@@ -343,7 +323,7 @@ def test_a_front_killed_with_mail_in_its_relay_queue_delivers_it_after_restart(
     subject = f"survives kill -9 {uuid.uuid4().hex[:8]}"
     cluster.procs["mbx1"].stop()
     try:
-        _send_mx(cluster, "front2", address, subject)  # 250: on the front's disk
+        send_mx(cluster, "front2", address, subject)  # 250: on the front's disk
         cluster.procs["front2"].kill()  # SIGKILL, as a crash or power cut
     finally:
         cluster.start("mbx1")
@@ -483,7 +463,7 @@ def test_a_user_moved_during_idle_gets_bye_unavailable_reconnects_and_loses_noth
     address = _users_on(cluster, "mbx2")[-1]
     subjects = [f"before move {i} {uuid.uuid4().hex[:6]}" for i in range(3)]
     for subject in subjects:
-        _send_mx(cluster, "front1", address, subject)
+        send_mx(cluster, "front1", address, subject)
     assert subjects[-1] in _wait_for(cluster, "front2", address, subjects[-1])
     imap = _imap(cluster, "front2", address)
     imap.select("INBOX")
@@ -491,7 +471,7 @@ def test_a_user_moved_during_idle_gets_bye_unavailable_reconnects_and_loses_noth
     assert imap.readline().startswith(b"+")
     during = [f"during move {i} {uuid.uuid4().hex[:6]}" for i in range(8)]
     sender = threading.Thread(
-        target=lambda: [(_send_mx(cluster, "front1", address, s), time.sleep(0.05)) for s in during]
+        target=lambda: [(send_mx(cluster, "front1", address, s), time.sleep(0.05)) for s in during]
     )
     sender.start()
     try:
@@ -526,7 +506,7 @@ def test_a_move_the_target_refuses_is_undone_and_the_source_serves_the_user_agai
 ) -> None:
     address = _users_on(cluster, "mbx1")[0]
     subject = f"before a failed move {uuid.uuid4().hex[:8]}"
-    _send_mx(cluster, "front1", address, subject)
+    send_mx(cluster, "front1", address, subject)
     assert subject in _wait_for(cluster, "front2", address, subject)
     app = App.open(cluster.seed.path)
     try:
@@ -551,7 +531,7 @@ def test_draining_a_node_moves_every_user_and_their_mail_to_the_other(cluster: C
     drained = _users_on(cluster, "mbx2")
     subjects = {a: f"before drain {uuid.uuid4().hex[:6]}" for a in drained}
     for address, subject in subjects.items():
-        _send_mx(cluster, "front2", address, subject)
+        send_mx(cluster, "front2", address, subject)
         assert subject in _wait_for(cluster, "front1", address, subject)
     assert cli.main(["--data", str(cluster.admin), "cluster", "drain", "mbx2"]) == 0
     assert _users_on(cluster, "mbx2") == []
@@ -748,7 +728,7 @@ def test_a_killed_mailbox_nodes_users_fail_over_from_replicas_with_every_message
     assert cli.main([*admin, survivor]) == 1  # it answers over mutual TLS: refused
     assert "answers over mutual TLS" in capsys.readouterr().err
     address = _users_on(cluster, victim)[0]
-    acked = [_send_mx(cluster, FRONTS[i % 2], address, f"before kill {i}") for i in range(6)]
+    acked = [send_mx(cluster, FRONTS[i % 2], address, f"before kill {i}") for i in range(6)]
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -757,7 +737,7 @@ def test_a_killed_mailbox_nodes_users_fail_over_from_replicas_with_every_message
         while not stop.is_set():
             i += 1
             try:
-                acked.append(_send_mx(cluster, FRONTS[i % 2], address, f"around kill {i}"))
+                acked.append(send_mx(cluster, FRONTS[i % 2], address, f"around kill {i}"))
             except (smtplib.SMTPException, OSError) as e:  # not acknowledged: not counted
                 errors.append(e)
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build
+from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build, message, send_mx
 from harness import client_tls_context, set_config
 from pg_server import PostgresTestServer
 from portal_kit import Browser, imap_login
@@ -29,7 +29,7 @@ from postvern.accounts.invitations import Invitations
 from postvern.accounts.store import AccountStore
 from postvern.app import App
 from postvern.directory.accounts import MAILBOX_DIR
-from test_cluster import _message, _metrics, _send_mx, _users_on, _wait_for
+from test_cluster import _metrics, _users_on, _wait_for
 from test_cluster_portal import _ask, tls_redis  # noqa: F401 (tls_redis: the module's redis)
 
 # The fronts ban a client after this many failed logins (the default is 10): the guesser
@@ -120,7 +120,7 @@ def test_submission_auth_through_a_front_is_checked_by_the_users_mailbox_node(
         subject = f"submitted via {front} {mechanism} {uuid.uuid4().hex[:8]}"
         with _connect(cluster, front) as smtp:
             assert _auth(smtp, mechanism, sender, secret)[0] == 235
-            msg = _message(recipient, subject)
+            msg = message(recipient, subject)
             msg.replace_header("From", sender)
             smtp.send_message(msg)
         sent.append(subject)
@@ -156,7 +156,7 @@ def _reaches_its_mailbox(kit: ClusterKit, address: str, password: str) -> None:
     for sender, reader in ((FRONTS[0], FRONTS[1]), (FRONTS[1], FRONTS[0])):
         assert imap_login(kit.front(reader), address, password) == "OK"
         subject = f"to a new user via {sender} {uuid.uuid4().hex[:8]}"
-        _send_mx(kit, sender, address, subject)
+        send_mx(kit, sender, address, subject)
         assert _wait_for(kit, reader, address, subject).count(subject) == 1
 
 

@@ -17,13 +17,12 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from email.message import EmailMessage
 
 import pytest
 import redis.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_kit import FRONTS, ClusterKit, TlsRedis, build
+from cluster_kit import FRONTS, ClusterKit, TlsRedis, build, message, send_mx
 from dnsserver import DNSTestServer
 from harness import client_tls_context, free_port, set_config
 from mta_kit import Sink
@@ -111,28 +110,12 @@ def world(
         redis_server.stop()
 
 
-def _message(sender: str, to: str, subject: str) -> EmailMessage:
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{uuid.uuid4()}@cluster.test>"
-    msg.set_content(f"body of {subject}\n")
-    return msg
-
-
-def _send_mx(kit: ClusterKit, front: str, to: str, subject: str) -> None:
-    host, port = kit.front(front).addr("smtp")
-    with smtplib.SMTP(host, port, timeout=30) as smtp:
-        smtp.send_message(_message("sender@outside.test", to, subject))
-
-
 def _submit(kit: ClusterKit, front: str, sender: str, to: str, subject: str) -> None:
     host, port = kit.front(front).addr("submission")
     with smtplib.SMTP(host, port, timeout=30) as smtp:
         smtp.starttls(context=client_tls_context())
         smtp.login(sender, kit.passwords[sender])
-        smtp.send_message(_message(sender, to, subject))
+        smtp.send_message(message(to, subject, sender))
 
 
 def _names(store: str, front: str) -> set[str]:
@@ -196,7 +179,7 @@ def test_a_killed_fronts_relay_and_outbound_mail_is_taken_over_and_arrives_once(
     kit.procs["mbx1"].stop()  # the relay copies wait on front2 ...
     try:
         for subject in relayed:
-            _send_mx(kit, "front2", local, subject)
+            send_mx(kit, "front2", local, subject)
         for subject in outbound:  # ... and so does the outbound mail: the sink is down
             _submit(kit, "front2", sender, f"someone@{REMOTE}", subject)
         # 250 meant: in the object store under front2's prefix, sealed.
