@@ -320,8 +320,11 @@ class RateLimits:
         now = time.monotonic()
         if now - self._down_logged_at >= REDIS_DOWN_LOG_INTERVAL:
             self._down_logged_at = now
+            # The error's class only (BusyError, ConnectionError...): says what went wrong
+            # without any of the error's text, which may name a key or an address.
             log.warning(
-                "shared counters unreachable, counting in process memory meanwhile",
+                "shared counters unreachable (%s), counting in process memory meanwhile",
+                type(error).__name__,
                 extra={"error": type(error).__name__},
             )
 
