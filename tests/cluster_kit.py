@@ -17,6 +17,7 @@ mailbox node (SeaweedFS, tests/seaweed.py), each mailbox node replicates continu
 
 from __future__ import annotations
 
+import imaplib
 import os
 import shutil
 import smtplib
@@ -24,6 +25,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,11 +34,13 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness import (
     PASSWORDS,
     DataDir,
     ServerProcess,
+    client_tls_context,
     free_port,
     free_ports,
     make_data_dir,
@@ -332,3 +336,30 @@ def send_mx(kit: ClusterKit, front: str, to: str, subject: str) -> str:
     with smtplib.SMTP(host, port, timeout=30) as smtp:
         smtp.send_message(msg)
     return str(msg["Message-ID"])
+
+
+def inbox_subjects(kit: ClusterKit, front: str, address: str) -> list[str]:
+    """The Subjects in the user's INBOX, read over IMAPS through ``front``."""
+    host, port = kit.front(front).addr("imaps")
+    imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
+    imap.login(address, kit.passwords[address])
+    try:
+        imap.select("INBOX")
+        _, data = imap.uid("SEARCH", "ALL")
+        found = []
+        for uid in data[0].split():
+            _, parts = imap.uid("FETCH", uid, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            header = parts[0][1].decode()  # type: ignore[index]
+            found.append(header.split(":", 1)[1].strip())
+        return found
+    finally:
+        imap.logout()
+
+
+def metrics(kit: ClusterKit, front: str) -> dict[str, float]:
+    """The front's /metrics samples by name."""
+    host, port = kit.front(front).addr("https")
+    url = f"https://{host}:{port}/metrics"
+    with urllib.request.urlopen(url, context=client_tls_context(), timeout=30) as response:
+        text = response.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}

@@ -19,16 +19,24 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build, message, send_mx
+from cluster_kit import (
+    FRONTS,
+    MAILBOX_NODES,
+    ClusterKit,
+    TlsRedis,
+    build,
+    inbox_subjects,
+    message,
+    metrics,
+    send_mx,
+)
 from harness import client_tls_context, free_port, make_data_dir, set_config
 from pg_server import PostgresTestServer
 from postvern import cli, config
@@ -92,25 +100,10 @@ def _imap(kit: ClusterKit, front: str, address: str) -> imaplib.IMAP4_SSL:
     return imap
 
 
-def _subjects(kit: ClusterKit, front: str, address: str) -> list[str]:
-    imap = _imap(kit, front, address)
-    try:
-        imap.select("INBOX")
-        _, data = imap.uid("SEARCH", "ALL")
-        subjects = []
-        for uid in data[0].split():
-            _, parts = imap.uid("FETCH", uid, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-            header = parts[0][1].decode()  # type: ignore[index]
-            subjects.append(header.split(":", 1)[1].strip())
-        return subjects
-    finally:
-        imap.logout()
-
-
 def _wait_for(kit: ClusterKit, front: str, address: str, subject: str) -> list[str]:
     deadline = time.monotonic() + ARRIVAL_WAIT
     while True:
-        subjects = _subjects(kit, front, address)
+        subjects = inbox_subjects(kit, front, address)
         if subject in subjects or time.monotonic() > deadline:
             return subjects
         time.sleep(0.2)
@@ -202,7 +195,7 @@ def test_mbsync_syncs_down_and_up_through_a_front(
     )
     done = mbsync(home)
     assert done.returncode == 0, done.stderr
-    assert _subjects(cluster, "front2", address).count(up) == 1  # on the node, via the other
+    assert inbox_subjects(cluster, "front2", address).count(up) == 1  # on the node, via the other
 
 
 def test_a_wrong_password_is_refused_at_the_front_and_the_right_one_then_works(
@@ -243,14 +236,6 @@ def test_idle_through_the_proxy_reports_a_delivery_made_through_the_other_front(
         imap.logout()
 
 
-def _metrics(kit: ClusterKit, front: str) -> dict[str, float]:
-    host, port = kit.front(front).addr("https")
-    url = f"https://{host}:{port}/metrics"
-    with urllib.request.urlopen(url, context=client_tls_context(), timeout=30) as response:
-        text = response.read().decode()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-
-
 def test_a_front_reports_its_relay_queue_and_proxied_sessions_in_metrics(
     cluster: ClusterKit,
 ) -> None:
@@ -258,7 +243,7 @@ def test_a_front_reports_its_relay_queue_and_proxied_sessions_in_metrics(
     subject = f"counted {uuid.uuid4().hex[:8]}"
     send_mx(cluster, "front1", address, subject)
     assert subject in _wait_for(cluster, "front1", address, subject)
-    gauges = _metrics(cluster, "front1")
+    gauges = metrics(cluster, "front1")
     assert gauges["postvern_cluster_relayed_total"] >= 1
     assert gauges["postvern_cluster_proxied_sessions_total"] >= 1
     assert gauges["postvern_cluster_relay_queued"] >= 0
@@ -492,10 +477,10 @@ def test_a_user_moved_during_idle_gets_bye_unavailable_reconnects_and_loses_noth
     deadline = time.monotonic() + ARRIVAL_WAIT
     while not set(expected) <= set(got) and time.monotonic() < deadline:
         time.sleep(0.2)
-        got = _subjects(cluster, "front1", address)
+        got = inbox_subjects(cluster, "front1", address)
     assert sorted(s for s in got if s in expected) == sorted(expected)  # each exactly once
     _move(cluster, address, "mbx2")  # and back: the other direction, over an existing spool
-    assert sorted(s for s in _subjects(cluster, "front2", address) if s in expected) == sorted(
+    assert sorted(s for s in inbox_subjects(cluster, "front2", address) if s in expected) == sorted(
         expected
     )
     assert cluster.owner(address) == "mbx2"
@@ -522,7 +507,7 @@ def test_a_move_the_target_refuses_is_undone_and_the_source_serves_the_user_agai
     finally:
         squatter.unlink()
     assert cluster.owner(address) == "mbx1"
-    assert _subjects(cluster, "front1", address).count(subject) == 1  # served again, intact
+    assert inbox_subjects(cluster, "front1", address).count(subject) == 1  # served again, intact
     assert not list((cluster.nodes["mbx2"].path / "mailboxes").glob(".tmp-*"))
 
 
@@ -537,7 +522,7 @@ def test_draining_a_node_moves_every_user_and_their_mail_to_the_other(cluster: C
     assert _users_on(cluster, "mbx2") == []
     for address, subject in subjects.items():
         assert cluster.owner(address) == "mbx1"
-        assert _subjects(cluster, "front2", address).count(subject) == 1
+        assert inbox_subjects(cluster, "front2", address).count(subject) == 1
 
 
 def test_every_node_holds_a_verified_tls_connection_to_redis(
@@ -768,5 +753,5 @@ def test_a_killed_mailbox_nodes_users_fail_over_from_replicas_with_every_message
     assert len(ids) == len(set(ids))  # nor any earlier message twice
     # Copies mbx1 acknowledged just before it died were not in a completed replication yet:
     # the fronts had kept them, and sent them to mbx2.
-    gauges = [_metrics(cluster, front) for front in FRONTS]
+    gauges = [metrics(cluster, front) for front in FRONTS]
     assert sum(g["postvern_cluster_relay_resent_total"] for g in gauges) >= 1

@@ -20,7 +20,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build, message, send_mx
+from cluster_kit import (
+    FRONTS,
+    MAILBOX_NODES,
+    ClusterKit,
+    TlsRedis,
+    build,
+    message,
+    metrics,
+    send_mx,
+)
 from harness import client_tls_context, set_config
 from pg_server import PostgresTestServer
 from portal_kit import Browser, imap_login
@@ -29,7 +38,7 @@ from postvern.accounts.invitations import Invitations
 from postvern.accounts.store import AccountStore
 from postvern.app import App
 from postvern.directory.accounts import MAILBOX_DIR
-from test_cluster import _metrics, _users_on, _wait_for
+from test_cluster import _users_on, _wait_for
 from test_cluster_portal import _ask, tls_redis  # noqa: F401 (tls_redis: the module's redis)
 
 # The fronts ban a client after this many failed logins (the default is 10): the guesser
@@ -62,7 +71,7 @@ def cluster(
 
 def _front_logins(kit: ClusterKit, front: str) -> tuple[float, float]:
     """The front's own cold and warm logins (Argon2id runs, cache hits) from /metrics."""
-    gauges = _metrics(kit, front)
+    gauges = metrics(kit, front)
     return gauges["postvern_kdf_runs_total"], gauges["postvern_warm_logins_total"]
 
 

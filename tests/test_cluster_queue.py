@@ -14,15 +14,22 @@ import asyncio
 import smtplib
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis.asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_kit import FRONTS, ClusterKit, TlsRedis, build, message, send_mx
+from cluster_kit import (
+    FRONTS,
+    ClusterKit,
+    TlsRedis,
+    build,
+    inbox_subjects,
+    message,
+    metrics,
+    send_mx,
+)
 from dnsserver import DNSTestServer
 from harness import client_tls_context, free_port, set_config
 from mta_kit import Sink
@@ -128,33 +135,6 @@ def _objects(store: str, front: str) -> dict[str, bytes]:
     return {name: target.get(name) for name in target.list(f"{front}/")}
 
 
-def _subjects(kit: ClusterKit, front: str, address: str) -> list[str]:
-    import imaplib
-
-    host, port = kit.front(front).addr("imaps")
-    imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
-    imap.login(address, kit.passwords[address])
-    try:
-        imap.select("INBOX")
-        _, data = imap.uid("SEARCH", "ALL")
-        out = []
-        for uid in data[0].split():
-            _, parts = imap.uid("FETCH", uid, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-            out.append(parts[0][1].decode().split(":", 1)[1].strip())  # type: ignore[index]
-        return out
-    finally:
-        imap.logout()
-
-
-def _metrics(kit: ClusterKit, front: str) -> dict[str, float]:
-    host, port = kit.front(front).addr("https")
-    with urllib.request.urlopen(
-        f"https://{host}:{port}/metrics", context=client_tls_context(), timeout=30
-    ) as response:
-        text = response.read().decode()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-
-
 def _until(predicate: object, what: str) -> None:
     deadline = time.monotonic() + WAIT
     while not predicate():  # type: ignore[operator]
@@ -190,13 +170,13 @@ def test_a_killed_fronts_relay_and_outbound_mail_is_taken_over_and_arrives_once(
         # A live front's mail stays its own: front1 takes nothing while front2's lease holds.
         time.sleep(LEASE_SECONDS * 1.5)
         assert _names(store, "front2") >= set(held)
-        assert _metrics(kit, "front1")["postvern_cluster_queue_taken_over_total"] == 0
+        assert metrics(kit, "front1")["postvern_cluster_queue_taken_over_total"] == 0
         kit.procs["front2"].kill()  # SIGKILL with all of it queued
         _until(lambda: not _names(store, "front2"), "front1 takes front2's mail over")
         taken = _names(store, "front1")
         assert sum(n.startswith("front1/relay/") for n in taken) >= len(relayed)
         assert sum(n.startswith("front1/mta/") for n in taken) >= len(outbound)
-        assert _metrics(kit, "front1")["postvern_cluster_queue_taken_over_total"] >= 6
+        assert metrics(kit, "front1")["postvern_cluster_queue_taken_over_total"] >= 6
     finally:
         kit.start("mbx1")
         sink.start()
@@ -204,14 +184,14 @@ def test_a_killed_fronts_relay_and_outbound_mail_is_taken_over_and_arrives_once(
         lambda: all(_subject_count(sink.messages(), s) for s in outbound),
         "the outbound mail reaches the remote MX",
     )
-    _until(lambda: set(relayed) <= set(_subjects(kit, "front1", local)), "the relay copies")
+    _until(lambda: set(relayed) <= set(inbox_subjects(kit, "front1", local)), "the relay copies")
     # front2 comes back: what was taken over is no longer its to deliver.
     kit.start("front2")
     relay_dir = kit.front("front2").path / RELAY_DIR
     _until(lambda: not list(relay_dir.glob(f"*{SUFFIX}")), "front2 drops the copies taken")
-    _until(lambda: _metrics(kit, "front2")["postvern_queue_entries"] == 0, "front2's queue")
+    _until(lambda: metrics(kit, "front2")["postvern_queue_entries"] == 0, "front2's queue")
     _until(lambda: not _names(store, "front1"), "front1 finishes and clears its objects")
-    subjects = _subjects(kit, "front2", local)
+    subjects = inbox_subjects(kit, "front2", local)
     assert all(subjects.count(s) == 1 for s in relayed), subjects
     assert all(_subject_count(sink.messages(), s) == 1 for s in outbound)
 
