@@ -151,6 +151,18 @@ async def test_answers_are_cached_for_their_ttl(dns_server: DNSTestServer) -> No
     assert dns_server.queries.count(("cached.test", "A")) == 2
 
 
+async def test_one_name_in_any_case_or_with_the_final_dot_is_one_cache_entry(
+    dns_server: DNSTestServer,
+) -> None:
+    resolver = Resolver([dns_server.address], timeout=1.0, cache_size=16)
+    dns_server.add("spelled.test", "A", "192.0.2.7", ttl=300)
+    for spelling in ("spelled.test", "Spelled.TEST", "spelled.test."):
+        assert await resolver.a(spelling) == ["192.0.2.7"]
+    assert dns_server.queries.count(("spelled.test", "A")) == 1
+    with pytest.raises(DNSNameError):  # a name that does not parse is refused, never cached
+        await resolver.a("bad..name.test")
+
+
 async def test_zero_ttl_and_disabled_cache_always_ask(dns_server: DNSTestServer) -> None:
     dns_server.add("fresh.test", "A", "192.0.2.1")  # ttl 0
     cached = Resolver([dns_server.address], timeout=1.0, cache_size=16)

@@ -149,12 +149,15 @@ class Resolver:
 
     async def query(self, name: str, rdtype: str) -> Answer:
         """One lookup; raises DNSTempError (or DNSTimeout) and DNSNameError, never NXDOMAIN."""
-        qname = to_name(name)
-        key = (qname.to_text().lower(), rdtype)
+        # The cache is keyed by the name as given (lower-cased, without the final dot), so a hit
+        # costs no parse: every message asks for the same few names again and again. Two
+        # spellings of one name (Unicode and A-label) are two entries, which costs a lookup,
+        # never a wrong answer; a name that does not parse is never stored.
+        key = (name.lower().removesuffix("."), rdtype)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        answer, ttl = await self._lookup(qname, rdtype)
+        answer, ttl = await self._lookup(to_name(name), rdtype)
         self._cache.put(key, answer, ttl)
         return answer
 
