@@ -266,6 +266,13 @@ class Cluster:
     # A front holds a lease in Redis this long without renewing it (renewed every third of it);
     # when it lapses, another front takes the front's queued mail over.
     lease_seconds: float = 10.0
+    # Automatic failover of a dead mailbox node (cluster/liveness.py): each mailbox node holds
+    # a liveness lease in Redis this long (renewed every 2 s) and stops serving on its own
+    # before it lapses; a front fails a node over once its lease has been gone a margin
+    # longer. 0 (the default): off, `postvern cluster failover` is the administrator's
+    # decision -- a wrong automatic one moves every user of a node that was only cut off
+    # from Redis. Set the same value on every node; needs Redis ([abuse] redis_url).
+    failover_after: float = 0.0
 
 
 @dataclass
