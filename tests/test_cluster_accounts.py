@@ -6,17 +6,26 @@ by the user's mailbox node over the internal portal service, so the front runs n
 and opens no key slot (its ``postvern_kdf_runs`` and ``postvern_warm_logins`` stay 0), while
 bans and failure counting stay on the fronts, shared through Redis. A user made on a front
 (an invitation accepted in its portal, ``postvern user add`` there) gets the mailbox file on
-the mailbox node the map names, and on no other machine.
+the mailbox node the map names, and on no other machine; a ``create`` retried with its
+token after a lost answer gets that answer again and makes the user once. ``postvern user
+passwd``, ``recover`` and ``remove`` on a front are done by the user's mailbox node: Argon2id
+and the key there (the new slot carries the node's Argon2id parameters, not the fronts'
+different ones), the old secrets refused at once; a removed user's sessions end, then the
+directory row, the mailbox file and the spool go.
 """
 
 from __future__ import annotations
 
 import asyncio
+import imaplib
+import io
+import json
 import re
+import secrets
 import smtplib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -30,16 +39,18 @@ from cluster_kit import (
     metrics,
     send_mx,
 )
-from harness import client_tls_context, set_config
+from harness import TEST_KDF, client_tls_context, set_config
 from pg_server import PostgresTestServer
 from portal_kit import Browser, imap_login
 from postvern import cli
 from postvern.accounts.invitations import Invitations
 from postvern.accounts.store import AccountStore
 from postvern.app import App
+from postvern.cluster import portal
 from postvern.directory.accounts import MAILBOX_DIR
+from postvern.store.spool import SPOOL_DIR
 from test_cluster import _users_on, _wait_for
-from test_cluster_portal import _ask, tls_redis  # noqa: F401 (tls_redis: the module's redis)
+from test_cluster_portal import _ask, _internal, tls_redis  # noqa: F401 (tls_redis: ours)
 
 # The fronts ban a client after this many failed logins (the default is 10): the guesser
 # below reaches it quickly. It comes from its own loopback address, so no other test's
@@ -51,6 +62,11 @@ VERIFIED = "verified a login for a front"
 # Bounds how long a ban made on one front takes to reach the other (it is in Redis at once;
 # this only bounds a broken cluster, no time is asserted).
 BAN_WAIT = 30.0
+# The fronts are given Argon2id parameters of their own, unlike the mailbox nodes' (the test
+# ones): a key slot made on a front would carry these.
+FRONT_TIME_COST = int(TEST_KDF["time_cost"]) + 1
+# Bounds waiting for a message to reach a node's spool (no time is asserted).
+SPOOL_WAIT = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +81,7 @@ def cluster(
         # The test clients' 127.0.0.1 stays allowlisted; the guesser's address is not.
         abuse = {"auth_failures_per_ip": FAILURES_TO_BAN, "allowlist": ["127.0.0.1", "::1"]}
         set_config(kit.nodes[front].path, "abuse", abuse)
+        set_config(kit.nodes[front].path, "kdf", {"time_cost": FRONT_TIME_COST})
     with kit.running():
         yield kit
 
@@ -231,10 +248,14 @@ async def test_the_internal_create_and_verify_requests_take_only_what_they_are_f
     assert await asyncio.to_thread(ask, wrong) == {"ok": False, "error": "failed"}
 
     create = {"op": "create", "address": f"new-{uuid.uuid4().hex[:8]}@{cluster.seed.domain}",
-              "password": None, "quota": 0}  # fmt: skip
+              "password": None, "quota": 0, "token": secrets.token_urlsafe(32)}  # fmt: skip
     for bad_id in ("../../etc", "A" * 32, 7):
         refused = await asyncio.to_thread(ask, {**create, "user": bad_id})
         assert refused == {"ok": False, "error": "unknown request"}, bad_id
+    for bad_token in (None, "short", "x" * 43 + "/"):
+        request = {**create, "user": uuid.uuid4().hex, "token": bad_token}
+        refused = await asyncio.to_thread(ask, request)
+        assert refused == {"ok": False, "error": "unknown request"}, bad_token
     again = {**create, "address": taken, "user": uuid.uuid4().hex}
     answer = await asyncio.to_thread(ask, again)
     assert answer["ok"] is False and "already exists" in str(answer["message"])
@@ -287,3 +308,253 @@ def test_a_wrong_submission_password_is_refused_counted_and_bans_on_both_fronts(
     with _connect(cluster, FRONTS[1]) as smtp:
         assert _auth(smtp, "PLAIN", address, cluster.passwords[address])[0] == 235
     assert {f: _front_logins(cluster, f) for f in FRONTS} == {f: (0.0, 0.0) for f in FRONTS}
+
+
+# -- account administration on a front: done where the mailbox lives -------------------------
+
+
+def _on_front(
+    capsys: pytest.CaptureFixture[str], kit: ClusterKit, front: str, command: str, stdin: str = ""
+) -> tuple[int, str]:
+    """``postvern --data FRONT COMMAND`` with ``stdin`` as standard input (the secrets of
+    ``--password-stdin``, one per line); (status, what it printed)."""
+    capsys.readouterr()
+    saved = cli.sys.stdin
+    cli.sys.stdin = io.StringIO(stdin)
+    try:
+        status = cli.main(["--data", str(kit.front(front).path), *command.split()])
+    finally:
+        cli.sys.stdin = saved
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+def _secrets_on_front(
+    capsys: pytest.CaptureFixture[str],
+    kit: ClusterKit,
+    front: str,
+    command: str,
+    address: str,
+    old: str,
+    new: str,
+) -> tuple[int, str]:
+    """``user passwd`` (old: the current secret) or ``user recover`` (old: the recovery
+    key) on a front, the secrets given on standard input."""
+    command = f"user {command} {address} --password-stdin"
+    return _on_front(capsys, kit, front, command, f"{old}\n{new}\n")
+
+
+def _add_on_front(kit: ClusterKit, capsys: pytest.CaptureFixture[str]) -> tuple[str, str, str]:
+    """A new user made through a front: (address, generated password, recovery key). Not in
+    ``kit.passwords``: the other tests' helpers never meet it."""
+    address = f"admin-{uuid.uuid4().hex[:8]}@{kit.seed.domain}"
+    status, out = _on_front(capsys, kit, FRONTS[0], f"user add {address} --generate")
+    password = re.search(r"^password: (\S+)$", out, re.MULTILINE)
+    recovery = re.search(r"^recovery key: (.+)$", out, re.MULTILINE)
+    assert status == 0 and password and recovery, out
+    return address, password.group(1), recovery.group(1).strip()
+
+
+def _logged(kit: ClusterKit, node: str, text: str) -> int:
+    return sum(text in line for line in kit.procs[node].output)
+
+
+def _directory(kit: ClusterKit, read: Callable[[App], object]) -> object:
+    app = App.open(kit.seed.path)
+    try:
+        return read(app)
+    finally:
+        app.close()
+
+
+def _password_time_cost(kit: ClusterKit, address: str) -> int:
+    """The Argon2id time cost of the user's password slot: whose parameters wrapped it."""
+
+    def read(app: App) -> int:
+        user = app.directory.user(address)
+        assert user is not None
+        (slot,) = app.directory.slots(user.id, "password")
+        return slot.wrapped.params.time_cost
+
+    cost = _directory(kit, read)
+    assert isinstance(cost, int)
+    return cost
+
+
+def test_passwd_on_a_front_is_done_by_the_users_mailbox_node(
+    cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, password, _ = _add_on_front(cluster, capsys)
+    node = _lives_only_on_its_node(cluster, address)
+    reader = cluster.front(FRONTS[1])
+    assert imap_login(reader, address, password) == "OK"  # now warm in the node's cache
+    changed, metrics_before = _logged(cluster, node, portal.CHANGED_LOG), _front_metrics(cluster)
+
+    new = f"changed-{uuid.uuid4().hex}"
+    status, out = _secrets_on_front(capsys, cluster, FRONTS[0], "passwd", address, password, new)
+    assert status == 0 and "password changed" in out, out
+    assert _logged(cluster, node, portal.CHANGED_LOG) == changed + 1
+    # The new slot was wrapped by the node's Argon2id, not with the fronts' parameters.
+    assert _password_time_cost(cluster, address) == TEST_KDF["time_cost"] != FRONT_TIME_COST
+    # Over IMAP on the node (through a front): the old password stops at once, warm or not.
+    assert imap_login(reader, address, password) != "OK"
+    assert imap_login(reader, address, new) == "OK"
+
+    # As on one machine the current secret may be an app password, and app passwords stay.
+    app_password = _directory(
+        cluster, lambda app: app.accounts.add_app_password(address, new, "phone")
+    )
+    assert isinstance(app_password, str)
+    newer = f"newer-{uuid.uuid4().hex}"
+    status, out = _secrets_on_front(
+        capsys, cluster, FRONTS[1], "passwd", address, app_password, newer
+    )
+    assert status == 0, out
+    for secret, works in ((new, False), (newer, True), (app_password, True)):
+        assert (imap_login(reader, address, secret) == "OK") is works, secret
+    # A wrong current password changes nothing.
+    status, out = _secrets_on_front(
+        capsys, cluster, FRONTS[0], "passwd", address, f"wrong-{newer}", "not-taken-password"
+    )
+    assert status == 1 and "wrong address or password" in out, out
+    assert imap_login(reader, address, newer) == "OK"
+    assert _logged(cluster, node, portal.CHANGED_LOG) == changed + 2
+    assert _front_metrics(cluster) == metrics_before  # no front logged in or ran Argon2id
+
+
+def _front_metrics(kit: ClusterKit) -> dict[str, tuple[float, float]]:
+    return {f: _front_logins(kit, f) for f in FRONTS}
+
+
+def test_recover_on_a_front_is_done_by_the_users_mailbox_node(
+    cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, password, recovery = _add_on_front(cluster, capsys)
+    node = _lives_only_on_its_node(cluster, address)
+    reader = cluster.front(FRONTS[0])
+    recovered = _logged(cluster, node, portal.RECOVERED_LOG)
+
+    new = f"recovered-{uuid.uuid4().hex}"
+    status, out = _secrets_on_front(capsys, cluster, FRONTS[1], "recover", address, recovery, new)
+    fresh = re.search(r"^new recovery key: (.+?)  \(", out, re.MULTILINE)
+    assert status == 0 and fresh, out
+    assert _logged(cluster, node, portal.RECOVERED_LOG) == recovered + 1
+    assert _password_time_cost(cluster, address) == TEST_KDF["time_cost"] != FRONT_TIME_COST
+    assert imap_login(reader, address, password) != "OK"
+    assert imap_login(reader, address, new) == "OK"
+    # The recovery key just typed is replaced: it opens nothing now; the new one does.
+    status, out = _secrets_on_front(
+        capsys, cluster, FRONTS[0], "recover", address, recovery, f"again-{new}"
+    )
+    assert status == 1 and "recovery key does not open" in out, out
+    status, out = _secrets_on_front(
+        capsys, cluster, FRONTS[0], "recover", address, fresh.group(1), f"again-{new}"
+    )
+    assert status == 0, out
+    assert imap_login(reader, address, f"again-{new}") == "OK"
+
+
+def _user_id(kit: ClusterKit, address: str) -> str:
+    user = _directory(kit, lambda app: app.directory.user(address))
+    assert user is not None
+    return str(user.id)  # type: ignore[attr-defined]
+
+
+def _files_of(kit: ClusterKit, user_id: str) -> list[str]:
+    """Every path of every node's data directory that names the user."""
+    return [
+        f"{name}: {path.relative_to(data.path)}"
+        for name, data in kit.nodes.items()
+        for path in data.path.rglob("*")
+        if user_id in str(path.relative_to(data.path))
+    ]
+
+
+def test_user_remove_on_a_front_removes_the_mailbox_on_its_node_then_the_user(
+    cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, password, _ = _add_on_front(cluster, capsys)
+    node = _lives_only_on_its_node(cluster, address)
+    user_id = _user_id(cluster, address)
+    spool = cluster.nodes[node].path / SPOOL_DIR / user_id
+    # Mail for a user nobody is logged in as waits sealed in the node's spool.
+    send_mx(cluster, FRONTS[0], address, f"before removal {uuid.uuid4().hex[:8]}")
+    deadline = time.monotonic() + SPOOL_WAIT
+    while not list(spool.glob("*.sealed")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(spool.glob("*.sealed")), "the message reached the node's spool"
+    # A session is open through a front, the mailbox unlocked on the node, as it is removed.
+    host, port = cluster.front(FRONTS[1]).addr("imaps")
+    session = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
+    session.login(address, password)
+    assert session.select("INBOX")[0] == "OK"
+    removed = _logged(cluster, node, portal.REMOVED_LOG)
+
+    status, out = _on_front(capsys, cluster, FRONTS[0], f"user remove {address} --yes")
+    assert status == 0 and f"removed {address} and their mailbox on {node}" in out, out
+    assert "left on" not in out
+    assert _logged(cluster, node, portal.REMOVED_LOG) == removed + 1
+    with pytest.raises((imaplib.IMAP4.abort, OSError)):  # the node ended it first
+        session.noop()
+    session.shutdown()
+    assert _files_of(cluster, user_id) == []  # mailbox, its -wal/-shm and the spool: gone
+    assert _directory(cluster, lambda app: app.directory.user(address)) is None
+    assert imap_login(cluster.front(FRONTS[0]), address, password) != "OK"
+    status, out = _on_front(capsys, cluster, FRONTS[1], f"user remove {address} --yes")
+    assert status == 1 and "no such user" in out, out
+
+
+def _hang_up_after(kit: ClusterKit, node: str, request: dict[str, object]) -> None:
+    """Send a request and close at once: its answer is lost on the way."""
+    with _internal(kit, node, FRONTS[0]) as tls:
+        tls.sendall(json.dumps(request).encode() + b"\n")
+
+
+async def test_a_create_retried_with_its_token_after_a_lost_answer_makes_the_user_once(
+    cluster: ClusterKit,
+) -> None:
+    node = MAILBOX_NODES[1]
+    user_id = uuid.uuid4().hex
+    address = f"retried-{uuid.uuid4().hex[:8]}@{cluster.seed.domain}"
+    create = {
+        "op": "create",
+        "user": user_id,
+        "address": address,
+        "password": None,
+        "quota": 0,
+        "token": secrets.token_urlsafe(32),
+    }
+
+    def ask(request: dict[str, object]) -> dict[str, object]:
+        return _ask(cluster, node, request, FRONTS[0])
+
+    created, replayed = (
+        _logged(cluster, node, t) for t in (portal.CREATED_LOG, portal.REPLAYED_LOG)
+    )
+    await asyncio.to_thread(_hang_up_after, cluster, node, create)
+    first = await asyncio.to_thread(ask, create)  # the retry: the first try's answer
+    assert first["ok"] is True and first["user"] == user_id, first
+    assert await asyncio.to_thread(ask, create) == first  # same password, same recovery key
+    assert _logged(cluster, node, portal.CREATED_LOG) == created + 1  # made once
+    assert _logged(cluster, node, portal.REPLAYED_LOG) == replayed + 2  # answered twice more
+    # Another token for the same user, or the token for another user: refused, not made.
+    other = await asyncio.to_thread(ask, {**create, "token": secrets.token_urlsafe(32)})
+    assert other["ok"] is False and "earlier request" in str(other["message"]), other
+    stolen = await asyncio.to_thread(ask, {**create, "user": uuid.uuid4().hex})
+    assert stolen["ok"] is False and "another user" in str(stolen["message"]), stolen
+
+    assert await asyncio.to_thread(
+        _directory,
+        cluster,
+        lambda app: [u.id for u in app.directory.users() if u.address == address],
+    ) == [user_id]
+    assert await asyncio.to_thread(_lives_only_on_its_node, cluster, address) == node
+    # The answered password is the user's, and the recovery key opens the account.
+    reader = cluster.front(FRONTS[1])
+    assert await asyncio.to_thread(imap_login, reader, address, str(first["password"])) == "OK"
+    opened = await asyncio.to_thread(
+        _directory,
+        cluster,
+        lambda app: app.accounts.recover(address, str(first["recovery"]), f"reset-{user_id}"),
+    )
+    assert isinstance(opened, str)

@@ -632,7 +632,10 @@ def cmd_user_passwd(app: App, args: argparse.Namespace) -> int:
     secrets = Secrets(args.password_stdin)
     current = secrets.read("Current password (or an app password)")
     new = secrets.read("New password", confirm=True)
-    app.accounts.change_password(args.address, current, new)
+    if app.settings.cluster.role == "front":  # done on the user's mailbox node
+        cluster_portal.change_password(app, args.address, current, new)
+    else:
+        app.accounts.change_password(args.address, current, new)
     print(f"password changed for {args.address}; no mail was re-encrypted")
     return 0
 
@@ -643,7 +646,10 @@ def cmd_user_recover(app: App, args: argparse.Namespace) -> int:
     recovery = secrets.read("Recovery key")
     new = secrets.read("New password", confirm=True)
     try:
-        fresh = app.accounts.recover(args.address, recovery, new)
+        if app.settings.cluster.role == "front":  # done on the user's mailbox node
+            fresh = cluster_portal.recover(app, args.address, recovery, new)
+        else:
+            fresh = app.accounts.recover(args.address, recovery, new)
     except AuthFailed:
         raise CLIError("the recovery key does not open this account") from None
     print(f"password reset for {args.address}")
@@ -655,6 +661,13 @@ def cmd_user_recover(app: App, args: argparse.Namespace) -> int:
 def cmd_user_remove(app: App, args: argparse.Namespace) -> int:
     if not args.yes:
         raise CLIError("removing a user deletes their mail for good; repeat with --yes")
+    if app.settings.cluster.role == "front":  # the mailbox node removes it (and the row)
+        removed = cluster_portal.remove_user(app, args.address)
+        print(f"removed {args.address} and their mailbox on {removed.node}")
+        _print_alias_changes(removed.aliases)
+        for item in removed.left:
+            print(f"left on {removed.node}, remove it there by hand: {item}", file=sys.stderr)
+        return 1 if removed.left else 0
     changes = app.accounts.remove_user(args.address)
     print(f"removed {args.address} and their mailbox")
     _print_alias_changes(changes)

@@ -100,6 +100,7 @@ class Backend:
             registry=registry,
             owns=self.owns,
             node=node.name,
+            moves=self.moves,  # removing a user first ends its sessions, as a move does
         )
 
     def owns(self, user_id: str) -> bool:

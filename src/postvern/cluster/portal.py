@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -41,22 +42,25 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from postvern.accounts import policy
 from postvern.accounts.passkeys import PRF_OUTPUT_BYTES, Passkey, PasskeyError, Passkeys
 from postvern.accounts.sessions import IDLE_SECONDS, MAX_AGE_SECONDS, Session
 from postvern.accounts.store import AccountStore
 from postvern.cluster import pki
+from postvern.cluster.move import EVICT_GRACE, MoveService, close_mailbox, user_files
 from postvern.cluster.nodes import CLUSTER_DIR, ClusterError, Node, mailbox_nodes
 from postvern.cluster.nodes import load as load_nodes
-from postvern.cluster.placement import rendezvous
+from postvern.cluster.placement import Placement, rendezvous
 from postvern.cluster.proxy import Front
-from postvern.directory.accounts import Accounts, NewUser, check_password
+from postvern.directory.accounts import MAILBOX_DIR, Accounts, AuthFailed, NewUser, check_password
 from postvern.directory.addresses import AddressError
-from postvern.directory.db import DirectoryError, User
+from postvern.directory.db import AliasChange, DirectoryError, User
 from postvern.login import LoginRefused, LoginService
 from postvern.net import Channel
 from postvern.store.service import MailboxRegistry
+from postvern.store.spool import SPOOL_DIR
 from postvern.web.portal import export
 
 if TYPE_CHECKING:
@@ -85,6 +89,27 @@ UNAVAILABLE = "Your mailbox cannot be reached right now; try again in a moment."
 VERIFY_PROTOCOLS = ("smtp",)
 # A user id as Directory.new_user_id makes it (a front chooses it for a new user).
 USER_ID = re.compile(r"[0-9a-f]{32}")
+# A ``create`` request's token, secrets.token_urlsafe(CREATE_TOKEN_BYTES) on the front: a
+# retry with the same token after a lost answer gets that answer again (CreateReplays).
+CREATE_TOKEN_BYTES = 32
+CREATE_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+# How long a node keeps a created user's answer for such a retry: the front retries within
+# seconds (CREATE_ATTEMPTS); kept short because it holds the new user's first secrets
+# (sealed under a key only the token gives).
+CREATE_REPLAY_SECONDS = 600.0
+# Answers kept at most (the oldest go first): a bound on memory whatever asks.
+MAX_CREATE_REPLAYS = 1_000
+# The front asks this many times when the node's answer to ``create`` is lost (the same
+# token each time, so the user is made once), waiting CREATE_RETRY_DELAY between.
+CREATE_ATTEMPTS = 3
+CREATE_RETRY_DELAY = 1.0
+# What a mailbox node logs for each account change it made for a front (a front's
+# ``postvern user passwd`` / ``recover`` / ``remove`` / ``add``): the Argon2id work is here.
+CHANGED_LOG = "changed a password for a front"
+RECOVERED_LOG = "reset a password with the recovery key for a front"
+REMOVED_LOG = "removed a user for a front"
+CREATED_LOG = "created a user for a front"
+REPLAYED_LOG = "answered a retried create for a front"
 
 
 class PortalError(Exception):
@@ -156,6 +181,79 @@ def _digest(grant: str) -> bytes:
     return hashlib.sha256(grant.encode()).digest()
 
 
+@dataclass
+class _Creation:
+    user_id: str
+    address: str
+    at: float
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    sealed: bytes | None = field(default=None, repr=False)  # the answer, once made
+
+
+class CreateReplays:
+    """``create`` requests by their token, so that a retry after a lost answer gets that
+    answer again instead of "already exists" — and the user is made once.
+
+    An entry is found by the token's SHA-256; the answer it keeps (the generated password
+    and the recovery key, shown once) is sealed with ChaCha20-Poly1305 under HMAC-SHA256 of
+    the token, which only the asking front holds: this node's memory alone opens nothing.
+    A retry that comes while the first try still runs waits for it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[bytes, _Creation] = OrderedDict()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._entries:
+            key, oldest = next(iter(self._entries.items()))
+            if (
+                now - oldest.at <= CREATE_REPLAY_SECONDS
+                and len(self._entries) <= MAX_CREATE_REPLAYS
+            ):
+                break
+            del self._entries[key]
+            oldest.done.set()  # a waiter takes the fresh path
+
+    def find(self, token: str) -> _Creation | None:
+        self._expire()
+        return self._entries.get(_digest(token))
+
+    def start(self, token: str, user_id: str, address: str) -> _Creation:
+        entry = _Creation(user_id, address, self._clock())
+        self._entries[_digest(token)] = entry
+        self._expire()
+        return entry
+
+    def finish(self, token: str, entry: _Creation, answer: dict[str, Any] | None) -> None:
+        """The first try is over: its answer kept for retries, or (None: refused, failed)
+        the entry dropped so that a retry tries afresh."""
+        if answer is None:
+            self._entries.pop(_digest(token), None)
+        else:
+            nonce = secrets.token_bytes(12)
+            data = json.dumps(answer).encode()
+            entry.sealed = nonce + _answer_aead(token).encrypt(nonce, data, entry.user_id.encode())
+        entry.done.set()
+
+    @staticmethod
+    def answer(token: str, entry: _Creation) -> dict[str, Any] | None:
+        if entry.sealed is None:
+            return None
+        nonce, sealed = entry.sealed[:12], entry.sealed[12:]
+        opened = _answer_aead(token).decrypt(nonce, sealed, entry.user_id.encode())
+        answer: dict[str, Any] = json.loads(opened)
+        return answer
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _answer_aead(token: str) -> ChaCha20Poly1305:
+    key = hmac.new(token.encode(), b"postvern create answer", hashlib.sha256).digest()
+    return ChaCha20Poly1305(key)
+
+
 class PortalService:
     """Serves ``postvern-portal`` on a mailbox node (backend.py hands it the connections)."""
 
@@ -167,13 +265,16 @@ class PortalService:
         registry: MailboxRegistry,
         owns: Callable[[str], bool],
         node: str = "",
+        moves: MoveService | None = None,
     ) -> None:
         self.node = node  # this node's name: where the users it creates are placed
         self.login = login
         self.accounts = accounts
         self.registry = registry
         self.owns = owns
+        self.moves = moves  # ends a removed user's sessions and closes the mailbox first
         self.grants = Grants()
+        self.creations = CreateReplays()
         self.passkeys = Passkeys(AccountStore(accounts.directory), rp_name="")  # unlock only
 
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -207,6 +308,10 @@ class PortalService:
             return await self._verify(request)
         if op == "create":
             return await self._create(request)
+        if op in ("passwd", "recover"):
+            return await self._new_password(op, request)
+        if op == "remove":
+            return await self._remove(request)
         if op == "revoke":
             self.grants.revoke(request.get("grant"))
             return {"ok": True}
@@ -267,22 +372,54 @@ class PortalService:
 
     async def _create(self, request: dict[str, Any]) -> dict[str, Any]:
         """A new user (``user add`` or an accepted invitation on a front): the mailbox file is
-        made here, with the id the front chose, and the map names this node."""
+        made here, with the id the front chose, and the map names this node. A retry with
+        the request's token gets the first try's answer (CreateReplays)."""
         user_id, address = request.get("user"), str(request.get("address", ""))
         password, quota = request.get("password"), request.get("quota", 0)
+        token = request.get("token")
         if (
             not isinstance(user_id, str)
             or not USER_ID.fullmatch(user_id)
+            or not isinstance(token, str)
+            or not CREATE_TOKEN.fullmatch(token)
             or not (password is None or isinstance(password, str))
             or not isinstance(quota, int)
             or quota < 0
         ):
             raise PortalError("unknown request")
+        while (entry := self.creations.find(token)) is not None:
+            if (entry.user_id, entry.address) != (user_id, address):
+                message = "this request token was used for another user"
+                return {"ok": False, "error": "refused", "message": message}
+            await entry.done.wait()
+            replay = self.creations.answer(token, entry)
+            if replay is not None:
+                log.info(REPLAYED_LOG)
+                return replay
+            # The first try was refused or did not finish: this one tries afresh.
+        entry = self.creations.start(token, user_id, address)
+        answer: dict[str, Any] | None = None
+        try:
+            answer = await self._create_fresh(user_id, address, password, quota)
+        finally:
+            self.creations.finish(token, entry, answer if answer and answer["ok"] else None)
+        return answer
+
+    async def _create_fresh(
+        self, user_id: str, address: str, password: str | None, quota: int
+    ) -> dict[str, Any]:
         try:
             new = await self._thread(self._create_here, user_id, address, password, quota)
         except (DirectoryError, AddressError) as e:
-            return {"ok": False, "error": "refused", "message": str(e)}
-        log.info("created a user for a front")
+            message = str(e)
+            if await self._thread(self.accounts.directory.user_by_id, user_id) is not None:
+                message = (
+                    f"{address} was made by an earlier request whose answer this node no"
+                    " longer holds (it restarted, or the answer expired): its password and"
+                    " recovery key were never shown; remove the user and add it again"
+                )
+            return {"ok": False, "error": "refused", "message": message}
+        log.info(CREATED_LOG)
         return {
             "ok": True,
             "user": new.user.id,
@@ -296,6 +433,112 @@ class PortalService:
         # which the front chose this node) places it here too.
         self.accounts.directory.set_mailbox_node(new.user.id, self.node)
         return new
+
+    async def _own_user(self, address: str) -> User | None:
+        """The user at ``address`` if there is one (None: none, or not an address);
+        PortalError("elsewhere") if it is placed on another node."""
+        try:
+            user: User | None = await self._thread(self.accounts.directory.user, address)
+        except AddressError:
+            return None
+        if user is not None and not await self._thread(self.owns, user.id):
+            raise PortalError("elsewhere")
+        return user
+
+    async def _new_password(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        """``postvern user passwd`` or ``recover`` on a front, as on one machine, with the
+        Argon2id work and the key here. ``passwd``: the current password or an app password
+        unlocks the key and the password slot is rewrapped; app passwords and the recovery
+        key stay. ``recover``: the recovery key unlocks it, the password slot is rewrapped
+        and the recovery key replaced (the old one was just typed somewhere); the new one
+        goes back to be shown once. Either way the warm-login cache forgets the user at
+        once, so the old password stops now."""
+        address, new = str(request.get("address", "")), str(request.get("new", ""))
+        old = str(request.get("current" if op == "passwd" else "recovery", ""))
+        change = self.accounts.change_password if op == "passwd" else self.accounts.recover
+        user = await self._own_user(address)
+        try:
+            fresh = await self._thread(change, address, old, new)
+        except AuthFailed:
+            raise PortalError("failed") from None
+        except (DirectoryError, AddressError) as e:
+            return {"ok": False, "error": "refused", "message": str(e)}
+        if user is not None:
+            self.login.cache.forget(user.address)
+        if op == "passwd":
+            log.info(CHANGED_LOG)
+            return {"ok": True}
+        log.info(RECOVERED_LOG)
+        return {"ok": True, "recovery": fresh}
+
+    async def _remove(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``postvern user remove`` on a front. The user is evicted first (refused from now
+        on, sessions ended, the mailbox closed), then the directory row goes, then the
+        files: a failure before the row goes changes nothing; after it, whatever file could
+        not be removed is named in the answer (``left``), never silently orphaned."""
+        user_id = request.get("user")
+        if not isinstance(user_id, str) or not USER_ID.fullmatch(user_id):
+            raise PortalError("unknown request")
+        user = await self._thread(self.accounts.directory.user_by_id, user_id)
+        if user is None or user.address != request.get("address"):
+            return {"ok": False, "error": "refused", "message": "no such user"}
+        if not await self._thread(self.owns, user_id):
+            raise PortalError("elsewhere")
+        if not await self._evict(user_id):
+            message = "the mailbox is still in use; nothing was removed, try again"
+            return {"ok": False, "error": "refused", "message": message}
+        try:
+            try:
+                changes = await self._thread(self.accounts.directory.delete_user, user_id)
+            except DirectoryError as e:
+                return {"ok": False, "error": "refused", "message": str(e)}
+            self.grants.forget_user(user_id)
+            self.login.cache.forget(user.address)
+            left = await self._thread(self._remove_files, user_id)
+        finally:
+            if self.moves is not None:
+                self.moves.evicted.discard(user_id)  # gone from the directory by now, or kept
+        log.info(REMOVED_LOG)
+        return {"ok": True, "aliases": [[c.alias, list(c.dropped), c.removed] for c in changes],
+                "left": left}  # fmt: skip
+
+    async def _evict(self, user_id: str) -> bool:
+        """As a move's EVICT (move.py): the user refused here from now on, their IMAP and
+        POP3 sessions ended, the mailbox closed — nobody writes its files while they go.
+        False (and served again) if it stays in use beyond the grace."""
+        if self.moves is None:
+            return True
+        self.moves.evicted.add(user_id)
+        deadline = time.monotonic() + EVICT_GRACE
+        try:
+            await self.moves.sessions.end(user_id, EVICT_GRACE)
+            while not await close_mailbox(self.registry, user_id):
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                await asyncio.sleep(0.05)
+        except TimeoutError:
+            self.moves.evicted.discard(user_id)
+            return False
+        return True
+
+    def _remove_files(self, user_id: str) -> list[str]:
+        """The user's mailbox files and spool removed; what is still there, and why."""
+        data_dir = self.accounts.data_dir
+        failed: dict[str, str] = {}
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            rel = f"{MAILBOX_DIR}/{user_id}.sqlite{suffix}"
+            try:
+                (data_dir / rel).unlink(missing_ok=True)
+            except OSError as e:
+                failed[rel] = e.strerror or type(e).__name__
+        try:
+            self.accounts.spool.remove_user(user_id)
+        except OSError as e:
+            failed[f"{SPOOL_DIR}/{user_id}/"] = e.strerror or type(e).__name__
+        still = set(user_files(data_dir, user_id)) | set(failed)
+        if (data_dir / SPOOL_DIR / user_id).exists():
+            still.add(f"{SPOOL_DIR}/{user_id}/")
+        return [f"{rel} ({failed.get(rel, 'still there')})" for rel in sorted(still)]
 
     async def _passkey(self, request: dict[str, Any]) -> tuple[Passkey, bytes]:
         """The user's passkey the request names, and the PRF output it carries."""
@@ -436,17 +679,31 @@ async def _create_on(
     context: ssl.SSLContext, node: Node, user_id: str, address: str, password: str | None,
     quota: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Ask ``node`` to create the user; DirectoryError with the reason if it cannot."""
+    """Ask ``node`` to create the user; DirectoryError with the reason if it cannot. An
+    answer lost on the way is asked for again with the same token, which the node answers
+    with the first try's result: the user is made once, and never "already exists"."""
     if password is not None:
         check_password(password)  # said at once; the node checks again
     request = {"op": "create", "user": user_id, "address": address, "password": password,
-               "quota": quota}  # fmt: skip
-    try:
-        _, writer, answer = await _open(context, node, request)
-    except PortalError as e:
-        if e.reason == "refused":
-            raise DirectoryError(e.message) from None
-        raise DirectoryError(f"mailbox node {node.name} cannot be reached; try again") from None
+               "quota": quota, "token": secrets.token_urlsafe(CREATE_TOKEN_BYTES)}  # fmt: skip
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        try:
+            return await _ask(context, node, request)
+        except PortalError as e:
+            if e.reason == "refused":
+                raise DirectoryError(e.message) from None
+            if attempt == CREATE_ATTEMPTS:
+                raise DirectoryError(
+                    f"mailbox node {node.name} did not answer; try again (if it made the user"
+                    " meanwhile, the address is taken now: remove it and add it again)"
+                ) from None
+        await asyncio.sleep(CREATE_RETRY_DELAY)
+    raise AssertionError("unreachable")
+
+
+async def _ask(context: ssl.SSLContext, node: Node, request: dict[str, Any]) -> dict[str, Any]:
+    """One request to ``node`` and its answer line (PortalError if refused or unanswered)."""
+    _, writer, answer = await _open(context, node, request)
     writer.close()
     return answer
 
@@ -469,13 +726,114 @@ def create_user(app: App, address: str, password: str | None, quota: int) -> New
         new = app.accounts.create_user(address, password, quota)
         app.directory.set_mailbox_node(new.user.id, s.cluster.node)
         return new
-    folder = s.path(CLUSTER_DIR)
-    identity = pki.NodeIdentity.in_dir(folder)
+    context, placement = _front_context(app)
     user_id = app.directory.new_user_id()
-    node = rendezvous(user_id, mailbox_nodes(load_nodes(folder)))
-    context = identity.client_context(ALPN)
+    node = rendezvous(user_id, mailbox_nodes(placement.nodes))
     answer = asyncio.run(_create_on(context, node, user_id, address, password, quota))
     return _new_user(app.directory.user_by_id(str(answer["user"])), answer, password)
+
+
+def _front_context(app: App) -> tuple[ssl.SSLContext, Placement]:
+    """A front's client context for ``postvern-portal`` and where users live."""
+    folder = app.settings.path(CLUSTER_DIR)
+    context = pki.NodeIdentity.in_dir(folder).client_context(ALPN)
+    return context, Placement(app.directory, load_nodes(folder))
+
+
+class NoAnswer(Exception):
+    """The user's mailbox node could not be reached or did not answer (``node``)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(node)
+        self.node = node
+
+
+def _on_owner(app: App, user: User, request: dict[str, Any]) -> tuple[Node, dict[str, Any]]:
+    """Send ``request`` about ``user`` to its mailbox node (blocking); the node and its
+    answer. A refusal is a DirectoryError with the node's reason, ``failed`` (a wrong
+    secret) AuthFailed, no answer NoAnswer."""
+    context, placement = _front_context(app)
+    try:
+        node = placement.node_for(user.id)
+    except ClusterError as e:
+        raise DirectoryError(f"where {user.address} lives is not known: {e}") from None
+    try:
+        return node, asyncio.run(_ask(context, node, request))
+    except PortalError as e:
+        if e.reason == "refused":
+            raise DirectoryError(e.message) from None
+        if e.reason == "failed":
+            raise AuthFailed from None
+        if e.reason == "elsewhere":
+            raise DirectoryError(f"{user.address} is moving to another node; try again") from None
+        raise NoAnswer(node.name) from None
+
+
+def _user(app: App, address: str) -> User:
+    user = app.directory.user(address)
+    if user is None:
+        raise DirectoryError(f"no such user: {address}")
+    return user
+
+
+def change_password(app: App, address: str, current: str, new: str) -> None:
+    """``postvern user passwd`` on a front (blocking): the user's mailbox node unlocks and
+    rewraps; nothing here runs Argon2id or holds the key."""
+    check_password(new)  # said at once; the node checks again
+    request = {"op": "passwd", "address": address, "current": current, "new": new}
+    try:
+        _on_owner(app, _user(app, address), request)
+    except NoAnswer as e:
+        raise DirectoryError(
+            f"mailbox node {e.node} did not answer: nothing was changed unless the new"
+            " password works now; try again"
+        ) from None
+
+
+def recover(app: App, address: str, recovery_key: str, new: str) -> str:
+    """``postvern user recover`` on a front (blocking): done on the user's mailbox node;
+    the new recovery key, to be shown once."""
+    check_password(new)
+    request = {"op": "recover", "address": address, "recovery": recovery_key, "new": new}
+    try:
+        _, answer = _on_owner(app, _user(app, address), request)
+    except NoAnswer as e:
+        raise DirectoryError(
+            f"mailbox node {e.node} did not answer: if the new password works now, the old"
+            " recovery key no longer does and the new one was lost (make one in the account"
+            " portal); otherwise try again"
+        ) from None
+    return str(answer["recovery"])
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What ``user remove`` on a front did: the node, the aliases it changed, and what was
+    left behind on the node (each with why), for the administrator to see to."""
+
+    node: str
+    aliases: list[AliasChange]
+    left: list[str]
+
+
+def remove_user(app: App, address: str) -> Removed:
+    """``postvern user remove`` on a front (blocking): the user's mailbox node evicts the
+    user, deletes the directory row, then the mailbox files and spool (``remove``)."""
+    user = _user(app, address)
+    request = {"op": "remove", "user": user.id, "address": user.address}
+    try:
+        node, answer = _on_owner(app, user, request)
+    except NoAnswer as e:
+        if app.directory.user_by_id(user.id) is not None:
+            raise DirectoryError(
+                f"mailbox node {e.node} did not answer and {user.address} is still in the"
+                " directory; try again"
+            ) from None
+        # The row went, then the node stopped answering: its files may be left there.
+        where = f"{MAILBOX_DIR}/{user.id}.sqlite* and {SPOOL_DIR}/{user.id}/"
+        return Removed(e.node, [], [f"{where} (the node stopped answering; look there)"])
+    aliases = [AliasChange(str(a), tuple(map(str, d)), bool(r)) for a, d, r in answer["aliases"]]
+    return Removed(node.name, aliases, [str(x) for x in answer["left"]])
 
 
 @dataclass(frozen=True)
