@@ -489,6 +489,13 @@ def test_user_remove_on_a_front_removes_the_mailbox_on_its_node_then_the_user(
     session.login(address, password)
     assert session.select("INBOX")[0] == "OK"
     removed = _logged(cluster, node, portal.REMOVED_LOG)
+    # On the other mailbox node the command refuses: the files are not there to remove.
+    other = next(n for n in MAILBOX_NODES if n != node)
+    capsys.readouterr()
+    assert cli.main(["--data", str(cluster.nodes[other].path), "user", "remove", address,
+                     "--yes"]) == 1  # fmt: skip
+    assert f"{address} lives on {node}" in capsys.readouterr().err
+    assert _user_id(cluster, address) == user_id
 
     status, out = _on_front(capsys, cluster, FRONTS[0], f"user remove {address} --yes")
     assert status == 0 and f"removed {address} and their mailbox on {node}" in out, out
@@ -558,3 +565,30 @@ async def test_a_create_retried_with_its_token_after_a_lost_answer_makes_the_use
         lambda app: app.accounts.recover(address, str(first["recovery"]), f"reset-{user_id}"),
     )
     assert isinstance(opened, str)
+
+
+def test_user_remove_on_a_front_names_what_it_could_not_remove(
+    cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file the node cannot unlink (here a directory where the mailbox's SQLite journal
+    would be: EISDIR, whoever runs the test) is named with the reason and the status is 1;
+    the user is gone from the directory all the same, and everything else with it."""
+    address, password, _ = _add_on_front(cluster, capsys)
+    node = _lives_only_on_its_node(cluster, address)
+    user_id = _user_id(cluster, address)
+    blocker = cluster.nodes[node].path / MAILBOX_DIR / f"{user_id}.sqlite-journal"
+    (blocker / "inside").mkdir(parents=True)
+    try:
+        status, out = _on_front(capsys, cluster, FRONTS[1], f"user remove {address} --yes")
+        assert status == 1, out
+        assert f"left on {node}, remove it there by hand: {MAILBOX_DIR}/{user_id}" in out, out
+        assert "sqlite-journal (Is a directory)" in out, out
+        assert _directory(cluster, lambda app: app.directory.user(address)) is None
+        assert sorted(_files_of(cluster, user_id)) == [
+            f"{node}: {MAILBOX_DIR}/{user_id}.sqlite-journal",
+            f"{node}: {MAILBOX_DIR}/{user_id}.sqlite-journal/inside",
+        ]
+        assert imap_login(cluster.front(FRONTS[0]), address, password) != "OK"
+    finally:
+        (blocker / "inside").rmdir()
+        blocker.rmdir()

@@ -668,6 +668,8 @@ def cmd_user_remove(app: App, args: argparse.Namespace) -> int:
         for item in removed.left:
             print(f"left on {removed.node}, remove it there by hand: {item}", file=sys.stderr)
         return 1 if removed.left else 0
+    if app.settings.cluster.role == "mailbox":
+        cluster_portal.check_removable_here(app, args.address)
     changes = app.accounts.remove_user(args.address)
     print(f"removed {args.address} and their mailbox")
     _print_alias_changes(changes)

@@ -806,6 +806,21 @@ def recover(app: App, address: str, recovery_key: str, new: str) -> str:
     return str(answer["recovery"])
 
 
+def check_removable_here(app: App, address: str) -> None:
+    """``postvern user remove`` on a mailbox node: only for a user placed on this node; the
+    files of another node's user are on that node, which a front's ``user remove`` asks."""
+    placement = Placement(app.directory, load_nodes(app.settings.path(CLUSTER_DIR)))
+    try:
+        node = placement.node_for(_user(app, address).id).name
+    except ClusterError as e:
+        raise DirectoryError(f"where {address} lives is not known: {e}") from None
+    if node != app.settings.cluster.node:
+        raise DirectoryError(
+            f"{address} lives on {node}: remove it with `postvern user remove` on a front,"
+            " which has that node remove its files (here they would stay behind there)"
+        )
+
+
 @dataclass(frozen=True)
 class Removed:
     """What ``user remove`` on a front did: the node, the aliases it changed, and what was
