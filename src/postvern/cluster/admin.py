@@ -16,7 +16,8 @@ source serving again); after it, the user already lives on the target.
 A failover (``postvern cluster failover DEAD``) has no source to ask: it checks that the node
 does not answer over mutual TLS, then for each of its users has the new node RESTORE the
 user from the dead node's replica (failover.py) and flips the map by compare-and-set; the
-fronts then send what the replica lacks.
+fronts then send what the replica lacks. The same code (:class:`ClusterOps`) runs in a front
+for an automatic failover (liveness.py), with the front's certificate instead of the admin's.
 """
 
 from __future__ import annotations
@@ -25,17 +26,20 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from postvern.app import App
 from postvern.cluster import move, nodes, pki
 from postvern.cluster.nodes import CLUSTER_DIR, ClusterError, Node
 from postvern.cluster.placement import Placement, rendezvous
-from postvern.directory.db import User
+from postvern.directory.db import Directory, User
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ADMIN_NAME = "admin"  # the administrator's certificate: role "admin", kept with the CA
 # Evicting waits up to move.EVICT_GRACE on the node; a copy of a large mailbox takes longer.
@@ -137,22 +141,132 @@ class FailoverReport:
     error: str = ""
 
 
-class Mover:
-    def __init__(self, data_dir: Path) -> None:
-        self.app = App.open(data_dir)
-        cluster_dir = data_dir / CLUSTER_DIR
-        self.nodes = nodes.load(cluster_dir)
-        self.placement = Placement(self.app.directory, self.nodes)
-        self.context = admin_identity(cluster_dir).client_context(move.ALPN)
+class ClusterOps:
+    """Failover and probes, for the administrator (:class:`Mover`, the admin certificate)
+    and for a front's watcher (liveness.py, the front's certificate, ALPN
+    ``postvern-failover``). The watcher runs inside a server's event loop, so the directory
+    is asked in a worker thread here."""
 
-    def close(self) -> None:
-        self.app.close()
+    def __init__(
+        self, directory: Directory, known: dict[str, Node], context: ssl.SSLContext
+    ) -> None:
+        self.directory = directory
+        self.nodes = known
+        self.placement = Placement(directory, known)
+        self.context = context
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
 
     def _node(self, name: str) -> Node:
         node = self.nodes.get(name)
         if node is None or node.role != "mailbox":
             raise ClusterError(f"{name!r} is not a mailbox node in nodes.toml")
         return node
+
+    async def failover(
+        self,
+        dead_name: str,
+        *,
+        to: str | None = None,
+        force: bool = False,
+        among: list[str] | None = None,
+        fenced_ok: bool = False,
+    ) -> list[FailoverReport]:
+        """Every user of the dead node restored on another from its replica, the map flipped.
+
+        Refused while the node answers over mutual TLS (it may still be serving), unless
+        ``force``, or ``fenced_ok`` and it says it serves nobody (its liveness lease is gone:
+        liveness.py). The users are spread over ``among`` (default: every other mailbox
+        node), or all go ``to`` one. A user whose restore fails stays on the dead node (its
+        mail waits in the fronts' queues) and is reported; running again retries only those."""
+        dead = self._node(dead_name)
+        if not dead.replica:
+            raise ClusterError(f"nodes.toml names no replica for {dead.name} (add-node --replica)")
+        state = await self._probe(dead)
+        fenced = fenced_ok and state.endswith(" serving=no")
+        if not state.startswith("DOWN") and not fenced and not force:
+            raise ClusterError(
+                f"{dead.name} answers over mutual TLS ({state}): not failing over a live node"
+                " (cluster move or drain it; --force if its data is lost anyway)"
+            )
+        others = [n for n in nodes.mailbox_nodes(self.nodes) if n.name != dead.name]
+        if among is not None:
+            others = [n for n in others if n.name in among]
+        if to is not None:
+            others = [self._node(to)]
+        if not others or dead in others:
+            raise ClusterError("no other mailbox node to fail over to")
+        users = await self._db(self.directory.users_on_node, dead.name)
+        at_once = asyncio.Semaphore(FAILOVER_PARALLEL)
+
+        async def one(user: User) -> FailoverReport:
+            async with at_once:
+                return await self._fail_over(user, dead, rendezvous(user.id, others))
+
+        return list(await asyncio.gather(*(one(u) for u in users)))
+
+    async def _fail_over(self, user: User, dead: Node, target: Node) -> FailoverReport:
+        """One user: RESTORE on the target, then the map flipped by compare-and-set."""
+        directory = self.directory
+        report = FailoverReport(user.address, dead.name, target.name)
+        started = time.monotonic()
+        await self._db(directory.set_user_moving, user.id, True)
+        try:
+            session = await NodeSession.open(target, self.context)
+            try:
+                answer = await session.request(f"RESTORE {user.id} {dead.replica}")
+            finally:
+                session.close()
+            _, _, files, size, created = answer.split(" ")
+            if not await self._db(directory.move_mailbox_node, user.id, dead.name, target.name):
+                raise ClusterError("the user's node changed during the failover")
+        except (OSError, ClusterError, TimeoutError, ssl.SSLError, ValueError) as e:
+            await self._db(directory.set_user_moving, user.id, False)
+            report.error = str(e) or type(e).__name__
+            return report
+        report.files, report.bytes = int(files), int(size)
+        report.point = datetime.fromtimestamp(float(created), UTC).isoformat(" ", "seconds")
+        report.seconds = time.monotonic() - started
+        return report
+
+    async def status(self, notes: dict[str, str] | None = None) -> list[str]:
+        """One line per node: role, address, users placed there, and whether it answers;
+        then ``notes`` for the node, if any (its liveness lease: liveness.py)."""
+        placed = await self._db(self.directory.mailbox_nodes)
+        lines = []
+        for node in sorted(self.nodes.values(), key=lambda n: n.name):
+            line = f"{node.name}\t{node.role}\t{node.address}"
+            if node.role == "mailbox":
+                line += f"\tusers={placed.get(node.name, 0)}\t{await self._probe(node)}"
+            if notes and notes.get(node.name):
+                line += f"\t{notes[node.name]}"
+            lines.append(line)
+        return lines
+
+    async def _probe(self, node: Node) -> str:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                session = await NodeSession.open(node, self.context)
+                try:
+                    return "up " + (await session.request("STATUS")).removeprefix("OK ")
+                finally:
+                    session.close()
+        except (OSError, ClusterError, TimeoutError, ssl.SSLError) as e:
+            return f"DOWN ({type(e).__name__})"
+
+
+class Mover(ClusterOps):
+    """The administrator's commands, where the CA and its admin certificate live."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.app = App.open(data_dir)
+        cluster_dir = data_dir / CLUSTER_DIR
+        context = admin_identity(cluster_dir).client_context(move.ALPN)
+        super().__init__(self.app.directory, nodes.load(cluster_dir), context)
+
+    def close(self) -> None:
+        self.app.close()
 
     async def move(self, address: str, target_name: str) -> MoveReport:
         started = time.monotonic()
@@ -206,83 +320,6 @@ class Mover:
                         session.close()
         except (OSError, ClusterError, TimeoutError, ssl.SSLError):
             log.exception("undoing the move failed; check both nodes")
-
-    async def failover(
-        self, dead_name: str, *, to: str | None = None, force: bool = False
-    ) -> list[FailoverReport]:
-        """Every user of the dead node restored on another from its replica, the map flipped.
-
-        Refused while the node answers over mutual TLS (it may still be serving), unless
-        ``force``. A user whose restore fails stays on the dead node (its mail waits in the
-        fronts' queues) and is reported; running the command again retries only those."""
-        dead = self._node(dead_name)
-        if not dead.replica:
-            raise ClusterError(f"nodes.toml names no replica for {dead.name} (add-node --replica)")
-        state = await self._probe(dead)
-        if not state.startswith("DOWN") and not force:
-            raise ClusterError(
-                f"{dead.name} answers over mutual TLS ({state}): not failing over a live node"
-                " (cluster move or drain it; --force if its data is lost anyway)"
-            )
-        others = [n for n in nodes.mailbox_nodes(self.nodes) if n.name != dead.name]
-        if to is not None:
-            others = [self._node(to)]
-        if not others or dead in others:
-            raise ClusterError("no other mailbox node to fail over to")
-        users = self.app.directory.users_on_node(dead.name)
-        at_once = asyncio.Semaphore(FAILOVER_PARALLEL)
-
-        async def one(user: User) -> FailoverReport:
-            async with at_once:
-                return await self._fail_over(user, dead, rendezvous(user.id, others))
-
-        return list(await asyncio.gather(*(one(u) for u in users)))
-
-    async def _fail_over(self, user: User, dead: Node, target: Node) -> FailoverReport:
-        """One user: RESTORE on the target, then the map flipped by compare-and-set."""
-        directory = self.app.directory
-        report = FailoverReport(user.address, dead.name, target.name)
-        started = time.monotonic()
-        directory.set_user_moving(user.id, True)
-        try:
-            session = await NodeSession.open(target, self.context)
-            try:
-                answer = await session.request(f"RESTORE {user.id} {dead.replica}")
-            finally:
-                session.close()
-            _, _, files, size, created = answer.split(" ")
-            if not directory.move_mailbox_node(user.id, dead.name, target.name):
-                raise ClusterError("the user's node changed during the failover")
-        except (OSError, ClusterError, TimeoutError, ssl.SSLError, ValueError) as e:
-            directory.set_user_moving(user.id, False)
-            report.error = str(e) or type(e).__name__
-            return report
-        report.files, report.bytes = int(files), int(size)
-        report.point = datetime.fromtimestamp(float(created), UTC).isoformat(" ", "seconds")
-        report.seconds = time.monotonic() - started
-        return report
-
-    async def status(self) -> list[str]:
-        """One line per node: role, address, users placed there, and whether it answers."""
-        placed = self.app.directory.mailbox_nodes()
-        lines = []
-        for node in sorted(self.nodes.values(), key=lambda n: n.name):
-            line = f"{node.name}\t{node.role}\t{node.address}"
-            if node.role == "mailbox":
-                line += f"\tusers={placed.get(node.name, 0)}\t{await self._probe(node)}"
-            lines.append(line)
-        return lines
-
-    async def _probe(self, node: Node) -> str:
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                session = await NodeSession.open(node, self.context)
-                try:
-                    return "up " + (await session.request("STATUS")).removeprefix("OK ")
-                finally:
-                    session.close()
-        except (OSError, ClusterError, TimeoutError, ssl.SSLError) as e:
-            return f"DOWN ({type(e).__name__})"
 
     async def drain(self, node_name: str) -> list[MoveReport]:
         """Move every user of ``node_name`` to the other mailbox nodes (rendezvous)."""

@@ -15,6 +15,7 @@ Bans and rate limits are the front's (it sees the client); this side adds no del
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,11 +37,13 @@ from postvern.store.spool import SpoolItem
 
 log = logging.getLogger(__name__)
 
-ALPN = ["imap", "pop3", "lmtp", move.ALPN, portal.ALPN]  # "imap", "pop3": IANA's ALPN ids
+# "imap", "pop3": IANA's ALPN ids
+ALPN = ["imap", "pop3", "lmtp", move.ALPN, move.FAILOVER_ALPN, portal.ALPN]
 # A front sends the PROXY line at once; one that does not within this is not a front.
 PROXY_LINE_TIMEOUT = 10.0
 BUSY = b"* BYE too many internal connections\r\n"
 NOT_HERE = "this mailbox is on another node; try again"
+FENCED = "this node has lost its liveness lease; try again"
 
 
 class BackendLogin(LoginService):
@@ -73,8 +76,11 @@ class Backend:
         limits: Limits,
         server_key: ServerKey,
         replicated: Replicated,
+        serving: Callable[[], bool] | None = None,
     ) -> None:
         self.node = node
+        # False while the node has no valid liveness lease (liveness.py): it serves nobody.
+        self.serving = serving or (lambda: True)
         self.identity = identity
         self.placement = placement
         self.login = BackendLogin(
@@ -92,6 +98,8 @@ class Backend:
         self.moves = move.MoveService(
             login.accounts.data_dir, registry, self.sessions, server_key=server_key
         )
+        self.moves.serving = self.sessions.serving = self.serving
+        self._settling: asyncio.Task[None] | None = None
         self.listener: ChannelServer | None = None
         self.tls = identity.server_context(ALPN)
         self.portal = portal.PortalService(
@@ -105,7 +113,7 @@ class Backend:
 
     def owns(self, user_id: str) -> bool:
         """Blocking (the directory): is ``user_id`` placed on this node?"""
-        if user_id in self.moves.evicted:
+        if not self.serving() or user_id in self.moves.evicted:
             return False
         try:
             return self.placement.node_for(user_id).name == self.node.name
@@ -132,6 +140,14 @@ class Backend:
             return
         if service == move.ALPN:
             await converse_and_close("admin", lambda: self.moves.serve(channel), _closer(channel))
+            return
+        if service == move.FAILOVER_ALPN:  # a front's watcher (liveness.py)
+
+            async def serve() -> str:
+                verbs, check = move.FAILOVER_VERBS, self._other_replica
+                return await self.moves.serve(channel, verbs=verbs, replica_ok=check)
+
+            await converse_and_close("failover", serve, _closer(channel))
             return
         if service == "lmtp":
             await self._lmtp(channel)
@@ -167,6 +183,32 @@ class Backend:
             )
         session.peer_ip = client_ip
         await session.run()
+
+    def _other_replica(self, url: str) -> bool:
+        """A front may only have this node restore from another mailbox node's replica."""
+        return any(
+            n.replica == url and n.role == "mailbox" and n.name != self.node.name
+            for n in self.placement.nodes.values()
+        )
+
+    def fence(self) -> None:
+        """The liveness lease is gone: every IMAP/POP3 session is interrupted now, in the
+        caller's callback, so none reads another command; they end and the mailboxes close
+        in the background (new logins, LMTP recipients and deliveries are refused already:
+        :meth:`owns`)."""
+        users = self.sessions.users()
+        for user_id in users:
+            for session in self.sessions.of(user_id):
+                session.evicted = True
+                session.channel.interrupt()
+        self._settling = asyncio.get_running_loop().create_task(self._settle(users))
+
+    async def _settle(self, users: list[str]) -> None:
+        for user_id in users:
+            with contextlib.suppress(TimeoutError):
+                await self.sessions.end(user_id, move.EVICT_GRACE)
+        for user_id in users:
+            await move.close_mailbox(self.registry, user_id)
 
     async def _proxy_line(self, channel: Channel) -> str | None:
         """The client address from the PROXY line; None (and logged) if there is none."""
@@ -216,6 +258,8 @@ class Backend:
         self, target: object, junk: bool, raw: bytes, delivery_id: str | None
     ) -> Reply:
         assert isinstance(target, User)
+        if not self.serving():  # fenced between RCPT and the end of DATA
+            return Reply(451, "4.3.0", FENCED)
         item = SpoolItem(raw, "\\Junk" if junk else None, delivery_id=delivery_id)
         try:
             where = await self.registry.deliver(target, item)

@@ -11,7 +11,7 @@ import asyncio
 import sys
 from typing import Any
 
-from postvern.cluster import admin, nodes, pki
+from postvern.cluster import admin, liveness, nodes, pki
 from postvern.cluster.nodes import CLUSTER_DIR, ClusterError
 
 
@@ -39,10 +39,18 @@ def cmd_cluster_move(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _status(mover: admin.Mover) -> list[str]:
+    """Every node; with Redis, each mailbox node's liveness lease and automatic failover."""
+    redis_url = mover.app.settings.abuse.redis_url
+    names = [n.name for n in nodes.mailbox_nodes(mover.nodes)]
+    notes = await liveness.describe(redis_url, names) if redis_url else None
+    return await mover.status(notes)
+
+
 def cmd_cluster_status(args: argparse.Namespace) -> int:
     mover = admin.Mover(args.data)
     try:
-        lines = asyncio.run(mover.status())
+        lines = asyncio.run(_status(mover))
     finally:
         mover.close()
     for line in lines:
@@ -77,6 +85,22 @@ def cmd_cluster_failover(args: argparse.Namespace) -> int:
                 f" {r.point} ({r.files} files, {r.bytes} bytes, {r.seconds:.2f} s)"
             )
     return 1 if failed else 0
+
+
+def cmd_cluster_rejoin(args: argparse.Namespace) -> int:
+    """A mailbox node failed over automatically serves again (its users stay where they are)."""
+    mover = admin.Mover(args.data)
+    try:
+        mover._node(args.node)
+        redis_url = mover.app.settings.abuse.redis_url
+    finally:
+        mover.close()
+    if not redis_url:
+        raise ClusterError("no Redis ([abuse] redis_url): there is no failover mark to remove")
+    if not asyncio.run(liveness.rejoin(redis_url, args.node)):
+        raise ClusterError(f"{args.node} is not marked as failed over")
+    print(f"{args.node}: may take its lease again; it serves the users the directory places on it")
+    return 0
 
 
 def cmd_cluster_add_node(args: argparse.Namespace) -> int:
@@ -146,3 +170,8 @@ def register(sub: Any) -> None:
     p.add_argument("--to", metavar="NODE", help="one node for all (default: spread by hashing)")
     p.add_argument("--force", action="store_true", help="even if the node answers over mutual TLS")
     p.set_defaults(func=_guarded(cmd_cluster_failover))
+    p = g.add_parser(
+        "rejoin", help="let a mailbox node that was failed over automatically serve again"
+    )
+    p.add_argument("node", help="the mailbox node (set its old mailbox files aside first)")
+    p.set_defaults(func=_guarded(cmd_cluster_rejoin))

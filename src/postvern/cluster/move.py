@@ -54,6 +54,10 @@ from postvern.store.spool import SPOOL_DIR, SUFFIX
 log = logging.getLogger(__name__)
 
 ALPN = "postvern-admin"
+# A front's watcher (liveness.py) fails a dead node over through this protocol: of the
+# requests above only STATUS and RESTORE, the replica one of a mailbox node in nodes.toml.
+FAILOVER_ALPN = "postvern-failover"
+FAILOVER_VERBS = frozenset({"STATUS", "RESTORE"})
 MOVED_DIR = "moved"
 # Sessions get this long to say goodbye and release the mailbox at EVICT.
 EVICT_GRACE = 10.0
@@ -104,6 +108,8 @@ class EvictableImap(ImapSession):
         self.evicted = False
 
     def _received(self, data: bytes | None) -> None:
+        if data is not None and not self.sessions.serving():  # fenced (liveness.py)
+            self.evicted, data = True, None
         if data is None and self.evicted:
             self._pending_read = None
             self.conn.send(BYE_MOVING)
@@ -152,6 +158,7 @@ class Sessions:
     def __init__(self) -> None:
         self._by_user: dict[str, set[Any]] = {}
         self._changed = asyncio.Event()
+        self.serving: Callable[[], bool] = lambda: True  # False once fenced (liveness.py)
 
     def add(self, user_id: str, session: Any) -> None:
         self._by_user.setdefault(user_id, set()).add(session)
@@ -159,6 +166,10 @@ class Sessions:
     def remove(self, user_id: str, session: Any) -> None:
         self._by_user.get(user_id, set()).discard(session)
         self._changed.set()
+
+    def users(self) -> list[str]:
+        """Users with a session open here."""
+        return [user_id for user_id, held in self._by_user.items() if held]
 
     def of(self, user_id: str) -> set[Any]:
         return set(self._by_user.get(user_id, ()))
@@ -196,11 +207,20 @@ class MoveService:
         self.sessions = sessions
         self.evicted: set[str] = set()  # users this node must not serve (moving away)
         self.replicas = None if server_key is None else ReplicaReader(data_dir, server_key)
+        self.serving: Callable[[], bool] = lambda: True  # False once fenced (liveness.py)
 
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
 
-    async def serve(self, channel: Channel) -> str:
+    async def serve(
+        self,
+        channel: Channel,
+        *,
+        verbs: frozenset[str] | None = None,
+        replica_ok: Callable[[str], bool] | None = None,
+    ) -> str:
+        """``verbs``: the only requests allowed (None: all); ``replica_ok``: which replica
+        URLs a RESTORE may read (None: any)."""
         reader = _LineReader(channel)
         while True:
             line = await reader.line()
@@ -208,6 +228,11 @@ class MoveService:
                 return "closed"
             verb, *args = line.split(" ")
             try:
+                if verbs is not None and verb.upper() not in verbs:
+                    raise MoveError("not allowed here")
+                restore = verb.upper() == "RESTORE"
+                if restore and replica_ok and not (args and replica_ok(args[-1])):
+                    raise MoveError("not the replica of a mailbox node")
                 answer = await self._request(verb.upper(), args, reader, channel)
             except (MoveError, FailoverError, OSError, TimeoutError, ValueError) as e:
                 answer = f"NO {type(e).__name__}: {e}"
@@ -219,7 +244,8 @@ class MoveService:
     ) -> str:
         if verb == "STATUS":  # `cluster status`: alive, and what it holds open
             open_now = self.registry.unlocked_count
-            return f"OK mailboxes-open={open_now} evicted={len(self.evicted)}"
+            serving = "yes" if self.serving() else "no"
+            return f"OK mailboxes-open={open_now} evicted={len(self.evicted)} serving={serving}"
         if not args or not _USER_ID.fullmatch(args[0]):
             raise MoveError("a user id is needed")
         user_id = args[0]

@@ -8,10 +8,12 @@ nodes.toml. Without ``[cluster] role`` nothing here runs: one machine, as before
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from postvern.cluster import nodes, pki
+from postvern.cluster import liveness, move, nodes, pki
+from postvern.cluster.admin import ClusterOps
 from postvern.cluster.backend import Backend
 from postvern.cluster.nodes import CLUSTER_DIR, ClusterError
 from postvern.cluster.placement import Placement
@@ -50,6 +52,19 @@ class ClusterNode:
         self.backend: Backend | None = None
         self.portal: PortalClient | None = None  # a front's account portal (portal.py)
         self.shared: SharedQueue | None = None
+        # Automatic failover (liveness.py): a mailbox node's lease, a front's watcher.
+        self.lease: liveness.NodeLease | None = None
+        self.watcher: liveness.Watcher | None = None
+        failover_after, redis_url = s.cluster.failover_after, s.abuse.redis_url
+        liveness.check_setting(failover_after, redis_url)
+        if failover_after and redis_url:
+            if role == "front":
+                ops = ClusterOps(
+                    server.app.directory, known, identity.client_context(move.FAILOVER_ALPN)
+                )
+                self.watcher = liveness.Watcher(liveness.client(redis_url), name, ops)
+            else:
+                self.lease = liveness.NodeLease(liveness.client(redis_url), name, failover_after)
         if role == "front":
             self.shared = _shared_queue(server, known)
             store = RelayStore(
@@ -84,7 +99,11 @@ class ClusterNode:
                 limits=s.limits,
                 server_key=server.app.server_key,
                 replicated=lambda: _replicated(server),
+                serving=self.lease.serving if self.lease else None,
             )
+            if self.lease is not None:
+                self.lease.on_fence = self.backend.fence
+        self._server = server
 
     @classmethod
     def attach(cls, server: Server) -> ClusterNode | None:
@@ -119,9 +138,29 @@ class ClusterNode:
             self.shared.start()  # lease, reconciliation, then watch; nothing sent before
         if self.relay is not None:
             self.relay.start()
+        if self.watcher is not None:
+            self.watcher.start()
         if self.backend is not None:
+            await self._say_stale()
+            if self.lease is not None:
+                await self.lease.start()  # said if it was failed over; fenced until it holds
             await self.backend.start()
             log.info("mailbox node %s: internal listener on %s", self.node.name, self.node.address)
+
+    async def _say_stale(self) -> None:
+        """A node back after a failover or a move keeps its old files: say so at start."""
+        app = self._server.app
+        stale = await asyncio.to_thread(
+            liveness.stale_mailboxes, app.settings.data_dir, app.directory, self.node.name
+        )
+        if stale:
+            log.warning(
+                "mailbox node %s holds %d mailbox files of users the directory places on"
+                " other nodes (failed over or moved while it was away): it does not serve"
+                " them; set them aside",
+                self.node.name,
+                stale,
+            )
 
     def metrics(self) -> dict[str, float]:
         """Gauges for /metrics (ops/metrics.py): what waits for the mailbox nodes, and what
@@ -136,12 +175,19 @@ class ClusterNode:
                 "postvern_cluster_queue_taken_over_total": (
                     self.shared.taken_over if self.shared else 0
                 ),
+                **_watcher_metrics(self.watcher),
             }
+        evicted = len(self.backend.moves.evicted) if self.backend else 0
         return {
-            "postvern_cluster_evicted_users": len(self.backend.moves.evicted) if self.backend else 0
+            "postvern_cluster_evicted_users": evicted,
+            "postvern_cluster_node_serving": int(self.lease.serving()) if self.lease else 1,
         }
 
     async def stop(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.lease is not None:
+            await self.lease.stop()
         if self.relay is not None:
             await self.relay.stop()
         if self.shared is not None:
@@ -165,6 +211,18 @@ def _shared_queue(server: Server, known: dict[str, nodes.Node]) -> SharedQueue |
         s.cluster.queue_store, s.abuse.redis_url, me, others,
         server.app.server_key.derive("cluster queue"), s.data_dir, s.cluster.lease_seconds,
     )  # fmt: skip
+
+
+def _watcher_metrics(watcher: liveness.Watcher | None) -> dict[str, float]:
+    """A front's automatic failovers (liveness.py); none when they are off."""
+    if watcher is None:
+        return {}
+    return {
+        "postvern_cluster_failover_watching": int(watcher.watching),
+        "postvern_cluster_nodes_failed_over_total": watcher.nodes_failed_over,
+        "postvern_cluster_users_failed_over_total": watcher.users_failed_over,
+        "postvern_cluster_users_not_failed_over_total": watcher.users_not_failed_over,
+    }
 
 
 def _replicated(server: Server) -> float | None:
