@@ -592,3 +592,23 @@ def test_user_remove_on_a_front_names_what_it_could_not_remove(
     finally:
         (blocker / "inside").rmdir()
         blocker.rmdir()
+
+
+def test_a_kept_create_answer_is_sealed_to_its_token_and_expires() -> None:
+    """What a node keeps for a retried ``create``: nothing of the answer in the clear, the
+    answer again for its token, nothing after CREATE_REPLAY_SECONDS (no cluster needed)."""
+    now = [1000.0]
+    replays = portal.CreateReplays(clock=lambda: now[0])
+    token, user_id = secrets.token_urlsafe(32), uuid.uuid4().hex
+    answer = {"ok": True, "user": user_id, "password": None, "recovery": "ABCD-EFGH-IJKL-MNOP"}
+    entry = replays.start(token, user_id, "a@example.test")
+    replays.finish(token, entry, answer)
+    assert entry.done.is_set() and entry.sealed is not None
+    assert b"ABCD" not in entry.sealed and token.encode() not in entry.sealed
+    assert replays.find(token) is entry and replays.answer(token, entry) == answer
+    # A refused or failed first try is not kept: a retry tries afresh.
+    refused = secrets.token_urlsafe(32)
+    replays.finish(refused, replays.start(refused, uuid.uuid4().hex, "b@example.test"), None)
+    assert replays.find(refused) is None
+    now[0] += portal.CREATE_REPLAY_SECONDS + 1
+    assert replays.find(token) is None and len(replays) == 0

@@ -18,6 +18,13 @@ forgotten after ``IDLE_SECONDS`` unused or ``MAX_AGE_SECONDS`` in all, at logout
 the user is moved off the node; the portal then asks for the password again. Abuse checks
 (bans, failure counting and delay) stay on the front, which sees the client.
 
+**Account administration** typed on a front is done here too: ``user add`` (``create``: the
+mailbox file is made on this node; a retry with the request's token after a lost answer gets
+the same answer, CreateReplays), ``user passwd`` and ``user recover`` (``passwd``,
+``recover``: Argon2id and the key on this node, as the single machine's command does them),
+and ``user remove`` (``remove``: sessions ended, the directory row deleted, then the files;
+whatever could not be removed is named in the answer).
+
 The wire: one request per connection, a JSON line (``MAX_REQUEST``); one JSON line back;
 for the mbox export that line is followed by frames of a 4-byte length and that many bytes,
 one message each, and an empty frame at the end — so neither side holds the whole mailbox.
