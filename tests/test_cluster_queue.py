@@ -6,11 +6,22 @@ both fronts and a short lease. A front killed with -9 while it holds relay copie
 mailbox node down) and outbound mail (the remote MX down) has them taken over by the other
 front once its lease lapses, and every message arrives exactly once; the front that comes back
 drops what was taken. Two coordinators on the real Redis never hold one claim at once.
+
+Per recipient: a front that delivered some recipients of a message (and queued the notice for
+one refused) and then died has only the others sent by the front that takes over, and the
+notice is not sent twice. ``postvern queue delete`` on a front removes the entry from its
+queue, the object store and Redis, and the front's next start does not bring it back. A front
+frozen (SIGSTOP) in the middle of a transaction past its lease sends nothing of the mail taken
+over when it runs again. A front that is no longer in nodes.toml has its mail taken over too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import email.policy
+import os
+import signal
 import smtplib
 import threading
 import time
@@ -22,6 +33,7 @@ import redis.asyncio
 
 from cluster_kit import (
     FRONTS,
+    OUTSIDE_SENDER,
     ClusterKit,
     TlsRedis,
     build,
@@ -32,11 +44,19 @@ from cluster_kit import (
 )
 from dnsserver import DNSTestServer
 from harness import client_tls_context, free_port, set_config
-from mta_kit import Sink
+from mta_kit import Sink, _SinkHandler
 from pg_server import PostgresTestServer
+from postvern import cli
+from postvern.app import App
 from postvern.backup.targets import open_target
 from postvern.cluster.relay import RELAY_DIR, SUFFIX
-from postvern.cluster.sharedq import Coordinator
+from postvern.cluster.sharedq import KEY_PREFIX, OUTBOUND, Coordinator, SharedStore
+from postvern.delivery.headers import new_queue_id
+from postvern.mta.dsn import _SUBJECTS, Action
+from postvern.smtp.address import Address
+from postvern.smtp.commands import RcptParams
+from postvern.smtp.replies import Reply
+from postvern.smtp.session import SessionState, serve_smtp
 from seaweed import Weed
 
 # The fronts' lease: short, so the test waits little for a lapse (the default is 10 s).
@@ -49,8 +69,32 @@ CLAIM_TTL = 3.0
 RENEW = 0.5
 
 
+class _Handler(_SinkHandler):
+    """The sink's handler, with the scripted answers and holds of :class:`ThreadSink`."""
+
+    def __init__(self, sink: Sink, owner: ThreadSink) -> None:
+        super().__init__(sink)
+        self.owner = owner
+
+    async def on_rcpt(self, state: SessionState, recipient: Address, params: RcptParams) -> Reply:
+        address = str(recipient)
+        owner = self.owner
+        owner.rcpts[address] += 1
+        if address.startswith("bounce-"):
+            return Reply(550, "5.1.1", "No such user here")
+        if address in owner.deferred:
+            return Reply(451, "4.3.0", "Try again later")
+        if address in owner.holds and address not in owner.held:
+            owner.held.add(address)  # the first RCPT of it waits until the test lets it go
+            await owner.holds[address].wait()
+        return await super().on_rcpt(state, recipient, params)
+
+
 class ThreadSink:
-    """mta_kit's SMTP sink on its own event loop in a thread, stopped and started at will."""
+    """mta_kit's SMTP sink on its own event loop in a thread, stopped and started at will.
+
+    It refuses ``bounce-*`` recipients (550), defers those in ``deferred`` (451), and answers
+    the first RCPT of an address given to :meth:`hold` only once :meth:`let_go` is called."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -58,21 +102,46 @@ class ThreadSink:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.sink: Sink | None = None
-        self.received: list[bytes] = []
+        self.received: list[tuple[list[str], bytes]] = []
+        self.rcpts: collections.Counter[str] = collections.Counter()
+        self.deferred: set[str] = set()
+        self.holds: dict[str, asyncio.Event] = {}
+        self.held: set[str] = set()  # holds reached
 
     def start(self) -> None:
         sink = Sink("127.0.0.1", self.port, None)
-        self.sink = asyncio.run_coroutine_threadsafe(sink.start(), self.loop).result(30)
+
+        async def start() -> Sink:
+            sink.server = await serve_smtp(
+                "127.0.0.1", self.port, lambda: _Handler(sink, self), hostname="sink"
+            )
+            return sink
+
+        self.sink = asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
 
     def stop(self) -> None:
         if self.sink is not None:
             asyncio.run_coroutine_threadsafe(self.sink.stop(), self.loop).result(30)
-            self.received += [r.message for r in self.sink.received]
+            self.received += [(r.recipients, r.message) for r in self.sink.received]
             self.sink = None
 
-    def messages(self) -> list[bytes]:
-        now = [r.message for r in self.sink.received] if self.sink is not None else []
+    def up(self) -> None:
+        """Started, if it is not (the first test stops it and starts it again)."""
+        if self.sink is None:
+            self.start()
+
+    def hold(self, address: str) -> None:
+        self.holds[address] = asyncio.Event()  # set from the sink's loop only (let_go)
+
+    def let_go(self, address: str) -> None:
+        self.loop.call_soon_threadsafe(self.holds[address].set)
+
+    def deliveries(self) -> list[tuple[list[str], bytes]]:
+        now = [(r.recipients, r.message) for r in self.sink.received] if self.sink else []
         return self.received + now
+
+    def messages(self) -> list[bytes]:
+        return [message for _, message in self.deliveries()]
 
     def close(self) -> None:
         self.stop()
@@ -234,3 +303,177 @@ def test_two_live_fronts_never_hold_one_claim_and_a_lapsed_lease_is_seen(
                 await c.aclose()
 
     asyncio.run(scenario())
+
+
+# -- per recipient, queue delete, a frozen front, a front gone from nodes.toml ------------------
+
+
+def _submit_to(kit: ClusterKit, front: str, sender: str, to: list[str], subject: str) -> str:
+    """One submitted message to several recipients; its queue id, from the 250."""
+    host, port = kit.front(front).addr("submission")
+    with smtplib.SMTP(host, port, timeout=30) as smtp:
+        smtp.starttls(context=client_tls_context())
+        smtp.login(sender, kit.passwords[sender])
+        smtp.mail(sender)
+        for address in to:
+            assert smtp.rcpt(address)[0] == 250
+        msg = message(", ".join(to), subject, sender)
+        code, reply = smtp.data(msg.as_bytes(policy=email.policy.SMTP))
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def _redis(redis_server: TlsRedis, *words: str) -> int:
+    """An integer reply (HLEN, EXISTS, SISMEMBER)."""
+    reply = redis_server.command(" ".join(words).encode())
+    assert reply.startswith(b":"), reply
+    return int(reply[1:].strip())
+
+
+def _progress(entry_id: str) -> str:
+    return f"{KEY_PREFIX}:progress:{entry_id}"
+
+
+def _copies(sink: ThreadSink, subject: str) -> list[list[str]]:
+    """The recipients of each copy of ``subject`` the remote MX took."""
+    return [rcpts for rcpts, m in sink.deliveries() if f"Subject: {subject}".encode() in m]
+
+
+def _bounces(kit: ClusterKit, front: str, address: str) -> int:
+    return inbox_subjects(kit, front, address).count(_SUBJECTS[Action.FAILED])
+
+
+def _local_entry(kit: ClusterKit, front: str, entry_id: str) -> bool:
+    """The front's own queue holds ``entry_id`` (`postvern queue show`, as an operator)."""
+    return cli.main(["--data", str(kit.front(front).path), "queue", "show", entry_id]) == 0
+
+
+def _restart_front2(kit: ClusterKit) -> None:
+    """front2 again, and its shared queue reconciled: a message accepted through it waits
+    for the reconciliation (sharedq.Gate) before its 250."""
+    kit.start("front2")
+    local = next(a for a in kit.passwords if kit.owner(a) == "mbx1")
+    send_mx(kit, "front2", local, f"after restart {uuid.uuid4().hex[:8]}")
+
+
+def test_a_takeover_sends_only_to_the_recipients_not_finished_and_no_notice_twice(
+    world: tuple[ClusterKit, ThreadSink, str, TlsRedis],
+) -> None:
+    kit, sink, store, redis_server = world
+    sink.up()
+    sender = next(a for a in kit.passwords if kit.owner(a) == "mbx2")
+    tag = uuid.uuid4().hex[:8]
+    done, refused, late = (f"{k}-{tag}@{REMOTE}" for k in ("done", "bounce", "late"))
+    subject = f"per recipient {tag}"
+    bounces = _bounces(kit, "front1", sender)
+    sink.deferred.add(late)  # the remote MX takes one now, refuses one, defers one
+    entry_id = _submit_to(kit, "front2", sender, [done, refused, late], subject)
+    _until(lambda: _copies(sink, subject) == [[done]], "front2 delivers one recipient")
+    _until(lambda: _bounces(kit, "front1", sender) == bounces + 1, "the refusal's notice")
+    # Both finished recipients are in Redis, sealed, keyed by entry (no address in it).
+    assert _redis(redis_server, "HLEN", _progress(entry_id)) == 2
+    assert tag.encode() not in redis_server.command(f"HGETALL {_progress(entry_id)}".encode())
+    kit.procs["front2"].kill()  # SIGKILL with one recipient left
+    try:
+        _until(lambda: not _names(store, "front2"), "front1 takes front2's mail over")
+        sink.deferred.discard(late)
+        _until(lambda: len(_copies(sink, subject)) == 2, "front1 sends the one left")
+        _until(lambda: not _redis(redis_server, "EXISTS", _progress(entry_id)), "progress goes")
+        _until(lambda: f"front1/{OUTBOUND}/{entry_id}" not in _names(store, "front1"), "object")
+    finally:
+        sink.deferred.discard(late)
+        _restart_front2(kit)
+    # At least once per recipient: the finished ones were not sent again, the refused one was
+    # not offered again, and its notice reached the sender once.
+    assert sorted(_copies(sink, subject)) == sorted([[done], [late]])
+    assert sink.rcpts[refused] == 1 and sink.rcpts[done] == 1
+    assert _bounces(kit, "front2", sender) == bounces + 1
+
+
+def test_queue_delete_on_a_front_removes_the_entry_everywhere(
+    world: tuple[ClusterKit, ThreadSink, str, TlsRedis],
+) -> None:
+    kit, sink, store, redis_server = world
+    sink.up()
+    sender = next(a for a in kit.passwords if kit.owner(a) == "mbx2")
+    tag = uuid.uuid4().hex[:8]
+    done, waiting = f"done-{tag}@{REMOTE}", f"waiting-{tag}@{REMOTE}"
+    subject = f"deleted {tag}"
+    sink.deferred.add(waiting)
+    try:
+        entry_id = _submit_to(kit, "front2", sender, [done, waiting], subject)
+        _until(lambda: _copies(sink, subject) == [[done]], "one recipient delivered")
+        _until(lambda: _redis(redis_server, "HLEN", _progress(entry_id)) == 1, "its progress")
+        assert f"front2/{OUTBOUND}/{entry_id}" in _names(store, "front2")
+        assert _local_entry(kit, "front2", entry_id)
+        assert cli.main(["--data", str(kit.front("front2").path), "queue", "delete", entry_id]) == 0
+        assert f"front2/{OUTBOUND}/{entry_id}" not in _names(store, "front2")
+        assert not _redis(redis_server, "EXISTS", _progress(entry_id))
+        assert not _local_entry(kit, "front2", entry_id)
+        # The next start reconciles with the store: nothing to fetch back.
+        kit.procs["front2"].stop()
+        _restart_front2(kit)
+        assert not _local_entry(kit, "front2", entry_id)
+        assert f"front2/{OUTBOUND}/{entry_id}" not in _names(store, "front2")
+        assert not any(entry_id in name for name in _names(store, "front1"))
+    finally:
+        sink.deferred.discard(waiting)
+    assert sink.rcpts[waiting] >= 1 and _copies(sink, subject) == [[done]]
+
+
+def test_a_front_frozen_past_its_lease_sends_nothing_taken_over(
+    world: tuple[ClusterKit, ThreadSink, str, TlsRedis],
+) -> None:
+    kit, sink, store, _ = world
+    sink.up()
+    sender = next(a for a in kit.passwords if kit.owner(a) == "mbx2")
+    tag = uuid.uuid4().hex[:8]
+    slow = f"slow-{tag}@{REMOTE}"
+    subject = f"frozen {tag}"
+    sink.hold(slow)  # front2's RCPT is answered only after it was frozen and taken over
+    _submit_to(kit, "front2", sender, [slow], subject)
+    _until(lambda: slow in sink.held, "front2 is in the middle of its transaction")
+    proc = kit.procs["front2"].proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)  # a frozen VM: its lease and claim lapse
+    try:
+        _until(lambda: not _names(store, "front2"), "front1 takes the frozen front's mail")
+        _until(lambda: _copies(sink, subject) == [[slow]], "front1 delivers it")
+    finally:
+        sink.let_go(slow)  # front2's RCPT is answered: it would send DATA next
+        os.kill(proc.pid, signal.SIGCONT)
+    # front2 asks Redis before DATA, finds the claim no longer its own, sends nothing, and
+    # drops the entry when it reconciles.
+    _until(lambda: metrics(kit, "front2")["postvern_outbound_in_flight"] == 0, "its attempt")
+    _until(lambda: metrics(kit, "front2")["postvern_queue_entries"] == 0, "it reconciles")
+    assert sink.rcpts[slow] == 2
+    assert _copies(sink, subject) == [[slow]]
+
+
+def test_the_mail_of_a_front_gone_from_nodes_toml_is_taken_over(
+    world: tuple[ClusterKit, ThreadSink, str, TlsRedis],
+) -> None:
+    kit, sink, store, redis_server = world
+    sink.up()
+    # front3 shared its queue once (it is in Redis' set of fronts) and has left nodes.toml,
+    # with an outbound entry still in the store under its prefix.
+    app = App.open(kit.seed.path)
+    try:
+        key = app.server_key.derive("cluster queue")
+    finally:
+        app.close()
+    gone = SharedStore(open_target(store), "front3", key)
+    tag = uuid.uuid4().hex[:8]
+    entry_id, to, subject = new_queue_id(), f"left-{tag}@{REMOTE}", f"left behind {tag}"
+    envelope = {"from": OUTSIDE_SENDER, "rcpts": [[to, None, None]], "envid": None, "ret": None,
+                "utf8": False}  # fmt: skip
+    data = message(to, subject).as_bytes(policy=email.policy.SMTP)
+    gone.put(OUTBOUND, entry_id, gone.seal(entry_id, envelope, data))
+    assert _redis(redis_server, "SADD", f"{KEY_PREFIX}:fronts", "front3") == 1
+    _until(lambda: _copies(sink, subject) == [[to]], "a live front delivers front3's entry")
+    _until(lambda: not _names(store, "front3"), "front3's objects are moved")
+    _until(
+        lambda: not _redis(redis_server, "SISMEMBER", f"{KEY_PREFIX}:fronts", "front3"),
+        "front3, empty and not in nodes.toml, is no longer looked at",
+    )
+    assert _copies(sink, subject) == [[to]]

@@ -525,8 +525,25 @@ def cmd_queue_retry(app: App, args: argparse.Namespace) -> int:
 
 @with_app
 def cmd_queue_delete(app: App, args: argparse.Namespace) -> int:
+    s = app.settings
+    shared = False
+    if s.cluster.role == "front" and s.cluster.queue_store:
+        # A front's shared queue: the object and its progress first, so that neither this
+        # front's next start nor another's takeover brings the entry back (sharedq.py).
+        from postvern.cluster import sharedq
+
+        key = app.server_key.derive("cluster queue")
+        try:
+            shared = sharedq.delete_everywhere(s, key, args.id)
+        except Exception as e:
+            problem = f"the shared queue did not answer ({type(e).__name__})"
+            raise CLIError(f"{problem}; nothing was deleted here, run it again") from None
     with _queue_store(app) as store:
-        mta_admin.delete_entry(store, args.id)
+        try:
+            mta_admin.delete_entry(store, args.id)
+        except EntryNotFound:
+            if not shared:  # held in the shared store only (this front was restarted bare)
+                raise
     print(f"deleted {args.id}")
     return 0
 

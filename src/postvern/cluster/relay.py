@@ -512,6 +512,8 @@ class Relay:
         healthy = True
         try:
             for name, copy in lane:
+                if self.claims is not None and not await self.claims.holds(name):
+                    continue  # frozen past the lease: another front has it now (sharedq.py)
                 try:
                     reply = await self._send(client, name, copy)
                 except (OSError, LMTPError) as e:

@@ -36,8 +36,11 @@ object store in plaintext, and a front that reads another's object needs no key 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -46,6 +49,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import redis
 import redis.asyncio
 import redis.exceptions
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -55,7 +59,8 @@ from postvern.backup.targets import Target, TargetError, open_target
 
 if TYPE_CHECKING:
     from postvern.cluster.relay import RelayStore
-    from postvern.mta.queue import Queue, QueueRecipient
+    from postvern.config import Settings
+    from postvern.mta.queue import Queue, QueueRecipient, RecipientRecord, RecipientUpdate
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +79,46 @@ TAKEOVER_BATCH = 256
 TAKEOVER_PARALLEL = 8
 # A claim another front holds is tried again after this: that front is delivering it.
 CLAIM_RETRY = 1.0
-# Several Redis errors in a row are logged once per this.
+# An outbound entry's per-recipient progress (``progress:<id>``) goes with the entry when it
+# finishes or is deleted; this time to live only bounds a key whose deletion was lost (Redis
+# down at that moment). It is far beyond any entry's life: the queue gives a recipient up after
+# ``[mta] max_queue_days`` (5 by default), counted again from a takeover.
+PROGRESS_TTL_MS = 60 * 86400 * 1000
+# The Redis set of fronts that ever shared their queue: a front later removed from nodes.toml
+# is still looked at, and taken over, while it has objects.
+FRONTS_SET = "fronts"
+# Entries finished lately that take no more progress writes (see SharedQueue.progress).
+RECENTLY_FINISHED = 4096
+# The administrator's command waits this long for Redis.
+CLI_REDIS_TIMEOUT = 10.0
 RedisDown = (redis.exceptions.RedisError, OSError)
 
 # Compare-and-set scripts: only the token's holder renews or releases (Redis' lock pattern).
+# A message is claimed only by a front that holds its lease (KEYS[1]): a front that was frozen
+# past its lease claims nothing more until it has reconciled (``SharedQueue._rejoin``).
+_CLAIM_LEASED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  local none = {}
+  for i = 2, #KEYS do none[i - 1] = 0 end
+  return none
+end
+local out = {}
+for i = 2, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v == false or v == ARGV[1] then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2]); out[i - 1] = 1
+  else out[i - 1] = 0 end
+end
+return out
+"""
+# Every key (the lease, then claims) still holds this process' token: checked right before a
+# message goes out, so a front that was frozen while it held them sends nothing taken over.
+_HOLDS = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) ~= ARGV[1] then return 0 end
+end
+return 1
+"""
 _CLAIM = """
 local out = {}
 for i, key in ipairs(KEYS) do
@@ -110,6 +151,8 @@ class SharedStore:
         self.target = target
         self.me = me
         self._aead = ChaCha20Poly1305(key)
+        # The progress fields' names: a key of their own, derived from the entries' key.
+        self._names_key = hmac.new(key, b"progress names", hashlib.sha256).digest()
 
     @classmethod
     def open(cls, url: str, me: str, key: bytes) -> SharedStore:
@@ -146,6 +189,25 @@ class SharedStore:
         plain = self._aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], aad)
         head, _, message = plain.partition(b"\n")
         return json.loads(head), message
+
+    # A recipient's progress in Redis: named by a keyed hash of entry and address (no address
+    # in Redis), its outcome sealed and bound to that name.
+
+    def progress_field(self, entry_id: str, address: str) -> str:
+        mac = hmac.new(self._names_key, f"{entry_id}\n{address}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
+
+    def seal_progress(self, field: str, record: dict[str, Any]) -> bytes:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        plain = json.dumps(record, separators=(",", ":")).encode()
+        return nonce + self._aead.encrypt(nonce, plain, f"progress/{field}".encode())
+
+    def unseal_progress(self, field: str, data: bytes) -> dict[str, Any]:
+        aad = f"progress/{field}".encode()
+        record: dict[str, Any] = json.loads(
+            self._aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], aad)
+        )
+        return record
 
 
 class Gate:
@@ -200,11 +262,20 @@ class Coordinator:
         self.held: dict[str, int] = {}  # claims held, with how many deliveries use each
         self.locks: set[str] = set()  # fronts whose takeover lock this process holds
         self._claim = client.register_script(_CLAIM)
+        self._claim_leased = client.register_script(_CLAIM_LEASED)
+        self._holds = client.register_script(_HOLDS)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
     def key(self, what: str, name: str) -> str:
         return f"{KEY_PREFIX}:{what}:{name}"
+
+    def new_token(self) -> None:
+        """A fresh token before (re)taking the lease: a claim asked before a lapse and
+        answered after the new lease is set must not count, and claims held before it
+        are no longer held (a frozen front's claims lapsed with its lease)."""
+        self.token = f"{self.me}:{secrets.token_hex(16)}"
+        self.held.clear()
 
     async def claim(self, ids: Sequence[str]) -> set[str]:
         """The ids this front may deliver now; waits until the front is ready."""
@@ -212,12 +283,23 @@ class Coordinator:
         mine = {i for i in ids if i in self.held}
         ask = [i for i in ids if i not in self.held]
         if ask:
-            keys = [self.key("claim", i) for i in ask]
-            got = await self._claim(keys=keys, args=[self.token, self.ttl_ms])
+            keys = [self.key("lease", self.me)] + [self.key("claim", i) for i in ask]
+            got = await self._claim_leased(keys=keys, args=[self.token, self.ttl_ms])
             mine |= {i for i, ok in zip(ask, got, strict=True) if ok}
         for i in mine:
             self.held[i] = self.held.get(i, 0) + 1
         return mine
+
+    async def holds(self, message_id: str) -> bool:
+        """This process still holds its lease and ``message_id``'s claim, asked of Redis now
+        (one round trip): a front frozen past its lease (a stopped VM) had both taken, and
+        must not send what another front now delivers. Unknown (Redis down) is no."""
+        keys = [self.key("lease", self.me), self.key("claim", message_id)]
+        try:
+            return bool(await self._holds(keys=keys, args=[self.token]))
+        except RedisDown as e:
+            log.warning("shared queue: claim not confirmed (Redis: %s)", type(e).__name__)
+            return False
 
     async def release(self, ids: Sequence[str]) -> None:
         done = []
@@ -282,6 +364,10 @@ class SharedQueue:
         self.on_adopted: list[Callable[[], None]] = []  # wake the relay / the MTA
         self._task: asyncio.Task[None] | None = None
         self.taken_over = 0  # messages this front took from others (metrics)
+        # Progress writes and the removal of an entry's progress go one at a time, and an
+        # entry finished lately takes no more writes, so none lands after the removal.
+        self._progress_lock = asyncio.Lock()
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.last_takeover: float | None = None  # when the last takeover finished (time.time)
 
     @classmethod
@@ -327,11 +413,59 @@ class SharedQueue:
         await self._thread(seal_and_put)
 
     async def finished(self, entry_id: str) -> None:
-        """The entry is done (final reply or DSN queued): its object goes."""
+        """The entry is done (final reply or DSN queued): its object and progress go."""
         try:
             await self._thread(self.store.delete, OUTBOUND, [entry_id])
         except TargetError as e:  # it comes back at the next reconciliation, to be dropped
             log.warning("shared queue: cannot delete a finished entry's object: %s", e)
+        async with self._progress_lock:
+            self._finished[entry_id] = None
+            while len(self._finished) > RECENTLY_FINISHED:
+                self._finished.popitem(last=False)
+            try:
+                await self.coord.redis.delete(self.coord.key("progress", entry_id))
+            except RedisDown as e:  # PROGRESS_TTL_MS bounds it
+                log.warning("shared queue: progress not removed (Redis: %s)", type(e).__name__)
+
+    async def progress(self, entry_id: str, records: Sequence[RecipientRecord]) -> None:
+        """Recipients of ``entry_id`` finished here (delivered or failed, with or without a
+        notice still owed): a front that takes the entry over sends only to the others, and
+        sends only the notices still owed. Called after the local commit; if this front
+        dies before it, those recipients are tried again (at least once, per recipient)."""
+        if not records:
+            return
+        fields: dict[str | bytes, bytes] = {}
+        for r in records:
+            name = self.store.progress_field(entry_id, r.address)
+            fields[name] = self.store.seal_progress(name, _progress_record(r))
+        key = self.coord.key("progress", entry_id)
+        async with self._progress_lock:
+            if entry_id in self._finished:
+                return
+            try:
+                async with self.coord.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+                    pipe.pexpire(key, PROGRESS_TTL_MS)
+                    await pipe.execute()
+            except RedisDown as e:
+                log.warning("shared queue: progress not recorded (Redis: %s)", type(e).__name__)
+
+    async def _settled(
+        self, entry_id: str, recipients: Sequence[QueueRecipient]
+    ) -> dict[str, RecipientUpdate]:
+        """The recipients some front finished, by address, as recorded by :meth:`progress`."""
+        names = [self.store.progress_field(entry_id, r.address) for r in recipients]
+        values = await self.coord.redis.hmget(self.coord.key("progress", entry_id), names)
+        settled = {}
+        for r, name, value in zip(recipients, names, values, strict=True):
+            if value is not None:
+                sealed = value.encode() if isinstance(value, str) else value
+                settled[r.address] = _settled_update(self.store.unseal_progress(name, sealed))
+        return settled
+
+    async def holds(self, message_id: str) -> bool:
+        """Still this front's to send, asked of Redis right before it goes (runner, relay)."""
+        return await self.coord.holds(message_id)
 
     async def claim(self, entry_id: str) -> bool:
         """Deliver ``entry_id`` only if True; release it after."""
@@ -364,6 +498,7 @@ class SharedQueue:
     async def _rejoin(self) -> None:
         """Own takeover lock, lease, reconciliation, in that order (module docstring)."""
         self.coord.ready.clear()
+        self.coord.new_token()
         while True:
             try:
                 if await self.coord.lock(self.coord.me):
@@ -373,6 +508,7 @@ class SharedQueue:
             await asyncio.sleep(self.ttl / 3)
         try:
             await self.coord.take_lease()
+            await self.coord.redis.sadd(f"{KEY_PREFIX}:{FRONTS_SET}", self.coord.me)
             async with self.gate.exclusive():
                 await self._reconcile()
         finally:
@@ -394,12 +530,19 @@ class SharedQueue:
                     log.error("shared queue: this front's lease lapsed; reconciling")
                     await self._rejoin()
                     continue
-                for front in await self.coord.lapsed(self.others):
+                for front in await self.coord.lapsed(await self._fronts()):
                     await self._take_over(front)
             except RedisDown as e:
                 log.warning("shared queue: Redis unreachable (%s)", type(e).__name__)
             except Exception:
                 log.exception("shared queue: watch failed")
+
+    async def _fronts(self) -> list[str]:
+        """The other fronts: those of nodes.toml, and any that ever shared its queue (one
+        removed from nodes.toml may have left mail)."""
+        known = await self.coord.redis.smembers(f"{KEY_PREFIX}:{FRONTS_SET}")
+        names = {n.decode() if isinstance(n, bytes) else str(n) for n in known}
+        return sorted((names | set(self.others)) - {self.coord.me})
 
     # -- reconciliation -----------------------------------------------------------------------
 
@@ -468,7 +611,11 @@ class SharedQueue:
 
     async def _take_over(self, front: str) -> None:
         objects: dict[str, set[str]] = await self._thread(self.store.names, front)
-        if not any(objects.values()) or not await self.coord.lock(front):
+        if not any(objects.values()):
+            if front not in self.others:  # gone from nodes.toml, and nothing left of it
+                await self.coord.redis.srem(f"{KEY_PREFIX}:{FRONTS_SET}", front)
+            return
+        if not await self.coord.lock(front):
             return
         moved = 0
         try:
@@ -536,15 +683,55 @@ class SharedQueue:
             QueueRecipient(a, frozenset(n) if n is not None else None, o)
             for a, n, o in envelope["rcpts"]
         ]
+        settled = await self._settled(entry_id, recipients)
+        if len(settled) == len(recipients) and not any(u.notice for u in settled.values()):
+            await self.finished(entry_id)  # all done before its front died: nothing to send
+            return
         try:
             await self.queue.enqueue(
                 envelope["from"], recipients, message, envid=envelope["envid"],
                 ret=envelope["ret"], smtputf8=envelope["utf8"], queue_id=entry_id,
+                settled=settled,
             )  # fmt: skip
         except QueueError:  # already here (a takeover interrupted after the enqueue)
             if front == self.store.me:
                 raise
             await self._thread(self.store.put, OUTBOUND, entry_id, data)
+
+
+def _progress_record(r: RecipientRecord) -> dict[str, Any]:
+    return {
+        "s": str(r.state), "a": r.attempts, "l": r.last_attempt, "st": r.status,
+        "d": r.diagnostic, "m": r.remote_mta, "t": r.tls, "n": r.notice, "w": r.delay_notified,
+    }  # fmt: skip
+
+
+def _settled_update(record: dict[str, Any]) -> RecipientUpdate:
+    from postvern.mta.queue import RecipientState, RecipientUpdate
+
+    last = record["l"] if record["l"] is not None else time.time()
+    return RecipientUpdate(
+        seq=-1, state=RecipientState(record["s"]), attempts=record["a"], next_attempt=last,
+        last_attempt=last, status=record["st"], diagnostic=record["d"], remote_mta=record["m"],
+        tls=record["t"], notice=record["n"], delay_notified=bool(record["w"]),
+    )  # fmt: skip
+
+
+def delete_everywhere(settings: Settings, key: bytes, entry_id: str) -> bool:
+    """``postvern queue delete`` on a front with a shared queue: the entry's object and its
+    progress in Redis go too (the local entry is the caller's), so neither this front at its
+    next start nor another at a takeover brings it back. True if the object was there."""
+    store = SharedStore.open(settings.cluster.queue_store, settings.cluster.node, key)
+    name = f"{settings.cluster.node}/{OUTBOUND}/{entry_id}"
+    existed = name in store.target.list(name)
+    store.delete(OUTBOUND, [entry_id])
+    assert settings.abuse.redis_url  # a shared queue needs it (cluster/node.py)
+    client = redis.Redis.from_url(settings.abuse.redis_url, socket_timeout=CLI_REDIS_TIMEOUT)
+    try:
+        client.delete(f"{KEY_PREFIX}:progress:{entry_id}")
+    finally:
+        client.close()
+    return existed
 
 
 def _entry_ids(store: Any) -> list[str]:

@@ -16,7 +16,7 @@ import enum
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +112,9 @@ class Envelope:
     envid: str | None = None
     ret: str | None = None
     smtputf8: bool = False
+    # Asked after the recipients and before DATA; False: send nothing (the message is no
+    # longer this sender's to send: a cluster front's claim, cluster/sharedq.py).
+    before_data: Callable[[], Awaitable[bool]] | None = None
 
 
 class SessionError(Exception):
@@ -309,6 +312,11 @@ class ClientSession:
                 outcomes, accepted = await self._recipients(batch)
                 if not accepted:
                     await self._reset()
+                    return outcomes
+                if envelope.before_data is not None and not await envelope.before_data():
+                    await self._reset()
+                    withheld = Outcome.temporary("4.4.0", "not sent: no longer ours to send")
+                    outcomes.update({r.seq: withheld for r in accepted})
                     return outcomes
                 stage = "DATA"
                 final = await self._data(envelope.message)

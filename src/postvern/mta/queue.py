@@ -21,9 +21,9 @@ import enum
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -519,6 +519,7 @@ class Queue:
         self._writes: collections.deque[_Write] = collections.deque()
         self._write_lock = threading.Lock()
         self._listeners: list[Callable[[list[DueRecipient]], None]] = []
+        self._notice_listeners: list[Callable[[str], None]] = []
         self._closed = False
         # A cluster front's copy in object storage (cluster/sharedq.py), written before the
         # entry is committed here and deleted once it is finished; None on one machine.
@@ -553,6 +554,13 @@ class Queue:
         self._listeners.append(callback)
         return lambda: self._listeners.remove(callback) if callback in self._listeners else None
 
+    def subscribe_notices(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(entry_id)`` when an entry arrives with notices already owed (taken
+        over from another front: cluster/sharedq.py); returns the unsubscriber."""
+        self._notice_listeners.append(callback)
+        listeners = self._notice_listeners
+        return lambda: listeners.remove(callback) if callback in listeners else None
+
     # -- enqueue ---------------------------------------------------------------------------
 
     async def enqueue(
@@ -565,6 +573,7 @@ class Queue:
         ret: str | None = None,
         smtputf8: bool = False,
         queue_id: str | None = None,
+        settled: Mapping[str, RecipientUpdate] | None = None,
     ) -> str:
         """Queue a message durably and return its queue id.
 
@@ -575,7 +584,8 @@ class Queue:
         header and logs name it), so ``postvern queue show`` finds what the sender was told;
         by default a new one is made (notices). An id already in the queue raises
         :class:`QueueError` and nothing is queued. Returns after the commit (fsync), never
-        before.
+        before. ``settled`` gives, by address, recipients another front already finished
+        (cluster/sharedq.py): they are written with that outcome, not tried again.
         """
         rcpts = _deduplicate(
             [r if isinstance(r, QueueRecipient) else QueueRecipient(r) for r in recipients]
@@ -585,11 +595,19 @@ class Queue:
         now = self._clock()
         ret = ret.upper() if ret else None
 
+        done = settled or {}
+
         def insert(store: QueueStore) -> None:
             try:
                 store.insert(entry_id, mail_from, rcpts, message, envid, ret, smtputf8, now)
             except apsw.ConstraintError:
                 raise QueueError("queue id already in use") from None
+            if done:
+                store.update(
+                    entry_id,
+                    [replace(done[r.address], seq=seq) for seq, r in enumerate(rcpts)
+                     if r.address in done],
+                )  # fmt: skip
 
         if self.shared is None:
             await self.write(insert)
@@ -605,10 +623,15 @@ class Queue:
                         await self.shared.finished(entry_id)
                     raise
         due = [
-            DueRecipient(entry_id, seq, routing_domain(r.address)) for seq, r in enumerate(rcpts)
+            DueRecipient(entry_id, seq, routing_domain(r.address))
+            for seq, r in enumerate(rcpts)
+            if r.address not in done
         ]
         for listener in list(self._listeners):
             listener(due)
+        if any(u.notice for u in done.values()):
+            for notice_listener in list(self._notice_listeners):
+                notice_listener(entry_id)
         return entry_id
 
     # -- delivery bookkeeping (used by the runner) -----------------------------------------
@@ -630,9 +653,17 @@ class Queue:
         """Commit attempt outcomes; True if a notification is owed for the entry."""
         if self.shared is None:
             return await self.write(lambda s: s.update(entry_id, updates))
-        owed, gone = await self.write(lambda s: (s.update(entry_id, updates), _gone(s, entry_id)))
+        seqs = [u.seq for u in updates if u.state is not RecipientState.PENDING]
+
+        def update(s: QueueStore) -> tuple[bool, bool, list[RecipientRecord]]:
+            owed = s.update(entry_id, updates)
+            return owed, _gone(s, entry_id), _records(s, entry_id, seqs)
+
+        owed, gone, finished = await self.write(update)
         if gone:
             await self.shared.finished(entry_id)
+        else:  # per recipient: a takeover sends only to the others (cluster/sharedq.py)
+            await self.shared.progress(entry_id, finished)
         return bool(owed)
 
     async def clear_notices(self, entry_id: str, seqs: Sequence[int]) -> None:
@@ -640,12 +671,17 @@ class Queue:
             await self.write(lambda s: s.clear_notices(entry_id, seqs))
             return
 
-        def clear(s: QueueStore) -> bool:
+        def clear(s: QueueStore) -> tuple[bool, list[RecipientRecord]]:
             s.clear_notices(entry_id, seqs)
-            return _gone(s, entry_id)
+            return _gone(s, entry_id), _records(s, entry_id, seqs)
 
-        if await self.write(clear):
+        gone, records = await self.write(clear)
+        if gone:
             await self.shared.finished(entry_id)
+        else:  # the notice is sent: a takeover does not send it again
+            await self.shared.progress(
+                entry_id, [r for r in records if r.state is not RecipientState.PENDING]
+            )
 
     async def entries_with_notices(self) -> list[str]:
         return await self._read(lambda s: s.entries_with_notices())
@@ -722,6 +758,18 @@ def _settle_future(future: asyncio.Future[Any], value: Any, error: BaseException
 def _gone(store: QueueStore, entry_id: str) -> bool:
     """The entry was finished and deleted (in the same transaction as the last update)."""
     return not store.conn.execute("SELECT 1 FROM entries WHERE id = ?", (entry_id,)).fetchall()
+
+
+def _records(store: QueueStore, entry_id: str, seqs: Sequence[int]) -> list[RecipientRecord]:
+    """The entry's recipients numbered ``seqs`` as committed (none once it is gone)."""
+    if not seqs:
+        return []
+    marks = ",".join("?" * len(seqs))
+    rows = store.conn.execute(
+        f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE entry_id = ? AND seq IN ({marks})",
+        (entry_id, *seqs),
+    ).fetchall()
+    return [_recipient(row) for row in rows]
 
 
 def _deduplicate(recipients: list[QueueRecipient]) -> list[QueueRecipient]:

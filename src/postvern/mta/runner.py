@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from postvern.config import Settings
 from postvern.dns import Resolver
@@ -165,6 +165,7 @@ class OutboundMTA:
         self._wakeup: asyncio.Event | None = None
         self._stopping = False
         self._unsubscribe: Callable[[], None] | None = None
+        self._unsubscribe_notices: Callable[[], None] | None = None
         self._slots: asyncio.Semaphore | None = None
         self._connector: Connector | None = None
         self._wake_listener: WakeListener | None = None
@@ -195,6 +196,8 @@ class OutboundMTA:
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._stopping = False
         self._unsubscribe = self._queue.subscribe(self._enqueued)
+        # An entry taken over from another front may come with notices owed: send them now.
+        self._unsubscribe_notices = self._queue.subscribe_notices(self._notify)
         try:
             self._wake_listener = WakeListener.open(self._settings.path(WAKE_FILE), self.wake)
         except OSError as e:  # the queue is still rescanned every MAX_IDLE_SLEEP
@@ -208,6 +211,8 @@ class OutboundMTA:
         self._stopping = True
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._unsubscribe_notices is not None:
+            self._unsubscribe_notices()
         if self._wake_listener is not None:
             self._wake_listener.close()
             self._wake_listener = None
@@ -345,18 +350,26 @@ class OutboundMTA:
         if not await shared.claim(entry_id):
             return connection
         try:
-            return await self._claimed_job(destination, entry_id, connection)
+            # The claim is asked again right before DATA: a front frozen past its lease
+            # sends nothing another front took over (docs/cluster.md: what window remains).
+            return await self._claimed_job(
+                destination, entry_id, connection, lambda: shared.holds(entry_id)
+            )
         finally:
             await shared.release(entry_id)
 
     async def _claimed_job(
-        self, destination: _Destination, entry_id: str, connection: Connection | None
+        self,
+        destination: _Destination,
+        entry_id: str,
+        connection: Connection | None,
+        before_data: Callable[[], Awaitable[bool]] | None = None,
     ) -> Connection | None:
         entry = await self._queue.entry(entry_id)
         recipients = _pending_for(entry, destination.domain, self._clock()) if entry else []
         if entry is None or not recipients:
             return connection
-        envelope = _envelope(entry, recipients)
+        envelope = replace(_envelope(entry, recipients), before_data=before_data)
         if connection is None or not connection.session.reusable:
             await _drop(connection)
             connection = await self._connect(destination, entry, recipients)
