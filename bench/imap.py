@@ -118,8 +118,9 @@ def seed_postvern(root: Path, messages: list[bytes], idle: int) -> tuple[Path, i
     return data, port
 
 
-def serve_postvern(data: Path, port: int) -> None:
-    """``--serve``: the Postvern IMAP listener alone, in this process."""
+def serve_postvern(data: Path, port: int, *, implicit_tls: bool = False) -> None:
+    """``--serve``: the Postvern IMAP listener alone, in this process (plaintext LOGIN
+    allowed, loopback only; or TLS at connect with ``implicit_tls``, as bench/login.py)."""
     from postvern.app import App
     from postvern.crypto import tls
     from postvern.imap.server import start_imap_server
@@ -145,10 +146,10 @@ def serve_postvern(data: Path, port: int) -> None:
             login=login,
             registry=registry,
             ssl_context=ctx,
-            implicit_tls=False,
+            implicit_tls=implicit_tls,
             limits=s.limits,
             hostname=s.hostname,
-            plaintext_auth=True,  # loopback benchmark only
+            plaintext_auth=not implicit_tls,  # loopback benchmark only
         )
         print("ready", flush=True)
         await asyncio.Event().wait()
@@ -389,6 +390,16 @@ def idle_cost(port: int, count: int, pids: Callable[[], list[int]], *, pss: bool
     return (after - before) / count
 
 
+def stop_groups(procs: list[subprocess.Popen[bytes]]) -> None:
+    """End each server started in its own session, and everything it started."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -459,12 +470,7 @@ def main() -> None:
         )
         report(results, args)
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=60)
+        stop_groups(procs)
         if args.keep:
             print(f"data kept in {root}")
         else:
