@@ -130,6 +130,35 @@ async def test_login_service_warm_path_and_changed_secrets(tmp_path: Path) -> No
         await svc.close()
 
 
+async def test_the_normal_form_of_an_address_is_remembered_within_bounds(tmp_path: Path) -> None:
+    """Warm logins skip IDNA and Unicode normalisation for an address seen before; the table
+    keeps no overlong string and is emptied when full, and an address that is not one is
+    refused whether remembered or not."""
+    from postvern.login import MAX_ADDRESS_KEPT, NORMAL_FORMS_KEPT
+
+    data, svc = cached_services(tmp_path)
+    try:
+        login = svc.login
+        password = data.passwords[ALICE]
+        for spelling in ("Alice@Example.TEST", "Alice@Example.TEST", ALICE):
+            await login.verify(spelling, password, "127.0.0.1", "imap")
+        assert (login.kdf_runs, login.warm_logins) == (1, 2)
+        assert login._normal_forms["Alice@Example.TEST"] == ALICE
+        for _ in range(2):  # the second time from the table: still refused
+            with pytest.raises(LoginRefused):
+                await login.verify("no-at-sign", password, "127.0.0.1", "imap")
+        assert login._normal_forms["no-at-sign"] is None
+        overlong = "a" * MAX_ADDRESS_KEPT + "@example.test"
+        with pytest.raises(LoginRefused):
+            await login.verify(overlong, password, "127.0.0.1", "imap")
+        assert overlong not in login._normal_forms
+        for i in range(NORMAL_FORMS_KEPT):
+            login._account(f"user{i}@example.test")
+        assert len(login._normal_forms) <= NORMAL_FORMS_KEPT
+    finally:
+        await svc.close()
+
+
 async def test_warm_logins_ask_the_directory_only_after_it_changed(tmp_path: Path) -> None:
     """While nothing is committed to the directory, a warm login makes no trip to its
     thread; any commit — here an administrator disabling the account from another process,

@@ -26,6 +26,14 @@ T = TypeVar("T")
 # A warm-cache hit whose slot stands but may not log in over this protocol (login._warm).
 REFUSED = object()
 
+# Addresses whose normal form is remembered (login._account): IDNA encoding and Unicode
+# normalisation cost more than the rest of a warm login's own work (bench/login.py's
+# profile, about 5% of a worker's Python time under the login loop); a few thousand
+# entries cover the accounts one process serves at once, and the table is emptied when full.
+NORMAL_FORMS_KEPT = 4096
+# RFC 5321 §4.5.3.1.3: a path is at most 256 octets, so an address at most 254; longer
+# strings (any the IMAP parser lets through) are never kept, which bounds the table's size.
+MAX_ADDRESS_KEPT = 254
 # Argon2id with the default parameters takes 64 MiB and ~100 ms of one core: a handful at a
 # time keeps a login storm from exhausting memory while real users still get in promptly.
 MAX_CONCURRENT_KDF = 4
@@ -97,6 +105,7 @@ class LoginService:
         sqlite = accounts.directory.backend == "sqlite"
         self._directory = WalIndexWatch(accounts.data_dir / DB_NAME) if sqlite else None
         self._kdf_slots = asyncio.Semaphore(MAX_CONCURRENT_KDF)
+        self._normal_forms: dict[str, str | None] = {}
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.registry.executor, fn, *args)
@@ -106,10 +115,7 @@ class LoginService:
         refusal = await self.gate.login_allowed(peer_ip, address)
         if refusal is not None:
             raise LoginRefused("banned", refusal)
-        try:
-            account = normalise_address(address)
-        except AddressError:
-            account = None
+        account = self._account(address)
         if account is not None:
             warm = await self._warm(account, secret, protocol)
             if warm is REFUSED:
@@ -131,6 +137,23 @@ class LoginService:
             self.cache.confirm(account, unlocked, protocol, version)
         await self.gate.login_succeeded(peer_ip, address, protocol)
         return unlocked
+
+    def _account(self, address: str) -> str | None:
+        """The address in its normal form (the cache's key), None if it is not one."""
+        try:
+            return self._normal_forms[address]
+        except KeyError:
+            pass
+        try:
+            account: str | None = normalise_address(address)
+        except AddressError:
+            account = None
+        if len(address) > MAX_ADDRESS_KEPT:
+            return account  # no valid address is that long: not worth a place
+        if len(self._normal_forms) >= NORMAL_FORMS_KEPT:
+            self._normal_forms.clear()  # a flood of names costs a recomputation, no more
+        self._normal_forms[address] = account
+        return account
 
     async def _allowed(self, unlocked: Unlocked, protocol: str) -> bool:
         return await self._thread(self._policy_allows, unlocked, protocol)
