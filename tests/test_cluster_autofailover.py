@@ -12,11 +12,14 @@ in PostgreSQL, Redis over TLS, each mailbox node replicating to SeaweedFS, and
   over to mbx1; when it resumes, the open session is ended before it can write, and the node
   refuses the moved users (LMTP, straight to it).
 
-No time is asserted: waits are bounded only to catch a broken cluster.
+Without the cluster, against a real redis-server: a node cut off from Redis fences itself and
+serves again once it holds its lease, and never after a failover mark; two fronts never both
+hold the watcher lock. No time is asserted: waits are bounded only to catch a broken cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
 import imaplib
 import signal
 import socket
@@ -25,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -33,10 +37,11 @@ from harness import client_tls_context, set_config
 from pg_server import PostgresTestServer
 from postvern import cli
 from postvern.app import App
-from postvern.cluster import nodes, pki
-from postvern.cluster.liveness import MIN_FAILOVER_AFTER
+from postvern.cluster import liveness, nodes, pki
+from postvern.cluster.liveness import MIN_FAILOVER_AFTER, NodeLease, Watcher
 from postvern.directory.accounts import MAILBOX_DIR
 from postvern.store.spool import SPOOL_DIR
+from redis_server import RedisTestServer
 from seaweed import Weed
 
 FRONT = "front1"
@@ -116,6 +121,32 @@ def _lmtp_rcpt(kit: ClusterKit, node: str, address: str) -> bytes:
             file.write(f"RCPT TO:<{address}>\r\n".encode())
             file.flush()
             return file.readline()
+
+
+def _front_request(kit: ClusterKit, node: str, line: str) -> bytes:
+    """One request to ``node`` over ALPN postvern-failover with the front's certificate."""
+    ctx = pki.NodeIdentity.in_dir(kit.front(FRONT).path / nodes.CLUSTER_DIR).client_context(
+        "postvern-failover"
+    )
+    with socket.create_connection(kit.node_list[node].hostport, timeout=30) as raw:
+        with ctx.wrap_socket(raw, server_hostname=node) as tls:
+            tls.sendall(line.encode() + b"\r\n")
+            return tls.recv(512)
+
+
+def test_a_front_may_only_probe_and_restore_from_another_nodes_replica(
+    cluster: ClusterKit,
+) -> None:
+    assert _front_request(cluster, "mbx1", "STATUS").startswith(b"OK mailboxes-open=")
+    for line in ("EVICT abc123", "EXPORT abc123", "RELEASE abc123 moved"):
+        assert _front_request(cluster, "mbx1", line).startswith(b"NO MoveError: not allowed")
+    own, other = cluster.node_list["mbx1"].replica, cluster.node_list["mbx2"].replica
+    for url in (own, "s3://elsewhere/bucket", "file:///etc"):
+        answer = _front_request(cluster, "mbx1", f"RESTORE abc123 {url}")
+        assert answer.startswith(b"NO MoveError: not the replica of a mailbox node")
+    assert not _front_request(cluster, "mbx1", f"RESTORE abc123 {other}").startswith(
+        b"NO MoveError: not"
+    )  # allowed (it fails later: no such user in the replica)
 
 
 def test_a_killed_node_is_failed_over_by_the_front_without_an_administrator(
@@ -207,3 +238,56 @@ def test_a_node_frozen_past_its_lease_is_fenced_when_it_resumes(cluster: Cluster
     later = f"after the freeze {uuid.uuid4().hex[:8]}"
     send_mx(cluster, FRONT, address, later)
     _until(lambda: later in inbox_subjects(cluster, FRONT, address), "delivery to mbx1")
+
+
+async def _eventually(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting: {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_a_node_cut_off_from_redis_fences_itself_until_it_holds_its_lease(
+    tmp_path: Path,
+) -> None:
+    redis = RedisTestServer(tmp_path).start()
+    lease = NodeLease(liveness.client(redis.url), "mbx9", MIN_FAILOVER_AFTER)
+    fenced: list[bool] = []
+    lease.on_fence = lambda: fenced.append(lease.serving())
+    try:
+        assert not lease.serving()  # nothing before its first renewal
+        await lease.renew_once()
+        assert lease.serving()
+        redis.stop()
+        await lease.renew_once()  # refused: still within its lease
+        await _eventually(lambda: bool(fenced), "the node fences itself")
+        assert fenced == [False] and not lease.serving()
+        redis.start()  # same port; the lease expired with the old process's memory anyway
+        await lease.renew_once()
+        assert lease.serving()
+        # A front failed it over meanwhile: the mark stops it at once, for good.
+        await lease.redis.set(liveness.key("lease", "mbx9"), "failed-over:front9:0")
+        await lease.renew_once()
+        assert not lease.serving()
+        assert lease.failed_over.startswith("by front9 at 1970-01-01")
+        assert len(fenced) == 2
+    finally:
+        await lease.stop()
+        redis.stop()
+
+
+async def test_one_front_holds_the_watcher_lock_until_it_lets_go(tmp_path: Path) -> None:
+    redis = RedisTestServer(tmp_path).start()
+    # The lock needs no cluster: no node is ever looked at here.
+    first, second = (Watcher(liveness.client(redis.url), f, None) for f in ("f1", "f2"))
+    try:
+        assert await first._hold_lock()
+        assert not await second._hold_lock()
+        assert await first._hold_lock()  # renewed
+        assert not await second._hold_lock()
+        await first.stop()  # compare-and-delete
+        assert await second._hold_lock()
+    finally:
+        await second.stop()
+        redis.stop()

@@ -69,7 +69,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,9 @@ MIN_FAILOVER_AFTER = 4 * RENEW_EVERY
 WATCH_LOCK_SECONDS = 3 * RENEW_EVERY
 # Users left on a failed-over node (their restore failed) are tried again this often.
 RETRY_USERS = 60.0
+# A front stopping lets a failover in progress finish this long: a restore cut off after the
+# new node wrote the files but before the map was flipped leaves the user to the admin.
+STOP_GRACE = 20.0
 FAILED_MARK = "failed-over:"  # the lease's value once a front failed the node over
 RedisDown = (redis.exceptions.RedisError, OSError)
 
@@ -334,7 +337,15 @@ class Watcher:
     def _start(self, node: Node, live: list[str], mark: str) -> None:
         if self._running is not None and not self._running.done():
             return
-        self._running = asyncio.create_task(self._fail_over(node, live, mark))
+        self._running = asyncio.create_task(self._logged(self._fail_over(node, live, mark)))
+
+    async def _logged(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except RedisDown as e:  # the mark stays if it was written: tried again later
+            log.warning("automatic failover: Redis unreachable (%s)", type(e).__name__)
+        except Exception:  # the directory, say; the same
+            log.exception("automatic failover failed")
 
     async def _fail_over(self, node: Node, live: list[str], mark: str) -> None:
         """Mark the node failed over (unless ``mark``: it already is), then fail it over."""
@@ -388,10 +399,17 @@ class Watcher:
             log.error("automatic failover of mailbox node %s: %s", node, problem)
 
     async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()  # no new failover starts
+        running = self._running
+        if running is not None and not running.done():
+            log.info("failover watcher: letting the failover in progress finish")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(running), STOP_GRACE)
         for task in (self._task, self._running):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, *RedisDown):
                     await task
         if self.watching:
             with contextlib.suppress(*RedisDown):
