@@ -308,6 +308,21 @@ def test_two_live_fronts_never_hold_one_claim_and_a_lapsed_lease_is_seen(
 # -- per recipient, queue delete, a frozen front, a front gone from nodes.toml ------------------
 
 
+World = tuple[ClusterKit, ThreadSink, str, TlsRedis]
+
+
+@pytest.fixture
+def live(world: World) -> World:
+    """The cluster with the remote MX up (the first test stops it and starts it again)."""
+    world[1].up()
+    return world
+
+
+def _sender(kit: ClusterKit) -> str:
+    """A local user, whose notices come back through the relay."""
+    return next(a for a in kit.passwords if kit.owner(a) == "mbx2")
+
+
 def _submit_to(kit: ClusterKit, front: str, sender: str, to: list[str], subject: str) -> str:
     """One submitted message to several recipients; its queue id, from the 250."""
     host, port = kit.front(front).addr("submission")
@@ -357,11 +372,10 @@ def _restart_front2(kit: ClusterKit) -> None:
 
 
 def test_a_takeover_sends_only_to_the_recipients_not_finished_and_no_notice_twice(
-    world: tuple[ClusterKit, ThreadSink, str, TlsRedis],
+    live: World,
 ) -> None:
-    kit, sink, store, redis_server = world
-    sink.up()
-    sender = next(a for a in kit.passwords if kit.owner(a) == "mbx2")
+    kit, sink, store, redis_server = live
+    sender = _sender(kit)
     tag = uuid.uuid4().hex[:8]
     done, refused, late = (f"{k}-{tag}@{REMOTE}" for k in ("done", "bounce", "late"))
     subject = f"per recipient {tag}"
@@ -390,12 +404,9 @@ def test_a_takeover_sends_only_to_the_recipients_not_finished_and_no_notice_twic
     assert _bounces(kit, "front2", sender) == bounces + 1
 
 
-def test_queue_delete_on_a_front_removes_the_entry_everywhere(
-    world: tuple[ClusterKit, ThreadSink, str, TlsRedis],
-) -> None:
-    kit, sink, store, redis_server = world
-    sink.up()
-    sender = next(a for a in kit.passwords if kit.owner(a) == "mbx2")
+def test_queue_delete_on_a_front_removes_the_entry_everywhere(live: World) -> None:
+    kit, sink, store, redis_server = live
+    sender = _sender(kit)
     tag = uuid.uuid4().hex[:8]
     done, waiting = f"done-{tag}@{REMOTE}", f"waiting-{tag}@{REMOTE}"
     subject = f"deleted {tag}"
@@ -421,12 +432,9 @@ def test_queue_delete_on_a_front_removes_the_entry_everywhere(
     assert sink.rcpts[waiting] >= 1 and _copies(sink, subject) == [[done]]
 
 
-def test_a_front_frozen_past_its_lease_sends_nothing_taken_over(
-    world: tuple[ClusterKit, ThreadSink, str, TlsRedis],
-) -> None:
-    kit, sink, store, _ = world
-    sink.up()
-    sender = next(a for a in kit.passwords if kit.owner(a) == "mbx2")
+def test_a_front_frozen_past_its_lease_sends_nothing_taken_over(live: World) -> None:
+    kit, sink, store, _ = live
+    sender = _sender(kit)
     tag = uuid.uuid4().hex[:8]
     slow = f"slow-{tag}@{REMOTE}"
     subject = f"frozen {tag}"
@@ -450,11 +458,8 @@ def test_a_front_frozen_past_its_lease_sends_nothing_taken_over(
     assert _copies(sink, subject) == [[slow]]
 
 
-def test_the_mail_of_a_front_gone_from_nodes_toml_is_taken_over(
-    world: tuple[ClusterKit, ThreadSink, str, TlsRedis],
-) -> None:
-    kit, sink, store, redis_server = world
-    sink.up()
+def test_the_mail_of_a_front_gone_from_nodes_toml_is_taken_over(live: World) -> None:
+    kit, sink, store, redis_server = live
     # front3 shared its queue once (it is in Redis' set of fronts) and has left nodes.toml,
     # with an outbound entry still in the store under its prefix.
     app = App.open(kit.seed.path)

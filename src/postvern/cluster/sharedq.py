@@ -21,8 +21,14 @@ PX`` with a random token, renewed and released by a script that checks the token
   ``…:takeover:<front>``, checks the lease is still gone, and for each object it can claim,
   writes it into its own queues and under its own prefix, then deletes the dead front's object.
   A relay copy keeps its name, which is its delivery id, so a mailbox node that already has it
-  stores it once (store/spool.py); an outbound message may reach a remote MTA twice if the dead
-  front had sent it and died before removing it (at-least-once, RFC 5321 §6.1).
+  stores it once (store/spool.py).
+* **progress** — each outbound recipient a front finishes (and each notice it hands over) is
+  written to ``…:progress:<id>`` after the local commit; a front taking the entry over sends
+  only to the others. A recipient sent to by a front that died before that write is sent to
+  again (at least once per recipient, RFC 5321 §6.1).
+* **fencing, as far as SMTP allows** — a claim is granted only under the front's lease, and
+  both are asked of Redis again right before DATA and before each LMTP hand-off, so a front
+  frozen past its lease sends nothing taken over; one frozen after that answer still can.
 * **return** — a front starting (or finding its lease lost) takes its own takeover lock, sets its
   lease, and reconciles: local copies whose object is gone were taken over and are dropped;
   objects it lacks locally (a lost disk) are fetched. Until then it claims nothing.
