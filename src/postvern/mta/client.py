@@ -136,6 +136,11 @@ class StaleSession(Exception):
     """A reused connection turned out dead before the transaction began; reconnect."""
 
 
+class Withheld(Exception):
+    """``before_data`` said no: the transaction was reset before DATA and nothing is to be
+    recorded (another sender has the message now); the connection stays usable."""
+
+
 @dataclass(frozen=True, slots=True)
 class TLSContexts:
     """The two client contexts: validating (system CAs or a bundle) and opportunistic."""
@@ -315,9 +320,7 @@ class ClientSession:
                     return outcomes
                 if envelope.before_data is not None and not await envelope.before_data():
                     await self._reset()
-                    withheld = Outcome.temporary("4.4.0", "not sent: no longer ours to send")
-                    outcomes.update({r.seq: withheld for r in accepted})
-                    return outcomes
+                    raise Withheld
                 stage = "DATA"
                 final = await self._data(envelope.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:

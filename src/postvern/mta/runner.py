@@ -29,6 +29,7 @@ from postvern.mta.client import (
     Outcome,
     StaleSession,
     TLSContexts,
+    Withheld,
 )
 from postvern.mta.destination import Connection, Connector, DestinationError
 from postvern.mta.mtasts import Mode, STSResolver
@@ -376,14 +377,20 @@ class OutboundMTA:
             if connection is None:
                 return None
         try:
-            outcomes = await connection.session.send(envelope)
-        except StaleSession:
-            # The reused connection died while idle; nothing was sent. One fresh try.
-            await _drop(connection)
-            connection = await self._connect(destination, entry, recipients)
-            if connection is None:
-                return None
-            outcomes = await connection.session.send(envelope)
+            try:
+                outcomes = await connection.session.send(envelope)
+            except StaleSession:
+                # The reused connection died while idle; nothing was sent. One fresh try.
+                await _drop(connection)
+                connection = await self._connect(destination, entry, recipients)
+                if connection is None:
+                    return None
+                outcomes = await connection.session.send(envelope)
+        except Withheld:
+            # Not ours any more (a cluster front frozen past its lease): no outcome is
+            # recorded, so neither a retry time nor, at expiry, a failure notice.
+            log.warning("mta: %s not sent: another front delivers it now", entry_id)
+            return connection
         # A crash here, after the remote 250 and before the commit, is the one window where
         # a message can go out twice (RFC 5321 §6.1); tests aim a crash at it.
         faults.point("mta.after-remote-reply")
