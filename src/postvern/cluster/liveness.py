@@ -145,6 +145,16 @@ def client(redis_url: str) -> redis.asyncio.Redis:
     return redis.asyncio.Redis(connection_pool=connection_pool(redis_url))
 
 
+def lease_client(redis_url: str) -> redis.asyncio.Redis:
+    """A node's own connection for its lease: a renewal may take up to RENEW_EVERY (the
+    request path's 1 s would fence a merely busy node), and a late answer is safe, since
+    the node counts from the send."""
+    pool = redis.asyncio.ConnectionPool.from_url(
+        redis_url, socket_timeout=RENEW_EVERY, socket_connect_timeout=RENEW_EVERY
+    )
+    return redis.asyncio.Redis(connection_pool=pool)
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -189,8 +199,11 @@ class NodeLease:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        """A renewal every RENEW_EVERY from the start of the last, however long it took."""
+        started = time.monotonic()  # start() has just renewed
         while True:
-            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.sleep(max(0.0, started + RENEW_EVERY - time.monotonic()))
+            started = time.monotonic()
             await self.renew_once()
 
     async def renew_once(self) -> None:

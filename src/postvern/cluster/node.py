@@ -64,7 +64,8 @@ class ClusterNode:
                 )
                 self.watcher = liveness.Watcher(liveness.client(redis_url), name, ops)
             else:
-                self.lease = liveness.NodeLease(liveness.client(redis_url), name, failover_after)
+                client = liveness.lease_client(redis_url)
+                self.lease = liveness.NodeLease(client, name, failover_after)
         if role == "front":
             self.shared = _shared_queue(server, known)
             store = RelayStore(
