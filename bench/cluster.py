@@ -25,7 +25,10 @@ process:
   cluster failover`` runs at once (no operator's reaction time is counted). Reported: the
   failover command's time, and the RTO — from the kill to the first successful IMAP login
   through a front of a user of the dead node — for the first user it restores and for the
-  big mailbox; then every message acknowledged is checked to be there exactly once.
+  big mailbox; then every message acknowledged is checked to be there exactly once. With
+  ``--failover-after S`` no command runs: every node gets ``[cluster] failover_after = S``
+  and a front fails the node over by itself (cluster/liveness.py); reported: when the map
+  named the new node for all its users, and the RTO as above, now with the detection in it.
 
 * **Front takeover** (``--takeover-only`` runs just this): SMTP through one front with its
   queues on its disk only, then — the fronts restarted with ``[cluster] queue_store`` on
@@ -44,7 +47,7 @@ machines would give.
 
 Usage: python bench/cluster.py [--messages 1000] [--connections 8] [--imap-seconds 10]
        [--imap-clients 8] [--move-messages 10000] [--replicate-seconds 15] [--failover-only]
-       [--takeover-only] [--takeover-messages 200] [--lease-seconds 5]
+       [--takeover-only] [--takeover-messages 200] [--lease-seconds 5] [--failover-after S]
 """
 
 from __future__ import annotations
@@ -347,6 +350,9 @@ def failover_run(kit: ClusterKit, args: argparse.Namespace, mover: str) -> None:
     try:
         prefix = f"bench-{uuid.uuid4().hex[:8]}"
         enable_replicas(kit, lambda node: weed.url(f"{prefix}-{node}"), args.replicate_seconds)
+        if args.failover_after:  # automatic failover: every node, as cluster.md says
+            for data in kit.nodes.values():
+                set_config(data.path, "cluster", {"failover_after": args.failover_after})
         since = time.time()
         kit.start_all()
         deadline = time.monotonic() + REPLICA_WAIT
@@ -377,10 +383,17 @@ def failover_run(kit: ClusterKit, args: argparse.Namespace, mover: str) -> None:
         assert proc.proc is not None
         killed_at = time.perf_counter()
         proc.kill()
-        code = cli.main(["--data", str(kit.admin), "cluster", "failover", victim, "--to", survivor])
+        if args.failover_after:
+            while _placed_on(kit, victim):
+                if time.perf_counter() - killed_at > DRAIN_TIMEOUT:
+                    raise RuntimeError("no automatic failover")
+                time.sleep(0.1)
+        else:
+            code = cli.main(["--data", str(kit.admin), "cluster", "failover", victim,
+                             "--to", survivor])  # fmt: skip
+            if code != 0:
+                raise RuntimeError("cluster failover failed")
         failover_done = time.perf_counter()
-        if code != 0:
-            raise RuntimeError("cluster failover failed")
         first = users[0]
         rto: dict[str, float] = {}
         for who in (first, mover):
@@ -399,11 +412,25 @@ def failover_run(kit: ClusterKit, args: argparse.Namespace, mover: str) -> None:
         f"\nFailover of {victim} ({len(users)} users, one of {args.move_messages} messages;"
         f" replication every {args.replicate_seconds:.0f} s), killed while mail was accepted:"
     )
-    print(f"  cluster failover command: {failover_done - killed_at:.2f} s after the kill")
+    how = (
+        f"automatic failover (failover_after {args.failover_after:g} s), every user's map flipped"
+        if args.failover_after
+        else "cluster failover command"
+    )
+    print(f"  {how}: {failover_done - killed_at:.2f} s after the kill")
     big = "" if first == mover else f", {rto[mover]:.2f} s for the big mailbox"
     print(f"  RTO, kill -> first IMAP login through a front on {survivor}:"
           f" {rto[first]:.2f} s for {first} (restored first){big}")  # fmt: skip
     print(f"  {total} messages acknowledged around the kill: all present, {doubled} twice")
+
+
+def _placed_on(kit: ClusterKit, node: str) -> int:
+    """How many users the directory places on ``node``."""
+    app = App.open(kit.seed.path)
+    try:
+        return len(app.directory.users_on_node(node))
+    finally:
+        app.close()
 
 
 def _lease_held(redis: TlsRedis, front: str) -> bool:
@@ -501,6 +528,9 @@ def main() -> None:
     parser.add_argument("--takeover-only", action="store_true", help="only the front takeover")
     parser.add_argument("--takeover-messages", type=int, default=200)
     parser.add_argument("--lease-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--failover-after", type=float, default=0.0, help="automatic failover, this lease (s)"
+    )
     args = parser.parse_args()
     os.environ.update(S3_ENV)
     print(f"machine: {machine_load()}")
