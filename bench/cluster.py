@@ -39,7 +39,8 @@ process:
   lease (``--lease-seconds``) lapses. Reported: the time from the kill to the lapse (when the
   lease key leaves Redis), and from the lapse to every copy delivered to its mailbox node
   (front1's relay queue and front2's prefix empty); then each message is checked to be
-  there exactly once.
+  there exactly once. Last, the CPU of one claim check (the Redis round trip a front makes
+  before each DATA and each LMTP hand-off), timed on this process against the same Redis.
 
 Every figure is from this run on this machine; the load generator shares its cores with the
 four nodes, PostgreSQL and Redis, so the two-front ratio is a lower bound of what two
@@ -84,7 +85,7 @@ from postvern.cluster import proxyline
 from postvern.cluster.nodes import CLUSTER_DIR
 from postvern.cluster.pki import NodeIdentity
 from postvern.cluster.relay import RELAY_DIR
-from postvern.cluster.sharedq import KEY_PREFIX
+from postvern.cluster.sharedq import KEY_PREFIX, Coordinator
 from postvern.crypto.serverkey import ServerKey
 from postvern.store.mailbox import INBOX, Mailbox
 
@@ -441,6 +442,36 @@ def _objects(store: str, front: str) -> int:
     return len(Targets.from_urls([store]).targets[0].list(f"{front}/"))
 
 
+# Claim checks timed for the per-call CPU figure (a few seconds on a loaded machine).
+CLAIM_CHECKS = 2000
+
+
+def _claim_check_cpu(redis: TlsRedis, calls: int = CLAIM_CHECKS) -> float:
+    """CPU seconds (this process) per claim check — the Redis round trip a front makes
+    before each DATA and each LMTP hand-off (sharedq.Coordinator.holds) — over TLS to the
+    run's Redis, as the fronts reach it."""
+    import redis.asyncio as aioredis
+
+    from postvern.abuse.shared import connection_pool
+
+    async def measure() -> float:
+        client = aioredis.Redis(connection_pool=connection_pool(redis.url))
+        coord = Coordinator(client, "bench-front", ttl=60.0)
+        try:
+            coord.ready.set()
+            await coord.take_lease()
+            await coord.claim(["bench-message"])
+            assert await coord.holds("bench-message")  # connected and warm
+            start = time.process_time()
+            for _ in range(calls):
+                await coord.holds("bench-message")
+            return (time.process_time() - start) / calls
+        finally:
+            await client.aclose()
+
+    return asyncio.run(measure())
+
+
 def takeover_run(kit: ClusterKit, args: argparse.Namespace, redis: TlsRedis) -> None:
     """The shared queue's cost per message, then a killed front's mail taken over."""
     weed = Weed("bench-queue", kit.root / "weed-queue").start()
@@ -513,6 +544,10 @@ def _takeover(kit: ClusterKit, args: argparse.Namespace, redis: TlsRedis, weed: 
           f" kill -> all delivered: {done - killed:.2f} s")  # fmt: skip
     print(f"  {args.takeover_messages} messages accepted by the killed front: all present,"
           f" {doubled} twice")  # fmt: skip
+    check = _claim_check_cpu(redis)
+    print(f"  claim check before each DATA / LMTP hand-off: {1000 * check:.3f} ms of CPU per call"
+          f" on the caller, x{check / (shared.front_cpu / shared.count):.3f} of the shared"
+          f" front's CPU per message")  # fmt: skip
     kit.start(FRONTS[1])
 
 
@@ -543,6 +578,7 @@ def main() -> None:
             run(Path(tmp), pg, redis, args)
         finally:
             redis.stop()
+    print(f"machine at the end: {machine_load()}")  # the load moves during a long run
 
 
 def run(tmp: Path, pg: PostgresTestServer, redis: TlsRedis, args: argparse.Namespace) -> None:
