@@ -11,18 +11,26 @@ serve`` with two workers and real TLS IMAP clients: the IDLE session's worker cl
 file (seen in /proc), an APPEND on the other worker and an SMTP delivery still reach the
 IDLE session, the mailbox goes back to sleep, and after DONE the next command reads every
 message intact.
+
+Between them, the registry with many users each idle in one session: their connections'
+memory goes back to the system once they sleep (one ``malloc_trim`` for all of them), so a
+sleeping user costs the process about what its objects take, not the high-water mark of
+mailboxes awake at once (bench/imap_idle.py with ``--users`` equal to ``--sessions``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dnsserver import DNSTestServer
-from harness import DataDir, ServerProcess, free_port, make_data_dir, set_config
+from harness import DataDir, ServerProcess, free_port, make_data_dir, services, set_config
+from postvern.store import service
 from postvern.store.mailbox import INBOX, Mailbox
 from test_workers import Idler, World, one_per_worker, send_mx, wait_until
 
@@ -91,6 +99,70 @@ def test_last_connection_closing_leaves_a_signature_that_still_moves(
         assert [m.uid for m in sleeper.messages(inbox)] == [1]
     finally:
         sleeper.close()
+
+
+# -- the registry: many users, one idle session each ------------------------------------------
+
+SLEEPERS = 24  # users, each with one session in IDLE
+
+
+def rss_kib() -> int:
+    text = Path("/proc/self/smaps_rollup").read_text()
+    match = re.search(r"^Rss:\s+(\d+) kB", text, re.M)
+    assert match is not None
+    return int(match.group(1))
+
+
+async def until(check: object, what: str, seconds: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not check():  # type: ignore[operator]
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.skipif(service.MALLOC_TRIM is None, reason="no malloc_trim in this C library")
+async def test_sleeping_mailboxes_give_their_memory_back(tmp_path: Path) -> None:
+    names = [f"sleeper{i}@example.test" for i in range(SLEEPERS)]
+    data = make_data_dir(tmp_path / "d", passwords={n: f"pw-{n}" for n in names}, listeners=())
+    svc = services(data)
+    registry = svc.registry
+    try:
+        unlocked = [svc.app.accounts.authenticate(n, f"pw-{n}") for n in names]
+
+        async def session(i: int) -> service.MailboxHandle:
+            handle = await registry.unlock(unlocked[i].user, unlocked[i].mailbox_key)
+            box = handle.box
+            await handle.run(lambda: box.uids(box.folder(INBOX).id))  # what SELECT reads
+            return handle
+
+        for handle in [await session(i) for i in range(4)]:  # one-off costs before the baseline
+            await handle.release()
+        await until(lambda: registry.unlocked_count == 0, "the warm-up mailboxes closed")
+        assert service.MALLOC_TRIM is not None
+        service.MALLOC_TRIM(0)  # the baseline without free pages the mailboxes could reuse
+        before = rss_kib()
+        handles = [await session(i) for i in range(SLEEPERS)]
+        awake = rss_kib()
+        trims = registry.trims
+        for handle in handles:
+            handle.quiet()  # the session enters IDLE
+        await until(lambda: all(h.box.hibernating for h in handles), "every mailbox sleeps")
+        await until(lambda: registry.trims > trims, "the memory handed back")
+        asleep = rss_kib()
+        # One trim for the lot, not one per mailbox (they all fell asleep within TRIM_DELAY).
+        assert registry.trims - trims < SLEEPERS // 4
+        # Awake, each mailbox holds its SQLite connection (~170 KiB); asleep, a few KiB.
+        print(f"RSS: before {before} KiB, awake +{awake - before}, asleep +{asleep - before}")
+        assert awake - before > SLEEPERS * 100
+        assert asleep - before < (awake - before) / 4
+        # A sleeping mailbox still works: the next call reopens it.
+        box = handles[0].box
+        assert await handles[0].run(lambda: box.folder(INBOX).name) == INBOX
+        for handle in handles:
+            await handle.release()
+    finally:
+        await svc.close()
 
 
 # -- a real server ---------------------------------------------------------------------------
