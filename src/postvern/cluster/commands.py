@@ -55,7 +55,8 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         mover.close()
     for line in lines:
         print(line)
-    return 0 if all("DOWN" not in line for line in lines) else 1
+    # A node that answers but is fenced (serving=no: no liveness lease) serves nobody either.
+    return 0 if all("DOWN" not in line and "serving=no" not in line for line in lines) else 1
 
 
 def cmd_cluster_drain(args: argparse.Namespace) -> int:
@@ -154,7 +155,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_guarded(cmd_cluster_add_node))
     p = g.add_parser("list", help="the nodes of nodes.toml")
     p.set_defaults(func=_guarded(cmd_cluster_list))
-    p = g.add_parser("status", help="every node, its users, and whether it answers (exit 1 if not)")
+    p = g.add_parser(
+        "status", help="every node, its users, and whether it answers and serves (exit 1 if not)"
+    )
     p.set_defaults(func=_guarded(cmd_cluster_status))
     p = g.add_parser("move", help="move a user's mailbox to another mailbox node, live")
     p.add_argument("user", help="the user's address")
