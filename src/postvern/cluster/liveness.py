@@ -37,9 +37,10 @@ by writing the ``failed-over`` mark with SET NX — atomic in Redis against the 
 so after that the node can never take its lease back. So no failover starts before
 *s* + L − CLOCK_SKEW + MARGIN, which is MARGIN − CLOCK_SKEW + G = 2·RENEW_EVERY + G (6 s)
 after the node stopped accepting work: time for its sessions to be ended and for writes
-already running to settle. The margin is larger than the renewal interval and the skew
-allowance together, as it must be for a lease seen missing at the first look after a
-renewal that was lost.
+already running to settle. The margin (5 s) is larger than the renewal interval and the skew
+allowance together (3 s). Redis stores a key's expiry as a wall-clock time, so a forward step
+of its host's clock larger than CLOCK_SKEW breaks the argument: let that clock be slewed
+(NTP), never stepped, while nodes hold leases.
 
 What the argument does not cover: a node frozen (SIGSTOP, a paused VM) in the middle of a
 write completes that write when it resumes, after its lease lapsed; the write lands in the
