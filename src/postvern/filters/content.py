@@ -30,6 +30,9 @@ class Content:
     # The HTML of the message a report returns (None for other mail), read once here.
     returned_html: HtmlDoc | None = None
     _scan_text: str | None = None
+    # The spam model's features (postvern.filters.features.spam_features), made once: the
+    # shipped model and the user's own model both read them.
+    features: set[str] | None = None
 
     @property
     def scan_text(self) -> str:

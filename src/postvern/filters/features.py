@@ -143,7 +143,9 @@ def readable_text(text: str) -> str:
     """*text* without what is not language: URLs (their facts are features of their own;
     their query strings are noise), lines of encoded data, OpenPGP armor, and the
     signature and list footer."""
-    text = _without_signature(_without_armor(_INVISIBLE.sub("", text)))
+    if not text.isascii():  # (the invisible characters are not ASCII)
+        text = _INVISIBLE.sub("", text)
+    text = _without_signature(_without_armor(text))
     text = _ENCODED_LINE.sub(" ", strip_urls(text))
     return (_ASCII_SPACED_LETTERS if text.isascii() else _SPACED_LETTERS).sub(_joined, text)
 
@@ -182,7 +184,14 @@ def _cjk_pairs(word: str) -> list[str]:
 
 
 def spam_features(content: Content) -> set[str]:
-    """The feature set of a message (presence, not counts)."""
+    """The feature set of a message (presence, not counts), made once per message and
+    kept on *content*: the caller must not change it."""
+    if content.features is None:
+        content.features = _features_of(content)
+    return content.features
+
+
+def _features_of(content: Content) -> set[str]:
     features: set[str] = set()
     subject = tokens(content.judged_subject, 60)
     features.update("s:" + t for t in subject)

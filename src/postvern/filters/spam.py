@@ -18,13 +18,16 @@ import json
 import math
 import operator
 import zlib
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from postvern.filters.content import Content, read_content
 from postvern.filters.families import CONTENT_MAX_POINTS
 from postvern.filters.features import language_of, spam_features
 from postvern.filters.sender import SenderIdentity
+
+T = TypeVar("T")
 
 MODEL_RESOURCE = "spam_model.json.gz"
 MODEL_FORMAT = "postvern-spam-4"
@@ -165,11 +168,27 @@ class ShippedModel:
         names = document.get("features")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ModelError("malformed spam model: features")
-        self._index = dict(zip(names, range(len(names)), strict=True))
-        self._svm = array.array("d", _column(document, "svm", len(names)))
-        self._idf2 = array.array("d", (v * v for v in _column(document, "idf", len(names))))
-        self._nb = array.array("d", _column(document, "nb", len(names)))
-        self._shared = bytes(bool(v) for v in _column(document, "any_language", len(names)))
+        svm = _column(document, "svm", len(names))
+        idf = _column(document, "idf", len(names))
+        nb = _column(document, "nb", len(names))
+        shared = _column(document, "any_language", len(names))
+        # Scoring is bound by memory, not by arithmetic: a message's few hundred features
+        # are looked up at random in a table of a quarter of a million, and each look-up
+        # that misses the CPU's caches costs more than the rest of its work. So the table
+        # is laid out for the caches: features in order of document frequency (the
+        # smallest idf first), their keys and index numbers allocated afresh in that
+        # order, and the weight columns in the same order, so that the words most
+        # messages share sit together in a few megabytes that stay cached between
+        # messages, instead of spread over the whole table in the file's order.
+        # (bench/filter_eval.py: 0.31 -> 0.2 ms of CPU per message to score; loading
+        # takes about 0.4 s longer.)
+        order = sorted(range(len(names)), key=idf.__getitem__)
+        fresh_names = map(_fresh, _reordered(names, order))
+        self._index = dict(zip(fresh_names, range(len(names)), strict=True))
+        self._svm = array.array("d", _reordered(svm, order))
+        self._idf2 = array.array("d", (v * v for v in _reordered(idf, order)))
+        self._nb = array.array("d", _reordered(nb, order))
+        self._shared = bytes(map(bool, _reordered(shared, order)))
         self.bias = _number(document, "bias")
         self.nb_scale = _number(document, "nb_scale")
         self.threshold_logit = _number(document, "threshold_logit")
@@ -290,6 +309,19 @@ def _column(document: dict[str, object], key: str, length: int) -> list[float]:
         return [float(v) for v in values]
     except (TypeError, ValueError) as exc:
         raise ModelError(f"malformed spam model: {key}") from exc
+
+
+def _reordered(values: Sequence[T], order: Sequence[int]) -> Sequence[T]:
+    """``values[i]`` for each ``i`` of *order*, gathered in C (one itemgetter)."""
+    if len(order) < 2:  # itemgetter returns a tuple for two or more indices only
+        return [values[i] for i in order]
+    result: tuple[T, ...] = operator.itemgetter(*order)(values)
+    return result
+
+
+def _fresh(name: str) -> str:
+    """A new copy of *name*, allocated now (next to the copies made before it)."""
+    return name.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
 
 
 def _number(document: dict[str, object], key: str) -> float:
