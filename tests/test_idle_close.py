@@ -144,11 +144,16 @@ async def test_sleeping_mailboxes_give_their_memory_back(tmp_path: Path) -> None
         before = rss_kib()
         handles = [await session(i) for i in range(SLEEPERS)]
         awake = rss_kib()
-        trims = registry.trims
+        trims, requests = registry.trims, registry.trim_requests
         for handle in handles:
             handle.quiet()  # the session enters IDLE
-        await until(lambda: all(h.box.hibernating for h in handles), "every mailbox sleeps")
-        await until(lambda: registry.trims > trims, "the memory handed back")
+        # Every mailbox asked for a trim as it fell asleep, and none is armed or running: the
+        # last one ran after the last mailbox slept.
+        await until(
+            lambda: registry.trim_requests - requests == SLEEPERS and not registry.trim_pending,
+            "every mailbox asleep and its memory handed back",
+        )
+        assert all(h.box.hibernating for h in handles)
         asleep = rss_kib()
         # One trim for the lot, not one per mailbox (they all fell asleep within TRIM_DELAY).
         assert registry.trims - trims < SLEEPERS // 4

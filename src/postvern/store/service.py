@@ -255,7 +255,9 @@ class MailboxRegistry:
         self._settled: dict[str, asyncio.Event] = {}
         self._poller: asyncio.Task[None] | None = None
         self._trim: asyncio.TimerHandle | None = None  # a malloc_trim armed (_trim_soon)
-        self.trims = 0  # how many ran (tests)
+        self._trimming = 0  # malloc_trims running
+        self.trim_requests = 0  # mailboxes that slept or closed since the start (tests)
+        self.trims = 0  # malloc_trims that ran (tests)
 
     def _lock(self, user_id: str) -> asyncio.Lock:
         lock = self._locks.get(user_id)
@@ -369,20 +371,32 @@ class MailboxRegistry:
     def _trim_soon(self) -> None:
         """Give the memory of closed connections back to the system in TRIM_DELAY (one
         malloc_trim for every mailbox that slept or closed meanwhile)."""
+        self.trim_requests += 1
         if MALLOC_TRIM is None or self._trim is not None:
             return
         self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._start_trim)
 
+    @property
+    def trim_pending(self) -> bool:
+        """A malloc_trim is armed or running: a request made before now is not done yet."""
+        return self._trim is not None or self._trimming > 0
+
     def _start_trim(self) -> None:
         self._trim = None
+        self._trimming += 1
         task = asyncio.get_running_loop().create_task(self._thread(self._run_trim))
         self._expiring.add(task)
         task.add_done_callback(self._expiring.discard)
+        task.add_done_callback(self._trimmed)
 
-    def _run_trim(self) -> None:
+    def _trimmed(self, _: asyncio.Task[None]) -> None:
+        self._trimming -= 1
+        self.trims += 1
+
+    @staticmethod
+    def _run_trim() -> None:
         assert MALLOC_TRIM is not None
         MALLOC_TRIM(0)  # in a store thread: it locks each heap in turn while it walks it
-        self.trims += 1
 
     # -- other worker processes (workers.py) ----------------------------------------------
 
