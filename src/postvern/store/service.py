@@ -200,10 +200,9 @@ HIBERNATE_SECONDS = 2.0
 # is free but stays in malloc's heaps, so the process's RSS keeps the high-water mark of
 # mailboxes awake at once. malloc_trim(3) hands every whole free page back (madvise): 1,000
 # mailboxes opened, read and put to sleep in one process went from 21 KiB of RSS each to
-# none (test_idle_close.py shows it). What it cannot return are free fragments smaller than
-# a page between live allocations, which is most of what a sleeping user still costs the
-# server (docs/architecture.md §6). One call covers the hibernations of this many seconds;
-# it took ~1 ms with 3,000 sleeping mailboxes.
+# none (test_idle_close.py shows it). It does not shrink the top of a thread's heap, nor
+# pages that live allocations share (docs/architecture.md §6). One call covers the
+# hibernations of this many seconds; it took ~1 ms with 3,000 sleeping mailboxes.
 TRIM_DELAY = 1.0
 
 
