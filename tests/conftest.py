@@ -12,14 +12,25 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from clamd import clamd_fixture
+from cluster_shared import shared_cluster, tls_redis
 from dnsserver import dns_server
 from harness import DataDir, make_data_dir
 from pg_server import pg_database, pg_server
 from seaweed import seaweed
 
 # Shared fixtures defined in helper modules: a real clamd, a loopback DNS server, SeaweedFS,
-# a private PostgreSQL (once per session) and a fresh database of it.
-__all__ = ["clamd_fixture", "data_dir", "dns_server", "pg_database", "pg_server", "seaweed"]
+# a private PostgreSQL (once per session) and a fresh database of it, and the one cluster (with
+# its TLS Redis) that the cluster test modules of the same shape share (tests/cluster_shared.py).
+__all__ = [
+    "clamd_fixture",
+    "data_dir",
+    "dns_server",
+    "pg_database",
+    "pg_server",
+    "seaweed",
+    "shared_cluster",
+    "tls_redis",
+]
 
 
 @pytest.fixture

@@ -1,13 +1,14 @@
 """Accounts on a real cluster (issue #20): mail logins and new users go to the mailbox node.
 
 Two fronts, two mailbox nodes, the directory in PostgreSQL and Redis over verified TLS (built
-by cluster_kit as for tests/test_cluster.py). SMTP submission AUTH through a front is checked
-by the user's mailbox node over the internal portal service, so the front runs no Argon2id
-and opens no key slot (its ``postvern_kdf_runs`` and ``postvern_warm_logins`` stay 0), while
-bans and failure counting stay on the fronts, shared through Redis. A user made on a front
-(an invitation accepted in its portal, ``postvern user add`` there) gets the mailbox file on
-the mailbox node the map names, and on no other machine; a ``create`` retried with its
-token after a lost answer gets that answer again and makes the user once. ``postvern user
+by cluster_kit as for tests/test_cluster.py): the session's cluster, shared with
+tests/test_cluster_portal.py (tests/cluster_shared.py). SMTP submission AUTH through a front
+is checked by the user's mailbox node over the internal portal service, so the front runs no
+Argon2id and opens no key slot (its ``postvern_kdf_runs`` and ``postvern_warm_logins`` stay
+0), while bans and failure counting stay on the fronts, shared through Redis. A user made on
+a front (an invitation accepted in its portal, ``postvern user add`` there) gets the mailbox
+file on the mailbox node the map names, and on no other machine; a ``create`` retried with
+its token after a lost answer gets that answer again and makes the user once. ``postvern user
 passwd``, ``recover`` and ``remove`` on a front are done by the user's mailbox node: Argon2id
 and the key there (the new slot carries the node's Argon2id parameters, not the fronts'
 different ones), the old secrets refused at once; a removed user's sessions end, then the
@@ -25,7 +26,7 @@ import secrets
 import smtplib
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -33,14 +34,12 @@ from cluster_kit import (
     FRONTS,
     MAILBOX_NODES,
     ClusterKit,
-    TlsRedis,
-    build,
     message,
     metrics,
     send_mx,
 )
-from harness import TEST_KDF, client_tls_context, set_config
-from pg_server import PostgresTestServer
+from cluster_shared import FAILURES_TO_BAN, FRONT_TIME_COST, GUESSER
+from harness import TEST_KDF, client_tls_context
 from portal_kit import Browser, imap_login
 from postvern import cli
 from postvern.accounts.invitations import Invitations
@@ -50,40 +49,25 @@ from postvern.cluster import portal
 from postvern.directory.accounts import MAILBOX_DIR
 from postvern.store.spool import SPOOL_DIR
 from test_cluster import _users_on, _wait_for
-from test_cluster_portal import _ask, _internal, tls_redis  # noqa: F401 (tls_redis: ours)
+from test_cluster_portal import _ask, _internal
 
-# The fronts ban a client after this many failed logins (the default is 10): the guesser
-# below reaches it quickly. It comes from its own loopback address, so no other test's
-# client is banned with it.
-FAILURES_TO_BAN = 3
-GUESSER = "127.0.0.3"
 # What a mailbox node logs for each login it checked for a front (cluster/portal.py).
 VERIFIED = "verified a login for a front"
 # Bounds how long a ban made on one front takes to reach the other (it is in Redis at once;
 # this only bounds a broken cluster, no time is asserted).
 BAN_WAIT = 30.0
-# The fronts are given Argon2id parameters of their own, unlike the mailbox nodes' (the test
-# ones): a key slot made on a front would carry these.
-FRONT_TIME_COST = int(TEST_KDF["time_cost"]) + 1
 # Bounds waiting for a message to reach a node's spool (no time is asserted).
 SPOOL_WAIT = 30.0
+# Bounds waiting for a node's log line to reach the test's reader thread (no time asserted).
+LOG_WAIT = 30.0
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory,
-    tls_redis: TlsRedis,  # noqa: F811 (test_cluster_portal's fixture, imported above)
-    pg_server: PostgresTestServer,
-) -> Iterator[ClusterKit]:
-    database = pg_server.new_database().settings()
-    kit = build(tmp_path_factory.mktemp("cluster"), redis_url=tls_redis.url, directory=database)
-    for front in FRONTS:
-        # The test clients' 127.0.0.1 stays allowlisted; the guesser's address is not.
-        abuse = {"auth_failures_per_ip": FAILURES_TO_BAN, "allowlist": ["127.0.0.1", "::1"]}
-        set_config(kit.nodes[front].path, "abuse", abuse)
-        set_config(kit.nodes[front].path, "kdf", {"time_cost": FRONT_TIME_COST})
-    with kit.running():
-        yield kit
+def cluster(shared_cluster: ClusterKit) -> ClusterKit:
+    """The session's cluster (tests/cluster_shared.py): its fronts ban a client after
+    FAILURES_TO_BAN failed logins (the test clients' 127.0.0.1 stays allowlisted, GUESSER is
+    not) and have Argon2id parameters of their own (FRONT_TIME_COST)."""
+    return shared_cluster
 
 
 def _front_logins(kit: ClusterKit, front: str) -> tuple[float, float]:
@@ -178,12 +162,17 @@ def _lives_only_on_its_node(kit: ClusterKit, address: str) -> str:
 
 def _reaches_its_mailbox(kit: ClusterKit, address: str, password: str) -> None:
     """Logs in over IMAP through either front and receives mail sent through each."""
-    kit.passwords[address] = password  # what the test_cluster helpers log in with
-    for sender, reader in ((FRONTS[0], FRONTS[1]), (FRONTS[1], FRONTS[0])):
-        assert imap_login(kit.front(reader), address, password) == "OK"
-        subject = f"to a new user via {sender} {uuid.uuid4().hex[:8]}"
-        send_mx(kit, sender, address, subject)
-        assert _wait_for(kit, reader, address, subject).count(subject) == 1
+    # What the test_cluster helpers log in with; taken out again, so that the tests sharing
+    # the cluster that pick users from it (test_cluster_portal.py) never meet this one.
+    kit.passwords[address] = password
+    try:
+        for sender, reader in ((FRONTS[0], FRONTS[1]), (FRONTS[1], FRONTS[0])):
+            assert imap_login(kit.front(reader), address, password) == "OK"
+            subject = f"to a new user via {sender} {uuid.uuid4().hex[:8]}"
+            send_mx(kit, sender, address, subject)
+            assert _wait_for(kit, reader, address, subject).count(subject) == 1
+    finally:
+        del kit.passwords[address]
 
 
 def _invite(kit: ClusterKit, address: str) -> str:
@@ -359,6 +348,17 @@ def _logged(kit: ClusterKit, node: str, text: str) -> int:
     return sum(text in line for line in kit.procs[node].output)
 
 
+def _logged_once_at(kit: ClusterKit, node: str, text: str, expected: int) -> int:
+    """How often the node has logged ``text``, read once the count reaches ``expected`` or
+    LOG_WAIT has passed. The node writes its line before it answers, but the test harness
+    reads the node's output in a thread of its own, so under load the line can reach the
+    test a moment after the answer did; the caller still asserts the exact count."""
+    deadline = time.monotonic() + LOG_WAIT
+    while (count := _logged(kit, node, text)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return count
+
+
 def _directory(kit: ClusterKit, read: Callable[[App], object]) -> object:
     app = App.open(kit.seed.path)
     try:
@@ -393,7 +393,7 @@ def test_passwd_on_a_front_is_done_by_the_users_mailbox_node(
     new = f"changed-{uuid.uuid4().hex}"
     status, out = _secrets_on_front(capsys, cluster, FRONTS[0], "passwd", address, password, new)
     assert status == 0 and "password changed" in out, out
-    assert _logged(cluster, node, portal.CHANGED_LOG) == changed + 1
+    assert _logged_once_at(cluster, node, portal.CHANGED_LOG, changed + 1) == changed + 1
     # The new slot was wrapped by the node's Argon2id, not with the fronts' parameters.
     assert _password_time_cost(cluster, address) == TEST_KDF["time_cost"] != FRONT_TIME_COST
     # Over IMAP on the node (through a front): the old password stops at once, warm or not.
@@ -418,7 +418,7 @@ def test_passwd_on_a_front_is_done_by_the_users_mailbox_node(
     )
     assert status == 1 and "wrong address or password" in out, out
     assert imap_login(reader, address, newer) == "OK"
-    assert _logged(cluster, node, portal.CHANGED_LOG) == changed + 2
+    assert _logged_once_at(cluster, node, portal.CHANGED_LOG, changed + 2) == changed + 2
     assert _front_metrics(cluster) == metrics_before  # no front logged in or ran Argon2id
 
 
@@ -438,7 +438,7 @@ def test_recover_on_a_front_is_done_by_the_users_mailbox_node(
     status, out = _secrets_on_front(capsys, cluster, FRONTS[1], "recover", address, recovery, new)
     fresh = re.search(r"^new recovery key: (.+?)  \(", out, re.MULTILINE)
     assert status == 0 and fresh, out
-    assert _logged(cluster, node, portal.RECOVERED_LOG) == recovered + 1
+    assert _logged_once_at(cluster, node, portal.RECOVERED_LOG, recovered + 1) == recovered + 1
     assert _password_time_cost(cluster, address) == TEST_KDF["time_cost"] != FRONT_TIME_COST
     assert imap_login(reader, address, password) != "OK"
     assert imap_login(reader, address, new) == "OK"
@@ -500,7 +500,7 @@ def test_user_remove_on_a_front_removes_the_mailbox_on_its_node_then_the_user(
     status, out = _on_front(capsys, cluster, FRONTS[0], f"user remove {address} --yes")
     assert status == 0 and f"removed {address} and their mailbox on {node}" in out, out
     assert "left on" not in out
-    assert _logged(cluster, node, portal.REMOVED_LOG) == removed + 1
+    assert _logged_once_at(cluster, node, portal.REMOVED_LOG, removed + 1) == removed + 1
     with pytest.raises((imaplib.IMAP4.abort, OSError)):  # the node ended it first
         session.noop()
     session.shutdown()
@@ -542,8 +542,9 @@ async def test_a_create_retried_with_its_token_after_a_lost_answer_makes_the_use
     first = await asyncio.to_thread(ask, create)  # the retry: the first try's answer
     assert first["ok"] is True and first["user"] == user_id, first
     assert await asyncio.to_thread(ask, create) == first  # same password, same recovery key
+    # answered twice more (waited for first: the last line the node writes here)
+    assert _logged_once_at(cluster, node, portal.REPLAYED_LOG, replayed + 2) == replayed + 2
     assert _logged(cluster, node, portal.CREATED_LOG) == created + 1  # made once
-    assert _logged(cluster, node, portal.REPLAYED_LOG) == replayed + 2  # answered twice more
     # Another token for the same user, or the token for another user: refused, not made.
     other = await asyncio.to_thread(ask, {**create, "token": secrets.token_urlsafe(32)})
     assert other["ok"] is False and "earlier request" in str(other["message"]), other

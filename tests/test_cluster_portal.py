@@ -2,7 +2,8 @@
 the user's mailbox node.
 
 Two fronts, two mailbox nodes, the directory in PostgreSQL and Redis over verified TLS (as
-tests/test_cluster.py builds them, without replicas). A browser logs in on one front and
+tests/test_cluster.py builds them, without replicas): the session's cluster, shared with
+tests/test_cluster_accounts.py (tests/cluster_shared.py). A browser logs in on one front and
 goes on on the other; logging out or "log out everywhere else" on one ends the session on
 both; the mbox export and the week's Junk come from the user's mailbox node through either
 front; and a front's certificate alone cannot read anyone's mailbox on the internal service.
@@ -22,15 +23,14 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from backup_kit import user_id
-from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis, build
-from harness import client_tls_context, set_config
-from pg_server import PostgresTestServer
+from cluster_kit import FRONTS, MAILBOX_NODES, ClusterKit, TlsRedis
+from harness import client_tls_context
 from portal_kit import Browser, base_url, imap_login
 from postvern.accounts.passkeys import Passkeys
 from postvern.accounts.settings import Settings
@@ -43,28 +43,10 @@ ARRIVAL_WAIT = 60.0  # bounds a broken cluster; no time is asserted
 
 
 @pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    server = TlsRedis(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory, tls_redis: TlsRedis, pg_server: PostgresTestServer
-) -> Iterator[ClusterKit]:
-    kit = build(
-        tmp_path_factory.mktemp("cluster"),
-        redis_url=tls_redis.url,
-        directory=pg_server.new_database().settings(),
-    )
-    for front in FRONTS:  # every export asks for the password again: confirms cross fronts
-        set_config(kit.nodes[front].path, "accounts", {"reauth_minutes": 0})
-    try:
-        kit.start_all()
-        yield kit
-    finally:
-        kit.stop_all()
+def cluster(shared_cluster: ClusterKit) -> ClusterKit:
+    """The session's cluster (tests/cluster_shared.py): its fronts have reauth_minutes = 0,
+    so every export asks for the password again and confirms cross fronts."""
+    return shared_cluster
 
 
 def _user_on(kit: ClusterKit, node: str) -> str:
@@ -112,10 +94,12 @@ async def test_a_session_made_on_one_front_is_valid_on_the_other_until_logout_th
     assert b"postvern:portal:s:" in dump
     for secret in (token.encode(), hashlib.sha256(token.encode()).hexdigest().encode()):
         assert secret not in dump
-    rid = next(w for w in dump.split(b"\r\n") if w.startswith(b"postvern:portal:s:"))
-    assert address.encode() not in tls_redis.command(b"GET " + rid)
-    ttl = int(tls_redis.command(b"TTL " + rid).strip().lstrip(b":"))
-    assert ttl > 0  # expires by itself
+    # Every session there (the cluster is shared: other tests' sessions may be there too).
+    rids = [w for w in dump.split(b"\r\n") if w.startswith(b"postvern:portal:s:")]
+    for rid in rids:
+        assert address.encode() not in tls_redis.command(b"GET " + rid)
+        ttl = int(tls_redis.command(b"TTL " + rid).strip().lstrip(b":"))
+        assert ttl > 0  # expires by itself
 
     await browser.on(FRONTS[1]).get("/account/")
     r = await browser.post("/account/logout")
@@ -313,7 +297,9 @@ async def test_app_passwords_and_password_changes_through_a_front_are_made_on_th
 
 def _passkey(kit: ClusterKit, address: str) -> tuple[str, int]:
     """A passkey row for the user, as a registration would leave it (the WebAuthn ceremony
-    itself is the single server's, tested with a real browser in test_portal_browser.py)."""
+    itself is the single server's, tested with a real browser in test_portal_browser.py).
+    Remove it again with :func:`_remove_passkey`: while it is there, two-factor is on and
+    the user's mail logins take app passwords only (the cluster is shared)."""
     app = App.open(kit.seed.path)
     try:
         user = app.directory.user(address)
@@ -333,6 +319,15 @@ def _passkey(kit: ClusterKit, address: str) -> tuple[str, int]:
         app.close()
 
 
+def _remove_passkey(kit: ClusterKit, user: str, passkey: int) -> None:
+    """The passkey and its key slot gone, as removing it in the portal does."""
+    app = App.open(kit.seed.path)
+    try:
+        assert Passkeys(AccountStore(app.directory), rp_name="test").remove(user, passkey)
+    finally:
+        app.close()
+
+
 async def test_a_passkeys_key_slot_is_made_and_opened_on_the_mailbox_node(
     cluster: ClusterKit,
 ) -> None:
@@ -344,17 +339,20 @@ async def test_a_passkeys_key_slot_is_made_and_opened_on_the_mailbox_node(
     def ask(request: dict[str, object]) -> dict[str, object]:
         return _ask(cluster, node, request, FRONTS[1])
 
-    login = {"op": "login", "address": address, "secret": cluster.passwords[address], "ip": ""}
-    grant = (await asyncio.to_thread(ask, login))["grant"]
-    slot = {"op": "passkey-slot", "user": user, "grant": grant, "passkey": passkey, "prf": prf}
-    assert await asyncio.to_thread(ask, slot) == {"ok": True}
-    unlock = {"op": "passkey-login", "user": user, "passkey": passkey, "prf": prf}
-    answer = await asyncio.to_thread(ask, unlock)
-    assert answer["ok"] is True and answer["grant"] != grant
-    junk = {"op": "junk", "user": user, "grant": answer["grant"]}
-    assert (await asyncio.to_thread(ask, junk))["ok"] is True
-    wrong = {**unlock, "prf": base64.b64encode(os.urandom(32)).decode()}
-    assert await asyncio.to_thread(ask, wrong) == {"ok": False, "error": "failed"}
+    try:  # the passkey goes again: other tests log this user in with the password
+        login = {"op": "login", "address": address, "secret": cluster.passwords[address], "ip": ""}
+        grant = (await asyncio.to_thread(ask, login))["grant"]
+        slot = {"op": "passkey-slot", "user": user, "grant": grant, "passkey": passkey, "prf": prf}
+        assert await asyncio.to_thread(ask, slot) == {"ok": True}
+        unlock = {"op": "passkey-login", "user": user, "passkey": passkey, "prf": prf}
+        answer = await asyncio.to_thread(ask, unlock)
+        assert answer["ok"] is True and answer["grant"] != grant
+        junk = {"op": "junk", "user": user, "grant": answer["grant"]}
+        assert (await asyncio.to_thread(ask, junk))["ok"] is True
+        wrong = {**unlock, "prf": base64.b64encode(os.urandom(32)).decode()}
+        assert await asyncio.to_thread(ask, wrong) == {"ok": False, "error": "failed"}
+    finally:
+        await asyncio.to_thread(_remove_passkey, cluster, user, passkey)
 
 
 def _set_disabled(kit: ClusterKit, user_id: str, disabled: bool) -> None:
