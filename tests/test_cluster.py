@@ -10,6 +10,7 @@ replicas in SeaweedFS with every acknowledged message exactly once (last in the 
 
 from __future__ import annotations
 
+import asyncio
 import imaplib
 import poplib
 import smtplib
@@ -654,6 +655,39 @@ async def test_a_long_outage_of_one_node_does_not_hold_back_mail_for_another(
         # mbx1 answered it: the cluster's directory has no b@, so 550, and failed/ keeps it.
         assert (store.failed / late).exists()
         assert len(store.names()) == 10
+        await relay.stop()
+    finally:
+        executor.shutdown()
+        app.close()
+
+
+async def test_a_back_off_run_out_with_nothing_left_for_its_node_does_not_spin_the_relay(
+    cluster: ClusterKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's copies may leave the queue another way than through it (a failover sends
+    them to the users' new node): its back-off, once run out, is no reason for the relay's
+    loop to go round again at once (seen: a front at 94% of a core for minutes)."""
+    monkeypatch.setattr(relay_module, "RETRY_BASE", 0.2)
+    data = make_data_dir(tmp_path / "d", passwords={"a@example.test": "a-long-password-1"},
+                         listeners=())  # fmt: skip
+    app = App.open(data.path)
+    executor = ThreadPoolExecutor(2)
+    try:
+        a = app.directory.user("a@example.test")
+        assert a is not None
+        app.directory.set_mailbox_node(a.id, "dead")
+        known = {"dead": nodes.Node("dead", "mailbox", f"127.0.0.1:{free_port()}")}
+        store = relay_module.RelayStore(tmp_path / "relay", b"k" * 32)
+        identity = pki.NodeIdentity.in_dir(cluster.front("front1").path / nodes.CLUSTER_DIR)
+        relay = relay_module.Relay(
+            store, placement.Placement(app.directory, known), identity, executor
+        )
+        name = await relay.deposit(relay_module.Copy(a.id, a.address, False, b"S: x\r\n\r\n"))
+        relay.release(name)
+        assert 0 < await relay._pass() <= 0.2  # nobody there: it backs off
+        await relay.withdraw(name)  # the copy left another way
+        await asyncio.sleep(0.3)  # the back-off has run out
+        assert await relay._pass() == relay_module.RETRY_MAX  # nothing queued, nothing due
         await relay.stop()
     finally:
         executor.shutdown()

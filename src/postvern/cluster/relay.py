@@ -424,9 +424,16 @@ class Relay:
         await self._flush_unshared()
         coverage = (self._coverage_at,) if self.kept else ()
         unshare = (self._unshare_at,) if self.store.unshared else ()
+        now = time.monotonic()
+        # A back-off already past is due, not a wait. One still here took no part in this
+        # pass (its node's copies went to the users' new node, or are held), and left in it
+        # would make every pass return at once: the loop would spin a core until a copy for
+        # that node came. Forgetting it changes nothing else (a past time holds nothing back;
+        # the failure counts that lengthen the next back-off are kept apart).
+        self._retry_at = {key: at for key, at in self._retry_at.items() if at > now}
+        self._not_before = {key: at for key, at in self._not_before.items() if at > now}
         retries = (*self._retry_at.values(), *self._not_before.values(), *coverage, *unshare)
-        waits = [at - time.monotonic() for at in retries]
-        return max(0.0, min(waits, default=RETRY_MAX))
+        return max(0.0, min((at - now for at in retries), default=RETRY_MAX))
 
     async def _claim(self, by_node: dict[str, tuple[Node, list[tuple[str, Copy]]]]) -> list[str]:
         """Keep only the copies this front holds the claim of (sharedq.py); one round trip."""
