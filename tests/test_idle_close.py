@@ -29,8 +29,7 @@ from pathlib import Path
 import pytest
 
 from dnsserver import DNSTestServer
-from harness import DataDir, ServerProcess, free_port, make_data_dir, services, set_config
-from postvern.store import service
+from harness import DataDir, ServerProcess, free_port, make_data_dir, set_config
 from postvern.store.mailbox import INBOX, Mailbox
 from test_workers import Idler, World, one_per_worker, send_mx, wait_until
 
@@ -119,55 +118,6 @@ async def until(check: object, what: str, seconds: float = 60.0) -> None:
     while not check():  # type: ignore[operator]
         assert loop.time() < deadline, what
         await asyncio.sleep(0.1)
-
-
-@pytest.mark.skipif(service.MALLOC_TRIM is None, reason="no malloc_trim in this C library")
-async def test_sleeping_mailboxes_give_their_memory_back(tmp_path: Path) -> None:
-    names = [f"sleeper{i}@example.test" for i in range(SLEEPERS)]
-    data = make_data_dir(tmp_path / "d", passwords={n: f"pw-{n}" for n in names}, listeners=())
-    svc = services(data)
-    registry = svc.registry
-    try:
-        unlocked = [svc.app.accounts.authenticate(n, f"pw-{n}") for n in names]
-
-        async def session(i: int) -> service.MailboxHandle:
-            handle = await registry.unlock(unlocked[i].user, unlocked[i].mailbox_key)
-            box = handle.box
-            await handle.run(lambda: box.uids(box.folder(INBOX).id))  # what SELECT reads
-            return handle
-
-        for handle in [await session(i) for i in range(4)]:  # one-off costs before the baseline
-            await handle.release()
-        await until(lambda: registry.unlocked_count == 0, "the warm-up mailboxes closed")
-        assert service.MALLOC_TRIM is not None
-        service.MALLOC_TRIM(0)  # the baseline without free pages the mailboxes could reuse
-        before = rss_kib()
-        handles = [await session(i) for i in range(SLEEPERS)]
-        awake = rss_kib()
-        trims, requests = registry.trims, registry.trim_requests
-        for handle in handles:
-            handle.quiet()  # the session enters IDLE
-        # Every mailbox asked for a trim as it fell asleep, and none is armed or running: the
-        # last one ran after the last mailbox slept.
-        await until(
-            lambda: registry.trim_requests - requests == SLEEPERS and not registry.trim_pending,
-            "every mailbox asleep and its memory handed back",
-        )
-        assert all(h.box.hibernating for h in handles)
-        asleep = rss_kib()
-        # One trim for the lot, not one per mailbox (they all fell asleep within TRIM_DELAY).
-        assert registry.trims - trims < SLEEPERS // 4
-        # Awake, each mailbox holds its SQLite connection (~170 KiB); asleep, a few KiB.
-        print(f"RSS: before {before} KiB, awake +{awake - before}, asleep +{asleep - before}")
-        assert awake - before > SLEEPERS * 100
-        assert asleep - before < (awake - before) / 4
-        # A sleeping mailbox still works: the next call reopens it.
-        box = handles[0].box
-        assert await handles[0].run(lambda: box.folder(INBOX).name) == INBOX
-        for handle in handles:
-            await handle.release()
-    finally:
-        await svc.close()
 
 
 # -- a real server ---------------------------------------------------------------------------
