@@ -17,7 +17,7 @@ import apsw
 
 from postvern.abuse.bans import Ban
 from postvern.abuse.greylist import Entry
-from postvern.encdb import open_encrypted
+from postvern.encdb import open_encrypted, write_transaction
 
 FILE_NAME = "abuse.sqlite"
 
@@ -134,7 +134,7 @@ class AbuseStore:
         await self._run(self._save_ban, ban)
 
     def _save_ban(self, ban: Ban) -> None:
-        with self.conn:
+        with write_transaction(self.conn):
             self.conn.execute(
                 "INSERT INTO bans(network, until, reason, offences, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?)"
@@ -150,7 +150,7 @@ class AbuseStore:
             await self._run(self._delete_bans, networks)
 
     def _delete_bans(self, networks: list[str]) -> None:
-        with self.conn:
+        with write_transaction(self.conn):
             self.conn.executemany("DELETE FROM bans WHERE network = ?", [(n,) for n in networks])
 
     async def ban_epoch(self) -> int:
@@ -188,7 +188,7 @@ class AbuseStore:
         await self._run(self._grey_put, triplet, entry, keep_until)
 
     def _grey_put(self, triplet: bytes, entry: Entry, keep_until: float) -> None:
-        with self.conn:
+        with write_transaction(self.conn):
             self.conn.execute(
                 "INSERT OR REPLACE INTO greylist(triplet, entry, keep_until) VALUES (?, ?, ?)",
                 (triplet, entry.pack(), keep_until),
@@ -210,7 +210,7 @@ class AbuseStore:
         self, hits: list[tuple[str, float, int]], now: float
     ) -> list[tuple[int, float]]:
         counts = []
-        with self.conn:
+        with write_transaction(self.conn):
             for key, seconds, amount in hits:
                 rows = self.conn.execute(
                     "INSERT INTO counters(key, count, expires) VALUES (?, ?, ?)"
@@ -231,7 +231,7 @@ class AbuseStore:
         await self._run(self._counter_release, returns)
 
     def _counter_release(self, returns: list[tuple[str, float, int]]) -> None:
-        with self.conn:
+        with write_transaction(self.conn):
             self.conn.executemany(
                 "UPDATE counters SET count = max(0, count - ?) WHERE key = ? AND expires = ?",
                 [(amount, key, expires) for key, expires, amount in returns],
@@ -251,7 +251,7 @@ class AbuseStore:
         await self._run(self._counter_clear, key)
 
     def _counter_clear(self, key: str) -> None:
-        with self.conn:
+        with write_transaction(self.conn):
             self.conn.execute("DELETE FROM counters WHERE key = ?", (key,))
 
     async def purge_greylist(self, now: float) -> int:
@@ -259,7 +259,7 @@ class AbuseStore:
         return count
 
     def _purge_greylist(self, now: float) -> int:
-        with self.conn:
+        with write_transaction(self.conn):
             self.conn.execute("DELETE FROM greylist WHERE keep_until < ?", (now,))
             purged = int(self.conn.changes())
             self.conn.execute("DELETE FROM counters WHERE expires <= ?", (now,))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from postvern.encdb import write_transaction
 from postvern.mta.dsn import header_block
 from postvern.mta.queue import EntryInfo, EntryNotFound, QueueStore, RecipientState
 
@@ -78,7 +79,7 @@ def retry_entries(store: QueueStore, entry_id: str | None = None) -> int:
     unknown id. Then :func:`postvern.mta.wake.wake` makes a running server's MTA act at once
     (``OutboundMTA.wake`` in the same process); otherwise it notices within a minute.
     """
-    with store.conn:
+    with write_transaction(store.conn):
         if entry_id is not None and store.info(entry_id) is None:
             raise EntryNotFound(entry_id)
         count = store.reschedule(entry_id, time.time())
@@ -87,7 +88,7 @@ def retry_entries(store: QueueStore, entry_id: str | None = None) -> int:
 
 def delete_entry(store: QueueStore, entry_id: str) -> None:
     """Remove an entry and its message for good (no notification is sent)."""
-    with store.conn:
+    with write_transaction(store.conn):
         if not store.delete(entry_id):
             raise EntryNotFound(entry_id)
 

@@ -32,7 +32,7 @@ import apsw
 from postvern.delivery.headers import new_queue_id
 from postvern.dns import DNSNameError
 from postvern.dns.resolver import name_text, to_name
-from postvern.encdb import open_encrypted
+from postvern.encdb import open_encrypted, write_transaction
 from postvern.mta.mtasts import CachedPolicy, Mode, Policy
 from postvern.smtp.address import AddressError, parse_mailbox
 
@@ -733,7 +733,7 @@ class Queue:
             return
         results: list[tuple[_Write, Any, BaseException | None]] = []
         try:
-            with self._store.conn:
+            with write_transaction(self._store.conn):
                 for write in batch:
                     try:
                         with self._store.conn:  # a savepoint inside the transaction

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import apsw
 
 from postvern import mime
-from postvern.encdb import open_encrypted, wal_index_header
+from postvern.encdb import open_encrypted, wal_index_header, write_transaction
 from postvern.mime.model import body_to_json, envelope_to_json
 from postvern.store import faults, fulltext
 from postvern.store.schema import MIGRATIONS
@@ -381,7 +381,7 @@ class Mailbox:
         with self._lock, self._writing():
             self._pending = []
             try:
-                with self._conn:
+                with write_transaction(self._conn):
                     if Mailbox.shared:
                         # Changes other processes committed before this transaction took
                         # the write lock: heard first, then this transaction's own.
