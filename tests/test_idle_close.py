@@ -112,13 +112,17 @@ MESSAGES = 20  # real mails in each user's INBOX (the mailing-list corpus), read
 # the premise asks for well under half of that, so a run where they took no memory fails.
 AWAKE_KIB_EACH = 100
 PROBE = Path(__file__).with_name("trim_probe.py")
+IGNORED_ENV = ("POSTVERN_", "MALLOC_", "GLIBC_TUNABLES", "PYTHONMALLOC")
 
 
 def run_probe(data: DataDir, *flags: str) -> dict[str, int]:
-    """tests/trim_probe.py in a fresh python: RSS of a process that holds nothing else."""
+    """tests/trim_probe.py in a fresh python: RSS of a process that holds nothing else.
+    Without the runner's POSTVERN_ settings or malloc tunables, which would change it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(IGNORED_ENV)}
     done = subprocess.run(
         [sys.executable, str(PROBE), str(data.path), *flags],
         input=json.dumps(data.passwords).encode(),
+        env=env,
         capture_output=True,
         timeout=600,
         check=False,
