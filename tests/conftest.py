@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import cluster_shared
 from clamd import clamd_fixture
 from cluster_shared import shared_cluster, tls_redis
 from dnsserver import dns_server
@@ -31,6 +32,22 @@ __all__ = [
     "shared_cluster",
     "tls_redis",
 ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{cluster_shared.LAST_MARK}: runs after every other test of the shared cluster",
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after deselection and any other plugin's order
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    cluster_shared.order(items)  # the shared cluster's tests together (cluster_shared.py)
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    cluster_shared.after(item, nextitem)  # its nodes stopped after its last test
 
 
 @pytest.fixture

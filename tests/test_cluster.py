@@ -5,7 +5,8 @@ Mail goes in through either front (MX and submission) and is read through either
 (IMAP, POP3) whichever mailbox node owns the user; the internal listener refuses anything
 but a front's certificate from the cluster's own CA; a mailbox node that is down does not
 lose mail a front accepted; a killed mailbox node's users come back on the other from their
-replicas in SeaweedFS with every acknowledged message exactly once (last in the module).
+replicas in SeaweedFS with every acknowledged message exactly once (run last of all the
+tests on the session's shared cluster, tests/cluster_shared.py, as is the drain before it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,14 +32,13 @@ from cluster_kit import (
     MAILBOX_NODES,
     ClusterKit,
     TlsRedis,
-    build,
+    enable_replicas,
     inbox_subjects,
     message,
     metrics,
     send_mx,
 )
 from harness import client_tls_context, free_port, make_data_dir, set_config
-from pg_server import PostgresTestServer
 from postvern import cli, config
 from postvern.app import App
 from postvern.cluster import nodes, pki, placement, proxyline
@@ -60,34 +59,25 @@ ARRIVAL_WAIT = 60.0
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    server = TlsRedis(tmp_path_factory.mktemp("redis")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def cluster(shared_cluster: ClusterKit) -> ClusterKit:
+    """The session's cluster (tests/cluster_shared.py). The two tests marked
+    ``last_on_shared_cluster`` (the drain, and the failover, which kills mbx1 for good) run
+    after every other test that shares it."""
+    return shared_cluster
 
 
-@pytest.fixture(scope="module")
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory,
-    redis: TlsRedis,
-    pg_server: PostgresTestServer,
-    seaweed: tuple[Weed, Weed],
-) -> Iterator[ClusterKit]:
-    directory = pg_server.new_database().settings()
+@pytest.fixture
+def replicating(cluster: ClusterKit, seaweed: tuple[Weed, Weed]) -> ClusterKit:
+    """The shared cluster with its mailbox nodes restarted replicating to SeaweedFS every
+    REPLICATE_SECONDS, nodes.toml naming the replicas (cluster_kit.enable_replicas): for the
+    failover, the last test on it. (The others run without: a front keeps each copy a
+    replicating node acknowledged until a replication covers it.)"""
     prefix = f"cluster-{uuid.uuid4().hex[:8]}"
-    kit = build(
-        tmp_path_factory.mktemp("cluster"),
-        redis_url=redis.url,
-        directory=directory,
-        replica=lambda node: seaweed[0].url(f"{prefix}-{node}"),
-    )
-    try:
-        kit.start_all()
-        yield kit
-    finally:
-        kit.stop_all()
+    for name in MAILBOX_NODES:
+        cluster.procs[name].stop()
+    enable_replicas(cluster, lambda node: seaweed[0].url(f"{prefix}-{node}"))
+    cluster.start_all(MAILBOX_NODES)
+    return cluster
 
 
 def _users_on(kit: ClusterKit, node: str) -> list[str]:
@@ -512,8 +502,9 @@ def test_a_move_the_target_refuses_is_undone_and_the_source_serves_the_user_agai
     assert not list((cluster.nodes["mbx2"].path / "mailboxes").glob(".tmp-*"))
 
 
+@pytest.mark.last_on_shared_cluster
 def test_draining_a_node_moves_every_user_and_their_mail_to_the_other(cluster: ClusterKit) -> None:
-    """Last in the module: afterwards every user lives on mbx1."""
+    """Run after every other test of the shared cluster: afterwards every user lives on mbx1."""
     drained = _users_on(cluster, "mbx2")
     subjects = {a: f"before drain {uuid.uuid4().hex[:6]}" for a in drained}
     for address, subject in subjects.items():
@@ -527,10 +518,10 @@ def test_draining_a_node_moves_every_user_and_their_mail_to_the_other(cluster: C
 
 
 def test_every_node_holds_a_verified_tls_connection_to_redis(
-    cluster: ClusterKit, redis: TlsRedis
+    cluster: ClusterKit, tls_redis: TlsRedis
 ) -> None:
     """Redis here has no plaintext port, so each connection it lists came over TLS."""
-    clients = [c for c in redis.command(b"CLIENT LIST").decode().splitlines() if "id=" in c]
+    clients = [c for c in tls_redis.command(b"CLIENT LIST").decode().splitlines() if "id=" in c]
     others = [c for c in clients if "cmd=client|list" not in c]  # all but this connection
     # Every node reads the shared bans at start and then follows them (a blocking XREAD).
     assert len(others) >= len(cluster.nodes)
@@ -738,10 +729,13 @@ def _message_ids(kit: ClusterKit, front: str, address: str) -> list[str]:
         imap.logout()
 
 
+@pytest.mark.last_on_shared_cluster
 def test_a_killed_mailbox_nodes_users_fail_over_from_replicas_with_every_message_once(
-    cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
+    replicating: ClusterKit, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Last in the module: mbx1 is killed and stays dead; its users live on mbx2 after."""
+    """The last test of the shared cluster: mbx1 is killed and stays dead; its users live on
+    mbx2 after."""
+    cluster = replicating
     victim, survivor = "mbx1", "mbx2"
     admin = ["--data", str(cluster.admin), "cluster", "failover"]
     assert cli.main([*admin, survivor]) == 1  # it answers over mutual TLS: refused

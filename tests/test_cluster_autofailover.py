@@ -71,8 +71,7 @@ def cluster(
     for name in (FRONT, *NODES):
         set_config(kit.nodes[name].path, "cluster", {"failover_after": FAILOVER_AFTER})
     try:
-        for name in (*NODES, FRONT):
-            kit.start(name)
+        kit.start_all((*NODES, FRONT))
         yield kit
     finally:
         for proc in kit.procs.values():
