@@ -79,19 +79,36 @@ _LOOKALIKES = {
     "l": "l1|i", "u": "uùúûüv", "c": "c¢ç", "t": "t7+", "g": "g9q", "b": "b8",
 }  # fmt: skip
 # Between two letters: up to three characters that are not letters ("v 5 iagra",
-# "ci : alis", "p \\ harmacy"), never a line break.
-_BETWEEN = r"(?:[^a-z\n]{1,3})?"
+# "ci : alis", "p \\ harmacy"), never a line break. (Written as one bounded repeat of a
+# class, not an optional group of one: the same lengths tried in the same order, 3 to 0,
+# so the same matches, by the regular-expression engine's fast path for a repeated class.)
+_BETWEEN = r"[^a-z\n]{0,3}"
 
 
-def _spelled(words: Iterable[str]) -> str:
-    """An alternation matching each of *words*, look-alike letters and spacing allowed."""
+def _spelled(words: Iterable[str], *, literal_first: bool = True) -> str:
+    """An alternation matching each of *words*, look-alike letters and spacing allowed.
+
+    With *literal_first*, a word's first letter and each of its look-alikes open an
+    alternative of their own (the same matches, found in the same order), so that every
+    alternative begins with one literal character: the regular-expression engine then
+    skips, in C, the positions where none of those characters stands instead of trying
+    the whole alternation there. (The drug pattern was a quarter of the time of the body
+    rules on the mail that holds one of the words; bench/filter_equiv.py shows the
+    verdicts unchanged.) A pattern that opens with a look-behind gains nothing from it,
+    and the longer alternation costs."""
     alternatives = []
     for word in words:
         letters = []
-        for ch in word:
+        for ch in word[1:]:
             similar = _LOOKALIKES.get(ch, ch)
             letters.append(f"[{re.escape(similar)}]" if len(similar) > 1 else re.escape(ch))
-        alternatives.append(_BETWEEN.join(letters))
+        first = word[0]
+        similar = _LOOKALIKES.get(first, first)
+        if literal_first:
+            heads = [re.escape(ch) for ch in similar]
+        else:
+            heads = [f"[{re.escape(similar)}]" if len(similar) > 1 else re.escape(first)]
+        alternatives += [_BETWEEN.join([head, *letters]) for head in heads]
     return "|".join(alternatives)
 
 
@@ -145,7 +162,7 @@ _DISGUISED = (
         "enlargement replica rolex investment"
     ).split()
 )
-_DISGUISABLE = re.compile(rf"(?<![a-z])(?:{_spelled(_DISGUISED)})(?![a-z])")
+_DISGUISABLE = re.compile(rf"(?<![a-z])(?:{_spelled(_DISGUISED, literal_first=False)})(?![a-z])")
 # The cheap test that comes first: the words above with every look-alike read as one
 # letter, searched in the text read the same way with all but letters dropped ("v 1 @ g r
 # a" reads "viagra"). Only a text that passes is searched with the patterns above.

@@ -60,6 +60,8 @@ _PGP_SIGNATURE = ("-----BEGIN PGP SIGNATURE-----", "-----END PGP SIGNATURE-----"
 # A mailing list's footer is opened the same way by a line of underscores (Mailman's
 # msg_footer, which most list software copies): read, it is the list's words again.
 _SIGNATURE_SEPARATOR = re.compile(r"(?m)^(?:-- ?|[ \t]*_{10,}[ \t]*)\r?$")
+# Every separator holds one of these, so a text with neither has no separator.
+_UNDERSCORES = "_" * 10
 MAX_SIGNATURE_LINES = 15
 MAX_SIGNATURE_CHARS = 1000
 # Characters a reader does not see (zero-width spaces and joiners, soft hyphens, BOMs):
@@ -168,6 +170,8 @@ def _without_armor(text: str) -> str:
 def _without_signature(text: str) -> str:
     """*text* up to the first signature separator that only a signature follows (a
     personal one, then a mailing list's, each opened by its own separator)."""
+    if "--" not in text and _UNDERSCORES not in text:
+        return text  # no separator can match (most mail): the text is not searched line by line
     for separator in _SIGNATURE_SEPARATOR.finditer(text):
         tail = len(text) - separator.end()
         if tail <= MAX_SIGNATURE_CHARS and text.count("\n", separator.end()) <= MAX_SIGNATURE_LINES:
