@@ -22,12 +22,18 @@ to ``--sessions`` measures the worst case. A mailbox whose sessions all sit in I
 its encrypted SQLite connection (about 160 KiB) after HIBERNATE_SECONDS
 (store/service.py), within the settling time below, and keeps a few KiB.
 
+``--waves N`` opens the sessions in N equal steps (new users for each step when there are as
+many users as sessions) and reads RSS after each: each step's KiB per session should stay flat
+if a session costs the same however many are open; a rising figure is something that grows.
+
 Usage: python bench/imap_idle.py [--sessions 10000] [--clients 4] [--users 100] [--dovecot 0]
+                                 [--waves 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import signal
@@ -126,7 +132,9 @@ def load_main(port: int, count: int, users: list[str], source: str, first: int) 
 class Load:
     """``sessions`` idle sessions spread over ``processes`` load processes."""
 
-    def __init__(self, port: int, sessions: int, processes: int, users: list[str]) -> None:
+    def __init__(
+        self, port: int, sessions: int, processes: int, users: list[str], first_source: int = 0
+    ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         share = -(-sessions // processes)
         for p in range(processes):
@@ -142,7 +150,7 @@ class Load:
                         str(port),
                         str(count),
                         ",".join(users),
-                        f"127.0.{p // 250}.{p % 250 + 2}",
+                        f"127.0.{(first_source + p) // 250}.{(first_source + p) % 250 + 2}",
                         str(p * share),
                     ],
                     stdin=subprocess.PIPE,
@@ -169,9 +177,11 @@ class Load:
             proc.wait(timeout=300)
 
 
-def open_idle(port: int, sessions: int, processes: int, users: list[str]) -> tuple[Load, float]:
+def open_idle(
+    port: int, sessions: int, processes: int, users: list[str], first_source: int = 0
+) -> tuple[Load, float]:
     start = time.perf_counter()
-    load = Load(port, sessions, processes, users)
+    load = Load(port, sessions, processes, users, first_source)
     try:
         opened = load.wait_ready()
     except BaseException:
@@ -249,13 +259,22 @@ def measure_postvern(root: Path, accounts: list[str], args: argparse.Namespace) 
         time.sleep(SETTLE_SECONDS)
         profile(pid)
         before = rollup(pid)
-        load, seconds = open_idle(port, args.sessions, args.clients, args.accounts)
+        loads, seconds, steps = [], 0.0, []
         try:
-            time.sleep(SETTLE_SECONDS)
+            for wave in range(args.waves):
+                sessions, users = _wave(args.sessions, wave, args.waves), _wave_users(args, wave)
+                load, took = open_idle(port, sessions, args.clients, users, wave * args.clients)
+                loads.append(load)
+                seconds += took
+                time.sleep(SETTLE_SECONDS)
+                steps.append(
+                    (sum(_wave(args.sessions, w, args.waves) for w in range(wave + 1)), rollup(pid))
+                )
             profile(pid)
             after = rollup(pid)
         finally:
-            load.close()
+            for load in loads:
+                load.close()
         return {
             "started_kib": started["Rss"],
             "baseline_kib": before["Rss"],
@@ -263,9 +282,24 @@ def measure_postvern(root: Path, accounts: list[str], args: argparse.Namespace) 
             "anon_kib": after["Anonymous"] - before["Anonymous"],
             "per_session_kib": (after["Rss"] - before["Rss"]) / args.sessions,
             "open_seconds": seconds,
+            "steps": [(n, r["Rss"]) for n, r in [(0, before), *steps]],
         }
     finally:
         server.stop()
+
+
+def _wave(sessions: int, wave: int, waves: int) -> int:
+    """Sessions opened in ``wave`` (0-based) of ``waves``: an even split."""
+    return sessions * (wave + 1) // waves - sessions * wave // waves
+
+
+def _wave_users(args: argparse.Namespace, wave: int) -> list[str]:
+    """The users a wave logs in as: with as many users as sessions, users of its own (each
+    wave adds mailboxes); with fewer, every user (the waves add sessions to the same ones)."""
+    if len(args.accounts) < args.sessions:
+        return args.accounts
+    first = args.sessions * wave // args.waves
+    return args.accounts[first : first + _wave(args.sessions, wave, args.waves)]
 
 
 # Added to bench/imap_stress.py's Dovecot (TLS at connect, its default process model): room
@@ -335,6 +369,15 @@ def report(
         f"{'met' if projected <= GOAL_KIB else 'NOT met'}); opened in "
         f"{ours['open_seconds']:.0f} s"
     )
+    steps = ours["steps"]
+    if len(steps) > 2:
+        # Each wave's own cost per session: flat if a session costs the same however many
+        # are already open; rising if something grows with their number.
+        marginal = ", ".join(
+            f"{n1} sessions {(r1 - r0) / (n1 - n0):.1f}"
+            for (n0, r0), (n1, r1) in itertools.pairwise(steps)
+        )
+        print(f"  Postvern: KiB per session of each wave (RSS growth / its sessions): {marginal}")
     if theirs is not None:
         print(
             f"  Dovecot:  {theirs['per_session_kib']:.1f} KiB PSS per idle TLS session "
@@ -349,6 +392,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="load processes")
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--dovecot", type=int, default=0, help="sessions against Dovecot")
+    parser.add_argument(
+        "--waves", type=int, default=1, help="open the sessions in this many steps, each measured"
+    )
     parser.add_argument("--malloc-arena-max", default="", help="MALLOC_ARENA_MAX for the server")
     parser.add_argument("--load", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
