@@ -482,6 +482,9 @@ class MailboxRegistry:
                 self._expire_soon(user, oldest)
 
     def _expire_soon(self, user_id: str, entry: _Open) -> None:
+        # Closing now, no longer lingering: still counted, every later logout of a burst
+        # would schedule this close again (a quadratic number of pending closes).
+        entry.linger = None
         task = asyncio.get_running_loop().create_task(self._expire(user_id, entry))
         self._expiring.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._expiring.discard)
