@@ -27,7 +27,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,13 +88,25 @@ class ClusterKit:
 
     def owner(self, address: str) -> str:
         """The mailbox node a user lives on now (the directory's map, else rendezvous)."""
+        return self.owners([address])[address]
+
+    def owners(self, addresses: Iterable[str]) -> dict[str, str]:
+        """Each user's mailbox node now, the directory opened once for them all."""
         app = App.open(self.seed.path)
         try:
-            user = app.directory.user(address)
-            assert user is not None
-            return placement.Placement(app.directory, self.node_list).node_for(user.id).name
+            where = placement.Placement(app.directory, self.node_list)
+            found = {}
+            for address in addresses:
+                user = app.directory.user(address)
+                assert user is not None
+                found[address] = where.node_for(user.id).name
+            return found
         finally:
             app.close()
+
+    def users_on(self, node: str) -> list[str]:
+        """The test users that live on ``node`` now."""
+        return [a for a, n in self.owners(self.passwords).items() if n == node]
 
     def start(self, name: str) -> ServerProcess:
         proc = self.procs[name] = ServerProcess(self.nodes[name]).start()

@@ -80,10 +80,6 @@ def replicating(cluster: ClusterKit, seaweed: tuple[Weed, Weed]) -> ClusterKit:
     return cluster
 
 
-def _users_on(kit: ClusterKit, node: str) -> list[str]:
-    return [a for a in kit.passwords if kit.owner(a) == node]
-
-
 def _imap(kit: ClusterKit, front: str, address: str) -> imaplib.IMAP4_SSL:
     host, port = kit.front(front).addr("imaps")
     imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
@@ -102,7 +98,7 @@ def _wait_for(kit: ClusterKit, front: str, address: str, subject: str) -> list[s
 
 def test_mail_in_and_out_through_both_fronts_for_users_on_both_nodes(cluster: ClusterKit) -> None:
     for node in MAILBOX_NODES:
-        address = _users_on(cluster, node)[0]
+        address = cluster.users_on(node)[0]
         for sender_front, reader_front in (("front1", "front2"), ("front2", "front1")):
             subject = f"via {sender_front} to {node} {uuid.uuid4().hex[:8]}"
             send_mx(cluster, sender_front, address, subject)
@@ -110,8 +106,8 @@ def test_mail_in_and_out_through_both_fronts_for_users_on_both_nodes(cluster: Cl
 
 
 def test_submission_on_one_front_reaches_a_user_on_the_other_node(cluster: ClusterKit) -> None:
-    sender = _users_on(cluster, "mbx1")[0]
-    recipient = _users_on(cluster, "mbx2")[0]
+    sender = cluster.users_on("mbx1")[0]
+    recipient = cluster.users_on("mbx2")[0]
     subject = f"submitted {uuid.uuid4().hex[:8]}"
     host, port = cluster.front("front2").addr("submission")
     with smtplib.SMTP(host, port, timeout=30) as smtp:
@@ -124,7 +120,7 @@ def test_submission_on_one_front_reaches_a_user_on_the_other_node(cluster: Clust
 
 
 def test_pop3_through_a_front_sees_the_owning_nodes_maildrop(cluster: ClusterKit) -> None:
-    address = _users_on(cluster, "mbx2")[-1]
+    address = cluster.users_on("mbx2")[-1]
     subject = f"for pop3 {uuid.uuid4().hex[:8]}"
     send_mx(cluster, "front1", address, subject)
     assert subject in _wait_for(cluster, "front1", address, subject)
@@ -155,7 +151,7 @@ def test_mbsync_syncs_down_and_up_through_a_front(
 ) -> None:
     """A real client (isync's mbsync, as tests/test_imap_clients.py runs it) through the
     proxy: TLS or STARTTLS at the front, everything after the login on the mailbox node."""
-    address = _users_on(cluster, "mbx2")[0]
+    address = cluster.users_on("mbx2")[0]
     subject = f"for mbsync {tls} {uuid.uuid4().hex[:6]}"
     send_mx(cluster, "front2", address, subject)
     assert subject in _wait_for(cluster, "front2", address, subject)
@@ -192,7 +188,7 @@ def test_mbsync_syncs_down_and_up_through_a_front(
 def test_a_wrong_password_is_refused_at_the_front_and_the_right_one_then_works(
     cluster: ClusterKit,
 ) -> None:
-    address = _users_on(cluster, "mbx1")[0]
+    address = cluster.users_on("mbx1")[0]
     host, port = cluster.front("front1").addr("imaps")
     imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
     try:
@@ -209,7 +205,7 @@ def test_a_wrong_password_is_refused_at_the_front_and_the_right_one_then_works(
 def test_idle_through_the_proxy_reports_a_delivery_made_through_the_other_front(
     cluster: ClusterKit,
 ) -> None:
-    address = _users_on(cluster, "mbx2")[0]
+    address = cluster.users_on("mbx2")[0]
     imap = _imap(cluster, "front2", address)
     try:
         _, data = imap.select("INBOX")
@@ -230,7 +226,7 @@ def test_idle_through_the_proxy_reports_a_delivery_made_through_the_other_front(
 def test_a_front_reports_its_relay_queue_and_proxied_sessions_in_metrics(
     cluster: ClusterKit,
 ) -> None:
-    address = _users_on(cluster, "mbx1")[0]
+    address = cluster.users_on("mbx1")[0]
     subject = f"counted {uuid.uuid4().hex[:8]}"
     send_mx(cluster, "front1", address, subject)
     assert subject in _wait_for(cluster, "front1", address, subject)
@@ -254,13 +250,13 @@ def test_cluster_status_shows_every_node_and_its_users(
     assert code == 0
     assert set(lines) == set(cluster.nodes)
     for node in MAILBOX_NODES:
-        assert f"users={len(_users_on(cluster, node))}\tup " in lines[node]
+        assert f"users={len(cluster.users_on(node))}\tup " in lines[node]
 
 
 def test_mail_for_a_node_that_is_down_waits_on_the_front_sealed_and_arrives_later(
     cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    address = _users_on(cluster, "mbx2")[0]
+    address = cluster.users_on("mbx2")[0]
     subject = f"while down {uuid.uuid4().hex[:8]}"
     cluster.procs["mbx2"].stop()
     try:
@@ -295,7 +291,7 @@ def test_mail_for_a_node_that_is_down_waits_on_the_front_sealed_and_arrives_late
 def test_a_front_killed_with_mail_in_its_relay_queue_delivers_it_after_restart(
     cluster: ClusterKit,
 ) -> None:
-    address = _users_on(cluster, "mbx1")[0]
+    address = cluster.users_on("mbx1")[0]
     subject = f"survives kill -9 {uuid.uuid4().hex[:8]}"
     cluster.procs["mbx1"].stop()
     try:
@@ -436,7 +432,7 @@ def _move(kit: ClusterKit, address: str, node: str) -> None:
 def test_a_user_moved_during_idle_gets_bye_unavailable_reconnects_and_loses_nothing(
     cluster: ClusterKit,
 ) -> None:
-    address = _users_on(cluster, "mbx2")[-1]
+    address = cluster.users_on("mbx2")[-1]
     subjects = [f"before move {i} {uuid.uuid4().hex[:6]}" for i in range(3)]
     for subject in subjects:
         send_mx(cluster, "front1", address, subject)
@@ -480,7 +476,7 @@ def test_a_user_moved_during_idle_gets_bye_unavailable_reconnects_and_loses_noth
 def test_a_move_the_target_refuses_is_undone_and_the_source_serves_the_user_again(
     cluster: ClusterKit,
 ) -> None:
-    address = _users_on(cluster, "mbx1")[0]
+    address = cluster.users_on("mbx1")[0]
     subject = f"before a failed move {uuid.uuid4().hex[:8]}"
     send_mx(cluster, "front1", address, subject)
     assert subject in _wait_for(cluster, "front2", address, subject)
@@ -505,13 +501,13 @@ def test_a_move_the_target_refuses_is_undone_and_the_source_serves_the_user_agai
 @pytest.mark.last_on_shared_cluster
 def test_draining_a_node_moves_every_user_and_their_mail_to_the_other(cluster: ClusterKit) -> None:
     """Run after every other test of the shared cluster: afterwards every user lives on mbx1."""
-    drained = _users_on(cluster, "mbx2")
+    drained = cluster.users_on("mbx2")
     subjects = {a: f"before drain {uuid.uuid4().hex[:6]}" for a in drained}
     for address, subject in subjects.items():
         send_mx(cluster, "front2", address, subject)
         assert subject in _wait_for(cluster, "front1", address, subject)
     assert cli.main(["--data", str(cluster.admin), "cluster", "drain", "mbx2"]) == 0
-    assert _users_on(cluster, "mbx2") == []
+    assert cluster.users_on("mbx2") == []
     for address, subject in subjects.items():
         assert cluster.owner(address) == "mbx1"
         assert inbox_subjects(cluster, "front2", address).count(subject) == 1
@@ -740,7 +736,7 @@ def test_a_killed_mailbox_nodes_users_fail_over_from_replicas_with_every_message
     admin = ["--data", str(cluster.admin), "cluster", "failover"]
     assert cli.main([*admin, survivor]) == 1  # it answers over mutual TLS: refused
     assert "answers over mutual TLS" in capsys.readouterr().err
-    address = _users_on(cluster, victim)[0]
+    address = cluster.users_on(victim)[0]
     acked = [send_mx(cluster, FRONTS[i % 2], address, f"before kill {i}") for i in range(6)]
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -771,7 +767,7 @@ def test_a_killed_mailbox_nodes_users_fail_over_from_replicas_with_every_message
     assert cli.main([*admin, victim, "--to", survivor]) == 0, capsys.readouterr()
     out = capsys.readouterr().out
     assert f"{address}: {victim} -> {survivor} from the replica of" in out
-    assert _users_on(cluster, victim) == []
+    assert cluster.users_on(victim) == []
     deadline = time.monotonic() + ARRIVAL_WAIT
     while not set(acked) <= set(ids := _message_ids(cluster, "front2", address)):
         if time.monotonic() > deadline:

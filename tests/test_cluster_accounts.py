@@ -48,7 +48,7 @@ from postvern.app import App
 from postvern.cluster import portal
 from postvern.directory.accounts import MAILBOX_DIR
 from postvern.store.spool import SPOOL_DIR
-from test_cluster import _users_on, _wait_for
+from test_cluster import _wait_for
 from test_cluster_portal import _ask, _internal
 
 # What a mailbox node logs for each login it checked for a front (cluster/portal.py).
@@ -114,8 +114,8 @@ def test_submission_auth_through_a_front_is_checked_by_the_users_mailbox_node(
 ) -> None:
     """PLAIN with the password on one front, LOGIN with an app password on the other: both
     accepted, the mail delivered, and neither front ran a login of its own."""
-    sender = _users_on(cluster, MAILBOX_NODES[0])[0]
-    recipient = _users_on(cluster, MAILBOX_NODES[1])[0]
+    sender = cluster.users_on(MAILBOX_NODES[0])[0]
+    recipient = cluster.users_on(MAILBOX_NODES[1])[0]
     app_password = _app_password(cluster, sender)
     before = {f: _front_logins(cluster, f) for f in FRONTS}
     node = MAILBOX_NODES[0]
@@ -224,7 +224,7 @@ async def test_the_internal_create_and_verify_requests_take_only_what_they_are_f
     only (IMAP and POP3 go through the proxy), ``create`` wants a well-formed new id and
     refuses a taken name, and a mailbox node's certificate may ask neither."""
     node = MAILBOX_NODES[0]
-    taken = _users_on(cluster, node)[0]
+    taken = cluster.users_on(node)[0]
 
     def ask(request: dict[str, object], cert_of: str = FRONTS[0]) -> dict[str, object]:
         return _ask(cluster, node, request, cert_of)
@@ -255,7 +255,7 @@ def test_submission_auth_for_a_user_whose_node_is_down_is_a_temporary_failure(
     cluster: ClusterKit,
 ) -> None:
     node = MAILBOX_NODES[1]
-    address = _users_on(cluster, node)[0]
+    address = cluster.users_on(node)[0]
     cluster.procs[node].stop()
     try:
         with _connect(cluster, FRONTS[0]) as smtp:
@@ -284,7 +284,7 @@ def _turned_away(kit: ClusterKit, front: str, source: str) -> bool:
 def test_a_wrong_submission_password_is_refused_counted_and_bans_on_both_fronts(
     cluster: ClusterKit,
 ) -> None:
-    address = _users_on(cluster, MAILBOX_NODES[1])[0]
+    address = cluster.users_on(MAILBOX_NODES[1])[0]
     for attempt in range(FAILURES_TO_BAN):
         with _connect(cluster, FRONTS[attempt % 2], GUESSER) as smtp:
             code, _ = _auth(smtp, "PLAIN", address, f"not-the-password-{attempt}")

@@ -89,10 +89,6 @@ def _until(predicate: Callable[[], object], what: str) -> None:
         time.sleep(0.3)
 
 
-def _users_on(kit: ClusterKit, node: str) -> list[str]:
-    return [a for a in kit.passwords if kit.owner(a) == node]
-
-
 def _said(kit: ClusterKit, node: str, text: str) -> bool:
     return any(text in line for line in kit.procs[node].output)
 
@@ -151,7 +147,7 @@ def test_a_front_may_only_probe_and_restore_from_another_nodes_replica(
 def test_a_killed_node_is_failed_over_by_the_front_without_an_administrator(
     cluster: ClusterKit, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    address = _users_on(cluster, "mbx1")[0]
+    address = cluster.users_on("mbx1")[0]
     before = f"before the kill {uuid.uuid4().hex[:8]}"
     send_mx(cluster, FRONT, address, before)
     _until(lambda: before in inbox_subjects(cluster, FRONT, address), "delivery to mbx1")
@@ -159,7 +155,7 @@ def test_a_killed_node_is_failed_over_by_the_front_without_an_administrator(
     after = f"after the kill {uuid.uuid4().hex[:8]}"
     send_mx(cluster, FRONT, address, after)  # queued on the front: its node is dead
 
-    _until(lambda: not _users_on(cluster, "mbx1"), "the automatic failover of mbx1")
+    _until(lambda: not cluster.users_on("mbx1"), "the automatic failover of mbx1")
     assert cluster.owner(address) == "mbx2"
     _until(
         lambda: {before, after} <= set(inbox_subjects(cluster, FRONT, address)),
@@ -208,7 +204,7 @@ def _frozen(kit: ClusterKit, node: str) -> Iterator[None]:
 def test_a_node_frozen_past_its_lease_is_fenced_when_it_resumes(cluster: ClusterKit) -> None:
     """After the test above: every user is on mbx2, and mbx1 serves again."""
     _until(lambda: _said(cluster, "mbx1", "liveness lease held, serving"), "mbx1 serving")
-    address = _users_on(cluster, "mbx2")[0]
+    address = cluster.users_on("mbx2")[0]
     host, port = cluster.front(FRONT).addr("imaps")
     imap = imaplib.IMAP4_SSL(host, port, ssl_context=client_tls_context(), timeout=30)
     imap.login(address, cluster.passwords[address])
@@ -217,7 +213,7 @@ def test_a_node_frozen_past_its_lease_is_fenced_when_it_resumes(cluster: Cluster
     with _frozen(cluster, "mbx2"):
         # Every user, not just this one: the front restores several side by side and flips
         # each when its restore is done (one that failed under load is tried again later).
-        _until(lambda: not _users_on(cluster, "mbx2"), "the automatic failover of mbx2")
+        _until(lambda: not cluster.users_on("mbx2"), "the automatic failover of mbx2")
     assert cluster.owner(address) == "mbx1"
 
     # The open session was ended before it could write; the append reached no mailbox.
