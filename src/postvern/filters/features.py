@@ -37,12 +37,11 @@ MAX_URL_FACTS = 100
 
 # Words, and the few symbols that carry spam signal on their own (money, emphasis).
 _WORD = re.compile(r"[^\W_]+|[$€£¥!%]")
-# The same on ASCII text (most mail), where a class of ASCII letters is a bitmap test
-# rather than a Unicode category look-up per character: same matches, less time.
-_ASCII_WORD = re.compile(r"[a-zA-Z0-9]+|[$!%]")
-# Lower-cased ASCII words of two or more characters, and the symbols: a one-character
-# word that is no symbol is never a token, so it is not matched at all (a run of two or
-# more is matched whole from its first character, as by _ASCII_WORD).
+# The same on lower-cased ASCII text (most mail), where a class of ASCII letters is a
+# bitmap test rather than a Unicode category look-up per character, and only words of two
+# or more characters and the symbols: a one-character word that is no symbol is never a
+# token, so it is not matched at all (a longer run is matched whole from its first
+# character, as by _WORD).
 _ASCII_TOKEN_WORD = re.compile(r"[a-z0-9]{2,}|[$!%]")
 _WORD_CHUNK = 16 * 1024  # characters searched for words at a time
 _SYMBOLS = frozenset("$€£¥!%")
@@ -104,7 +103,7 @@ def tokens(text: str, limit: int = MAX_TOKENS) -> list[str]:
         return _ascii_tokens(text, limit)
     out: list[str] = []
     append = out.append
-    for words in _word_chunks(text):
+    for words in _word_chunks(text, _WORD):
         for word in words:
             size = len(word)
             if size <= MAX_TOKEN_CHARS and word.isalpha():  # most words: checked first
@@ -161,13 +160,11 @@ def _ascii_shape(word: str) -> str:
     return _DIGITS.sub("9", word)
 
 
-def _word_chunks(text: str, pattern: re.Pattern[str] | None = None) -> Iterator[list[str]]:
-    """The _WORD matches of *text*, found a chunk at a time so that a long text costs only
-    as much as the tokens taken from it. Chunks end at white space, which no match spans.
-    (A list per chunk rather than a word at a time: resuming a generator per word cost
-    as much as the test of the word.)"""
-    if pattern is None:
-        pattern = _ASCII_WORD if text.isascii() else _WORD
+def _word_chunks(text: str, pattern: re.Pattern[str]) -> Iterator[list[str]]:
+    """The *pattern* (word) matches of *text*, found a chunk at a time so that a long text
+    costs only as much as the tokens taken from it. Chunks end at white space, which no
+    match spans. (A list per chunk rather than a word at a time: resuming a generator per
+    word cost as much as the test of the word.)"""
     pos, size = 0, len(text)
     while size - pos > _WORD_CHUNK:
         end = text.rfind(" ", pos, pos + _WORD_CHUNK)
